@@ -1,0 +1,1 @@
+"""Studies, sweeps, statistics, figures and the report, built on the backends."""

@@ -1,0 +1,72 @@
+"""The ``deepgrpo`` command: the composition root (the only core module that imports backends).
+
+Sub-commands are dispatched lazily so that, e.g., ``deepgrpo sim`` never imports transformers:
+
+    deepgrpo sim {run,compare}       simulator backend (sims/)
+    deepgrpo study NAME              studies in the simulator (analysis/)
+    deepgrpo report --results DIR    assemble REPORT.md from study results (analysis/)
+    deepgrpo llm {sft,train,eval}    transformers / vLLM backend (llm/)
+    deepgrpo methods                 list the named methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from deepgrpo import __version__
+from deepgrpo.config import ConfigError
+
+COMMANDS = {
+    "sim": ("sims.cli", "simulator backend: `sim run`, `sim compare`"),
+    "study": ("analysis.cli", "run a study in the simulator: `study NAME [--seeds 5] [--quick] [--out DIR]`"),
+    "report": ("analysis.cli", "write DIR/REPORT.md from study results: `report --results DIR`"),
+    "llm": ("llm.cli", "LLM backend: `llm sft`, `llm train`, `llm eval`"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepgrpo",
+        description="DEEP-GRPO testbed: pivot-based dense exploration for RL on language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<8} {v[1]}" for k, v in COMMANDS.items())
+        + "\n  methods  list the named methods (the same names in every backend)",
+    )
+    p.add_argument("--version", action="version", version=f"deepgrpo {__version__}")
+    p.add_argument("command", choices=[*COMMANDS, "methods"], help="what to run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _top_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        parser.parse_args(argv or ["--help"])
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS and cmd != "methods":
+        parser.error(f"unknown command {cmd!r}: expected one of {', '.join([*COMMANDS, 'methods'])}")
+    try:
+        if cmd == "methods":
+            from deepgrpo.methods import METHODS
+            for name, overrides in METHODS.items():
+                print(f"{name:<16} {overrides}")
+            return 0
+        module = importlib.import_module(COMMANDS[cmd][0])
+        return int(module.main(rest, prog=f"deepgrpo {cmd}", command=cmd) or 0)
+    except ConfigError as e:
+        print(f"deepgrpo {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name in ("transformers", "tokenizers", "datasets", "math_verify", "vllm"):
+            print(f"deepgrpo {cmd}: error: missing optional dependency {e.name!r}; "
+                  f"install it with: pip install -e '.[llm]'", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

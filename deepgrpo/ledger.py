@@ -1,0 +1,86 @@
+"""Budget ledger: rollouts and generated tokens per stream and per step, and equal-budget helpers.
+
+Budget per prompt (paper §3.5): rollouts = G + |failed| · n_pivots · K. Branches generate only
+their suffix, so the aux stream's token count is the sum of suffix lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StepBudget:
+    """What one exploration step generated."""
+
+    step: int
+    prompts: int
+    rollouts_main: int
+    rollouts_aux: int
+    tokens_main: int
+    tokens_aux: int
+
+    @property
+    def rollouts(self) -> int:
+        return self.rollouts_main + self.rollouts_aux
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_main + self.tokens_aux
+
+
+@dataclass
+class BudgetLedger:
+    """Accumulates :class:`StepBudget` records; ``totals()`` gives cumulative counts."""
+
+    steps: list[StepBudget] = field(default_factory=list)
+
+    def record(self, prompts: int, rollouts_main: int, rollouts_aux: int,
+               tokens_main: int, tokens_aux: int) -> StepBudget:
+        entry = StepBudget(len(self.steps), prompts, rollouts_main, rollouts_aux, tokens_main, tokens_aux)
+        self.steps.append(entry)
+        return entry
+
+    def totals(self) -> dict[str, int]:
+        """Cumulative ``rollouts_main``, ``rollouts_aux``, ``tokens_main``, ``tokens_aux``,
+        ``rollouts``, ``tokens`` and ``prompts``."""
+        keys = ("prompts", "rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux")
+        out = {k: sum(getattr(s, k) for s in self.steps) for k in keys}
+        out["rollouts"] = out["rollouts_main"] + out["rollouts_aux"]
+        out["tokens"] = out["tokens_main"] + out["tokens_aux"]
+        return out
+
+    def rollouts_per_prompt(self) -> float:
+        """Mean rollouts per prompt-step so far (0 before any step)."""
+        t = self.totals()
+        return t["rollouts"] / t["prompts"] if t["prompts"] else 0.0
+
+    def state_dict(self) -> dict:
+        return {"steps": [asdict(s) for s in self.steps]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = [StepBudget(**s) for s in state["steps"]]
+
+
+def expected_rollouts_per_prompt(G: int, K: int, n_pivots: int, failure_rate: float) -> float:
+    """E[rollouts per prompt] of DEEP-GRPO = G + G · failure_rate · n_pivots · K."""
+    if not 0.0 <= failure_rate <= 1.0:
+        raise ValueError(f"failure_rate = {failure_rate} is invalid: expected a number in [0, 1]")
+    return G + G * failure_rate * n_pivots * K
+
+
+def grpo_group_size_for_budget(rollouts_per_prompt: float, multiple_of: int = 1) -> int:
+    """GRPO's N that spends ``rollouts_per_prompt`` (rounded to the nearest ``multiple_of``, >= 2)."""
+    if rollouts_per_prompt <= 0 or not math.isfinite(rollouts_per_prompt):
+        raise ValueError(f"rollouts_per_prompt = {rollouts_per_prompt} is invalid: expected a number > 0")
+    n = int(round(rollouts_per_prompt / multiple_of)) * multiple_of
+    return max(n, 2)
+
+
+def aux_cap_for_budget(rollouts_per_prompt: float, G: int) -> int:
+    """The per-prompt aux cap (``ExploreConfig.aux_budget``) that keeps a branching method at
+    ``rollouts_per_prompt``: the budget minus the G main chains (>= 0)."""
+    if rollouts_per_prompt < 0:
+        raise ValueError(f"rollouts_per_prompt = {rollouts_per_prompt} is invalid: expected a number >= 0")
+    return max(int(math.floor(rollouts_per_prompt)) - G, 0)

@@ -1,0 +1,107 @@
+"""Candidate pivots, DEEP-GRPO's utility, and pivot sampling (paper §3.2).
+
+A failed trajectory cut into L segments has L candidate pivots i = 0..L-1: candidate i is the
+state after the first i segments (i = 0 is the root; the end of the last segment is never a
+candidate). Its relative depth is r_i = (i+1)/(L+1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def candidate_depths(n_segments: int) -> np.ndarray:
+    """``[L]`` relative depths r_i = (i+1)/(L+1) of the L candidates of an L-segment trajectory."""
+    if n_segments < 0:
+        raise ValueError(f"n_segments must be >= 0, got {n_segments}")
+    return np.arange(1, n_segments + 1, dtype=np.float64) / (n_segments + 1)
+
+
+def candidate_prefix_lengths(segment_ends: np.ndarray) -> np.ndarray:
+    """``[L]`` prefix lengths (in tokens) of the L candidates given ``[L]`` segment ends:
+    ``[0, e_0, ..., e_{L-2}]``."""
+    ends = np.asarray(segment_ends, dtype=np.int64).reshape(-1)
+    if ends.size == 0:
+        return ends
+    return np.concatenate([[0], ends[:-1]])
+
+
+def pivot_utility(p_hat: np.ndarray, rel_depth: np.ndarray, gamma: float = 2.0) -> np.ndarray:
+    """Unnormalised utility Q(i) = P̂(success | r_i) · r_i^γ.
+
+    Args:
+        p_hat: ``[L]`` estimated recoverability of each candidate.
+        rel_depth: ``[L]`` relative depths in (0, 1).
+        gamma: depth exponent γ >= 0 (γ = 0: recoverability only).
+
+    Returns: ``[L]`` non-negative utilities.
+    """
+    p = np.clip(np.asarray(p_hat, dtype=np.float64), 0.0, 1.0)
+    return p * np.power(np.asarray(rel_depth, dtype=np.float64), gamma)
+
+
+def utility_scores(utility: np.ndarray) -> np.ndarray:
+    """Log-utilities for :func:`gumbel_top_k`: ``log Q`` where Q > 0, and a score far below any
+    positive candidate (but still ordered at random) where Q = 0."""
+    q = np.asarray(utility, dtype=np.float64)
+    if np.any(q < 0) or not np.all(np.isfinite(q)):
+        raise ValueError("utility must be finite and non-negative")
+    with np.errstate(divide="ignore"):
+        return np.where(q > 0, np.log(np.where(q > 0, q, 1.0)), -1e6)
+
+
+def gumbel_top_k(scores: np.ndarray, k: int, rng: np.random.Generator,
+                 valid: np.ndarray | None = None) -> np.ndarray:
+    """Per row, ``k`` distinct column indices drawn without replacement with probability
+    ∝ exp(score) (successive draws; Gumbel-top-k, i.e. Plackett-Luce sampling).
+
+    Args:
+        scores: ``[F, L]`` log-weights (use :func:`utility_scores` for utilities).
+        k: draws per row.
+        rng: numpy Generator.
+        valid: ``[F, L]`` bool, False for padding columns (never drawn).
+
+    Returns: ``[F, k]`` int64 indices in draw order; -1 where a row has fewer than k valid
+    columns.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    F, L = s.shape
+    if valid is None:
+        valid = np.ones((F, L), dtype=bool)
+    if F == 0 or L == 0 or k <= 0:
+        return np.full((F, max(k, 0)), -1, dtype=np.int64)
+    keyed = np.where(valid, s + rng.gumbel(size=(F, L)), -np.inf)  # [F, L]
+    order = np.argsort(-keyed, axis=1, kind="stable")[:, :k]  # [F, min(k, L)]
+    ok = np.take_along_axis(valid, order, axis=1)
+    out = np.where(ok, order, -1)
+    if out.shape[1] < k:
+        out = np.concatenate([out, np.full((F, k - out.shape[1]), -1)], axis=1)
+    return out.astype(np.int64)
+
+
+def sample_pivots(utility: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``min(n, L)`` distinct candidates of one trajectory with probability ∝ ``utility``
+    (successive draws without replacement). Candidates with zero utility come only after all
+    positive ones; all-zero utilities give uniform draws.
+
+    Args:
+        utility: ``[L]`` non-negative Q(i).
+        n: pivots wanted.
+        rng: numpy Generator (seeded by the caller).
+
+    Returns: ``[min(n, L)]`` int64 indices, in draw order.
+    """
+    q = np.asarray(utility, dtype=np.float64)
+    if q.ndim != 1:
+        raise ValueError(f"utility must be 1-D, got shape {q.shape}")
+    out = gumbel_top_k(utility_scores(q)[None, :], min(n, q.shape[0]), rng)[0]
+    return out[out >= 0]
+
+
+def split_evenly(total: int, parts: int) -> np.ndarray:
+    """``[parts]`` non-negative integers summing to ``total``, differing by at most 1
+    (the first ``total % parts`` get one more)."""
+    if parts <= 0:
+        return np.zeros(0, dtype=np.int64)
+    base, extra = divmod(total, parts)
+    return np.array([base + (1 if i < extra else 0) for i in range(parts)], dtype=np.int64)

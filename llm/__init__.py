@@ -1,0 +1,1 @@
+"""LLM backend: transformers causal LMs with HF-generate or vLLM rollouts."""

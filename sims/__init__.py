@@ -1,0 +1,1 @@
+"""Simulator backend: token-tree MDP with controllable recoverability."""
