@@ -43,8 +43,11 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _top_parser()
-    if not argv or argv[0] in ("-h", "--help", "--version"):
-        parser.parse_args(argv or ["--help"])
+    if not argv:
+        parser.print_help()
+        return 0
+    if argv[0] in ("-h", "--help", "--version"):
+        parser.parse_args(argv)  # prints and exits 0
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS and cmd != "methods":

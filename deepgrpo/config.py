@@ -26,7 +26,7 @@ def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: 
     alike: ``ExploreConfig.K = 0 is invalid: expected an integer in [1, inf)``.
     """
     lb = "(" if lo_open else "["
-    rb = ")" if hi_open else "]"
+    rb = ")" if hi_open or hi is None else "]"
     kind = "an integer" if integer else "a number"
     allowed = f"{kind} in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
     bad = isinstance(value, bool) or not isinstance(value, (int, float))

@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+import torch
+
+from deepgrpo.batch import AUX, MAIN
+from deepgrpo.estimators import PositionLogistic
+from deepgrpo.explore import explore, update_policy
+from deepgrpo.ledger import (BudgetLedger, aux_cap_for_budget, expected_rollouts_per_prompt,
+                             grpo_group_size_for_budget)
+from deepgrpo.methods import method_config
+from toy_backend import ToyBackend
+
+PROMPTS = [0, 1, 2, 3]
+
+
+def run_step(method="deep-grpo", seed=0, **kw):
+    be = ToyBackend(seed=seed)
+    est = PositionLogistic()
+    ledger = BudgetLedger()
+    res = explore(be, PROMPTS, method_config(method, **kw), est, np.random.default_rng(seed), ledger)
+    return be, est, ledger, res
+
+
+@pytest.mark.parametrize("method", ["deep-grpo", "deep-random", "tree-surprisal", "tree-lowprob", "tree-uniform"])
+def test_ledger_counts_equal_what_the_plan_generated(method):
+    be, est, ledger, res = run_step(method, drop_zero=False)
+    G, K = 8, 8
+    n_failed = int((res.main.rewards <= 0).sum())
+    aux_requests = be.sample_calls[1] if len(be.sample_calls) > 1 else []
+    assert sum(r.n for r in be.sample_calls[0]) == len(PROMPTS) * G == ledger.totals()["rollouts_main"]
+    assert sum(r.n for r in aux_requests) == res.plan.total_continuations == ledger.totals()["rollouts_aux"]
+    assert res.plan.total_continuations == n_failed * K  # rollouts = G + |failed| · n_pivots · K
+    # branches generate suffixes only
+    expected_aux_tokens = sum(r.n * (be.T - r.prefix.numel()) for r in aux_requests)
+    assert ledger.totals()["tokens_aux"] == expected_aux_tokens == int(res.aux.lengths.sum())
+    assert ledger.totals()["tokens_main"] == len(PROMPTS) * G * be.T
+    assert len(res.batch) == len(PROMPTS) * G + res.plan.total_continuations  # drop_zero off
+
+
+def test_branches_continue_exactly_from_the_parent_prefix():
+    be, est, ledger, res = run_step("deep-grpo", drop_zero=False)
+    b = res.batch
+    aux_rows = torch.nonzero(b.stream == AUX).flatten()
+    assert len(aux_rows) > 0
+    for row in aux_rows.tolist():
+        parent = int(b.extras["parent"][row])
+        pl = int(b.prefix_len[row])
+        assert b.stream[parent] == MAIN
+        assert torch.equal(b.tokens[row, :pl], res.main.tokens[parent, :pl])
+        assert torch.equal(b.old_logprobs[row, :pl], res.main.logprobs[parent, :pl])
+        assert not b.trainable_mask[row, :pl].any() and b.trainable_mask[row, pl:be.T].all()
+        assert b.pivot_depth[row] == pytest.approx((res.plan.rel_depth[res.plan.traj == parent]).item())
+    # the requests the backend received carry exactly those prefixes
+    for req, j in zip(be.sample_calls[1], range(len(res.plan))):
+        assert torch.equal(req.prefix, res.main.tokens[res.plan.traj[j], :res.plan.prefix_len[j]])
+
+
+def test_groups_advantages_and_estimator_updates():
+    be, est, ledger, res = run_step("deep-grpo", drop_zero=False)
+    b = res.batch
+    for g in b.group.unique():
+        sel = b.group == g
+        assert abs(float(b.advantages[sel].sum())) < 1e-6
+        assert b.stream[sel].unique().numel() == 1  # a group never mixes streams
+    n_aux_groups = b.group[b.stream == AUX].unique().numel()
+    assert n_aux_groups == len(res.plan) == est.buffer_len
+    # labels: 1 iff any continuation of the point succeeded
+    point = np.repeat(np.arange(len(res.plan)), res.plan.n)
+    any_ok = np.array([res.aux.rewards.numpy()[point == j].max() > 0 for j in range(len(res.plan))])
+    np.testing.assert_array_equal(res.labels, any_ok.astype(float))
+
+
+def test_zero_advantage_samples_are_dropped_by_default():
+    *_, res = run_step("deep-grpo")
+    assert (res.batch.advantages.abs() >= 1e-8).all()
+    assert res.stats["nonzero_main"] + res.stats["nonzero_aux"] == len(res.batch)
+
+
+def test_root_strategy_never_branches():
+    be, est, ledger, res = run_step("grpo", G=16)
+    assert len(be.sample_calls) == 1 and res.aux is None and ledger.totals()["rollouts"] == 64
+    assert (res.batch.stream == MAIN).all() and est.buffer_len == 0
+
+
+def test_same_seed_same_batch():
+    *_, a = run_step("deep-grpo", seed=4)
+    *_, b = run_step("deep-grpo", seed=4)
+    assert torch.equal(a.batch.tokens, b.batch.tokens) and torch.equal(a.batch.advantages, b.batch.advantages)
+    np.testing.assert_array_equal(a.plan.candidate, b.plan.candidate)
+
+
+def test_equal_budget_helpers():
+    assert expected_rollouts_per_prompt(8, 8, 1, 0.5) == 8 + 8 * 0.5 * 8
+    assert grpo_group_size_for_budget(39.6, multiple_of=8) == 40
+    cap = aux_cap_for_budget(24, 8)
+    be, est, ledger, res = run_step("deep-grpo", aux_budget=cap)
+    per_prompt = np.bincount(res.plan.prompt, weights=res.plan.n, minlength=4)
+    assert per_prompt.max() <= cap == 16
+    assert ledger.rollouts_per_prompt() <= 24
+    with pytest.raises(ValueError, match="rollouts_per_prompt"):
+        grpo_group_size_for_budget(0)
+
+
+@pytest.mark.parametrize("method", ["grpo", "deep-grpo",
+                                    pytest.param("drgrpo", marks=pytest.mark.slow),
+                                    pytest.param("deep-random", marks=pytest.mark.slow),
+                                    pytest.param("deep-depth-only", marks=pytest.mark.slow),
+                                    pytest.param("deep-state", marks=pytest.mark.slow),
+                                    pytest.param("tree-surprisal", marks=pytest.mark.slow),
+                                    pytest.param("tree-lowprob", marks=pytest.mark.slow),
+                                    pytest.param("tree-uniform", marks=pytest.mark.slow)])
+def test_training_through_the_core_raises_reward(method):
+    be = ToyBackend(seed=1, p_correct=0.6)
+    cfg = method_config(method, kl_coef=0.0)
+    est, rng = PositionLogistic(), np.random.default_rng(1)
+    opt = torch.optim.Adam([be.logits], lr=0.05)
+    exact = lambda: float(torch.softmax(be.logits.detach(), -1).gather(2, be.correct[..., None]).squeeze(-1).prod(1).mean())  # noqa: E731
+    before = exact()
+    for _ in range(15):
+        res = explore(be, PROMPTS, cfg, est, rng)
+        m = update_policy(be, res.batch, cfg.loss, opt, [be.logits], micro_batch_size=16)
+    assert exact() > before + 0.2
+    assert np.isfinite(m["grad_norm"])
+
+
+def test_update_policy_micro_batches_match_full_batch():
+    be, est, ledger, res = run_step("deep-grpo", drop_zero=False)
+    cfg = method_config("deep-grpo").loss
+    grads = []
+    for mb in (None, 7):
+        be.logits.grad = None
+        opt = torch.optim.SGD([be.logits], lr=0.0)
+        update_policy(be, res.batch, cfg, opt, [be.logits], micro_batch_size=mb, max_grad_norm=None)
+        grads.append(be.logits.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
