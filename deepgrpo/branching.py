@@ -59,6 +59,7 @@ class CandidateSet:
 
     @property
     def rel_depth(self) -> np.ndarray:
+        """``[N]`` relative depth r of each candidate."""
         return self.features["rel_depth"]
 
 
@@ -83,10 +84,12 @@ class BranchPlan:
 
     @property
     def total_continuations(self) -> int:
+        """Σ n: the aux rollouts this plan generates."""
         return int(self.n.sum())
 
     @classmethod
     def from_candidates(cls, cands: CandidateSet, rows: np.ndarray, n: np.ndarray) -> "BranchPlan":
+        """Plan of candidate ``rows`` ``[P]`` with ``n`` ``[P]`` continuations each (points with n = 0 dropped)."""
         rows = np.asarray(rows, dtype=np.int64)
         n = np.asarray(n, dtype=np.int64)
         keep = n > 0

@@ -209,10 +209,12 @@ class AlgoConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON-ready) of all four sections."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AlgoConfig":
+        """Inverse of :meth:`to_dict`; missing sections/fields take defaults, unknown ones raise."""
         known = {"explore", "advantage", "loss", "estimator"}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -36,13 +36,17 @@ CANDIDATE_FEATURES = {
 class RecoverabilityEstimator(Protocol):
     """P̂(success | candidate features); see the module docstring."""
 
-    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None: ...
+    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+        """Learn from ``labels`` ``[N]`` in {0, 1} of candidates with ``features`` (name -> ``[N]``)."""
 
-    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray: ...
+    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[N]`` P̂(success) of candidates with ``features`` (name -> ``[N]``)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (plain numpy / Python values)."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, w0: np.ndarray | None = None,
@@ -148,14 +152,17 @@ class LogisticEstimator:
 
     @property
     def buffer_len(self) -> int:
+        """Number of (features, label) pairs in the FIFO buffer."""
         return int(self._y.shape[0])
 
     def state_dict(self) -> dict[str, Any]:
+        """Buffer, coefficients and feature names (numpy arrays)."""
         return {"feature_names": list(self.feature_names), "scales": self.scales.copy(),
                 "X": self._X.copy(), "y": self._y.copy(),
                 "coef": None if self.coef is None else self.coef.copy(), "n_updates": self.n_updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the feature names must match."""
         if list(state["feature_names"]) != self.feature_names:
             raise ValueError(f"state has features {list(state['feature_names'])}, estimator has {self.feature_names}")
         self.scales = np.asarray(state["scales"], dtype=np.float64)
@@ -190,16 +197,18 @@ class ConstantEstimator:
     """P̂ = 1 everywhere (``depth-only`` utility); learns nothing."""
 
     def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
-        return None
+        """Ignore the data."""
 
     def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[N]`` ones."""
         return np.ones(len(next(iter(features.values()))) if features else 0)
 
     def state_dict(self) -> dict[str, Any]:
+        """Empty: there is no state."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
+        """Nothing to restore."""
 
 
 def make_estimator(config: EstimatorConfig | None = None) -> LogisticEstimator:

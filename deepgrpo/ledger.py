@@ -23,10 +23,12 @@ class StepBudget:
 
     @property
     def rollouts(self) -> int:
+        """Main + aux rollouts."""
         return self.rollouts_main + self.rollouts_aux
 
     @property
     def tokens(self) -> int:
+        """Main + aux generated tokens."""
         return self.tokens_main + self.tokens_aux
 
 
@@ -38,6 +40,7 @@ class BudgetLedger:
 
     def record(self, prompts: int, rollouts_main: int, rollouts_aux: int,
                tokens_main: int, tokens_aux: int) -> StepBudget:
+        """Append one step's counts and return its :class:`StepBudget`."""
         entry = StepBudget(len(self.steps), prompts, rollouts_main, rollouts_aux, tokens_main, tokens_aux)
         self.steps.append(entry)
         return entry
@@ -57,9 +60,11 @@ class BudgetLedger:
         return t["rollouts"] / t["prompts"] if t["prompts"] else 0.0
 
     def state_dict(self) -> dict:
+        """Plain-dict state (for checkpoints)."""
         return {"steps": [asdict(s) for s in self.steps]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
         self.steps = [StepBudget(**s) for s in state["steps"]]
 
 

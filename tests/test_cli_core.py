@@ -32,3 +32,25 @@ def test_core_never_imports_a_backend():
     code = "import sys, deepgrpo, deepgrpo.explore; print(sorted(m for m in ('sims','llm','analysis','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_public_function_of_the_core_has_a_docstring():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import deepgrpo
+    missing = []
+    for info in pkgutil.iter_modules(deepgrpo.__path__):
+        mod = importlib.import_module(f"deepgrpo.{info.name}")
+        for name, obj in vars(mod).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not obj.__doc__:
+                missing.append(f"{mod.__name__}.{name}")
+            if inspect.isclass(obj):
+                for n, f in vars(obj).items():
+                    fn = getattr(f, "__func__", getattr(f, "fget", f))
+                    if not n.startswith("_") and inspect.isfunction(fn) and not fn.__doc__:
+                        missing.append(f"{mod.__name__}.{name}.{n}")
+    assert missing == []
