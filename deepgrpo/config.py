@@ -48,7 +48,7 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
         raise ConfigError(f"{owner}.{name} = {value!r} is invalid: expected one of {', '.join(map(str, choices))}")
 
 
-BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only",
+BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-pivot",
                         "max-surprisal", "low-prob", "uniform")
 """Names accepted by :attr:`ExploreConfig.strategy` (see :mod:`deepgrpo.branching`)."""
 
@@ -68,7 +68,8 @@ class ExploreConfig:
         strategy: how branch points are chosen in failed trajectories; one of
             :data:`BRANCHING_STRATEGIES`. ``deep`` is DEEP-GRPO's utility
             Q(i) ∝ P̂(success | r_i) · r_i^γ; ``depth-only`` drops P̂; ``random-pivot`` is uniform
-            over candidates; ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
+            over candidates; ``root-pivot`` always branches at the root (the paper's
+            "root-only" ablation); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
             baselines (TreeRL-, FR3E-like and uniform) that spread the same continuations over
             ``n_cut_points`` points.
         K: continuations per pivot (paper: K = 8).

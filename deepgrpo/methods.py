@@ -22,6 +22,7 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "deep-grpo": {"explore": {"strategy": "deep"}},
     "deep-random": {"explore": {"strategy": "random-pivot"}},
     "deep-depth-only": {"explore": {"strategy": "depth-only"}},
+    "deep-root": {"explore": {"strategy": "root-pivot"}},
     "deep-state": {"explore": {"strategy": "deep"}, "estimator": {"kind": "state"}},
     # dispersed tree-style baselines at DEEP-GRPO's budget (n_pivots·K spread over M points)
     "tree-surprisal": {"explore": {"strategy": "max-surprisal"}},
