@@ -121,6 +121,8 @@ class LogisticEstimator:
             raise ValueError(f"{X.shape[0]} feature rows but {y.shape[0]} labels")
         if not np.all((y == 0) | (y == 1)):
             raise ValueError("labels must be 0 or 1")
+        if y.size == 0:
+            return
         cap = self.config.buffer_size
         self._X = np.concatenate([self._X, X])[-cap:]
         self._y = np.concatenate([self._y, y])[-cap:]

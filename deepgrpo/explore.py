@@ -230,8 +230,8 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
         point = np.repeat(np.arange(len(plan)), plan.n)
         ok = (aux.rewards.detach().double().numpy() > ec.failure_threshold).astype(np.float64)
         labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
-        if estimator is not None:
-            estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
+    if estimator is not None:  # called every step (possibly empty): a gathered estimator is collective
+        estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
 
     batch = assemble_batch(prompts, main, aux, plan, G)
     batch.advantages = group_advantages(batch.rewards, batch.group, config.advantage)
@@ -264,25 +264,32 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
 
 def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer: torch.optim.Optimizer,
                   parameters: Iterable[torch.nn.Parameter], micro_batch_size: int | None = None,
-                  max_grad_norm: float | None = 1.0) -> dict[str, float]:
+                  max_grad_norm: float | None = 1.0, data_parallel: bool = False) -> dict[str, float]:
     """One optimizer step on ``batch`` with the dual-stream loss, accumulated over micro-batches.
 
     The per-stream denominators come from the whole batch (:func:`loss_denominators`), so the
     accumulated gradient equals the full-batch gradient whatever the micro-batch size.
     The reference pass is skipped when ``config.kl_coef == 0``.
 
+    With ``data_parallel`` (torch.distributed initialised, ``batch`` = this rank's share), the
+    denominators are summed over ranks and the gradients all-reduced (summed) before clipping,
+    so every rank takes the step a single process would take on the union of the batches
+    (see :mod:`deepgrpo.distributed`). Every rank must call it, even with an empty batch.
+
     Returns: loss metrics summed over micro-batches (``loss``, ``pg_main``, ``pg_aux``,
-    ``kl_main``, ``kl_aux``), token-weighted ``clip_fraction`` and ``grad_norm``.
+    ``kl_main``, ``kl_aux``; this rank's share when data-parallel), token-weighted
+    ``clip_fraction`` and ``grad_norm``.
     """
+    from deepgrpo.distributed import all_reduce_gradients, global_denominators
     params = [p for p in parameters if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    if len(batch) == 0:
-        return {"loss": 0.0, "grad_norm": 0.0, "clip_fraction": 0.0, "skipped": 1.0}
     den = loss_denominators(batch, config)
+    if data_parallel:
+        den = global_denominators(den)
     totals: dict[str, float] = {"loss": 0.0, "pg_main": 0.0, "pg_aux": 0.0, "kl_main": 0.0, "kl_aux": 0.0}
     clipped_tokens = 0.0
     n_tokens = 0
-    for mb in batch.chunks(micro_batch_size or len(batch)):
+    for mb in batch.chunks(micro_batch_size or len(batch)) if len(batch) else []:
         lp = backend.logprobs(mb, "policy")  # [b, T]
         ref = backend.logprobs(mb, "reference") if config.kl_coef > 0 else None
         out = dual_stream_loss(mb, lp, ref, config, den)
@@ -292,6 +299,15 @@ def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer:
         n = out.metrics["trainable_tokens_main"] + out.metrics["trainable_tokens_aux"]
         clipped_tokens += out.metrics["clip_fraction"] * n
         n_tokens += n
+    if data_parallel:
+        for p in params:  # ranks without samples still take part in the all-reduce
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_gradients(params)
+    has_grad = any(p.grad is not None for p in params)
+    if not has_grad:
+        totals.update(clip_fraction=0.0, grad_norm=0.0, skipped=1.0)
+        return totals
     if max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     else:
