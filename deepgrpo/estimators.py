@@ -51,7 +51,7 @@ class RecoverabilityEstimator(Protocol):
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, w0: np.ndarray | None = None,
                  max_iter: int = 50, tol: float = 1e-8) -> np.ndarray:
-    """L2-regularised logistic regression by Newton's method (IRLS).
+    """L2-regularised logistic regression by damped Newton's method (IRLS with a line search).
 
     Args:
         X: ``[N, F]`` features (no intercept column; one is added).
@@ -66,15 +66,30 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, w0: np.ndarray 
     w = np.zeros(F + 1) if w0 is None else np.asarray(w0, dtype=np.float64).copy()
     reg = np.full(F + 1, l2)
     reg[-1] = 0.0
+
+    def objective(v: np.ndarray) -> float:  # penalised negative log-likelihood (stable form)
+        z = Xb @ v
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * v * v))
+
+    f = objective(w)
     for _ in range(max_iter):
-        z = np.clip(Xb @ w, -35, 35)
-        p = 1.0 / (1.0 + np.exp(-z))  # [N]
+        z = Xb @ w
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow  [N]
         grad = Xb.T @ (p - y) + reg * w  # [F+1]
         s = p * (1 - p)
         H = (Xb * s[:, None]).T @ Xb + np.diag(reg) + 1e-9 * np.eye(F + 1)
         step = np.linalg.solve(H, grad)
-        w = w - step
-        if np.max(np.abs(step)) < tol:
+        # damped Newton: halve the step until the objective decreases enough (Armijo), so that
+        # (nearly) separable data cannot make the iterates diverge
+        t, slope = 1.0, float(grad @ step)
+        while True:
+            w_new = w - t * step
+            f_new = objective(w_new)
+            if f_new <= f - 1e-4 * t * slope or t < 1e-10:
+                break
+            t *= 0.5
+        w, f = w_new, f_new
+        if np.max(np.abs(t * step)) < tol:
             break
     return w
 

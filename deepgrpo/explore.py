@@ -211,7 +211,9 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
     success = rewards > ec.failure_threshold
     group_success = success.reshape(P, G).mean(1) if P else np.zeros(0)  # [P]
     failed_rows = np.flatnonzero(~success)
-    cands = build_candidates(main, failed_rows, prompt_of_row, group_success)
+    # root-only sampling (GRPO) never branches: skip the per-failed-chain candidate loop
+    cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
+                             prompt_of_row, group_success)
 
     p_hat = None
     if ec.strategy == "deep" and estimator is not None and len(cands):

@@ -99,3 +99,13 @@ def test_bad_inputs():
         est.update({"rel_depth": np.array([0.5])}, np.array([0.5]))
     with pytest.raises(ValueError, match="labels"):
         est.update({"rel_depth": np.array([0.5, 0.2])}, np.array([1.0]))
+
+
+def test_fit_is_stable_on_separable_labels():
+    # perfectly separable data: plain Newton diverges; the damped fit stays finite and ordered
+    r = np.linspace(0.05, 0.95, 200)
+    y = (r < 0.5).astype(float)
+    w = fit_logistic(r[:, None], y, l2=1e-3)
+    assert np.all(np.isfinite(w)) and abs(w[0]) < 1e3
+    p = 1 / (1 + np.exp(-(w[0] * np.array([0.2, 0.8]) + w[1])))
+    assert p[0] > 0.99 and p[1] < 0.01

@@ -1,0 +1,115 @@
+"""The token-tree MDP as a standard gymnasium environment, ``deepgrpo/TokenTree-v0``.
+
+One episode = one chain of one problem: T actions (tokens in 0..V-1), reward 1 at the last step
+iff the chain ends on track (see :mod:`sims.spec` for the dynamics), 0 otherwise.
+
+Observation: ``MultiDiscrete([n_problems, T + 1, 2])`` = (problem, step, status) with status
+0 = on track, 1 = derailed. Action: ``Discrete(V)``.
+``info`` holds ``first_error`` (first wrong step so far, T if none) and ``p_success_base``, the
+exact P(success | state) under the spec's pre-trained policy (from the oracle).
+
+    import gymnasium, sims
+    env = gymnasium.make("deepgrpo/TokenTree-v0", depth=8, recovery="constant")
+    obs, info = env.reset(seed=0, options={"problem": 3})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from sims.oracle import success_table
+from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
+
+ENV_ID = "deepgrpo/TokenTree-v0"
+
+
+class TokenTreeEnv(gymnasium.Env):
+    """Gymnasium environment of a :class:`~sims.spec.TokenTreeSpec` problem set.
+
+    Args:
+        spec: the spec (None: the default spec, updated with ``spec_fields``).
+        problem: always play this problem (None: draw one per episode with the env's RNG,
+            or take ``options["problem"]`` of :meth:`reset`).
+        render_mode: None or ``"ansi"``.
+        **spec_fields: overrides of :class:`TokenTreeSpec` fields (validated).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, spec: TokenTreeSpec | None = None, problem: int | None = None,
+                 render_mode: str | None = None, **spec_fields: Any) -> None:
+        base = spec.to_dict() if spec is not None else {}
+        self.spec_ = TokenTreeSpec.from_dict({**base, **spec_fields})
+        self.problems = self.spec_.build()
+        n, T, V = self.problems.n, self.problems.T, self.problems.V
+        if problem is not None and not 0 <= int(problem) < n:
+            raise ValueError(f"problem = {problem} is invalid: expected an integer in [0, {n})")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode = {render_mode!r} is invalid: expected None or 'ansi'")
+        self.fixed_problem = None if problem is None else int(problem)
+        self.render_mode = render_mode
+        self.observation_space = spaces.MultiDiscrete([n, T + 1, 2])
+        self.action_space = spaces.Discrete(V)
+        self._correct = self.problems.correct.numpy()  # [n, T]
+        self._allowed = self.problems.recovery_allowed.numpy()  # [T]
+        q = np.stack([self.problems.p_correct.numpy(), self.problems.p_recover.numpy()], axis=2)  # [n, T, 2]
+        self._value = success_table(self.problems, torch.from_numpy(q)).numpy()  # [n, T+1, 2]
+        self._problem, self._t, self._status, self._first_error = 0, 0, ON_TRACK, T
+        self._tokens: list[int] = []
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self._problem, self._t, self._status], dtype=np.int64)
+
+    def _info(self) -> dict[str, Any]:
+        return {"first_error": self._first_error,
+                "p_success_base": float(self._value[self._problem, self._t, self._status])}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if options and "problem" in options:
+            p = int(options["problem"])
+            if not 0 <= p < self.problems.n:
+                raise ValueError(f"options['problem'] = {p} is invalid: expected an integer in [0, {self.problems.n})")
+        elif self.fixed_problem is not None:
+            p = self.fixed_problem
+        else:
+            p = int(self.np_random.integers(self.problems.n))
+        self._problem, self._t, self._status = p, 0, ON_TRACK
+        self._first_error = self.problems.T
+        self._tokens = []
+        return self._obs(), self._info()
+
+    def step(self, action):
+        T = self.problems.T
+        if self._t >= T:
+            raise RuntimeError("step() called on a finished episode: call reset() first")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action = {action!r} is invalid: expected an integer in [0, {self.problems.V})")
+        a = int(action)
+        ok = a == int(self._correct[self._problem, self._t])
+        if not ok and self._first_error == T:
+            self._first_error = self._t
+        on = ok and (self._status == ON_TRACK or bool(self._allowed[self._t]))
+        self._status = ON_TRACK if on else DERAILED
+        self._tokens.append(a)
+        self._t += 1
+        terminated = self._t == T
+        reward = 1.0 if terminated and self._status == ON_TRACK else 0.0
+        return self._obs(), reward, terminated, False, self._info()
+
+    def render(self):
+        if self.render_mode == "ansi":
+            status = "on-track" if self._status == ON_TRACK else "derailed"
+            return f"problem {self._problem} step {self._t}/{self.problems.T} {status} tokens {self._tokens}\n"
+        return None
+
+
+def register() -> None:
+    """Register :data:`ENV_ID` with gymnasium (idempotent)."""
+    if ENV_ID not in gymnasium.registry:
+        gymnasium.register(id=ENV_ID, entry_point="sims.env:TokenTreeEnv")

@@ -1,0 +1,86 @@
+"""Exact ground truth of the simulator under the current policy.
+
+Only the probability of the correct token in each (problem, step, status) matters for success,
+so a backward dynamic programme over (step, status) gives, in O(n·T):
+
+    W[p, T, on] = 1,  W[p, T, derailed] = 0
+    W[p, t, on] = q_on · W[p, t+1, on] + (1 - q_on) · W[p, t+1, derailed]
+    W[p, t, der] = a_t · q_der · W[p, t+1, on] + (1 - a_t · q_der) · W[p, t+1, derailed]
+
+with q_s = π(correct | p, t, s) and a_t = 1 if recovery is allowed at step t (never under
+``fatal``). W[p, t, s] is the exact P(success | a prefix of length t that reached status s).
+pass@1 of problem p is W[p, 0, on] and pass@k = 1 - (1 - pass@1)^k (k independent samples).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sims.policy import TokenTreePolicy
+from sims.sampler import replay_status
+from sims.spec import DERAILED, ON_TRACK, ProblemSet
+
+
+def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Tensor:
+    """``DoubleTensor [n, T + 1, 2]``: exact P(success | step t reached in status s).
+
+    Args:
+        problems: the problem set (for the recovery rule).
+        correct_probs: ``[n, T, 2]`` π(correct token | p, t, s) (see
+            :meth:`TokenTreePolicy.correct_probs`).
+    """
+    q = correct_probs.detach().double().numpy()  # [n, T, 2] (numpy: T tiny steps, no op overhead)
+    n, T, _ = q.shape
+    allowed = problems.recovery_allowed.numpy().astype(np.float64)  # [T]
+    W = np.zeros((n, T + 1, 2))
+    W[:, T, ON_TRACK] = 1.0
+    for t in range(T - 1, -1, -1):
+        on, der = W[:, t + 1, ON_TRACK], W[:, t + 1, DERAILED]
+        W[:, t, ON_TRACK] = der + q[:, t, ON_TRACK] * (on - der)
+        W[:, t, DERAILED] = der + allowed[t] * q[:, t, DERAILED] * (on - der)
+    return torch.from_numpy(W)
+
+
+def pass_at_k(pass1: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact pass@k = 1 - (1 - pass@1)^k of independent samples (same shape as ``pass1``)."""
+    if k < 1:
+        raise ValueError(f"k = {k} is invalid: expected an integer >= 1")
+    return 1.0 - (1.0 - pass1) ** k
+
+
+class ExactOracle:
+    """Exact success probabilities of a :class:`TokenTreePolicy` on its problem set."""
+
+    def __init__(self, problems: ProblemSet, policy: TokenTreePolicy) -> None:
+        self.problems = problems
+        self.policy = policy
+
+    def table(self) -> torch.Tensor:
+        """``[n, T + 1, 2]`` P(success | t, status) under the current policy (recomputed)."""
+        return success_table(self.problems, self.policy.correct_probs())
+
+    def pass1(self) -> torch.Tensor:
+        """``DoubleTensor [n]`` exact pass@1 per problem."""
+        return self.table()[:, 0, ON_TRACK]
+
+    def pass_k(self, k: int) -> torch.Tensor:
+        """``DoubleTensor [n]`` exact pass@k per problem."""
+        return pass_at_k(self.pass1(), k)
+
+    def mean_pass_k(self, k: int = 1) -> float:
+        """Exact expected pass@k over the whole problem set (uniform over problems)."""
+        return float(self.pass_k(k).mean())
+
+    def success_given_prefix(self, problem: torch.Tensor, prefix: torch.Tensor,
+                             prefix_len: torch.Tensor) -> torch.Tensor:
+        """``DoubleTensor [B]`` exact P(success | problem, prefix tokens) for B prefixes.
+
+        Args:
+            problem: ``LongTensor [B]``.
+            prefix: ``LongTensor [B, L]`` tokens from step 0 (padded).
+            prefix_len: ``LongTensor [B]`` valid prefix tokens per row.
+        """
+        status = replay_status(self.problems, problem, prefix, prefix_len)  # [B, L+1]
+        reached = status.gather(1, prefix_len.unsqueeze(1)).squeeze(1)  # [B]
+        return self.table()[problem, prefix_len, reached]

@@ -1,0 +1,255 @@
+"""The token-tree MDP: its specification (:class:`TokenTreeSpec`) and one drawn problem set
+(:class:`ProblemSet`).
+
+A *problem* is a chain of ``T = depth`` steps; at each step the policy emits one token from a
+vocabulary of ``V = vocab_size`` tokens. Each (problem, step) has one correct token. The state
+before step t is ``(problem, t, status)`` with status ∈ {:data:`ON_TRACK`, :data:`DERAILED`}:
+
+* on-track + correct token  -> on-track; on-track + any other token -> derailed;
+* derailed + the step's correct ("recovery") token -> on-track if the recovery model allows
+  recovery (``fatal``: never; ``constant`` / ``decay``: always), else derailed;
+* derailed + any other token -> derailed.
+
+Reward 1 iff the chain is on track after step T. The status is a deterministic function of
+(problem, prefix tokens), so a continuation from exact prefix tokens replays the same state
+(what the core's branching relies on).
+
+How recoverable a derailed chain is lives in the *pre-trained* policy's derailed-state
+logits: P(recovery token | derailed, p, t) = ρ(t) · P(correct | on-track, p, t), "notice the
+mistake (ρ) and do the step right" — so a derailed chain cannot dodge a crux by recovering at
+it more easily than an on-track one passes it. ``constant``: ρ(t) = ρ; ``decay``:
+ρ(t) = ρ · exp(-recovery_decay · t / T) (late errors are harder to repair). Under ``fatal``
+the recovery token does nothing (and the derailed logits are uniform).
+
+The pre-trained policy's on-track correctness at step t of problem p is
+``σ(a_p - Σ_c h_c · [t == t_c])``: an ability offset a_p per problem and a few *crux* steps
+t_c with hardness h_c (paper arXiv 2602.14169, §1/§4: hard problems fail at a few deep steps,
+so root sampling gives all-fail groups while a pivot just before the crux re-enters it).
+``heterogeneity`` scales the between-problem differences of the cruxes (positions and
+hardness) from 0 (shared) to 1 (independent draws); abilities vary by ``ability_std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from deepgrpo.config import ConfigError, check_choice, check_range, dataclass_from_dict
+
+ON_TRACK = 0
+"""Status index of an on-track chain."""
+DERAILED = 1
+"""Status index of a derailed chain."""
+
+RECOVERY_MODELS = ("fatal", "constant", "decay")
+"""Recovery models of derailed chains (see the module docstring)."""
+
+MIN_PROB = 1e-6
+"""Floor on the pre-trained policy's token probabilities (keeps every logit finite)."""
+
+
+@dataclass
+class TokenTreeSpec:
+    """Everything that defines a simulated problem set (validated at construction).
+
+    Chain
+        depth: T, steps per problem (one token per step).
+        vocab_size: V >= 2 tokens per step; exactly one is correct.
+        n_problems: problems in the set (the "dataset").
+        segment_len: steps per segment, the unit of candidate pivots (paper §3.2: an LLM
+            cuts at sentences/lines; the simulator at steps). The last segment may be shorter.
+    Base ("pre-trained") policy
+        ability_mean, ability_std: logit of per-step correctness a_p ~ N(mean, std²).
+        n_crux: crux steps per problem.
+        crux_depth_low, crux_depth_high: crux positions are drawn uniformly in this range of
+            relative depth t/T (deep by default: the paper's failures happen late).
+        crux_hardness_mean, crux_hardness_std: logits subtracted at a crux step,
+            ~ N(mean, (h·std)²), clipped at 0.
+        heterogeneity: h ∈ [0, 1] scales how much crux positions and hardness vary between
+            problems: each problem's crux sits at ``shared + h·(own - shared)`` where the shared
+            layout spaces the cruxes evenly over [crux_depth_low, crux_depth_high] with the mean
+            hardness, and ``own`` is an independent per-problem draw (0: identical cruxes;
+            1: independent ones).
+            At h = 0 the first error's depth is the same for every problem, the case where the
+            paper's position-only estimator P̂(success | r) is exact; the recoverability study
+            varies it.
+    Recovery of derailed chains
+        recovery: ``fatal`` | ``constant`` | ``decay``.
+        recovery_prob: ρ, the base policy's chance to notice a mistake: P(recovery token |
+            derailed, t) = ρ(t) · P(correct | on-track, t) (ρ(0) for decay).
+        recovery_decay: rate of ``decay``: ρ(t) = ρ · exp(-recovery_decay · t / T).
+    Policy
+        shared_policy: False = tabular logits per (problem, step, status, token); True = the
+            trainable part is shared across problems (per (step, status, correct-or-not)) plus
+            one offset per (problem, status), so learning transfers between problems.
+    seed: draws the problem set (correct tokens, abilities, cruxes).
+
+    Defaults (the problem set of ``deepgrpo sim compare``): 32 problems of 12 steps over 4
+    tokens; easy steps are right with probability σ(4.5 ± 1) ≈ 0.99, and two crux steps per
+    problem sit in the deep half of the chain (relative depth 0.5-1) with hardness 5 ± 1.5
+    logits, so a crux is passed with probability σ(a_p - h_c), from below 0.01 to above 0.9
+    across problems; errors are fatal; problems differ fully (h = 1). The pre-trained exact
+    pass@1 is 0.18 and about half of GRPO's N = 8 groups fail entirely (no signal) at the
+    start — the paper's setting of hard problems failing at a few deep steps. The regime where the
+    paper's position-only estimator is exact is h = 0 (see ``heterogeneity``).
+    """
+
+    depth: int = 12
+    vocab_size: int = 4
+    n_problems: int = 32
+    segment_len: int = 1
+    ability_mean: float = 4.5
+    ability_std: float = 1.0
+    n_crux: int = 2
+    crux_depth_low: float = 0.5
+    crux_depth_high: float = 1.0
+    crux_hardness_mean: float = 5.0
+    crux_hardness_std: float = 1.5
+    heterogeneity: float = 1.0
+    recovery: str = "fatal"
+    recovery_prob: float = 0.3
+    recovery_decay: float = 2.0
+    shared_policy: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_range(o, "depth", self.depth, 1, None, integer=True)
+        check_range(o, "vocab_size", self.vocab_size, 2, None, integer=True)
+        check_range(o, "n_problems", self.n_problems, 1, None, integer=True)
+        check_range(o, "segment_len", self.segment_len, 1, None, integer=True)
+        check_range(o, "ability_mean", self.ability_mean, -20.0, 20.0)
+        check_range(o, "ability_std", self.ability_std, 0.0, None)
+        check_range(o, "n_crux", self.n_crux, 0, None, integer=True)
+        check_range(o, "crux_depth_low", self.crux_depth_low, 0.0, 1.0)
+        check_range(o, "crux_depth_high", self.crux_depth_high, 0.0, 1.0)
+        if self.crux_depth_high < self.crux_depth_low:
+            raise ConfigError(f"{o}.crux_depth_high = {self.crux_depth_high!r} is invalid: expected a number "
+                              f"in [crux_depth_low = {self.crux_depth_low}, 1.0]")
+        check_range(o, "crux_hardness_mean", self.crux_hardness_mean, 0.0, None)
+        check_range(o, "crux_hardness_std", self.crux_hardness_std, 0.0, None)
+        check_range(o, "heterogeneity", self.heterogeneity, 0.0, 1.0)
+        check_choice(o, "recovery", self.recovery, RECOVERY_MODELS)
+        check_range(o, "recovery_prob", self.recovery_prob, 0.0, 1.0)
+        check_range(o, "recovery_decay", self.recovery_decay, 0.0, None)
+        if not isinstance(self.shared_policy, bool):
+            raise ConfigError(f"{o}.shared_policy = {self.shared_policy!r} is invalid: expected true or false")
+        check_range(o, "seed", self.seed, 0, None, integer=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TokenTreeSpec":
+        return dataclass_from_dict(cls, d)
+
+    def build(self) -> "ProblemSet":
+        """Draw the problem set of this spec (deterministic in ``seed``)."""
+        return ProblemSet.from_spec(self)
+
+
+@dataclass
+class ProblemSet:
+    """One drawn problem set: the MDP's constants as tensors (n problems, T steps, V tokens).
+
+    correct: ``LongTensor [n, T]`` correct (and recovery) token of each step.
+    p_correct: ``DoubleTensor [n, T]`` base policy's P(correct token | on-track).
+    p_recover: ``DoubleTensor [n, T]`` base policy's P(recovery token | derailed) = ρ(t)·p_correct
+        (1/V if fatal).
+    recovery_allowed: ``BoolTensor [T]`` whether the recovery token brings a derailed chain
+        back on track at step t (all False for ``fatal``).
+    ability: ``DoubleTensor [n]``; crux_step: ``LongTensor [n, n_crux]``;
+    crux_hardness: ``DoubleTensor [n, n_crux]``.
+    segment_ends: ``LongTensor [L]`` exclusive segment ends (last = T), shared by all rows.
+    """
+
+    spec: TokenTreeSpec
+    correct: torch.Tensor
+    p_correct: torch.Tensor
+    p_recover: torch.Tensor
+    recovery_allowed: torch.Tensor
+    ability: torch.Tensor
+    crux_step: torch.Tensor
+    crux_hardness: torch.Tensor
+    segment_ends: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.correct.shape[0])
+
+    @property
+    def T(self) -> int:
+        return int(self.correct.shape[1])
+
+    @property
+    def V(self) -> int:
+        return self.spec.vocab_size
+
+    @classmethod
+    def from_spec(cls, spec: TokenTreeSpec) -> "ProblemSet":
+        rng = np.random.default_rng(spec.seed)
+        n, T, V, C, h = spec.n_problems, spec.depth, spec.vocab_size, spec.n_crux, spec.heterogeneity
+        correct = rng.integers(0, V, size=(n, T))  # [n, T]
+        ability = spec.ability_mean + spec.ability_std * rng.standard_normal(n)  # [n]
+        lo, hi = spec.crux_depth_low, spec.crux_depth_high
+        # shared crux layout: evenly spaced over [lo, hi] with the mean hardness; each problem
+        # moves a fraction h of the way to its own independent draw
+        shared_pos = lo + (hi - lo) * (np.arange(C) + 0.5) / max(C, 1)  # [C] relative depths
+        own_pos = np.sort(rng.uniform(lo, hi, size=(n, C)), axis=1)  # [n, C]
+        rel = shared_pos[None, :] + h * (own_pos - shared_pos[None, :])  # [n, C]
+        crux_step = np.clip(np.floor(rel * T), 0, T - 1).astype(np.int64)  # [n, C]
+        own_hard = spec.crux_hardness_mean + spec.crux_hardness_std * rng.standard_normal((n, C))  # [n, C]
+        hardness = np.maximum(spec.crux_hardness_mean + h * (own_hard - spec.crux_hardness_mean), 0.0)  # [n, C]
+        logit = np.repeat(ability[:, None], T, axis=1)  # [n, T]
+        for c in range(C):
+            np.subtract.at(logit, (np.arange(n), crux_step[:, c]), hardness[:, c])
+        p_correct = np.clip(1.0 / (1.0 + np.exp(-logit)), MIN_PROB, 1.0 - MIN_PROB)
+        steps = np.arange(T)
+        if spec.recovery == "fatal":
+            p_recover = np.full((n, T), 1.0 / V)
+            allowed = np.zeros(T, dtype=bool)
+        else:
+            rate = spec.recovery_decay if spec.recovery == "decay" else 0.0
+            p_recover = spec.recovery_prob * np.exp(-rate * steps / T)[None, :] * p_correct  # [n, T]
+            allowed = np.ones(T, dtype=bool)
+        p_recover = np.clip(p_recover, MIN_PROB, 1.0 - MIN_PROB)
+        S = spec.segment_len
+        ends = np.minimum(np.arange(S, T + S, S), T)
+        return cls(spec=spec, correct=torch.from_numpy(correct).long(),
+                   p_correct=torch.from_numpy(p_correct), p_recover=torch.from_numpy(p_recover),
+                   recovery_allowed=torch.from_numpy(allowed), ability=torch.from_numpy(ability),
+                   crux_step=torch.from_numpy(crux_step), crux_hardness=torch.from_numpy(hardness),
+                   segment_ends=torch.from_numpy(np.unique(ends)).long())
+
+    def base_logits(self) -> torch.Tensor:
+        """``FloatTensor [n, T, 2, V]`` logits of the pre-trained policy: in status s at step t
+        the correct token has probability p_correct (on-track) or p_recover (derailed) and the
+        V-1 others share the rest equally."""
+        n, T, V = self.n, self.T, self.V
+        p_c = torch.stack([self.p_correct, self.p_recover], dim=2)  # [n, T, 2]
+        p_other = (1.0 - p_c) / (V - 1)  # [n, T, 2]
+        onehot = torch.nn.functional.one_hot(self.correct, V).bool().unsqueeze(2)  # [n, T, 1, V]
+        probs = torch.where(onehot, p_c.unsqueeze(-1), p_other.unsqueeze(-1))  # [n, T, 2, V]
+        return probs.log().float()
+
+    def crux_mask(self) -> torch.Tensor:
+        """``BoolTensor [n, T]`` True at crux steps."""
+        m = torch.zeros(self.n, self.T, dtype=torch.bool)
+        if self.crux_step.numel():
+            m.scatter_(1, self.crux_step, True)
+        return m
+
+
+def describe(spec: TokenTreeSpec) -> str:
+    """One line summarising a spec (for logs and tables)."""
+    return (f"T={spec.depth} V={spec.vocab_size} problems={spec.n_problems} crux={spec.n_crux}"
+            f"@[{spec.crux_depth_low:g},{spec.crux_depth_high:g}] hardness={spec.crux_hardness_mean:g}"
+            f"±{spec.crux_hardness_std:g} ability={spec.ability_mean:g}±{spec.ability_std:g}"
+            f" h={spec.heterogeneity:g} recovery={spec.recovery}"
+            + ("" if spec.recovery == "fatal" else f"(rho={spec.recovery_prob:g}"
+               + (f", decay={spec.recovery_decay:g})" if spec.recovery == "decay" else ")")))
+

@@ -1,0 +1,250 @@
+"""The simulator's model: spec validation, sampler, status replay, continuations, backend,
+and the exact oracle against Monte Carlo."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepgrpo import ConfigError, SampleRequest, explore, make_estimator, method_config
+from sims.backend import SimBackend
+from sims.oracle import ExactOracle, pass_at_k, success_table
+from sims.policy import TokenTreePolicy
+from sims.sampler import replay_status, sample_chains, suffixes
+from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
+
+Z = 5.0  # Monte Carlo tolerance: |estimate - exact| < Z standard errors (max over problems)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The simulator's tensors are tiny: intra-op threads only add overhead (several-fold)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed(spec: TokenTreeSpec, scale: float = 1.0, seed: int = 1):
+    """A problem set and a policy moved away from the pre-trained one (so that every
+    (step, status, token) probability matters)."""
+    problems = spec.build()
+    policy = TokenTreePolicy(problems)
+    with torch.no_grad():
+        policy.delta.normal_(0.0, scale, generator=torch.Generator().manual_seed(seed))
+    return problems, policy
+
+
+def reference_rollout(problems, problem: int, tokens: list[int]) -> tuple[list[int], int]:
+    """Statuses after each step and the reward, by the rules of sims.spec written out plainly."""
+    status, out = ON_TRACK, []
+    for t, tok in enumerate(tokens):
+        ok = tok == int(problems.correct[problem, t])
+        status = ON_TRACK if ok and (status == ON_TRACK or bool(problems.recovery_allowed[t])) else DERAILED
+        out.append(status)
+    return out, int(status == ON_TRACK)
+
+
+# -- spec ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [
+    ("depth", -3), ("depth", 0), ("vocab_size", 1), ("recovery_prob", 1.5), ("recovery_prob", -0.1),
+    ("heterogeneity", 2.0), ("crux_depth_low", -0.2), ("n_crux", -1), ("recovery", "sometimes"),
+    ("segment_len", 0), ("n_problems", 0), ("depth", 2.5),
+])
+def test_spec_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"TokenTreeSpec\.{field} = "):
+        TokenTreeSpec(**{field: value})
+
+
+def test_problem_set_is_deterministic_in_the_spec_seed_and_shaped_as_documented():
+    a, b, c = TokenTreeSpec(seed=3).build(), TokenTreeSpec(seed=3).build(), TokenTreeSpec(seed=4).build()
+    assert torch.equal(a.correct, b.correct) and torch.equal(a.p_correct, b.p_correct)
+    assert not torch.equal(a.correct, c.correct)
+    spec = TokenTreeSpec(depth=10, vocab_size=5, n_problems=7, segment_len=4)
+    ps = spec.build()
+    assert ps.correct.shape == (7, 10) and int(ps.correct.max()) < 5
+    assert ps.segment_ends.tolist() == [4, 8, 10]
+    base = torch.softmax(ps.base_logits().double(), -1)  # [n, T, 2, V]
+    picked = base.gather(-1, ps.correct[:, :, None, None].expand(7, 10, 2, 1)).squeeze(-1)
+    assert torch.allclose(picked[:, :, ON_TRACK], ps.p_correct, atol=1e-6)
+
+
+def test_heterogeneity_zero_gives_identical_cruxes_and_one_gives_varied():
+    same = TokenTreeSpec(heterogeneity=0.0).build()
+    assert (same.crux_step == same.crux_step[0]).all() and torch.allclose(same.crux_hardness, same.crux_hardness[0])
+    varied = TokenTreeSpec(heterogeneity=1.0).build()
+    assert len({tuple(r) for r in varied.crux_step.tolist()}) > 5
+
+
+def test_recovery_models_set_the_base_derailed_probability():
+    T = 10
+    for rec, rho_t in [("constant", lambda t: 0.3), ("decay", lambda t: 0.3 * math.exp(-2.0 * t / T))]:
+        ps = TokenTreeSpec(depth=T, recovery=rec, recovery_prob=0.3, recovery_decay=2.0).build()
+        expected = torch.tensor([rho_t(t) for t in range(T)], dtype=torch.float64) * ps.p_correct
+        assert torch.allclose(ps.p_recover, expected.clamp(1e-6, 1 - 1e-6))
+        assert bool(ps.recovery_allowed.all())
+    assert not bool(TokenTreeSpec(recovery="fatal").build().recovery_allowed.any())
+
+
+# -- sampler and replay ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recovery", ["fatal", "constant"])
+def test_sampler_follows_the_rules_and_replay_reproduces_every_status(recovery):
+    problems, policy = perturbed(TokenTreeSpec(depth=8, recovery=recovery, recovery_prob=0.5), scale=1.5)
+    g = torch.Generator().manual_seed(0)
+    problem = torch.arange(400) % problems.n
+    with torch.no_grad():
+        lp = policy.log_probs()
+    ch = sample_chains(problems, lp, problem, g)
+    assert torch.equal(replay_status(problems, problem, ch.tokens), ch.status)
+    for b in range(0, 400, 37):  # an independent, plain-Python reading of the rules
+        statuses, reward = reference_rollout(problems, int(problem[b]), ch.tokens[b].tolist())
+        assert ch.status[b, 1:].tolist() == statuses and int(ch.rewards[b]) == reward
+        wrong = [t for t, tok in enumerate(ch.tokens[b].tolist()) if tok != int(problems.correct[problem[b], t])]
+        assert int(ch.first_error[b]) == (wrong[0] if wrong else problems.T)
+    status = ch.status[:, :-1]
+    expect = lp[problem.unsqueeze(1), torch.arange(8).unsqueeze(0), status, ch.tokens]
+    assert torch.allclose(ch.logprobs, expect)
+
+
+def test_sampler_token_frequencies_match_the_policy():
+    problems, policy = perturbed(TokenTreeSpec(depth=3, vocab_size=5, n_problems=2), scale=1.0)
+    with torch.no_grad():
+        lp = policy.log_probs()
+    B = 200_000
+    ch = sample_chains(problems, lp, torch.zeros(B, dtype=torch.long), torch.Generator().manual_seed(2))
+    freq = torch.bincount(ch.tokens[:, 0], minlength=5).double() / B  # step 0 is always on-track
+    p = lp[0, 0, ON_TRACK].double().exp()
+    assert (freq - p).abs().max() < Z * (p * (1 - p) / B).sqrt().max()
+
+
+def test_same_generator_seed_gives_the_same_chains():
+    problems, policy = perturbed(TokenTreeSpec())
+    lp = policy.log_probs().detach()
+    prob = torch.arange(64) % problems.n
+    a = sample_chains(problems, lp, prob, torch.Generator().manual_seed(5))
+    b = sample_chains(problems, lp, prob, torch.Generator().manual_seed(5))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+@pytest.mark.parametrize("recovery", ["fatal", "decay"])
+def test_continuation_keeps_the_prefix_exactly_and_replays_its_state(recovery):
+    problems, policy = perturbed(TokenTreeSpec(depth=10, recovery=recovery, recovery_prob=0.6), scale=1.5)
+    backend = SimBackend(problems, policy, torch.Generator().manual_seed(0))
+    main = backend.sample([SampleRequest(p, None, 6) for p in range(5)])
+    requests, sources = [], []
+    for row in range(len(main)):
+        k = row % problems.T
+        requests.append(SampleRequest(int(main.extras["problem"][row]), main.tokens[row, :k].clone(), 3))
+        sources.append((row, k))
+    aux = backend.sample(requests)
+    for j, (row, k) in enumerate(sources):
+        for r in range(3 * j, 3 * j + 3):
+            n_suffix = problems.T - k
+            assert int(aux.mask[r].sum()) == n_suffix and aux.segment_ends[r].tolist()[-1] == problems.T
+            full = torch.cat([main.tokens[row, :k], aux.tokens[r, :n_suffix]])
+            # the state after the prefix equals the state the original chain was in at step k
+            start = ON_TRACK if k == 0 else (ON_TRACK if bool(main.extras["on_track"][row, k - 1]) else DERAILED)
+            assert int(aux.extras["start_status"][r]) == start
+            assert torch.equal(aux.extras["on_track"][r, :k], main.extras["on_track"][row, :k])
+            statuses, reward = reference_rollout(problems, int(aux.extras["problem"][r]), full.tolist())
+            assert int(aux.rewards[r]) == reward
+            assert aux.extras["on_track"][r].tolist() == [s == ON_TRACK for s in statuses]
+
+
+def test_suffixes_left_align_the_tail():
+    full = torch.arange(12).reshape(2, 6)
+    out = suffixes(full, torch.tensor([2, 5]), fill=-1)
+    assert out.tolist() == [[2, 3, 4, 5, -1, -1], [11, -1, -1, -1, -1, -1]]
+
+
+def test_backend_logprobs_match_sampling_logprobs_and_carry_gradient():
+    problems, policy = perturbed(TokenTreeSpec(recovery="constant"))
+    backend = SimBackend(problems, policy, torch.Generator().manual_seed(0))
+    cfg = method_config("tree-uniform")
+    res = explore(backend, list(range(6)), cfg, make_estimator(cfg.estimator), np.random.default_rng(0))
+    batch = res.batch
+    assert (batch.stream == 1).any()  # aux rows present: prefix + suffix spliced by the core
+    lp = backend.logprobs(batch, "policy")
+    m = batch.response_mask
+    assert torch.allclose(lp[m], batch.old_logprobs[m], atol=1e-6)
+    ref = backend.logprobs(batch, "reference")
+    assert not ref.requires_grad and lp.requires_grad
+    lp[m].sum().backward()
+    touched = policy.delta.grad.abs().sum(-1) > 0  # [n, T, 2]
+    assert touched.any() and not touched[[p for p in range(problems.n) if p not in batch.prompts]].any()
+
+
+def test_shared_policy_starts_at_the_base_and_shares_steps_across_problems():
+    problems = TokenTreeSpec(shared_policy=True).build()
+    policy = TokenTreePolicy(problems)
+    assert torch.allclose(policy.logits(), policy.base)
+    with torch.no_grad():
+        policy.step_delta[3, ON_TRACK, 1] += 1.0  # the correct token at step 3, every problem
+    moved = (policy.logits() - policy.base)[:, 3, ON_TRACK]  # [n, V]
+    assert torch.allclose(moved[policy.is_correct[:, 3, 0]], torch.ones(problems.n))
+    assert torch.equal(moved[~policy.is_correct[:, 3, 0]], torch.zeros(problems.n * (problems.V - 1)))
+
+
+# -- exact oracle ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recovery", ["fatal", "constant", "decay"])
+def test_oracle_pass1_agrees_with_monte_carlo(recovery):
+    problems, policy = perturbed(TokenTreeSpec(n_problems=8, recovery=recovery, recovery_prob=0.5), scale=1.0)
+    exact = ExactOracle(problems, policy).pass1()  # [n]
+    B = 20_000
+    prob = torch.arange(B * problems.n) % problems.n
+    ch = sample_chains(problems, policy.log_probs().detach(), prob, torch.Generator().manual_seed(3))
+    mc = torch.zeros(problems.n, dtype=torch.float64).index_add_(0, prob, ch.rewards.double()) / B
+    se = (exact * (1 - exact) / B).sqrt().clamp(min=1e-4)
+    assert ((mc - exact).abs() / se).max() < Z
+    groups = ch.rewards.reshape(-1, problems.n).T.reshape(problems.n, -1, 8)  # [n, B/8, 8] same problem
+    mc8 = (groups.amax(-1) > 0).double().mean(-1)
+    exact8 = pass_at_k(exact, 8)
+    assert ((mc8 - exact8).abs() / (exact8 * (1 - exact8) / (B // 8)).sqrt().clamp(min=1e-4)).max() < Z
+
+
+@pytest.mark.parametrize("recovery", ["fatal", "constant"])
+def test_oracle_success_given_prefix_agrees_with_continuations(recovery):
+    problems, policy = perturbed(TokenTreeSpec(n_problems=6, recovery=recovery, recovery_prob=0.5), scale=1.0)
+    oracle = ExactOracle(problems, policy)
+    backend = SimBackend(problems, policy, torch.Generator().manual_seed(4))
+    main = backend.sample([SampleRequest(p, None, 2) for p in range(problems.n)])
+    n = 4000
+    rows = list(range(len(main)))
+    ks = [(3 * r) % problems.T for r in rows]
+    aux = backend.sample([SampleRequest(int(main.extras["problem"][r]), main.tokens[r, :k].clone(), n)
+                          for r, k in zip(rows, ks)])
+    mc = aux.rewards.double().reshape(len(rows), n).mean(1)
+    exact = oracle.success_given_prefix(main.extras["problem"], main.tokens, torch.tensor(ks))
+    se = (exact * (1 - exact) / n).sqrt().clamp(min=1e-4)
+    assert ((mc - exact).abs() / se).max() < Z
+
+
+def test_fatal_errors_leave_no_chance_from_a_derailed_state():
+    problems, policy = perturbed(TokenTreeSpec(recovery="fatal"), scale=2.0)
+    W = ExactOracle(problems, policy).table()
+    assert torch.equal(W[:, :, DERAILED], torch.zeros_like(W[:, :, DERAILED]))
+    assert (W[:, :-1, ON_TRACK] > 0).all()
+    backend = SimBackend(problems, policy, torch.Generator().manual_seed(0))
+    main = backend.sample([SampleRequest(p, None, 4) for p in range(problems.n)])
+    derailed_rows = (~main.extras["on_track"][:, problems.T // 2]).nonzero().flatten()
+    assert len(derailed_rows) > 5
+    k = problems.T // 2 + 1
+    aux = backend.sample([SampleRequest(int(main.extras["problem"][r]), main.tokens[r, :k].clone(), 50)
+                          for r in derailed_rows.tolist()])
+    assert float(aux.rewards.sum()) == 0.0
+    rec = perturbed(TokenTreeSpec(recovery="constant", recovery_prob=0.5), scale=2.0)
+    assert (ExactOracle(*rec).table()[:, :-1, DERAILED] > 0).all()
+
+
+def test_success_table_closed_forms():
+    spec = TokenTreeSpec(depth=5, n_problems=3, recovery="fatal")
+    problems = spec.build()
+    q = torch.rand(3, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    W = success_table(problems, q)
+    # fatal: success from the root = product of on-track correctness of every step
+    assert torch.allclose(W[:, 0, ON_TRACK], q[:, :, ON_TRACK].prod(1))
+    assert torch.allclose(pass_at_k(torch.tensor([0.0, 0.5, 1.0]), 3), torch.tensor([0.0, 0.875, 1.0]))
