@@ -148,6 +148,11 @@ class LossConfig:
         kl_coef: coefficient β (paper: 1e-4). 0 disables the reference pass.
         kl_estimator: ``k1`` | ``k2`` | ``k3`` (paper: k3).
         kl_weighted_by_lambda: whether the aux stream's KL is also multiplied by λ.
+    Rollout/trainer mismatch
+        tis_cap: truncated importance sampling for rollouts drawn by a separate engine (vLLM):
+            the ratio is taken against the trainer's own (detached) log-probs and each token's
+            loss is weighted by min(π_trainer / π_rollout, tis_cap) (None = off: the ratio is
+            against the rollout engine's log-probs, as in plain PPO).
     """
 
     clip_low: float = 0.2
@@ -159,6 +164,7 @@ class LossConfig:
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"
     kl_weighted_by_lambda: bool = True
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -172,6 +178,8 @@ class LossConfig:
             check_range(o, "norm_length", self.norm_length, 1, None, integer=True)
         check_range(o, "kl_coef", self.kl_coef, 0.0, None)
         check_choice(o, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.tis_cap is not None:
+            check_range(o, "tis_cap", self.tis_cap, 0.0, None, lo_open=True)
 
 
 @dataclass

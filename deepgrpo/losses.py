@@ -163,8 +163,16 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
     mask = batch.trainable_mask & batch.response_mask  # [B, T]
     lp = torch.where(batch.response_mask, logprobs, torch.zeros_like(logprobs))
     old = torch.where(batch.response_mask, batch.old_logprobs, torch.zeros_like(logprobs))
+    tis_weight = None
+    if cfg.tis_cap is not None:
+        # truncated importance sampling: ratio against the trainer's own log-probs, each token
+        # weighted by min(π_trainer / π_rollout, cap) (detached)
+        tis_weight = torch.exp(lp.detach() - old).clamp(max=cfg.tis_cap)  # [B, T]
+        old = lp.detach()
     pg, was_clipped = clipped_surrogate(lp, old, batch.advantages.to(lp.dtype),
                                         cfg.clip_low, cfg.clip_high, cfg.dual_clip)  # [B, T]
+    if tis_weight is not None:
+        pg = pg * tis_weight
     if cfg.kl_coef > 0:
         ref = torch.where(batch.response_mask, ref_logprobs, torch.zeros_like(logprobs))
         kl = kl_penalty(lp, ref, cfg.kl_estimator)  # [B, T]
@@ -190,6 +198,9 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
             "kl_main": float(kl_main), "kl_aux": float(kl_aux), "clip_fraction": float(clip_frac),
             "ratio_mean": float((ratio * mask).sum() / n_tok),
             "ratio_max": float(ratio[mask].max()) if mask.any() else 1.0,
+            "tis_weight_mean": float((tis_weight * mask).sum() / n_tok) if tis_weight is not None else 1.0,
+            "tis_capped_fraction": (float(((tis_weight >= cfg.tis_cap) & mask).sum() / n_tok)
+                                    if tis_weight is not None else 0.0),
             "trainable_tokens_main": int(mask[batch.stream == MAIN].sum()),
             "trainable_tokens_aux": int(mask[batch.stream == AUX].sum()),
         }

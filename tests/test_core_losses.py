@@ -161,3 +161,23 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(agg):
         total += out.loss.item()
     assert total == pytest.approx(full.loss.item(), rel=1e-6)
     assert torch.allclose(lp.grad, lp2.grad, atol=1e-7)
+
+
+def test_truncated_importance_sampling_weights_tokens_by_capped_trainer_over_rollout_ratio():
+    b = make_batch(B=4, T=5, n_aux=2, seed=7)
+    shift = torch.tensor([[0.5], [-0.3], [1.2], [0.0]])  # trainer log-prob minus rollout log-prob
+    lp = (b.old_logprobs + shift).requires_grad_()
+    out = dual_stream_loss(b, lp, None, LossConfig(kl_coef=0.0, tis_cap=2.0))
+    out.loss.backward()
+    w = torch.exp(shift).clamp(max=2.0).expand(4, 5)  # [B, T]
+    # ratio 1 against the trainer's own log-probs: REINFORCE weighted by w
+    mask = b.trainable_mask & b.response_mask
+    lp2 = (b.old_logprobs + shift).requires_grad_()
+    main = b.stream == MAIN
+    ref = sum(-(b.advantages[rows, None] * lp2[rows] * w[rows] * mask[rows]).sum() / mask[rows].sum()
+              for rows in (main, ~main))
+    ref.backward()
+    assert out.loss.item() == pytest.approx(-sum(float((b.advantages[r, None] * w[r] * mask[r]).sum() / mask[r].sum())
+                                                for r in (main, ~main)), rel=1e-6)
+    assert torch.allclose(lp.grad, lp2.grad, atol=1e-7)
+    assert out.metrics["tis_capped_fraction"] > 0  # exp(1.2) > 2 is capped
