@@ -176,14 +176,19 @@ def _root_findings(runs: pd.DataFrame) -> list[str]:
         verdict = "beats" if d.low > 0 else ("trails" if d.high < 0 else "is not distinguishable from")
         out.append(f"DEEP-GRPO (G=8, K=8) {verdict} GRPO N=64: difference {_fmt(d)} in final pass@1, using "
                    f"{ro[deep]:,.0f} rollouts against {ro['grpo N=64']:,.0f} ({ro[deep] / ro['grpo N=64']:.2f}x).")
+        grpo = ro[[v for v in ro.index if v.startswith("grpo")]]
+        near = (np.log(grpo) - np.log(ro[deep])).abs().idxmin()
+        d = paired_by_seed(fin, "variant", "pass1", deep, near)
+        out.append(f"At the closest budget, DEEP-GRPO ({ro[deep]:,.0f} rollouts) minus {near} ({grpo[near]:,.0f} "
+                   f"rollouts) is {_fmt(d)} in final pass@1.")
     return out
 
 
 # 2. depth bias ------------------------------------------------------------------------------
 
 GAMMAS = (0.0, 0.1, 0.5, 1.0, 2.0, 3.0, 5.0)
-RECOVERY = {"fatal": {"recovery": "fatal"}, "constant": {"recovery": "constant", "recovery_prob": 0.3},
-            "decay": {"recovery": "decay", "recovery_prob": 0.6, "recovery_decay": 3.0}}
+RECOVERY = {"fatal": {"recovery": "fatal"}, "constant": {"recovery": "constant", "recovery_prob": 0.05},
+            "decay": {"recovery": "decay", "recovery_prob": 0.2, "recovery_decay": 3.0}}
 
 
 def _depth_cells(seeds: list[int], size: Size) -> list[Cell]:
@@ -200,6 +205,24 @@ def _depth_cells(seeds: list[int], size: Size) -> list[Cell]:
     return cells
 
 
+def _with_step_means(runs: pd.DataFrame, cols: tuple[str, ...]) -> pd.DataFrame:
+    """Final rows with ``cols`` replaced by their mean over the run's training steps (NaN-skipping)."""
+    means = runs[runs.step > 0].groupby(["variant", "seed"])[list(cols)].mean().reset_index()
+    return final_rows(runs).drop(columns=list(cols)).merge(means, on=["variant", "seed"])
+
+
+DEPTH_MEANS = ("pivot_before_error", "pivot_depth_mean", "pivot_oracle_success")
+
+
+def _depth_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    fin = _with_step_means(runs, DEPTH_MEANS)
+    out = None
+    for v in ("pass1", *DEPTH_MEANS, "rollouts"):
+        s = summarize(fin, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})[["variant", v, f"{v}_pm", "n"]]
+        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
+    return _order(out, list(dict.fromkeys(runs.variant))).reset_index(drop=True)
+
+
 def _split_variant(frame: pd.DataFrame) -> pd.DataFrame:
     parts = frame.variant.str.split(" | ", regex=False, expand=True)
     return frame.assign(recovery=parts[0], pivot=parts[1])
@@ -208,7 +231,7 @@ def _split_variant(frame: pd.DataFrame) -> pd.DataFrame:
 def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
-    fin = _split_variant(final_rows(runs))
+    fin = _split_variant(_with_step_means(runs, DEPTH_MEANS))
     order = ["root-only", "random"] + [f"gamma={g:g}" for g in GAMMAS]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     sns.pointplot(fin, x="pivot", y="pass1", hue="recovery", order=order, errorbar=_ci_errorbar,
@@ -219,7 +242,7 @@ def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
     sns.pointplot(fin, x="pivot", y="pivot_before_error", hue="recovery", order=order,
                   errorbar=_ci_errorbar, dodge=0.3, ax=axes[1])
     axes[1].set(xlabel="pivot rule", ylabel="fraction of pivots at/before the first error",
-                title="Where the pivots land (last step)")
+                title="Where the pivots land (mean over training steps)")
     axes[1].tick_params(axis="x", rotation=35)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -227,7 +250,7 @@ def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
 
 
 def _depth_findings(runs: pd.DataFrame) -> list[str]:
-    fin = _split_variant(final_rows(runs))
+    fin = _split_variant(_with_step_means(runs, DEPTH_MEANS))
     out = []
     for rec, g in fin.groupby("recovery", sort=False):
         means = g.groupby("pivot").pass1.mean()
@@ -236,9 +259,12 @@ def _depth_findings(runs: pd.DataFrame) -> list[str]:
         d2 = paired_by_seed(g, "pivot", "pass1", "gamma=2", "gamma=0")
         dr = paired_by_seed(g, "pivot", "pass1", "gamma=2", "random")
         dro = paired_by_seed(g, "pivot", "pass1", "gamma=2", "root-only")
+        land = g.groupby("pivot").pivot_oracle_success.mean()
         out.append(f"{rec} recovery: the best γ is {best.split('=')[1]} (final pass@1 {gam.max():.3f}); "
                    f"γ = 2 beats γ = 0 by {_fmt(d2)}, random pivots by {_fmt(dr)} and root-only by {_fmt(dro)} "
-                   f"(paired over seeds).")
+                   f"(paired over seeds). Exact success probability of a continuation from the chosen pivot: "
+                   f"{land.get('gamma=0', float('nan')):.3f} at γ = 0, {land.get('gamma=2', float('nan')):.3f} at γ = 2, "
+                   f"{land.get('gamma=5', float('nan')):.3f} at γ = 5.")
     return out
 
 
@@ -558,8 +584,7 @@ STUDIES: dict[str, Study] = {
                              _root_plot, _root_findings),
     "depth-bias": Study("depth-bias", "Which depth exponent γ works best, and how does the sweet spot move with "
                         "the recovery model?", _depth_cells,
-                        lambda r: _summary_final(r, ("pass1", "pivot_before_error", "pivot_depth_mean", "rollouts")),
-                        _depth_plot, _depth_findings),
+                        _depth_summary, _depth_plot, _depth_findings),
     "dilution": Study("dilution", "Dense (1 pivot x K) or dispersed (M points x K/M) at equal budget?",
                       _dilution_cells, _dilution_summary, _dilution_plot, _dilution_findings),
     "lambda-k": Study("lambda-k", "How do the aux weight λ and the branch width K matter?", _lk_cells,
