@@ -1,0 +1,213 @@
+"""LLMBackend: the core's :class:`~deepgrpo.batch.Backend` protocol on a transformers causal LM.
+
+* ``sample``: rollouts from a :class:`~llm.engine.RolloutEngine` (prompt ids + exact prefix ids),
+  rewarded by the task's verifier on the decoded *full* response (prefix + suffix), with
+  segment ends in full-response token coordinates.
+* ``logprobs``: per-token log-probs of ``prompt + response`` under the policy (with gradient)
+  or the frozen reference (no gradient), computed in row chunks, at the sampling temperature,
+  so that they equal the engine's log-probs up to floating-point error.
+
+Prompts handed to the core are :class:`~llm.tasks.Prompt` objects (problem + token ids).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from deepgrpo.batch import Batch, Rollouts, SampleRequest
+from deepgrpo.config import check_range
+from llm.engine import RolloutEngine
+from llm.rewards import score
+from llm.segmenters import Segmenter
+from llm.tasks import Problem, Prompt
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are drawn (paper: temperature 1.0).
+
+    max_response_tokens: cap on a response's length in tokens, prefix included (a branch from
+        a pivot at depth P may generate max_response_tokens - P tokens); hitting it without EOS
+        is a truncation (reward 0).
+    temperature: sampling temperature (> 0 for RL; the trainer's log-probs use the same T).
+    top_p: nucleus mass; the trainer's log-probs ignore the nucleus, so keep 1.0 for exact
+        ratios (the rollout-vs-trainer mismatch metric shows the effect otherwise).
+    """
+
+    max_response_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_range(o, "max_response_tokens", self.max_response_tokens, 1, None, integer=True)
+        check_range(o, "temperature", self.temperature, 0.0, None, lo_open=True)
+        check_range(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+
+
+class LLMBackend:
+    """The LLM backend (see the module docstring).
+
+    Args:
+        policy: trainable causal LM (the engine samples from it).
+        reference: frozen causal LM for the KL term (may be None when ``kl_coef == 0``).
+        tokenizer: decodes responses for the rewards.
+        engine: rollout engine sampling from ``policy``.
+        segmenter: response token ids -> segment ends.
+        sampling: :class:`SamplingConfig`.
+        seed: seeds the generator that draws one engine seed per ``sample`` call (its state is
+            part of :meth:`state_dict`, so resumed runs sample the same tokens).
+        logprob_chunk_size: rows per forward pass in :meth:`logprobs`.
+        bf16: run the trainer's forward passes under bfloat16 autocast (faster on some CPUs;
+            adds a rollout-vs-trainer mismatch).
+        reward_fn: ``(problem, response_text, truncated) -> float`` replacing the task's
+            verifier (None = :func:`llm.rewards.score` on ``problem.task``).
+    """
+
+    def __init__(self, policy: Any, reference: Any | None, tokenizer: Any, engine: RolloutEngine,
+                 segmenter: Segmenter, sampling: SamplingConfig | None = None, seed: int = 0,
+                 logprob_chunk_size: int = 64, bf16: bool = False,
+                 reward_fn: Callable[[Problem, str, bool], float] | None = None) -> None:
+        self.policy = policy
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.segmenter = segmenter
+        self.sampling = sampling or SamplingConfig()
+        self.rng = np.random.default_rng(seed)
+        self.logprob_chunk_size = int(logprob_chunk_size)
+        self.bf16 = bool(bf16)
+        self.stop_token_ids = [int(tokenizer.eos_token_id)]
+        self.reward_fn = reward_fn or (lambda p, text, trunc: score(p.task, text, p.answer, truncated=trunc))
+        self.reset_diagnostics()
+
+    # -- Backend protocol ----------------------------------------------------------------------
+    def sample(self, requests: Sequence[SampleRequest]) -> Rollouts:
+        """Continuations of ``prompt ids + prefix ids`` for each request (rows in request order)."""
+        prompts: list[Prompt] = [r.prompt for r in requests]
+        prefixes = [[] if r.prefix is None else [int(t) for t in r.prefix.tolist()] for r in requests]
+        cap = self.sampling.max_response_tokens
+        gens = self.engine.generate([list(p.ids) for p in prompts], [int(r.n) for r in requests],
+                                    max_new_tokens=[max(cap - len(pf), 0) for pf in prefixes],
+                                    temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                                    prefixes=prefixes, stop_token_ids=self.stop_token_ids,
+                                    seed=int(self.rng.integers(0, 2**62)))
+        owner = [i for i, r in enumerate(requests) for _ in range(int(r.n))]
+        B = len(gens)
+        T = max([len(g.token_ids) for g in gens], default=0)
+        tokens = torch.zeros(B, T, dtype=torch.long)  # [B, T] suffix tokens
+        logprobs = torch.zeros(B, T)  # [B, T]
+        mask = torch.zeros(B, T, dtype=torch.bool)  # [B, T]
+        rewards = torch.zeros(B)  # [B]
+        truncated = torch.zeros(B, dtype=torch.bool)  # [B]
+        finished = torch.zeros(B, dtype=torch.bool)  # [B]
+        ends: list[torch.Tensor] = []
+        for b, (g, i) in enumerate(zip(gens, owner)):
+            S = len(g.token_ids)
+            if S:
+                tokens[b, :S] = torch.tensor(g.token_ids, dtype=torch.long)
+                logprobs[b, :S] = torch.tensor(g.logprobs, dtype=torch.float32)
+                mask[b, :S] = True
+            full = prefixes[i] + g.token_ids
+            text = self.tokenizer.decode(full, skip_special_tokens=True)
+            problem = prompts[i].problem
+            rewards[b] = float(self.reward_fn(problem, text, g.truncated))
+            truncated[b] = g.truncated
+            finished[b] = g.finished
+            ends.append(self.segmenter(full))
+        return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=rewards, segment_ends=ends,
+                        truncated=truncated, extras={"finished": finished})
+
+    def logprobs(self, batch: Batch, model: str = "policy") -> torch.Tensor:
+        """``[B, T]`` log-probs of ``batch.tokens`` given prompt + preceding tokens at the sampling
+        temperature (policy: with gradient; reference: without). Policy calls also record the
+        diagnostics of :meth:`diagnostics` (entropy, mismatch with ``batch.old_logprobs``)."""
+        if model == "policy":
+            net, grad = self.policy, torch.is_grad_enabled()
+        elif model == "reference":
+            if self.reference is None:
+                raise ValueError("logprobs(model='reference') needs a reference model")
+            net, grad = self.reference, False
+        else:
+            raise ValueError(f"model = {model!r} is invalid: expected policy or reference")
+        prompts = [batch.prompts[i] for i in batch.prompt_index.tolist()]
+        parts = []
+        for s in range(0, len(batch), self.logprob_chunk_size):
+            rows = slice(s, s + self.logprob_chunk_size)
+            with torch.set_grad_enabled(grad):
+                lp, ent = self._token_logprobs(net, prompts[rows], batch.tokens[rows], batch.response_mask[rows],
+                                               with_entropy=model == "policy")
+            if model == "policy":
+                self._record(lp.detach(), ent, batch.old_logprobs[rows], batch.response_mask[rows])
+            parts.append(lp)
+        if not parts:
+            return torch.zeros(batch.tokens.shape)
+        return torch.cat(parts)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _token_logprobs(self, net: Any, prompts: Sequence[Prompt], tokens: torch.Tensor,
+                        response_mask: torch.Tensor, with_entropy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs ``[b, T]`` (and entropies ``[b, T]``) of response ``tokens`` [b, T]."""
+        dev = next(net.parameters()).device
+        b, T = tokens.shape
+        Lp = max(len(p.ids) for p in prompts)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.full((b, Lp + T), pad, dtype=torch.long)  # [b, Lp+T] left-padded prompt, then response
+        attn = torch.zeros(b, Lp + T, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, Lp - len(p.ids):Lp] = torch.tensor(p.ids, dtype=torch.long)
+            attn[j, Lp - len(p.ids):Lp] = 1
+        ids[:, Lp:] = torch.where(response_mask, tokens, torch.full_like(tokens, pad))
+        attn[:, Lp:] = response_mask.long()
+        position = (attn.cumsum(-1) - 1).clamp(min=0)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 and dev.type == "cpu" else contextlib.nullcontext()
+        with ctx:
+            out = net(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=position.to(dev),
+                      use_cache=False)
+        logits = out.logits[:, Lp - 1:Lp + T - 1, :].float()  # [b, T, V] predicts response token t
+        temp = self.sampling.temperature
+        if temp != 1.0:
+            logits = logits / temp
+        logp = torch.log_softmax(logits, -1)  # [b, T, V]
+        lp = logp.gather(-1, tokens.to(dev).unsqueeze(-1)).squeeze(-1)  # [b, T]
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = -(logp.exp() * logp).sum(-1).cpu()  # [b, T]
+        return lp.cpu() if lp.device.type != "cpu" else lp, ent
+
+    def reset_diagnostics(self) -> None:
+        """Zero the accumulators read by :meth:`diagnostics`."""
+        self._diag = {"tokens": 0.0, "entropy": 0.0, "abs_diff": 0.0, "max_abs_diff": 0.0}
+
+    def _record(self, lp: torch.Tensor, ent: torch.Tensor | None, old: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.bool()
+        n = float(m.sum())
+        if n == 0:
+            return
+        diff = (lp - old).abs()[m]
+        self._diag["tokens"] += n
+        self._diag["abs_diff"] += float(diff.sum())
+        self._diag["max_abs_diff"] = max(self._diag["max_abs_diff"], float(diff.max()))
+        if ent is not None:
+            self._diag["entropy"] += float(ent[m].sum())
+
+    def diagnostics(self) -> dict[str, float]:
+        """Since the last reset, over response tokens of policy ``logprobs`` calls: mean token
+        ``entropy``, mean and max |trainer log-prob - rollout log-prob| (``logprob_mismatch``,
+        ``logprob_mismatch_max``; ~0 for the HF engine in float32)."""
+        n = max(self._diag["tokens"], 1.0)
+        return {"entropy": self._diag["entropy"] / n, "logprob_mismatch": self._diag["abs_diff"] / n,
+                "logprob_mismatch_max": self._diag["max_abs_diff"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,150 @@
+"""Models and tokenizers: any local causal-LM directory, and the built-in ``tiny-arith`` preset.
+
+``tiny-arith`` is a small Llama-style model created from a config (no downloads) with an
+offline character-level tokenizer (``tokenizers`` WordLevel, one token per character). Saved
+with :func:`save_pretrained_dir`, it is a normal transformers checkpoint: any directory loads
+with ``AutoTokenizer.from_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
+
+transformers is imported inside functions only, so that importing :mod:`llm` (or running
+``deepgrpo sim``) never pays for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepgrpo.config import check_range
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+CHAR_ALPHABET = "0123456789+-*=,;.#?!() \n"
+"""Characters of the tiny-arith tokenizer (after the 4 special tokens): enough for the
+arithmetic task and for segmenter tests (sentence ends, line breaks)."""
+
+
+def char_vocab() -> dict[str, int]:
+    """Token -> id of the character tokenizer: specials first, then :data:`CHAR_ALPHABET`,
+    padded with reserved tokens to 32 entries."""
+    tokens = [PAD, BOS, EOS, UNK, *CHAR_ALPHABET]
+    tokens += [f"<r{i}>" for i in range(32 - len(tokens))]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def build_char_tokenizer() -> Any:
+    """An offline character-level ``PreTrainedTokenizerFast`` (one token per character, a BOS
+    token prepended to every encoded text, EOS = ``<eos>``, pad = ``<pad>``)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = char_vocab()
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, padding_side="left", clean_up_tokenization_spaces=False)
+    return fast
+
+
+@dataclass
+class TinyModelConfig:
+    """Size of the ``tiny-arith`` Llama-style model (defaults: ~0.33 M parameters, which learns
+    3-5-term addition chains on a CPU in about a minute and a half of SFT).
+
+    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads: transformer shape.
+    max_position_embeddings: longest prompt + response in tokens.
+    """
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            check_range(o, name, getattr(self, name), 1, None, integer=True)
+        if self.hidden_size % self.num_attention_heads:
+            from deepgrpo.config import ConfigError
+            raise ConfigError(f"{o}.hidden_size = {self.hidden_size} is invalid: expected a multiple of "
+                              f"num_attention_heads = {self.num_attention_heads}")
+
+
+def build_tiny_model(tokenizer: Any, config: TinyModelConfig | None = None, seed: int = 0) -> Any:
+    """A freshly initialised Llama causal LM for ``tokenizer`` (built from a config, no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    c = config or TinyModelConfig()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=c.hidden_size,
+                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                      num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.float()
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` looks like a local transformers checkpoint (has ``config.json``)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in ``path`` (left padding; pad = EOS if the tokenizer has no pad)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trainable: bool = True) -> Any:
+    """The causal LM in local directory ``path``. ``trainable=False`` gives a frozen copy
+    (``eval()``, ``requires_grad=False``) for the reference policy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if trainable:
+        model.train()
+    else:
+        freeze(model)
+    return model
+
+
+def freeze(model: Any) -> Any:
+    """Put ``model`` in eval mode and turn off gradients of all its parameters (in place)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: Any) -> Any:
+    """A deep, frozen copy of ``model`` (the reference policy when no separate directory is given)."""
+    return freeze(copy.deepcopy(model))
+
+
+def save_pretrained_dir(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
+    """Save ``model`` and ``tokenizer`` as a normal transformers checkpoint in ``path``
+    (safetensors weights, config, tokenizer files)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

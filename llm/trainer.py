@@ -1,0 +1,384 @@
+"""RL training of a causal LM with the core's exploration step and loss (GRPO, DEEP-GRPO, ...).
+
+A training step is exactly the core's loop, nothing LLM-specific in between::
+
+    prompts = next P problems of the data stream
+    result  = deepgrpo.explore(backend, prompts, algo, estimator, rng, ledger)
+    metrics = deepgrpo.update_policy(backend, result.batch, algo.loss, optimizer, params, micro_batch)
+    engine.sync_weights(policy)
+
+Outputs in ``out``: ``config.json`` (resolved config + versions), ``metrics.jsonl`` (one row per
+step; evaluation columns ``eval/...`` at evaluation steps), TensorBoard events in ``tb/``,
+``checkpoint/`` (see :mod:`llm.checkpoint`) and ``summary.json`` at the end. A run resumed from
+its checkpoint reproduces the metrics of the uninterrupted run (same machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepgrpo import BudgetLedger, explore, make_estimator, method_config, update_policy
+from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range
+from deepgrpo.records import versions, write_json_atomic, write_text_atomic
+from llm.backend import LLMBackend, SamplingConfig
+from llm.checkpoint import (has_checkpoint, load_trainer_state, recover_interrupted, restore_rng_states,
+                            rng_states, save_checkpoint)
+from llm.evaluate import EvalConfig, evaluate
+from llm.hf_engine import HFEngine
+from llm.models import load_causal_lm, load_tokenizer
+from llm.segmenters import SEGMENTERS, TASK_DEFAULT_SEGMENTER, make_segmenter
+from llm.tasks import (TASKS, ArithmeticConfig, ArithmeticStream, FileStream, Prompt, arithmetic_heldout,
+                       load_problems, make_prompts, split_heldout)
+
+PRESETS = ("tiny-arith",)
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class TrainConfig:
+    """An RL run on a causal LM (DEEP-GRPO paper, arXiv 2602.14169, §4 setup unless noted).
+
+    Model and data
+        model: local model directory of the initial policy (for ``tiny-arith``: an SFT checkpoint
+            from ``deepgrpo llm sft``).
+        reference: frozen reference model directory (None = ``model``).
+        data: JSONL/parquet file in GSM8K/MATH/arith format (None = the built-in arithmetic task).
+        eval_data: held-out file (None = a crc32 split of ``data``, or the arithmetic held-out set).
+        task: ``arith`` | ``gsm8k`` | ``math`` (None = detected from ``data``).
+        arith: difficulty knobs of the arithmetic task.
+    Algorithm
+        method: a name of :data:`deepgrpo.methods.METHODS` (grpo, deep-grpo, ...).
+        overrides: flat overrides of the method's :class:`AlgoConfig` (``G``, ``K``, ``gamma``,
+            ``lam``, ``kl_coef``... ; GRPO's N is ``G``).
+        prompts_per_step: prompts per exploration step (paper: 64).
+        segmenter: how responses are cut into pivot candidates (None = the task's default:
+            ``step`` for arith, ``line`` for gsm8k, ``sentence`` for math).
+        segment_tokens: segment length of the ``fixed`` segmenter.
+        sampling: rollout length cap, temperature (paper: 1.0), top-p.
+    Optimisation
+        steps: training steps. lr: AdamW learning rate (paper: 1e-6 for 0.5B models; tiny-arith:
+            1e-4). lr_warmup_steps: linear warm-up from 0 (0 = constant lr). On the tiny preset's
+            peaked SFT policy, Adam's sign-like first step at lr 3e-4 lowers the log-probs of
+            *both* positive- and negative-advantage samples and the reward drops from 0.51 to
+            0.32 in one step (measured); a short warm-up to 1e-4 avoids it.
+            weight_decay, betas, adam_eps: AdamW.
+        max_grad_norm: gradient clipping (paper: 1.0).
+        micro_batch_size: rows per backward pass (gradients accumulate to the full batch).
+        logprob_chunk_size: rows per forward pass when scoring.
+        bf16: bfloat16 autocast for the trainer's forward passes (CPU speed-up; adds mismatch).
+    Bookkeeping
+        eval_every: evaluate every this many steps (and always before the first and after the
+            last step); 0 = only before and after. eval: the evaluation settings.
+        checkpoint_every: save a checkpoint every this many steps (and at the end).
+        seed: every random choice of the run. threads: torch CPU threads.
+        tensorboard: also write TensorBoard events.
+        engine: rollout engine, ``hf`` (:class:`~llm.hf_engine.HFEngine`, samples with the
+            trainer's module) or ``vllm`` (:class:`~llm.vllm_engine.VLLMEngine`, weights synced
+            after every update).
+    """
+
+    model: str = ""
+    reference: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    task: str | None = None
+    arith: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    method: str = "deep-grpo"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    prompts_per_step: int = 64
+    segmenter: str | None = None
+    segment_tokens: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    steps: int = 60
+    lr: float = 1e-4
+    lr_warmup_steps: int = 5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 256
+    logprob_chunk_size: int = 256
+    bf16: bool = False
+    eval_every: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint_every: int = 5
+    seed: int = 0
+    threads: int = 2
+    tensorboard: bool = True
+    engine: str = "hf"
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        if self.task is not None:
+            check_choice(o, "task", self.task, TASKS)
+        if self.segmenter is not None:
+            check_choice(o, "segmenter", self.segmenter, SEGMENTERS)
+        check_range(o, "segment_tokens", self.segment_tokens, 1, None, integer=True)
+        check_range(o, "prompts_per_step", self.prompts_per_step, 1, None, integer=True)
+        check_range(o, "steps", self.steps, 0, None, integer=True)
+        check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
+        check_range(o, "lr_warmup_steps", self.lr_warmup_steps, 0, None, integer=True)
+        check_range(o, "weight_decay", self.weight_decay, 0.0, None)
+        check_range(o, "adam_eps", self.adam_eps, 0.0, None, lo_open=True)
+        check_range(o, "max_grad_norm", self.max_grad_norm, 0.0, None, lo_open=True)
+        check_range(o, "micro_batch_size", self.micro_batch_size, 1, None, integer=True)
+        check_range(o, "logprob_chunk_size", self.logprob_chunk_size, 1, None, integer=True)
+        check_range(o, "eval_every", self.eval_every, 0, None, integer=True)
+        check_range(o, "checkpoint_every", self.checkpoint_every, 1, None, integer=True)
+        check_range(o, "threads", self.threads, 1, None, integer=True)
+        check_choice(o, "engine", self.engine, ENGINES)
+        self.algo()  # validates method and overrides
+
+    def algo(self) -> AlgoConfig:
+        return method_config(self.method, **self.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        nested = {"arith": ArithmeticConfig, "sampling": SamplingConfig, "eval": EvalConfig}
+        for k, c in nested.items():
+            if k in d and isinstance(d[k], dict):
+                d[k] = c(**d[k])
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def _stream_and_heldout(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, list[Prompt], str]:
+    """(training problem stream, held-out prompts, task name)."""
+    if cfg.data is None:
+        if cfg.task not in (None, "arith"):
+            raise ConfigError(f"task = {cfg.task!r} needs --data (only arith is built in)")
+        held = arithmetic_heldout(cfg.eval.n_problems, cfg.arith)
+        return ArithmeticStream(cfg.arith, seed=cfg.seed), make_prompts(held, tokenizer), "arith"
+    problems = load_problems(cfg.data, cfg.task)
+    task = problems[0].task
+    if cfg.eval_data is not None:
+        train, held = problems, load_problems(cfg.eval_data, task)
+    else:
+        train, held = split_heldout(problems)
+    return FileStream(train, seed=cfg.seed), make_prompts(held[:cfg.eval.n_problems], tokenizer), task
+
+
+def _scalar(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs (or resumes) the training loop."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = config
+        self.out = Path(out)
+        self.progress = progress
+        self.algo = config.algo()
+        torch.set_num_threads(config.threads)
+        ckpt = self.out / "checkpoint"
+        recover_interrupted(ckpt)
+        resuming = resume and has_checkpoint(ckpt)
+        self.tokenizer = load_tokenizer(config.model)
+        self.policy = load_causal_lm(ckpt if resuming else config.model)
+        self.reference = None
+        if self.algo.loss.kl_coef > 0:
+            self.reference = load_causal_lm(config.reference or config.model, trainable=False)
+        self.stream, self.heldout, self.task = _stream_and_heldout(config, self.tokenizer)
+        seg_kind = config.segmenter or TASK_DEFAULT_SEGMENTER[self.task]
+        self.segmenter = make_segmenter(seg_kind, self.tokenizer, size=config.segment_tokens)
+        stops = [self.tokenizer.eos_token_id]
+        if config.engine == "vllm":  # built before the trainer's seeding: vLLM re-seeds the process
+            from llm.vllm_engine import VLLMEngine, VLLMEngineConfig
+            self.engine = VLLMEngine(ckpt if resuming else config.model, stops, VLLMEngineConfig(seed=config.seed))
+            self.engine.sync_weights(self.policy)
+        else:
+            self.engine = HFEngine(self.policy, stops, self.tokenizer.pad_token_id)
+        self.backend = LLMBackend(self.policy, self.reference, self.tokenizer, self.engine, self.segmenter,
+                                  config.sampling, seed=config.seed + 1, logprob_chunk_size=config.logprob_chunk_size,
+                                  bf16=config.bf16)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0)
+        self.estimator = make_estimator(self.algo.estimator)
+        self.ledger = BudgetLedger()
+        self.rng = np.random.default_rng(config.seed)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.step = 0
+        self.data_pos = 0
+        self.rows: list[dict[str, Any]] = []
+        self.wall_time = 0.0
+        if resuming:
+            self._load_state(load_trainer_state(ckpt))
+
+    # -- state ----------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "data_pos": self.data_pos, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "estimator": self.estimator.state_dict(), "ledger": self.ledger.state_dict(),
+                "rng": rng_states(self.rng), "backend": self.backend.state_dict(), "rows": self.rows,
+                "wall_time": self.wall_time, "config": self.cfg.to_dict()}
+
+    def _load_state(self, st: dict[str, Any]) -> None:
+        self.step, self.data_pos = int(st["step"]), int(st["data_pos"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.estimator.load_state_dict(st["estimator"])
+        self.ledger.load_state_dict(st["ledger"])
+        restore_rng_states(st["rng"], self.rng)
+        self.backend.load_state_dict(st["backend"])
+        self.rows = list(st["rows"])
+        self.wall_time = float(st["wall_time"])
+
+    def save(self) -> None:
+        save_checkpoint(self.out / "checkpoint", self.policy, self.tokenizer, self._state())
+
+    # -- one step -------------------------------------------------------------------------------
+    def next_prompts(self) -> list[Prompt]:
+        P = self.cfg.prompts_per_step
+        problems = [self.stream.problem_at(self.data_pos + i) for i in range(P)]
+        self.data_pos += P
+        return make_prompts(problems, self.tokenizer)
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.time()
+        prompts = self.next_prompts()
+        self.policy.train()
+        res = explore(self.backend, prompts, self.algo, self.estimator, self.rng, self.ledger)
+        t1 = time.time()
+        self.backend.reset_diagnostics()
+        upd = update_policy(self.backend, res.batch, self.algo.loss, self.optimizer, self.params,
+                            micro_batch_size=self.cfg.micro_batch_size, max_grad_norm=self.cfg.max_grad_norm)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        with warnings.catch_warnings():  # the schedule follows training steps, also when a step was skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.engine.sync_weights(self.policy)
+        t2 = time.time()
+        G = self.algo.explore.G
+        main_r = res.main.rewards.reshape(len(prompts), G)  # [P, G]
+        adv = res.batch.advantages
+        totals = self.ledger.totals()
+        row: dict[str, Any] = {
+            "step": self.step + 1,
+            "reward": float(main_r.mean()),
+            "pass@1": float(main_r.mean()),
+            f"pass@{G}": float((main_r > 0).any(1).float().mean()),
+            "truncated_frac": float(res.main.truncated.float().mean()),
+            "response_len": float(res.main.lengths.float().mean()),
+            "adv_abs_mean": float(adv.abs().mean()) if len(adv) else 0.0,
+            "adv_pos_frac": float((adv > 0).float().mean()) if len(adv) else 0.0,
+            "batch_rows": float(len(res.batch)),
+            "kl_main": upd.get("kl_main", 0.0), "kl_aux": upd.get("kl_aux", 0.0),
+            "loss": upd["loss"], "pg_main": upd.get("pg_main", 0.0), "pg_aux": upd.get("pg_aux", 0.0),
+            "clip_fraction": upd["clip_fraction"], "grad_norm": upd["grad_norm"], "lr": lr,
+            "cum_rollouts": float(totals["rollouts"]), "cum_tokens": float(totals["tokens"]),
+            "cum_rollouts_main": float(totals["rollouts_main"]), "cum_rollouts_aux": float(totals["rollouts_aux"]),
+            "cum_tokens_main": float(totals["tokens_main"]), "cum_tokens_aux": float(totals["tokens_aux"]),
+            "time_explore_s": t1 - t0, "time_update_s": t2 - t1,
+        }
+        for k, v in res.stats.items():
+            row[f"explore/{k}"] = float(v)
+        if len(res.plan):
+            depths = res.plan.rel_depth
+            row["pivot_depth_mean"] = float(depths.mean())
+            row["pivot_depth_p10"], row["pivot_depth_p50"], row["pivot_depth_p90"] = (
+                float(x) for x in np.quantile(depths, [0.1, 0.5, 0.9]))
+            row["pivot_prefix_tokens_mean"] = float(res.plan.prefix_len.mean())
+        for k, v in self.backend.diagnostics().items():
+            row[k] = v
+        if hasattr(self.estimator, "coefficients"):
+            for k, v in self.estimator.coefficients().items():
+                row[f"estimator/{k}"] = v
+            row["estimator/buffer"] = float(getattr(self.estimator, "buffer_len", 0))
+        return row
+
+    def run_eval(self) -> dict[str, float]:
+        cfg = dataclasses.replace(self.cfg.eval, max_response_tokens=self.cfg.sampling.max_response_tokens)
+        res = evaluate(self.engine, self.tokenizer, self.heldout, cfg)
+        return {f"eval/{k}": v for k, v in res.items()}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def write_outputs(self) -> None:
+        write_text_atomic(self.out / "metrics.jsonl",
+                          "".join(json.dumps(r, default=_scalar) + "\n" for r in self.rows))
+
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train up to ``config.steps`` (from the resumed step, if any). ``until`` stops right
+        after that step without the final checkpoint, as a killed run would (for tests and for
+        running a long job in chunks)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "config.json", {"train": cfg.to_dict(), "algo": self.algo.to_dict(),
+                                                      "versions": versions()})
+        writer = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
+        if self.step == 0 and not self.rows:
+            t = time.time()
+            row = {"step": 0, **self.run_eval()}
+            self.wall_time += time.time() - t
+            self.rows.append(row)
+            self._log(writer, row)
+            self.write_outputs()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+        while self.step < cfg.steps:
+            t = time.time()
+            row = self.train_step()
+            self.step += 1
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+                row.update(self.run_eval())
+            self.wall_time += time.time() - t
+            row["wall_time_s"] = self.wall_time
+            self.rows.append(row)
+            self._log(writer, row)
+            self.write_outputs()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", rollouts=int(row["cum_rollouts"]))
+            if until is not None and self.step >= until:
+                break
+        bar.close()
+        if writer is not None:
+            writer.close()
+        summary = self.summary()
+        if self.step >= cfg.steps:
+            write_json_atomic(self.out / "summary.json", summary)
+        return summary
+
+    def _log(self, writer: Any, row: dict[str, Any]) -> None:
+        if writer is None:
+            return
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
+                writer.add_scalar(k, v, row["step"])
+        writer.flush()
+
+    def summary(self) -> dict[str, Any]:
+        evals = [r for r in self.rows if "eval/greedy_mean@1" in r]
+        first, last = (evals[0], evals[-1]) if evals else ({}, {})
+        return {"method": self.cfg.method, "steps": self.step, "algo": self.algo.to_dict(),
+                "before": {k[5:]: v for k, v in first.items() if k.startswith("eval/")},
+                "after": {k[5:]: v for k, v in last.items() if k.startswith("eval/")},
+                "budget": self.ledger.totals(), "wall_time_s": self.wall_time, "versions": versions()}

@@ -1,0 +1,255 @@
+"""Tasks, data loaders, prompt templates, rewards and segmenters of the LLM backend."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepgrpo.config import ConfigError
+from llm.models import build_char_tokenizer
+from llm.rewards import arithmetic_reward, gsm8k_reward, math_reward, score
+from llm.segmenters import FixedTokenSegmenter, TextBoundarySegmenter, make_segmenter
+from llm.tasks import (DATA_DIR, GSM8K_INSTRUCTION, MATH_INSTRUCTION, ArithmeticConfig, ArithmeticStream,
+                       FileStream, arithmetic_heldout, arithmetic_problem, encode_prompt, gsm8k_final_answer,
+                       is_heldout, last_boxed, load_problems, prompt_text)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+# -- arithmetic task ----------------------------------------------------------------------------
+
+def test_arithmetic_solution_is_a_correct_chain():
+    p = arithmetic_problem([14, 0, 11, 74])
+    assert p.question == "14+0+11+74="
+    assert p.solution == "14+0=14,14+11=25,25+74=99;99"
+    assert p.answer == "99"
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        terms = rng.integers(0, 1000, size=rng.integers(2, 7)).tolist()
+        p = arithmetic_problem(terms)
+        steps, final = p.solution.split(";")
+        assert int(final) == sum(terms)
+        for s in steps.split(","):  # every step is a true equation
+            lhs, rhs = s.split("=")
+            a, b = lhs.split("+")
+            assert int(a) + int(b) == int(rhs)
+        assert arithmetic_reward(p.solution, p.answer) == 1.0
+
+
+def test_arithmetic_difficulty_knobs_and_heldout_split():
+    cfg = ArithmeticConfig(min_terms=4, max_terms=4, min_digits=3, max_digits=3)
+    stream = ArithmeticStream(cfg, seed=3)
+    probs = [stream.problem_at(i) for i in range(300)]
+    for p in probs:
+        terms = p.question[:-1].split("+")
+        assert len(terms) == 4 and all(0 <= int(t) < 1000 for t in terms)
+        assert not is_heldout(p.question, cfg.heldout_mod)
+    # deterministic by position, different positions differ
+    assert stream.problem_at(17) == ArithmeticStream(cfg, seed=3).problem_at(17)
+    assert len({p.question for p in probs}) > 290
+    held = arithmetic_heldout(200, cfg)
+    assert len({p.question for p in held}) == 200
+    assert all(is_heldout(p.question, cfg.heldout_mod) for p in held)
+    assert not {p.question for p in held} & {p.question for p in probs}
+
+
+def test_arithmetic_config_validation():
+    with pytest.raises(ConfigError, match="max_terms"):
+        ArithmeticConfig(min_terms=5, max_terms=3)
+    with pytest.raises(ConfigError, match="min_digits"):
+        ArithmeticConfig(min_digits=0)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def test_gsm8k_loader_and_final_answer_rule():
+    probs = load_problems(DATA_DIR / "gsm8k_sample.jsonl")
+    assert len(probs) == 10 and {p.task for p in probs} == {"gsm8k"}
+    assert [p.answer for p in probs][:5] == ["12", "110", "13", "3000", "52.5"]
+    assert gsm8k_final_answer("a\n#### 1,234") == "1234"
+    assert gsm8k_final_answer("no marker 5") == ""
+    for p in probs:  # the reference solution scores 1 under the reward rule
+        assert gsm8k_reward(p.solution, p.answer) == 1.0
+
+
+def test_math_loader_and_boxed_extraction():
+    probs = load_problems(DATA_DIR / "math_sample.jsonl")
+    assert len(probs) == 8 and {p.task for p in probs} == {"math"}
+    assert probs[0].answer == "\\frac{5}{6}"
+    assert last_boxed("x \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
+    assert last_boxed("\\boxed{unclosed {") is None
+    assert last_boxed(None) is None
+
+
+def test_parquet_and_task_override(tmp_path):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in (DATA_DIR / "gsm8k_sample.jsonl").read_text().splitlines()]
+    pd.DataFrame(rows).to_parquet(tmp_path / "g.parquet")
+    probs = load_problems(tmp_path / "g.parquet")
+    assert [p.answer for p in probs] == [p.answer for p in load_problems(DATA_DIR / "gsm8k_sample.jsonl")]
+    arith = load_problems(DATA_DIR / "arith_sample.jsonl")
+    assert {p.task for p in arith} == {"arith"} and arith[2].answer == "99"
+    with pytest.raises(ConfigError, match="--data"):
+        load_problems(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(ConfigError, match="columns"):
+        load_problems(tmp_path / "bad.jsonl")
+
+
+def test_file_stream_visits_each_problem_once_per_epoch():
+    probs = load_problems(DATA_DIR / "math_sample.jsonl")
+    s = FileStream(probs, seed=1)
+    epoch0 = [s.problem_at(i).id for i in range(8)]
+    epoch1 = [s.problem_at(i).id for i in range(8, 16)]
+    assert sorted(epoch0) == sorted(p.id for p in probs) == sorted(epoch1)
+    assert epoch0 != epoch1 or epoch0 != [p.id for p in probs]
+    assert [FileStream(probs, seed=1).problem_at(i).id for i in range(8, 16)] == epoch1
+
+
+def test_prompt_templates(tok):
+    g = load_problems(DATA_DIR / "gsm8k_sample.jsonl")[0]
+    m = load_problems(DATA_DIR / "math_sample.jsonl")[0]
+    assert prompt_text(g).endswith(GSM8K_INSTRUCTION) and "####" in prompt_text(g)
+    assert prompt_text(m).endswith(MATH_INSTRUCTION) and "\\boxed{}" in prompt_text(m)
+    a = arithmetic_problem([1, 2, 3])
+    ids = encode_prompt(a, tok)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == "1+2+3="
+    tok2 = build_char_tokenizer()
+    tok2.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}=={% endif %}"
+    ids = encode_prompt(a, tok2)
+    assert tok2.decode(ids, skip_special_tokens=True) == "(1+2+3=)=="
+    assert encode_prompt(a, tok2, use_chat_template=False) == encode_prompt(a, tok)
+
+
+# -- rewards ------------------------------------------------------------------------------------
+
+def test_arithmetic_reward_hand_written():
+    assert arithmetic_reward("14+0=14,14+11=25,25+74=99;99", "99") == 1.0
+    assert arithmetic_reward("14+0=14,14+11=25,25+74=98;98", "99") == 0.0  # wrong
+    assert arithmetic_reward("14+0=14,14+11=25,25+74=99", "99") == 0.0  # no final answer
+    assert arithmetic_reward("wrong steps;99", "99") == 1.0  # outcome reward: final answer only
+    assert arithmetic_reward(";99;", "99") == 0.0
+    assert arithmetic_reward(";099", "99") == 0.0  # exact match
+    assert arithmetic_reward("", "99") == 0.0
+    assert score("arith", "1+2=3;3", "3", truncated=True) == 0.0
+    assert score("arith", "1+2=3;3", "3", truncated=False) == 1.0
+
+
+def test_gsm8k_reward_hand_written():
+    assert gsm8k_reward("She has 42 - 30 = 12 left.\n#### 12", "12") == 1.0
+    assert gsm8k_reward("#### 3,000", "3000") == 1.0
+    assert gsm8k_reward("#### 52.50", "52.5") == 1.0
+    assert gsm8k_reward("#### 12.", "12") == 1.0
+    assert gsm8k_reward("#### 11 ... wait #### 12", "12") == 1.0  # the last marker counts
+    assert gsm8k_reward("#### 13", "12") == 0.0
+    assert gsm8k_reward("the answer is 12", "12") == 0.0  # strict rule needs ####
+    assert gsm8k_reward("the answer is 12", "12", mode="flexible") == 1.0
+    assert gsm8k_reward("#### -7", "-7") == 1.0 and gsm8k_reward("#### 7", "-7") == 0.0
+    assert score("gsm8k", "#### 12", "12", truncated=True) == 0.0
+    with pytest.raises(ValueError, match="mode"):
+        gsm8k_reward("#### 1", "1", mode="lenient")
+
+
+def test_math_reward_hand_written():
+    assert math_reward("so the answer is $\\boxed{\\frac{5}{6}}$", "\\frac{5}{6}") == 1.0
+    assert math_reward("$\\boxed{0.5}$", "\\frac{1}{2}") == 1.0  # equivalence, not string match
+    assert math_reward("$\\boxed{(x+1)^2}$", "x^2+2x+1") == 1.0
+    assert math_reward("$\\boxed{5\\sqrt{2}}$", "5\\sqrt{2}") == 1.0
+    assert math_reward("$\\boxed{7}$", "6") == 0.0
+    assert math_reward("", "6") == 0.0
+    assert score("math", "$\\boxed{6}$", "6", truncated=True) == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    None, 12, "", " ", "\\boxed{", "\\boxed{{{{{{{{", "}}}}\\boxed{}}}", "#### ", "####", ";", ";;;;",
+    "\x00\x01\x02", "💥" * 50, "#" * 10_000, "9" * 5000, "\\frac{1}{0}", "\\boxed{1/0}", "$$$$", "\\\\\\",
+    "#### 1e999", "#### 99999999999999999999999999999999999", "\\boxed{\\sqrt{-1}^{\\infty}}",
+])
+def test_rewards_never_raise_on_malformed_text(text):
+    for task, answer in (("arith", "3"), ("gsm8k", "3"), ("math", "3")):
+        r = score(task, text, answer)
+        assert r in (0.0, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=300))
+def test_rewards_never_raise_fuzz(text):
+    assert arithmetic_reward(text, "5") in (0.0, 1.0)
+    assert gsm8k_reward(text, "5") in (0.0, 1.0)
+    assert gsm8k_reward(text, "5", mode="flexible") in (0.0, 1.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.text(alphabet="\\{}boxed0123456789+-*/^()$.,frac ", max_size=80))
+def test_math_reward_never_raises_fuzz(text):
+    assert math_reward(text, "5") in (0.0, 1.0)
+
+
+# -- segmenters ---------------------------------------------------------------------------------
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_step_segmenter_cuts_after_arithmetic_steps(tok):
+    text = "14+0=14,14+11=25,25+74=99;99"
+    ids = _ids(tok, text) + [tok.eos_token_id]
+    ends = make_segmenter("step", tok)(ids).tolist()
+    assert ends[-1] == len(ids)
+    assert ends == [text.index(",") + 1, text.rindex(",") + 1, text.index(";") + 1, len(ids)]
+    for e in ends[:-1]:
+        assert tok.decode(ids[:e])[-1] in ",;"
+
+
+def test_sentence_line_fixed_segmenters(tok):
+    text = "1+2=3. 4*4!\n\n5.5 (6)\n7"
+    ids = _ids(tok, text)
+    sent = make_segmenter("sentence", tok)(ids).tolist()
+    line = make_segmenter("line", tok)(ids).tolist()
+    assert [tok.decode(ids[:e]) for e in sent] == ["1+2=3.", "1+2=3. 4*4!\n\n", "1+2=3. 4*4!\n\n5.5 (6)\n", text]
+    assert [tok.decode(ids[:e]) for e in line] == ["1+2=3. 4*4!\n\n", "1+2=3. 4*4!\n\n5.5 (6)\n", text]
+    assert FixedTokenSegmenter(8)(ids).tolist() == list(range(8, len(ids), 8)) + [len(ids)]
+    assert FixedTokenSegmenter(8)([]).numel() == 0 and make_segmenter("line", tok)([]).numel() == 0
+    assert make_segmenter("line", tok)(_ids(tok, "1+2 3")).tolist() == [5]
+
+
+def test_text_segmenter_on_a_multi_character_bpe_tokenizer():
+    """Boundaries inside multi-character tokens map to the exact token index."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The cat sat. The dog ran!\nA bird flew.", "Numbers like 3.5 are not ends. Right?\nYes."] * 20
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="<unk>")
+    text = "The cat sat. Numbers like 3.5 are not ends. Right?\nYes."
+    ids = bpe(text, add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+    assert len(ids) < len(text)  # really multi-character tokens
+    ends = TextBoundarySegmenter(bpe, r"[.!?](?:\n+|(?=\s))|\n+")(ids).tolist()
+    prefixes = [bpe.decode(ids[:e], skip_special_tokens=True) for e in ends]
+    assert ends[-1] == len(ids)
+    assert [p.rstrip("\n")[-1] for p in prefixes[:-1]] == [".", ".", "?"]
+    assert all(re.search(r"3\.5$", p) is None for p in prefixes)  # decimals are not sentence ends
+    assert torch.all(torch.diff(torch.tensor(ends)) > 0)
+
+
+def test_segmenter_validation(tok):
+    with pytest.raises(ConfigError, match="kind"):
+        make_segmenter("paragraph", tok)
+    with pytest.raises(ConfigError, match="size"):
+        FixedTokenSegmenter(0)
+    with pytest.raises(ConfigError, match="pattern"):
+        TextBoundarySegmenter(tok, "[unclosed")
