@@ -100,6 +100,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the trainer's passes")
     t.add_argument("--no-tensorboard", action="store_true")
     t.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine (vllm needs the vllm package)")
+    t.add_argument("--config", default=None, help="JSON recipe with a 'train' section (a TrainConfig, e.g. "
+                   "recipes/gsm8k-qwen2.5-0.5b.json); --set, --steps, --seed and --engine still apply")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -207,6 +209,41 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
     return TrainConfig(**kw)
 
 
+def train_config_from_recipe(a: argparse.Namespace) -> Any:
+    """A :class:`~llm.trainer.TrainConfig` from the JSON recipe ``--config`` (its ``train`` section),
+    with ``--set``, ``--steps``, ``--seed`` and ``--engine`` applied on top; model and data paths
+    are checked before anything runs."""
+    from llm.trainer import TrainConfig
+
+    path = Path(a.config)
+    if not path.is_file():
+        raise ConfigError(f"--config = {a.config!r} is invalid: no such file")
+    try:
+        recipe = json.loads(path.read_text())
+        d = dict(recipe["train"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"--config = {a.config!r} is invalid: expected JSON with a 'train' object ({e})") from None
+    d["overrides"] = {**d.get("overrides", {}), **_parse_sets(a.set)}
+    for key, val in (("steps", a.steps), ("seed", a.seed)):
+        if val is not None:
+            _positive(f"--{key}", val, zero_ok=True)
+            d[key] = val
+    if a.engine != "hf":
+        d["engine"] = a.engine
+    for opt in ("model", "reference"):
+        p = d.get(opt)
+        if p and not (Path(p) / "config.json").is_file():
+            raise ConfigError(f"--config {opt} = {p!r} is invalid: not a model directory (no config.json)")
+    for opt in ("data", "eval_data"):
+        p = d.get(opt)
+        if p and not Path(p).is_file():
+            raise ConfigError(f"--config {opt} = {p!r} is invalid: no such file")
+    try:
+        return TrainConfig.from_dict(d)
+    except TypeError as e:
+        raise ConfigError(f"--config = {a.config!r} is invalid: {e}") from None
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     import dataclasses
 
@@ -221,6 +258,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.steps is not None:
             _positive("--steps", a.steps)
             cfg = dataclasses.replace(cfg, steps=a.steps)
+    elif a.config is not None:
+        cfg = train_config_from_recipe(a)
+        _check_new_dir(a.out, force=False)
     else:
         cfg = train_config_from_args(a)
         _check_new_dir(a.out, force=False)

@@ -85,6 +85,10 @@ class TrainConfig:
         engine: rollout engine, ``hf`` (:class:`~llm.hf_engine.HFEngine`, samples with the
             trainer's module) or ``vllm`` (:class:`~llm.vllm_engine.VLLMEngine`, weights synced
             after every update).
+        vllm: options of :class:`~llm.vllm_engine.VLLMEngineConfig` for ``engine = "vllm"``
+            (e.g. ``{"dtype": "bfloat16", "gpu_memory_utilization": 0.4, "enforce_eager": false}``
+            on a GPU); ``seed`` defaults to the run's.
+        device: where policy and reference live: ``auto`` (CUDA if available), ``cpu``, ``cuda``.
     """
 
     model: str = ""
@@ -116,6 +120,8 @@ class TrainConfig:
     threads: int = 2
     tensorboard: bool = True
     engine: str = "hf"
+    vllm: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -137,6 +143,9 @@ class TrainConfig:
         check_range(o, "checkpoint_every", self.checkpoint_every, 1, None, integer=True)
         check_range(o, "threads", self.threads, 1, None, integer=True)
         check_choice(o, "engine", self.engine, ENGINES)
+        check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{o}.device = 'cuda' is invalid: no CUDA device is available")
         self.algo()  # validates method and overrides
 
     def algo(self) -> AlgoConfig:
@@ -198,13 +207,19 @@ class Trainer:
         self.reference = None
         if self.algo.loss.kl_coef > 0:
             self.reference = load_causal_lm(config.reference or config.model, trainable=False)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                              else config.device)
+        self.policy.to(device)
+        if self.reference is not None:
+            self.reference.to(device)
         self.stream, self.heldout, self.task = _stream_and_heldout(config, self.tokenizer)
         seg_kind = config.segmenter or TASK_DEFAULT_SEGMENTER[self.task]
         self.segmenter = make_segmenter(seg_kind, self.tokenizer, size=config.segment_tokens)
         stops = [self.tokenizer.eos_token_id]
         if config.engine == "vllm":  # built before the trainer's seeding: vLLM re-seeds the process
             from llm.vllm_engine import VLLMEngine, VLLMEngineConfig
-            self.engine = VLLMEngine(ckpt if resuming else config.model, stops, VLLMEngineConfig(seed=config.seed))
+            self.engine = VLLMEngine(ckpt if resuming else config.model, stops,
+                                     VLLMEngineConfig(**{"seed": config.seed, **config.vllm}))
             self.engine.sync_weights(self.policy)
         else:
             self.engine = HFEngine(self.policy, stops, self.tokenizer.pad_token_id)
