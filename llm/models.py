@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from deepgrpo.config import check_range
+from deepgrpo.config import ConfigError, check_range
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 CHAR_ALPHABET = "0123456789+-*=,;.#?!() \n"
@@ -73,7 +73,6 @@ class TinyModelConfig:
                      "max_position_embeddings"):
             check_range(o, name, getattr(self, name), 1, None, integer=True)
         if self.hidden_size % self.num_attention_heads:
-            from deepgrpo.config import ConfigError
             raise ConfigError(f"{o}.hidden_size = {self.hidden_size} is invalid: expected a multiple of "
                               f"num_attention_heads = {self.num_attention_heads}")
 
