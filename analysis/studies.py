@@ -109,16 +109,26 @@ class Study:
     findings: Callable[[pd.DataFrame], list[str]]
 
 
-def _summary_final(runs: pd.DataFrame, values: tuple[str, ...], keys: tuple[str, ...] = ()) -> pd.DataFrame:
-    fin = final_rows(runs)
+def summary_table(per_run: pd.DataFrame, values: tuple[str, ...], order: list[str]) -> pd.DataFrame:
+    """One row per variant: for each column in ``values`` its mean over seeds and the 95 % CI
+    half-width (``<value>_pm``), plus ``n`` (runs), rows in ``order``."""
     out = None
     for v in values:
-        s = summarize(fin, ["variant", *keys], v).rename(
-            columns={"mean": v, "ci_low": f"{v}_lo", "ci_high": f"{v}_hi", "half_width": f"{v}_pm"})
-        s = s.drop(columns=[f"{v}_lo", f"{v}_hi"])
-        out = s if out is None else out.merge(s.drop(columns=["n"]), on=["variant", *keys])
-    order = list(dict.fromkeys(runs["variant"]))
+        s = summarize(per_run, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})
+        s = s[["variant", v, f"{v}_pm", "n"]]
+        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
     return _order(out, order).reset_index(drop=True)
+
+
+def _summary_final(runs: pd.DataFrame, values: tuple[str, ...]) -> pd.DataFrame:
+    return summary_table(final_rows(runs), values, list(dict.fromkeys(runs["variant"])))
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 # 1. root saturation ------------------------------------------------------------------------
@@ -153,9 +163,7 @@ def _root_plot(runs: pd.DataFrame, path: Path) -> None:
     axes[1].set(xscale="log", xlabel="rollouts used (whole run, log scale)", ylabel="final exact pass@1",
                 title="Final pass@1 against budget (one point per seed)")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _root_findings(runs: pd.DataFrame) -> list[str]:
@@ -215,12 +223,8 @@ DEPTH_MEANS = ("pivot_before_error", "pivot_depth_mean", "pivot_oracle_success")
 
 
 def _depth_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    fin = _with_step_means(runs, DEPTH_MEANS)
-    out = None
-    for v in ("pass1", *DEPTH_MEANS, "rollouts"):
-        s = summarize(fin, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})[["variant", v, f"{v}_pm", "n"]]
-        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
-    return _order(out, list(dict.fromkeys(runs.variant))).reset_index(drop=True)
+    return summary_table(_with_step_means(runs, DEPTH_MEANS), ("pass1", *DEPTH_MEANS, "rollouts"),
+                         list(dict.fromkeys(runs.variant)))
 
 
 def _split_variant(frame: pd.DataFrame) -> pd.DataFrame:
@@ -244,9 +248,7 @@ def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
     axes[1].set(xlabel="pivot rule", ylabel="fraction of pivots at/before the first error",
                 title="Where the pivots land (mean over training steps)")
     axes[1].tick_params(axis="x", rotation=35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _depth_findings(runs: pd.DataFrame) -> list[str]:
@@ -299,13 +301,8 @@ def _dilution_per_run(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _dilution_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    per = _dilution_per_run(runs)
-    out = None
-    for v in ("found_rate", "baseline_var", "zero_signal_points", "pass1", "rollouts"):
-        s = summarize(per, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})
-        s = s[["variant", v, f"{v}_pm", "n"]]
-        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
-    return _order(out, list(dict.fromkeys(runs.variant))).reset_index(drop=True)
+    return summary_table(_dilution_per_run(runs), ("found_rate", "baseline_var", "zero_signal_points", "pass1",
+                                                    "rollouts"), list(dict.fromkeys(runs.variant)))
 
 
 def _dilution_plot(runs: pd.DataFrame, path: Path) -> None:
@@ -326,9 +323,7 @@ def _dilution_plot(runs: pd.DataFrame, path: Path) -> None:
         ax.set_xticks([1, *MS], ["1", *map(str, MS)])
         ax.legend(fontsize=7)
     axes[0].set_title("Dilution at equal budget (n_pivots·K per failed chain)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _dilution_findings(runs: pd.DataFrame) -> list[str]:
@@ -390,9 +385,7 @@ def _lk_plot(runs: pd.DataFrame, path: Path) -> None:
     axes[1].set(xscale="log", xlabel="K continuations per pivot (log scale)", ylabel="final exact pass@1",
                 title="Branch width K (λ = 1)")
     axes[1].set_xticks(list(KS), list(map(str, KS)))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _lk_findings(runs: pd.DataFrame) -> list[str]:
@@ -445,12 +438,11 @@ def _frontier_metrics(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _frontier_summary(runs: pd.DataFrame) -> pd.DataFrame:
     m = _frontier_metrics(runs)
-    out = None
-    for v in ("pass1", "rollouts", "tokens", "auc_rollouts", "auc_tokens", "rollouts_to_target", "tokens_to_target"):
-        s = summarize(m, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})[["variant", v, f"{v}_pm", "n"]]
-        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
-    out["reached_target"] = m.groupby("variant", sort=False).rollouts_to_target.apply(lambda x: int(x.notna().sum())).values
-    return _order(out, list(FRONTIER)).reset_index(drop=True)
+    out = summary_table(m, ("pass1", "rollouts", "tokens", "auc_rollouts", "auc_tokens", "rollouts_to_target",
+                            "tokens_to_target"), list(FRONTIER))
+    reached = m.groupby("variant").rollouts_to_target.apply(lambda x: int(x.notna().sum()))
+    out["reached_target"] = out.variant.map(reached).values
+    return out
 
 
 def _frontier_plot(runs: pd.DataFrame, path: Path) -> None:
@@ -467,9 +459,7 @@ def _frontier_plot(runs: pd.DataFrame, path: Path) -> None:
                      errorbar=_ci_errorbar, ax=ax)
         ax.set(xlabel=f"{label} (common range)", ylabel="exact pass@1", title=f"pass@1 against {label}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _frontier_findings(runs: pd.DataFrame) -> list[str]:
@@ -517,12 +507,9 @@ def _recov_per_run(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _recov_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    per = _recov_per_run(runs)
-    out = None
-    for v in ("ece_pos", "ece_state", "mse_pos", "mse_state", "brier_pos", "brier_state", "pivot_oracle_success", "pass1"):
-        s = summarize(per, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})[["variant", v, f"{v}_pm", "n"]]
-        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
-    return _order(out, list(dict.fromkeys(runs.variant))).reset_index(drop=True)
+    return summary_table(_recov_per_run(runs), ("ece_pos", "ece_state", "mse_pos", "mse_state", "brier_pos",
+                                                 "brier_state", "pivot_oracle_success", "pass1"),
+                         list(dict.fromkeys(runs.variant)))
 
 
 def _recov_plot(runs: pd.DataFrame, path: Path) -> None:
@@ -555,9 +542,7 @@ def _recov_plot(runs: pd.DataFrame, path: Path) -> None:
                 title="Recoverability of chosen pivots")
     sns.lineplot(per, x="heterogeneity", y="pass1", hue="driver", marker="o", errorbar=_ci_errorbar, ax=axes[3])
     axes[3].set(xlabel="heterogeneity h", ylabel="final exact pass@1", title="Final pass@1 by pivot estimator")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _recov_findings(runs: pd.DataFrame) -> list[str]:

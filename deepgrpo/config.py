@@ -234,6 +234,22 @@ class AlgoConfig:
                    estimator=dataclass_from_dict(EstimatorConfig, d.get("estimator", {})))
 
 
+def parse_flat_value(text: str) -> Any:
+    """A command-line ``NAME=VALUE`` value: ``'8'`` -> 8, ``'0.5'`` -> 0.5, ``'true'`` -> True,
+    ``'none'`` -> None, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def dataclass_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
     """Build dataclass ``cls`` from ``d``, rejecting unknown keys with a clear message."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepgrpo.config import ConfigError
+from deepgrpo.config import ConfigError, parse_flat_value
 from deepgrpo.methods import METHODS
 
 
@@ -29,19 +29,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _flat_value(text: str) -> Any:
-    """'8' -> 8, '0.5' -> 0.5, 'true' -> True, 'none' -> None, else the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -50,7 +37,7 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in it:
             raise ConfigError(f"--set {it!r} is invalid: expected KEY=VALUE (e.g. gamma=1.0)")
         k, v = it.split("=", 1)
-        out[k.strip()] = _flat_value(v.strip())
+        out[k.strip()] = parse_flat_value(v.strip())
     return out
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepgrpo.config import ConfigError
+from deepgrpo.config import ConfigError, parse_flat_value
 
 SPEC_HELP = {
     "depth": "T, steps (tokens) per chain", "vocab_size": "V, tokens per step (>= 2)",
@@ -135,18 +135,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return top
 
 
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -161,7 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if "=" not in item:
             raise UsageError(f"argument --set: expected NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value.strip())
+        overrides[key.strip()] = parse_flat_value(value.strip())
     algo = method_config(args.method, **overrides)
     out = args.out if args.out is not None else Path("runs") / f"sim-{args.method}-seed{args.seed}"
     result = train(spec, algo, runner, seed=args.seed, method=args.method, progress=not args.quiet)

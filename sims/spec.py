@@ -229,7 +229,7 @@ class ProblemSet:
         """``FloatTensor [n, T, 2, V]`` logits of the pre-trained policy: in status s at step t
         the correct token has probability p_correct (on-track) or p_recover (derailed) and the
         V-1 others share the rest equally."""
-        n, T, V = self.n, self.T, self.V
+        V = self.V
         p_c = torch.stack([self.p_correct, self.p_recover], dim=2)  # [n, T, 2]
         p_other = (1.0 - p_c) / (V - 1)  # [n, T, 2]
         onehot = torch.nn.functional.one_hot(self.correct, V).bool().unsqueeze(2)  # [n, T, 1, V]
