@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 import warnings
@@ -26,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from deepgrpo import BudgetLedger, explore, make_estimator, method_config, update_policy
+from deepgrpo.distributed import GatheredEstimator, shard, world
 from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from llm.backend import LLMBackend, SamplingConfig
@@ -207,8 +210,15 @@ class Trainer:
         self.reference = None
         if self.algo.loss.kl_coef > 0:
             self.reference = load_causal_lm(config.reference or config.model, trainable=False)
+        # data parallel under torchrun: one process per rank, prompts sharded, gradients summed,
+        # the estimator fed with every rank's (features, label) pairs (deepgrpo.distributed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+        self.rank, self.world_size = world()
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                               else config.device)
+        if device.type == "cuda" and self.world_size > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.policy.to(device)
         if self.reference is not None:
             self.reference.to(device)
@@ -224,7 +234,7 @@ class Trainer:
         else:
             self.engine = HFEngine(self.policy, stops, self.tokenizer.pad_token_id)
         self.backend = LLMBackend(self.policy, self.reference, self.tokenizer, self.engine, self.segmenter,
-                                  config.sampling, seed=config.seed + 1, logprob_chunk_size=config.logprob_chunk_size,
+                                  config.sampling, seed=config.seed + 1 + 1000 * self.rank, logprob_chunk_size=config.logprob_chunk_size,
                                   bf16=config.bf16)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps,
@@ -232,8 +242,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0)
         self.estimator = make_estimator(self.algo.estimator)
+        if self.world_size > 1:
+            self.estimator = GatheredEstimator(self.estimator)
         self.ledger = BudgetLedger()
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = np.random.default_rng(config.seed if self.world_size == 1 else [config.seed, self.rank])
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.step = 0
@@ -263,6 +275,8 @@ class Trainer:
         self.wall_time = float(st["wall_time"])
 
     def save(self) -> None:
+        if self.rank != 0:
+            return
         save_checkpoint(self.out / "checkpoint", self.policy, self.tokenizer, self._state())
 
     # -- one step -------------------------------------------------------------------------------
@@ -274,13 +288,14 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.time()
-        prompts = self.next_prompts()
+        prompts = shard(self.next_prompts(), self.rank, self.world_size)  # this rank's share
         self.policy.train()
         res = explore(self.backend, prompts, self.algo, self.estimator, self.rng, self.ledger)
         t1 = time.time()
         self.backend.reset_diagnostics()
         upd = update_policy(self.backend, res.batch, self.algo.loss, self.optimizer, self.params,
-                            micro_batch_size=self.cfg.micro_batch_size, max_grad_norm=self.cfg.max_grad_norm)
+                            micro_batch_size=self.cfg.micro_batch_size, max_grad_norm=self.cfg.max_grad_norm,
+                            data_parallel=self.world_size > 1)
         lr = float(self.optimizer.param_groups[0]["lr"])
         with warnings.catch_warnings():  # the schedule follows training steps, also when a step was skipped
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -332,6 +347,8 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def write_outputs(self) -> None:
+        if self.rank != 0:
+            return
         write_text_atomic(self.out / "metrics.jsonl",
                           "".join(json.dumps(r, default=_scalar) + "\n" for r in self.rows))
 
@@ -342,14 +359,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "config.json", {"train": cfg.to_dict(), "algo": self.algo.to_dict(),
-                                                      "versions": versions()})
+        lead = self.rank == 0  # with data parallelism, rank 0 evaluates and writes everything
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "config.json", {"train": cfg.to_dict(), "algo": self.algo.to_dict(),
+                                                          "world_size": self.world_size, "versions": versions()})
         writer = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and lead:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
-        if self.step == 0 and not self.rows:
+        if self.step == 0 and not self.rows and lead:
             t = time.time()
             row = {"step": 0, **self.run_eval()}
             self.wall_time += time.time() - t
@@ -361,7 +380,7 @@ class Trainer:
             t = time.time()
             row = self.train_step()
             self.step += 1
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+            if lead and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
                 row.update(self.run_eval())
             self.wall_time += time.time() - t
             row["wall_time_s"] = self.wall_time
@@ -378,7 +397,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         summary = self.summary()
-        if self.step >= cfg.steps:
+        if self.step >= cfg.steps and lead:
             write_json_atomic(self.out / "summary.json", summary)
         return summary
 
