@@ -17,13 +17,7 @@ from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
 Z = 5.0  # Monte Carlo tolerance: |estimate - exact| < Z standard errors (max over problems)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The simulator's tensors are tiny: intra-op threads only add overhead (several-fold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturbed(spec: TokenTreeSpec, scale: float = 1.0, seed: int = 1):

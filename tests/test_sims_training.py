@@ -21,13 +21,7 @@ POSITION_SPEC = dict(n_crux=1, ability_mean=6.0, crux_hardness_mean=6.0, crux_de
                      crux_depth_high=0.5, heterogeneity=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The simulator's tensors are tiny: intra-op threads only add overhead (several-fold)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_same_seed_gives_an_identical_history_csv(tmp_path):
