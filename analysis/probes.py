@@ -21,16 +21,13 @@ RELIABILITY_BINS = 10
 
 def prefix_oracle_success(res: ExploreResult, W: torch.Tensor, traj: np.ndarray, prefix_len: np.ndarray) -> np.ndarray:
     """``[N]`` exact P(success | prefix) of one continuation from main rows ``traj`` cut after
-    ``prefix_len`` tokens, from the oracle table ``W [n_problems, T+1, 2]``."""
+    ``prefix_len`` tokens (:func:`sims.oracle.prefix_success`), as numpy."""
+    from sims.oracle import prefix_success
     if len(traj) == 0:
         return np.zeros(0)
-    t = torch.from_numpy(np.asarray(traj, dtype=np.int64))
+    rows = torch.from_numpy(np.asarray(traj, dtype=np.int64))
     plen = torch.from_numpy(np.asarray(prefix_len, dtype=np.int64))
-    on_track = res.main.extras["on_track"][t]  # [N, T] status after each step
-    prev = on_track.gather(1, (plen - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    status = torch.where(plen > 0, (~prev.bool()).long(), torch.zeros_like(plen))  # 0 on-track, 1 derailed
-    problem = res.main.extras["problem"][t].long()
-    return W[problem, plen, status].double().numpy()
+    return prefix_success(W, res.main.extras, rows, plen).double().numpy()
 
 
 class DilutionProbe:

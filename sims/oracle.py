@@ -42,6 +42,18 @@ def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Te
     return torch.from_numpy(W)
 
 
+def prefix_success(W: torch.Tensor, extras: dict[str, torch.Tensor], rows: torch.Tensor,
+                   prefix_len: torch.Tensor) -> torch.Tensor:
+    """``[N]`` exact P(success | prefix) of one continuation of main-rollout ``rows`` ``[N]`` cut
+    after ``prefix_len`` ``[N]`` tokens, read from the table ``W [n, T+1, 2]`` with the status the
+    prefix reached (from the rollouts' ``on_track [B, T]`` and ``problem [B]`` extras)."""
+    on_track = extras["on_track"][rows]  # [N, T] on track after each step
+    after = on_track.gather(1, (prefix_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [N]
+    reached_on = torch.where(prefix_len > 0, after.bool(), torch.ones_like(after, dtype=torch.bool))
+    status = torch.where(reached_on, ON_TRACK, DERAILED)
+    return W[extras["problem"][rows].long(), prefix_len, status]
+
+
 def pass_at_k(pass1: torch.Tensor, k: int) -> torch.Tensor:
     """Exact pass@k = 1 - (1 - pass@1)^k of independent samples (same shape as ``pass1``)."""
     if k < 1:

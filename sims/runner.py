@@ -50,9 +50,9 @@ from deepgrpo.ledger import BudgetLedger
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
 from sims.adam import LogitAdam
 from sims.backend import SimBackend
-from sims.oracle import ExactOracle
+from sims.oracle import ExactOracle, prefix_success
 from sims.policy import TokenTreePolicy
-from sims.spec import DERAILED, ON_TRACK, ProblemSet, TokenTreeSpec
+from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
 
 
 @dataclass
@@ -217,15 +217,10 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
             traj = torch.from_numpy(plan.traj)
             plen = torch.from_numpy(plan.prefix_len)
             first_error = res.main.extras["first_error"][traj]  # [P]
-            on_track = res.main.extras["on_track"][traj]  # [P, T]
-            reached_on = torch.where(plen > 0, on_track.gather(1, (plen - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-                                     torch.ones_like(plen, dtype=torch.bool))
-            status = torch.where(reached_on, ON_TRACK, DERAILED)
-            prob = res.main.extras["problem"][traj]
             pivot["pivot_depth_mean"], pivot["pivot_depth_std"] = _nan_stats(plan.rel_depth)
             pivot["pivot_before_error"] = float((plen <= first_error).double().mean())
             pivot["pivot_branch_success"] = float(res.labels.mean())
-            pivot["pivot_oracle_success"] = float(W[prob, plen, status].mean())
+            pivot["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
         probed: dict[str, float] = {}
         if probes:
             ctx = StepContext(step=step, W=W, estimator=estimator, algo=algo, spec=spec, problems=problems,
