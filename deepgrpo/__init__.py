@@ -16,7 +16,8 @@ from deepgrpo.config import (AdvantageConfig, AlgoConfig, ConfigError, Estimator
                              LossConfig)
 from deepgrpo.estimators import (CANDIDATE_FEATURES, ConstantEstimator, LogisticEstimator, PositionLogistic,
                                  RecoverabilityEstimator, StateLogistic, make_estimator)
-from deepgrpo.explore import ExploreResult, explore, update_policy
+from deepgrpo.explore import ExploreResult, explore
+from deepgrpo.step import STEP_COLUMNS, initial_record, step_record, update_policy
 from deepgrpo.ledger import BudgetLedger, StepBudget
 from deepgrpo.losses import aggregate, clipped_surrogate, dual_stream_loss, kl_penalty
 from deepgrpo.methods import METHODS, method_config

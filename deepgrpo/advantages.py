@@ -20,7 +20,8 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor,
         ``FloatTensor [B]``. Groups whose rewards are all equal (including groups of one)
         give exactly 0, never NaN. With ``leave_one_out`` the baseline of sample i is the mean
         of the other members, i.e. A_i = n/(n-1) · (r_i - mean). With ``scale_std`` the result
-        is divided by (population std of the group + ``std_eps``).
+        is divided by (the group's *sample* std, Σ(r - mean)²/(n - 1), + ``std_eps``), as verl
+        and TRL do; a group of one has no sample std and gets advantage 0 (it carries no signal).
     """
     cfg = config or AdvantageConfig()
     if rewards.ndim != 1 or group.shape != rewards.shape:
@@ -43,7 +44,8 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor,
     if cfg.leave_one_out:
         adv = torch.where(n > 1, adv * n / (n - 1).clamp(min=1), torch.zeros_like(adv))
     if cfg.scale_std:
-        var = torch.zeros(U, dtype=torch.float64).index_add_(0, inv, centred ** 2) / count  # [U]
+        # sample variance (n - 1); groups of one are constant (A = 0) whatever the divisor
+        var = torch.zeros(U, dtype=torch.float64).index_add_(0, inv, centred ** 2) / (count - 1).clamp(min=1)  # [U]
         adv = adv / (var.sqrt()[inv] + cfg.std_eps)
     return adv.to(rewards.dtype)
 

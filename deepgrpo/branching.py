@@ -9,7 +9,7 @@ continuations per failed trajectory, ``n_pivots · K``, so they compare at equal
 ``deep``                  DEEP-GRPO: ``n_pivots`` points ∝ P̂(r_i)·r_i^γ, K continuations each
 ``depth-only``            as ``deep`` with P̂ = 1 (utility r_i^γ)
 ``random-pivot``          ``n_pivots`` points uniformly at random, K continuations each
-``root-pivot``            the root only (paper's "root-only" ablation: K extra root samples in
+``root-only``            the root only (paper's "root-only" ablation: K extra root samples in
                           their own aux group per failed chain)
 ``max-surprisal``         TreeRL-like: M points whose *next* segment holds the highest-surprisal
                           token (-log p of the sampled token; the branch resamples it)
@@ -31,7 +31,7 @@ import numpy as np
 from deepgrpo.config import ExploreConfig
 from deepgrpo.pivots import gumbel_top_k, pivot_utility, split_evenly, utility_scores
 
-DENSE = ("deep", "depth-only", "random-pivot", "root-pivot")
+DENSE = ("deep", "depth-only", "random-pivot", "root-only")
 DISPERSED = ("max-surprisal", "low-prob", "uniform")
 
 
@@ -140,7 +140,7 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
             scores = utility_scores(pivot_utility(p, r, config.gamma))
         elif s == "depth-only":
             scores = utility_scores(pivot_utility(np.ones_like(r), r, config.gamma))
-        elif s == "root-pivot":
+        elif s == "root-only":
             scores = np.where(cands.index == 0, 0.0, -1e6)
         else:  # random-pivot
             scores = np.zeros_like(r)

@@ -10,45 +10,69 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value (the message names field, value and allowed range)."""
+    """An invalid configuration value.
+
+    The message names the owner, the field, the value and what is allowed; the same facts are
+    attributes, so that a caller (e.g. a command line mapping a field to its flag) never parses
+    the message:
+
+    owner: the config class (``"ExploreConfig"``) or the option's context (``"--set"``), or None.
+    field: the field's name (``"G"``), or None when the error is not about one field.
+    value: the offending value as given.
+    allowed: what would have been accepted (``"an integer in [1, inf)"``), or None.
+    """
+
+    def __init__(self, message: str, *, owner: str | None = None, field: str | None = None,
+                 value: Any = None, allowed: str | None = None) -> None:
+        super().__init__(message)
+        self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
+
+
+def invalid(owner: str, name: str, value: Any, allowed: str) -> ConfigError:
+    """The :class:`ConfigError` for ``owner.name = value`` with ``allowed`` (one message format
+    for every check of the project)."""
+    return ConfigError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}",
+                       owner=owner, field=name, value=value, allowed=allowed)
 
 
 def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
                 *, lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``lo <= value <= hi`` (open ends if asked).
+    """Raise :class:`ConfigError` unless ``value`` is a finite number with ``lo <= value <= hi``
+    (open ends if asked). NaN and ±inf are always rejected, booleans are not numbers, and with
+    ``integer`` only an ``int`` passes (``8.0`` is converted to 8 by the typed override path,
+    :mod:`deepgrpo.overrides`, before it reaches a dataclass).
 
     Used by every config dataclass of the project (core and backends) so that messages look
     alike: ``ExploreConfig.K = 0 is invalid: expected an integer in [1, inf)``.
     """
     lb = "(" if lo_open else "["
     rb = ")" if hi_open or hi is None else "]"
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a finite number"
     allowed = f"{kind} in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if integer and not bad:
-        bad = isinstance(value, float) and not float(value).is_integer()
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
     if not bad:
         v = float(value)
-        bad = (math.isnan(v)
+        bad = (not math.isfinite(v)
                or (lo is not None and (v < lo or (lo_open and v == lo)))
                or (hi is not None and (v > hi or (hi_open and v == hi))))
     if bad:
-        raise ConfigError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}")
+        raise invalid(owner, name, value, allowed)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
     if value not in choices:
-        raise ConfigError(f"{owner}.{name} = {value!r} is invalid: expected one of {', '.join(map(str, choices))}")
+        raise invalid(owner, name, value, f"one of {', '.join(map(str, choices))}")
 
 
-BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-pivot",
+BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-only",
                         "max-surprisal", "low-prob", "uniform")
 """Names accepted by :attr:`ExploreConfig.strategy` (see :mod:`deepgrpo.branching`)."""
 
@@ -68,8 +92,8 @@ class ExploreConfig:
         strategy: how branch points are chosen in failed trajectories; one of
             :data:`BRANCHING_STRATEGIES`. ``deep`` is DEEP-GRPO's utility
             Q(i) ∝ P̂(success | r_i) · r_i^γ; ``depth-only`` drops P̂; ``random-pivot`` is uniform
-            over candidates; ``root-pivot`` always branches at the root (the paper's
-            "root-only" ablation); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
+            over candidates; ``root-only`` always branches at the root (the paper's
+            root-only ablation: K extra root samples per failed chain, in their own group); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
             baselines (TreeRL-, FR3E-like and uniform) that spread the same continuations over
             ``n_cut_points`` points.
         K: continuations per pivot (paper: K = 8).
@@ -108,8 +132,10 @@ class ExploreConfig:
 class AdvantageConfig:
     """Group-relative advantages (paper §3.4).
 
-    scale_std: divide by the group's standard deviation (GRPO's original rule; the paper and
-        Dr.GRPO use no std scaling, the default).
+    scale_std: divide by the group's *sample* standard deviation (n - 1 in the denominator,
+        as verl and TRL do) plus ``std_eps`` (GRPO's original rule; the paper and Dr.GRPO use
+        no std scaling, the default). A group of one, or a group whose rewards are all equal,
+        gets advantage exactly 0 either way: it carries no signal.
     leave_one_out: baseline is the mean of the *other* group members (RLOO) instead of the
         whole group's mean.
     drop_zero: drop samples with |A| < ``zero_eps``: they carry no policy-gradient signal.
@@ -135,8 +161,9 @@ class LossConfig:
 
     Surrogate
         clip_low, clip_high: PPO ratio clip range [1 - clip_low, 1 + clip_high] (paper: 0.2).
-        dual_clip: optional dual-clip constant c > 1 bounding the loss of negative-advantage
-            tokens at -c·A (None = off).
+        dual_clip: dual-clip constant c > 1 bounding the loss of negative-advantage tokens at
+            -c·A (the authors' verl runs: c = 3; None = off). The log-ratio is clamped to
+            [-20, 20] before ``exp`` (as verl does), so extreme log-prob gaps stay finite.
     Streams
         lam: λ, weight of the aux (branch) stream (paper: λ = 1, best of {0.1, 0.5, 1, 2}).
         aggregation: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum-norm``
@@ -146,8 +173,10 @@ class LossConfig:
             padded response length).
     KL to the reference policy
         kl_coef: coefficient β (paper: 1e-4). 0 disables the reference pass.
-        kl_estimator: ``k1`` | ``k2`` | ``k3`` (paper: k3).
-        kl_weighted_by_lambda: whether the aux stream's KL is also multiplied by λ.
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` (paper: k3; its per-token value is clamped to
+            [-10, 10] as in verl).
+        kl_weighted_by_lambda: whether the aux stream's KL is also multiplied by λ. The
+            authors' loss is L_main + λ·L_aux + β·(KL_main + KL_aux): off by default.
     Rollout/trainer mismatch
         tis_cap: truncated importance sampling for rollouts drawn by a separate engine (vLLM):
             the ratio is taken against the trainer's own (detached) log-probs and each token's
@@ -157,13 +186,13 @@ class LossConfig:
 
     clip_low: float = 0.2
     clip_high: float = 0.2
-    dual_clip: float | None = None
+    dual_clip: float | None = 3.0
     lam: float = 1.0
     aggregation: str = "token-mean"
     norm_length: int | None = None
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"
-    kl_weighted_by_lambda: bool = True
+    kl_weighted_by_lambda: bool = False
     tis_cap: float | None = None
 
     def __post_init__(self) -> None:
@@ -223,38 +252,14 @@ class AlgoConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AlgoConfig":
-        """Inverse of :meth:`to_dict`; missing sections/fields take defaults, unknown ones raise."""
-        known = {"explore", "advantage", "loss", "estimator"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"AlgoConfig: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(explore=dataclass_from_dict(ExploreConfig, d.get("explore", {})),
-                   advantage=dataclass_from_dict(AdvantageConfig, d.get("advantage", {})),
-                   loss=dataclass_from_dict(LossConfig, d.get("loss", {})),
-                   estimator=dataclass_from_dict(EstimatorConfig, d.get("estimator", {})))
-
-
-def parse_flat_value(text: str) -> Any:
-    """A command-line ``NAME=VALUE`` value: ``'8'`` -> 8, ``'0.5'`` -> 0.5, ``'true'`` -> True,
-    ``'none'`` -> None, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+        """Inverse of :meth:`to_dict` through the typed path (:func:`deepgrpo.overrides.from_dict`):
+        missing sections/fields take defaults, unknown ones raise :class:`ConfigError`."""
+        from deepgrpo.overrides import from_dict
+        return from_dict(cls, d)
 
 
 def dataclass_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
-    """Build dataclass ``cls`` from ``d``, rejecting unknown keys with a clear message."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(names))}")
-    return cls(**d)
+    """Build dataclass ``cls`` from ``d`` through the typed path (values converted by their
+    annotations, unknown keys rejected with a clear message)."""
+    from deepgrpo.overrides import from_dict
+    return from_dict(cls, d)

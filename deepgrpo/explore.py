@@ -1,14 +1,14 @@
-"""The exploration step and the policy update: DEEP-GRPO's training step, backend-agnostic.
+"""The exploration step of DEEP-GRPO, backend-agnostic.
 
 ``explore``: main chains -> failed set -> candidates -> branching plan -> branches -> labels
 to the estimator -> advantages -> loss-ready :class:`~deepgrpo.batch.Batch`.
-``update_policy``: per-token log-probs -> dual-stream loss -> optimizer step (micro-batched).
+The policy update and the per-step record live in :mod:`deepgrpo.step`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -16,10 +16,10 @@ import torch
 from deepgrpo.advantages import group_advantages, nonzero_advantage
 from deepgrpo.batch import AUX, MAIN, Backend, Batch, Rollouts, SampleRequest
 from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches
-from deepgrpo.config import AlgoConfig, LossConfig
+from deepgrpo.config import AlgoConfig
 from deepgrpo.estimators import RecoverabilityEstimator
 from deepgrpo.ledger import BudgetLedger, StepBudget
-from deepgrpo.losses import dual_stream_loss, loss_denominators
+from deepgrpo.pivots import candidate_depths, candidate_prefix_lengths
 
 
 @dataclass
@@ -66,7 +66,7 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
         L = ends.shape[0]
         if L == 0:
             continue
-        starts = np.concatenate([[0], ends[:-1]])  # [L] candidate prefix lengths
+        starts = candidate_prefix_lengths(ends)  # [L]
         length = int(ends[-1])
         surprisal = -lp_all[b, :length]  # [len]
         cum = np.concatenate([[0.0], np.cumsum(lp_all[b, :length])])
@@ -75,7 +75,7 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
         parts["index"].append(np.arange(L))
         parts["n_candidates"].append(np.full(L, L))
         parts["prefix_len"].append(starts)
-        parts["rel_depth"].append(np.arange(1, L + 1) / (L + 1))
+        parts["rel_depth"].append(candidate_depths(L))
         parts["prefix_logprob"].append(cum[starts])
         parts["next_surprisal"].append(seg_max)
         parts["prev_surprisal"].append(np.concatenate([[-np.inf], seg_max[:-1]]))
@@ -262,60 +262,3 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
     }
     return ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan, labels=labels,
                          p_hat=p_hat, budget=budget, stats=stats)
-
-
-def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer: torch.optim.Optimizer,
-                  parameters: Iterable[torch.nn.Parameter], micro_batch_size: int | None = None,
-                  max_grad_norm: float | None = 1.0, data_parallel: bool = False) -> dict[str, float]:
-    """One optimizer step on ``batch`` with the dual-stream loss, accumulated over micro-batches.
-
-    The per-stream denominators come from the whole batch (:func:`loss_denominators`), so the
-    accumulated gradient equals the full-batch gradient whatever the micro-batch size.
-    The reference pass is skipped when ``config.kl_coef == 0``.
-
-    With ``data_parallel`` (torch.distributed initialised, ``batch`` = this rank's share), the
-    denominators are summed over ranks and the gradients all-reduced (summed) before clipping,
-    so every rank takes the step a single process would take on the union of the batches
-    (see :mod:`deepgrpo.distributed`). Every rank must call it, even with an empty batch.
-
-    Returns: loss metrics summed over micro-batches (``loss``, ``pg_main``, ``pg_aux``,
-    ``kl_main``, ``kl_aux``; this rank's share when data-parallel), token-weighted
-    ``clip_fraction`` and ``grad_norm``.
-    """
-    from deepgrpo.distributed import all_reduce_gradients, global_denominators
-    params = [p for p in parameters if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    den = loss_denominators(batch, config)
-    if data_parallel:
-        den = global_denominators(den)
-    totals: dict[str, float] = {"loss": 0.0, "pg_main": 0.0, "pg_aux": 0.0, "kl_main": 0.0, "kl_aux": 0.0}
-    clipped_tokens = 0.0
-    n_tokens = 0
-    for mb in batch.chunks(micro_batch_size or len(batch)) if len(batch) else []:
-        lp = backend.logprobs(mb, "policy")  # [b, T]
-        ref = backend.logprobs(mb, "reference") if config.kl_coef > 0 else None
-        out = dual_stream_loss(mb, lp, ref, config, den)
-        out.loss.backward()
-        for k in totals:
-            totals[k] += out.metrics[k]
-        n = out.metrics["trainable_tokens_main"] + out.metrics["trainable_tokens_aux"]
-        clipped_tokens += out.metrics["clip_fraction"] * n
-        n_tokens += n
-    if data_parallel:
-        for p in params:  # ranks without samples still take part in the all-reduce
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        all_reduce_gradients(params)
-    has_grad = any(p.grad is not None for p in params)
-    if not has_grad:
-        totals.update(clip_fraction=0.0, grad_norm=0.0, skipped=1.0)
-        return totals
-    if max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    else:
-        grad_norm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-    optimizer.step()
-    totals["clip_fraction"] = clipped_tokens / max(n_tokens, 1)
-    totals["grad_norm"] = grad_norm
-    totals["skipped"] = 0.0
-    return totals

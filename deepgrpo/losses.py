@@ -13,10 +13,16 @@ from deepgrpo.batch import AUX, MAIN, Batch
 from deepgrpo.config import LossConfig
 
 
+LOG_RATIO_CLAMP = 20.0
+"""The log-ratio log π - log π_old is clamped to [-20, 20] before ``exp`` (verl's bound)."""
+KL_CLAMP = 10.0
+"""The per-token k3 estimate is clamped to [-10, 10] (verl's bound)."""
+
+
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       clip_low: float = 0.2, clip_high: float = 0.2,
-                      dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO clipped surrogate loss (to be minimised).
+                      dual_clip: float | None = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate loss (to be minimised), with the dual clip of verl.
 
     Args:
         logprobs: ``[B, T]`` current policy log-probs (with gradient).
@@ -25,22 +31,28 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         clip_low, clip_high: ratio clip range ``[1 - clip_low, 1 + clip_high]``.
         dual_clip: if set (c > 1), tokens with A < 0 have their loss capped at ``-c·A``.
 
+    The log-ratio is clamped to [-20, 20] before ``exp`` so that any log-prob gap gives a
+    finite loss and gradient.
+
     Returns:
-        ``(loss [B, T], clipped [B, T] bool)`` where ``loss = -min(ρA, clip(ρ)A)`` and
-        ``clipped`` marks tokens whose clipped branch was active.
+        ``(loss [B, T], clipped [B, T] bool, dual_clipped [B, T] bool)`` where
+        ``loss = -min(ρA, clip(ρ)A)`` (then ``min(loss, -c·A)`` where A < 0), ``clipped`` marks
+        tokens whose ordinary clip branch was active and ``dual_clipped`` those whose loss was
+        capped by the dual clip.
     """
     adv = advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages  # [B, 1|T]
-    ratio = torch.exp(logprobs - old_logprobs.detach())  # [B, T]
+    log_ratio = torch.clamp(logprobs - old_logprobs.detach(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)  # [B, T]
     unclipped = -adv * ratio
-    clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = -adv * clipped_ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     was_clipped = clipped > unclipped
+    dual = torch.zeros_like(was_clipped)
     if dual_clip is not None:
         cap = -adv * dual_clip  # positive where A < 0
-        loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
-        was_clipped = was_clipped | ((adv < 0) & (loss == cap))
-    return loss, was_clipped
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap.expand_as(loss), loss)
+    return loss, was_clipped, dual
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -50,7 +62,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         logprobs: ``[B, T]`` log π of the sampled tokens (with gradient).
         ref_logprobs: ``[B, T]`` log π_ref of the same tokens.
         estimator: ``k1`` = log π - log π_ref; ``k2`` = ½ (log π - log π_ref)²;
-            ``k3`` = exp(log π_ref - log π) - (log π_ref - log π) - 1 (unbiased, >= 0).
+            ``k3`` = exp(log π_ref - log π) - (log π_ref - log π) - 1 (unbiased, >= 0), with
+            the log-ratio clamped to [-20, 20] and the estimate to [-10, 10] (verl's bounds).
 
     Returns: ``[B, T]``.
     """
@@ -60,8 +73,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        neg = torch.clamp(-d, max=20.0)
-        return torch.exp(neg) - neg - 1.0
+        neg = torch.clamp(-d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.clamp(torch.exp(neg) - neg - 1.0, -KL_CLAMP, KL_CLAMP)
     raise ValueError(f"kl estimator {estimator!r} is invalid: expected one of k1, k2, k3")
 
 
@@ -132,13 +145,15 @@ class LossOutput:
     kl_main: torch.Tensor
     kl_aux: torch.Tensor
     clip_fraction: torch.Tensor
+    dual_clip_fraction: torch.Tensor
     metrics: dict[str, float]
 
 
 def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                      config: LossConfig | None = None,
                      denominators: dict[int, float] | None = None) -> LossOutput:
-    """DEEP-GRPO's loss  L = L_main + λ·L_aux + β·(KL_main + λ'·KL_aux).
+    """DEEP-GRPO's loss  L = L_main + λ·L_aux + β·(KL_main + λ'·KL_aux)  (λ' = 1 by default,
+    the authors' loss).
 
     Each stream's clipped surrogate and KL are aggregated separately over its own trainable
     tokens (``batch.trainable_mask``: aux rows exclude their frozen prefix, so prefix tokens get
@@ -159,7 +174,8 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
         raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}, expected {tuple(batch.tokens.shape)}")
     if ref_logprobs is None and cfg.kl_coef > 0:
         raise ValueError("ref_logprobs is None but LossConfig.kl_coef > 0")
-    # padded positions may hold garbage log-probs: neutralise them before exp()
+    # padded positions may hold garbage (NaN, ±inf) log-probs: neutralise them before exp();
+    # torch.where also gives them an exactly-zero gradient
     mask = batch.trainable_mask & batch.response_mask  # [B, T]
     lp = torch.where(batch.response_mask, logprobs, torch.zeros_like(logprobs))
     old = torch.where(batch.response_mask, batch.old_logprobs, torch.zeros_like(logprobs))
@@ -167,9 +183,9 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
     if cfg.tis_cap is not None:
         # truncated importance sampling: ratio against the trainer's own log-probs, each token
         # weighted by min(π_trainer / π_rollout, cap) (detached)
-        tis_weight = torch.exp(lp.detach() - old).clamp(max=cfg.tis_cap)  # [B, T]
+        tis_weight = torch.exp((lp.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cfg.tis_cap)
         old = lp.detach()
-    pg, was_clipped = clipped_surrogate(lp, old, batch.advantages.to(lp.dtype),
+    pg, was_clipped, was_dual = clipped_surrogate(lp, old, batch.advantages.to(lp.dtype),
                                         cfg.clip_low, cfg.clip_high, cfg.dual_clip)  # [B, T]
     if tis_weight is not None:
         pg = pg * tis_weight
@@ -192,10 +208,12 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
         clip_frac = (was_clipped & mask).sum() / n_tok
-        ratio = torch.exp(lp - old)
+        dual_frac = (was_dual & mask).sum() / n_tok
+        ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         metrics = {
             "loss": float(loss), "pg_main": float(pg_main), "pg_aux": float(pg_aux),
             "kl_main": float(kl_main), "kl_aux": float(kl_aux), "clip_fraction": float(clip_frac),
+            "dual_clip_fraction": float(dual_frac),
             "ratio_mean": float((ratio * mask).sum() / n_tok),
             "ratio_max": float(ratio[mask].max()) if mask.any() else 1.0,
             "tis_weight_mean": float((tis_weight * mask).sum() / n_tok) if tis_weight is not None else 1.0,
@@ -204,4 +222,4 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
             "trainable_tokens_main": int(mask[batch.stream == MAIN].sum()),
             "trainable_tokens_aux": int(mask[batch.stream == AUX].sum()),
         }
-    return LossOutput(loss, pg_main, pg_aux, kl_main, kl_aux, clip_frac, metrics)
+    return LossOutput(loss, pg_main, pg_aux, kl_main, kl_aux, clip_frac, dual_frac, metrics)

@@ -6,10 +6,10 @@ with a few overrides; callers may override further (e.g. GRPO's N via ``G``).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
-from deepgrpo.config import AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig, LossConfig
+from deepgrpo.config import AlgoConfig, ConfigError
+from deepgrpo.overrides import apply_overrides, leaves
 
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     # plain GRPO: root sampling only, otherwise identical to deep-grpo (advantages and loss), so
@@ -22,7 +22,8 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "deep-grpo": {"explore": {"strategy": "deep"}},
     "deep-random": {"explore": {"strategy": "random-pivot"}},
     "deep-depth-only": {"explore": {"strategy": "depth-only"}},
-    "deep-root": {"explore": {"strategy": "root-pivot"}},
+    # the paper's root-only ablation: K extra root samples per failed chain, in their own group
+    "root-only": {"explore": {"strategy": "root-only"}},
     "deep-state": {"explore": {"strategy": "deep"}, "estimator": {"kind": "state"}},
     # dispersed tree-style baselines at DEEP-GRPO's budget (n_pivots·K spread over M points)
     "tree-surprisal": {"explore": {"strategy": "max-surprisal"}},
@@ -32,21 +33,30 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
 """Method name -> per-section overrides of the reference :class:`AlgoConfig`."""
 
 
-def method_config(name: str, **overrides: Any) -> AlgoConfig:
-    """The :class:`AlgoConfig` of method ``name`` with flat ``overrides`` applied.
+def method_config(name: str, overrides: Mapping[str, Any] | None = None, **flat: Any) -> AlgoConfig:
+    """The :class:`AlgoConfig` of method ``name`` with overrides applied through the typed path
+    (:func:`deepgrpo.overrides.apply_overrides`).
 
-    Flat keys are routed to the section that has them (``G``, ``K``, ``gamma``... to
-    ``explore``; ``lam``, ``kl_coef``... to ``loss``; etc.). Unknown names or keys raise
-    :class:`~deepgrpo.config.ConfigError`.
+    Keys are dotted (``explore.G``, ``loss.lam``) or bare field names (``G``, ``lam``), given as
+    a mapping and/or keywords; values may be text (``"8"``, ``"off"``) or Python values.
+    Unknown methods, keys or invalid values raise :class:`~deepgrpo.config.ConfigError`.
     """
     if name not in METHODS:
-        raise ConfigError(f"method = {name!r} is invalid: expected one of {', '.join(METHODS)}")
-    sections = {"explore": ExploreConfig, "advantage": AdvantageConfig, "loss": LossConfig,
-                "estimator": EstimatorConfig}
-    values = {s: dict(v) for s, v in METHODS[name].items()}
-    for key, value in overrides.items():
-        owners = [s for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
-        if not owners:
-            raise ConfigError(f"{key} = {value!r} is not a config field of any section")
-        values.setdefault(owners[0], {})[key] = value
-    return AlgoConfig.from_dict(values)
+        raise ConfigError(f"method = {name!r} is invalid: expected one of {', '.join(METHODS)}",
+                          owner=None, field="method", value=name, allowed=f"one of {', '.join(METHODS)}")
+    base = AlgoConfig.from_dict(METHODS[name])
+    return apply_overrides(base, {**(overrides or {}), **flat})
+
+
+def preset_overrides(name: str, config: AlgoConfig) -> dict[str, Any]:
+    """``{dotted key: value}`` of the fields where ``config`` differs from method ``name``'s
+    preset (what a run must record to rebuild ``config`` from the method's name)."""
+    base = method_config(name)
+    out = {}
+    for leaf in leaves(AlgoConfig):
+        a, b = base, config
+        for part in leaf.path:
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            out[leaf.key] = b
+    return out

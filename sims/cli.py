@@ -3,42 +3,56 @@
     deepgrpo sim run --method deep-grpo [--steps 30 --seed 0 --out DIR --depth 12 ...]
     deepgrpo sim compare [--out DIR --seed 0 ...]
 
-Every option of :class:`~sims.spec.TokenTreeSpec` and :class:`~sims.runner.RunnerConfig` is a
-flag (``--vocab-size``, ``--recovery``, ``--batch-problems``...). Invalid values stop with one
-line naming the option and exit code 2, before anything is written.
+Every field of :class:`~sims.spec.TokenTreeSpec`, :class:`~sims.runner.RunnerConfig` and (for
+``run``) the method's :class:`~deepgrpo.config.AlgoConfig` is a flag generated from the
+dataclasses (:mod:`deepgrpo.flags`); sources are layered as defaults < method preset <
+``--config FILE`` < flags < ``--set``. Invalid values stop with one line naming the option and
+exit code 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from deepgrpo.config import ConfigError, parse_flat_value
+from deepgrpo.config import AlgoConfig, ConfigError
+from deepgrpo.flags import OptionSet, load_config_file
+from sims.runner import RunnerConfig
+from sims.spec import TokenTreeSpec
 
-SPEC_HELP = {
-    "depth": "T, steps (tokens) per chain", "vocab_size": "V, tokens per step (>= 2)",
-    "n_problems": "problems in the set", "segment_len": "steps per segment (pivot unit)",
-    "ability_mean": "logit of per-step correctness", "ability_std": "its spread over problems",
-    "n_crux": "crux steps per problem", "crux_depth_low": "crux positions: lowest relative depth",
-    "crux_depth_high": "crux positions: highest relative depth", "crux_hardness_mean": "logits a crux subtracts",
-    "crux_hardness_std": "spread of crux hardness", "heterogeneity": "0..1, between-problem variation of cruxes",
-    "recovery": "fatal | constant | decay", "recovery_prob": "rho, chance to notice a mistake (0..1)",
-    "recovery_decay": "rate of the decay model", "shared_policy": "share logits across problems",
-    "seed": "seed of the problem set",
-}
-RUNNER_HELP = {
-    "steps": "training steps", "batch_problems": "problems per step", "lr": "Adam learning rate",
-    "max_grad_norm": "gradient clipping", "pass_k": "k of the logged pass@k",
-    "micro_batch_size": "rows per micro-batch",
-}
-ALGO_FLAGS = {"G": int, "K": int, "gamma": float, "n_pivots": int, "n_cut_points": int, "lam": float,
-              "kl_coef": float}
-"""Method overrides exposed as flags of ``run`` (any other field: ``--set NAME=VALUE``)."""
+
+@dataclass
+class SimRunSettings:
+    """Everything ``sim run`` can set.
+
+    algo: the method's configuration (the method's preset, then overrides).
+    spec: the simulated problem set.
+    runner: the training loop.
+    """
+
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    spec: TokenTreeSpec = field(default_factory=TokenTreeSpec)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+
+@dataclass
+class SimCompareSettings:
+    """Everything ``sim compare`` can set.
+
+    spec: the simulated problem set.
+    runner: the training loop of every compared method.
+    """
+
+    spec: TokenTreeSpec = field(default_factory=TokenTreeSpec)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+
+RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quiet", "config", "set"))
+COMPARE_OPTIONS = OptionSet(SimCompareSettings, reserved=("seed", "out", "no_figure", "config", "set"))
 
 
 class UsageError(Exception):
@@ -50,112 +64,80 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _flag(field_name: str, prefix: str = "") -> str:
-    return "--" + prefix + field_name.replace("_", "-")
-
-
-def _algo_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
-                           title: str, rename: dict[str, str]) -> None:
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        flag = rename.get(f.name, _flag(f.name))
-        dest = flag[2:].replace("-", "_")
-        default = f.default
-        kind = type(default) if default is not None else (int if "size" in f.name else float)
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{helps.get(f.name, '')} (default: {default})")
-        else:
-            group.add_argument(flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"{helps.get(f.name, '')} (default: {default})")
-
-
-def _collect(args: argparse.Namespace, cls: type, rename: dict[str, str]) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        dest = rename.get(f.name, _flag(f.name))[2:].replace("-", "_")
-        value = getattr(args, dest, None)
-        if value is not None:
-            out[f.name] = value
-    return out
-
-
-SPEC_RENAME = {"seed": "--spec-seed"}
-
-
-def _option_of(message: str) -> str | None:
-    """The command-line flag a ConfigError message is about (``Owner.field = ...``)."""
-    from sims.runner import RunnerConfig
-    m = re.match(r"^(?:(\w+)\.)?(\w+) = ", message)
-    if not m:
-        return None
-    owner, name = m.group(1), m.group(2)
-    if owner == "TokenTreeSpec":
-        return SPEC_RENAME.get(name, _flag(name))
-    if owner == "RunnerConfig" or (owner is None and name in {f.name for f in dataclasses.fields(RunnerConfig)}):
-        return _flag(name)
-    if owner is None and name == "method":
-        return "--method"
-    if name in ALGO_FLAGS:
-        return _algo_flag(name)
-    return "--set"
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from sims.runner import RunnerConfig
-    from sims.spec import TokenTreeSpec
-
     top = _Parser(prog=prog, description="Token-tree simulator: train with the DEEP-GRPO core, compare methods.")
     sub = top.add_subparsers(dest="sub", metavar="{run,compare}", parser_class=_Parser)
     run = sub.add_parser("run", help="one training run -> DIR/history.csv, DIR/run.json",
                          description="Train one method; write DIR/history.csv (one row per step) and DIR/run.json.")
-    run.add_argument("--method", required=True, help="a method name (see `deepgrpo methods`)")
-    run.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    run.add_argument("--method", default=None, help="a method name (see `deepgrpo methods`); may come from --config")
+    run.add_argument("--seed", default=None, help="run seed (default: 0)")
     run.add_argument("--out", type=Path, default=None, help="output directory (default: runs/sim-METHOD-seedS)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    algo = run.add_argument_group("method overrides")
-    for name, kind in ALGO_FLAGS.items():
-        algo.add_argument(_algo_flag(name), dest="algo_" + name,
-                          type=kind, default=None, metavar=kind.__name__.upper())
-    algo.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                      help="any other AlgoConfig field (e.g. --set aggregation=seq-mean-token-mean)")
+    RUN_OPTIONS.add_arguments(run)
     cmp_ = sub.add_parser("compare", help="GRPO N=8..64 vs a tree baseline vs DEEP-GRPO -> table, CSV, PNG",
                           description="Compare GRPO (N in 8, 16, 32, 64), a TreeRL-like baseline and DEEP-GRPO.")
-    cmp_.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    cmp_.add_argument("--seed", default=None, help="run seed (default: 0)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/sim-compare"),
                       help="output directory (default: runs/sim-compare)")
     cmp_.add_argument("--no-figure", action="store_true", help="skip the PNG (and the seaborn import)")
-    for p in (run, cmp_):
-        _add_dataclass_options(p, TokenTreeSpec, SPEC_HELP, "problem set (TokenTreeSpec)", SPEC_RENAME)
-        _add_dataclass_options(p, RunnerConfig, RUNNER_HELP, "training loop (RunnerConfig)", {})
+    COMPARE_OPTIONS.add_arguments(cmp_)
     return top
 
 
+def _seed(value: Any, option: str = "--seed") -> int:
+    from deepgrpo.overrides import coerce
+    try:
+        seed = coerce("run", "seed", int, value)
+    except ConfigError:
+        seed = -1
+    if seed < 0:
+        raise ConfigError(f"{option} = {value!r} is invalid: expected an integer in [0, inf)", owner=option,
+                          value=value, allowed="an integer in [0, inf)")
+    return seed
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out = {str(out)!r} is invalid: it exists and is not a directory", owner="--out",
+                          value=str(out), allowed="a directory")
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[str, int, SimRunSettings]:
+    """(method, seed, settings) of ``sim run`` from its layered sources."""
+    from deepgrpo.methods import method_config
+    file_layer, own = {}, {}
+    if args.config is not None:
+        file_layer, own = RUN_OPTIONS.file_values(load_config_file(args.config), extra=("method", "seed"))
+    method = args.method if args.method is not None else own.get("method")
+    if method is None:
+        raise UsageError("the following arguments are required: --method (or `method` in --config)")
+    seed = _seed(args.seed if args.seed is not None else own.get("seed", 0))
+    base = SimRunSettings(algo=method_config(method))
+    settings = RUN_OPTIONS.build(base, file_layer, RUN_OPTIONS.flag_values(args), RUN_OPTIONS.set_values(args.set))
+    return method, seed, settings
+
+
+def resolve_compare(args: argparse.Namespace) -> tuple[int, SimCompareSettings]:
+    """(seed, settings) of ``sim compare`` from its layered sources."""
+    file_layer, own = {}, {}
+    if args.config is not None:
+        file_layer, own = COMPARE_OPTIONS.file_values(load_config_file(args.config), extra=("seed",))
+    seed = _seed(args.seed if args.seed is not None else own.get("seed", 0))
+    settings = COMPARE_OPTIONS.build(SimCompareSettings(), file_layer, COMPARE_OPTIONS.flag_values(args),
+                                     COMPARE_OPTIONS.set_values(args.set))
+    return seed, settings
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from deepgrpo.methods import method_config
-    from sims.runner import RunnerConfig, train, write_run
-    from sims.spec import TokenTreeSpec
+    from sims.runner import train, write_run
 
-    spec = TokenTreeSpec(**_collect(args, TokenTreeSpec, SPEC_RENAME))
-    runner = RunnerConfig(**_collect(args, RunnerConfig, {}))
-    overrides = {name: getattr(args, "algo_" + name) for name in ALGO_FLAGS if getattr(args, "algo_" + name) is not None}
-    for item in args.set:
-        if "=" not in item:
-            raise UsageError(f"argument --set: expected NAME=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_flat_value(value.strip())
-    algo = method_config(args.method, **overrides)
-    out = args.out if args.out is not None else Path("runs") / f"sim-{args.method}-seed{args.seed}"
-    result = train(spec, algo, runner, seed=args.seed, method=args.method, progress=not args.quiet)
-    hist, rec = write_run(out, spec, algo, runner, args.seed, args.method, result)
-    last, k = result.history[-1], runner.pass_k
-    print(f"{args.method}: exact pass@1 {result.history[0]['pass1']:.3f} -> {last['pass1']:.3f}, "
+    method, seed, s = resolve_run(args)
+    out = args.out if args.out is not None else Path("runs") / f"sim-{method}-seed{seed}"
+    _check_out(out)
+    result = train(s.spec, s.algo, s.runner, seed=seed, method=method, progress=not args.quiet)
+    hist, rec = write_run(out, s.spec, s.algo, s.runner, seed, method, result)
+    last, k = result.history[-1], s.runner.pass_k
+    print(f"{method}: exact pass@1 {result.history[0]['pass1']:.3f} -> {last['pass1']:.3f}, "
           f"pass@{k} {last[f'pass{k}']:.3f}, rollouts {last['rollouts']:,}, tokens {last['tokens']:,}, "
           f"{result.wall_time_s:.2f} s -> {hist}, {rec}")
     return 0
@@ -163,15 +145,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace, worker: Any = None) -> int:
     from sims.compare import format_table, run_compare, summary_rows, write_compare
-    from sims.runner import RunnerConfig
-    from sims.spec import TokenTreeSpec, describe
+    from sims.spec import describe
 
     t0 = time.perf_counter()
-    spec = TokenTreeSpec(**_collect(args, TokenTreeSpec, SPEC_RENAME))
-    runner = RunnerConfig(**_collect(args, RunnerConfig, {}))
-    result = run_compare(spec, runner, seed=args.seed)
+    seed, s = resolve_compare(args)
+    _check_out(args.out)
+    result = run_compare(s.spec, s.runner, seed=seed)
     paths = write_compare(args.out, result, figure=not args.no_figure, worker=worker)
-    print(f"sim compare: {describe(spec)}; {runner.steps} steps x {runner.batch_problems} problems, seed {args.seed}")
+    print(f"sim compare: {describe(s.spec)}; {s.runner.steps} steps x {s.runner.batch_problems} problems, seed {seed}")
     print(format_table(summary_rows(result)))
     print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.2f} s)")
     return 0
@@ -188,6 +169,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
     if argv[:1] == ["compare"] and not {"--no-figure", "-h", "--help"} & set(argv):
         from sims.figure import FigureWorker
         worker = FigureWorker()  # a child process imports seaborn while this one trains
+    options = COMPARE_OPTIONS if argv[:1] == ["compare"] else RUN_OPTIONS
     try:
         parser = _parser(prog)
         try:
@@ -202,8 +184,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        option = _option_of(str(e))
-        where = f"{option}: " if option else ""
+        option = options.option_of(e) or ("--method" if e.field == "method" else None)
+        where = f"{option}: " if option and not str(e).startswith(option) else ""
         print(f"{prog}: error: {where}{e}", file=sys.stderr)
         return 2
     finally:

@@ -37,7 +37,7 @@ TreeRL-like max-surprisal rule, the tree method of the paper's main table."""
 
 SUMMARY_COLUMNS = ("label", "method", "final_pass1", "initial_pass1", "final_pass8", "rollouts", "tokens",
                    "gain_per_1k_rollouts", "gain_per_1m_tokens", "all_fail_groups_per_step",
-                   "pivot_before_error", "pivot_branch_success")
+                   "pivot_before_error", "branch_success")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
             "gain_per_1m_tokens": 1e6 * gain / last["tokens"] if last["tokens"] else float("nan"),
             "all_fail_groups_per_step": _mean(steps, "all_fail_groups"),
             "pivot_before_error": _mean(steps, "pivot_before_error"),
-            "pivot_branch_success": _mean(steps, "pivot_branch_success"),
+            "branch_success": _mean(steps, "branch_success"),
         })
     return out
 

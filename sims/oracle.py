@@ -54,7 +54,7 @@ def prefix_success(W: torch.Tensor, extras: dict[str, torch.Tensor], rows: torch
     return W[extras["problem"][rows].long(), prefix_len, status]
 
 
-def pass_at_k(pass1: torch.Tensor, k: int) -> torch.Tensor:
+def exact_pass_at_k(pass1: torch.Tensor, k: int) -> torch.Tensor:
     """Exact pass@k = 1 - (1 - pass@1)^k of independent samples (same shape as ``pass1``)."""
     if k < 1:
         raise ValueError(f"k = {k} is invalid: expected an integer >= 1")
@@ -78,7 +78,7 @@ class ExactOracle:
 
     def pass_k(self, k: int) -> torch.Tensor:
         """``DoubleTensor [n]`` exact pass@k per problem."""
-        return pass_at_k(self.pass1(), k)
+        return exact_pass_at_k(self.pass1(), k)
 
     def mean_pass_k(self, k: int = 1) -> float:
         """Exact expected pass@k over the whole problem set (uniform over problems)."""

@@ -6,23 +6,16 @@ One training step (paper arXiv 2602.14169, Alg. 1): draw a batch of problems, ca
 :func:`deepgrpo.update_policy` (dual-stream loss, Adam). Every method runs through exactly this
 loop; only its :class:`~deepgrpo.config.AlgoConfig` differs.
 
-History: one tidy row per step; step 0 is the pre-trained policy before any update. Columns:
+History: one tidy row per step; step 0 is the pre-trained policy before any update. The
+core's columns (budget, rewards, pivots, branch success, loss parts, estimator; see
+:mod:`deepgrpo.step`) plus the simulator's own, from the exact oracle:
 
 =========================  ==========================================================================
 ``pass1``, ``pass{k}``      exact mean pass@1 / pass@k over *all* problems after the step's update
-``rollouts``, ``tokens``    cumulative rollouts / generated tokens (the core's BudgetLedger), also
-                            split ``_main`` / ``_aux``
-``reward_main/aux``         mean reward of this step's main chains / branches
-``all_fail_groups``         prompts whose G main chains all failed (no GRPO signal)
-``pivots``                  branch points this step; ``pivot_depth_mean/std`` their relative depth r
+``entropy``                 mean entropy (nats) of π(· | problem, step, on-track)
 ``pivot_before_error``      fraction of branch points at or before their chain's first error
                             (prefix fully on track: the crux is re-entered)
-``pivot_branch_success``    fraction of branch points with >= 1 successful continuation
 ``pivot_oracle_success``    mean exact P(success | branch prefix) under the sampling policy
-``nonzero_main/aux``        samples with a non-zero advantage (the ones that carry gradient)
-``est_*``                   recoverability-estimator coefficients (NaN until it is fitted)
-``entropy``                 mean entropy (nats) of π(· | problem, step, on-track)
-``loss``, ``grad_norm``     from :func:`deepgrpo.update_policy`
 =========================  ==========================================================================
 
 Wall times are not in the history (it must be identical for identical seeds); they are in
@@ -45,12 +38,13 @@ import torch
 
 from deepgrpo.config import AlgoConfig, check_range
 from deepgrpo.estimators import make_estimator
-from deepgrpo.explore import explore, update_policy
+from deepgrpo.explore import explore
+from deepgrpo.step import initial_record, step_record, update_policy
 from deepgrpo.ledger import BudgetLedger
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
 from sims.adam import LogitAdam
 from sims.backend import SimBackend
-from sims.oracle import ExactOracle, prefix_success
+from sims.oracle import ExactOracle, exact_pass_at_k, prefix_success
 from sims.policy import TokenTreePolicy
 from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
 
@@ -176,7 +170,6 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = LogitAdam(params, lr=cfg.lr)
     k = cfg.pass_k
-    coef_names = [f"est_{n}" for n in estimator.coefficients()]
     n_batch = min(cfg.batch_problems, problems.n)
 
     table: list[torch.Tensor] = []  # the latest oracle table [n, T+1, 2] (= the next step's sampling policy)
@@ -187,16 +180,11 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
             p1 = W[:, 0, ON_TRACK]  # [n]
             ent = policy.entropy()[:, :, ON_TRACK]
         table[:] = [W]
-        return {"pass1": float(p1.mean()), f"pass{k}": float(pass_k_mean(p1, k)), "entropy": float(ent.mean())}
+        return {"pass1": float(p1.mean()), f"pass{k}": float(exact_pass_at_k(p1, k).mean()), "entropy": float(ent.mean())}
 
     nan = float("nan")
-    row0: dict[str, Any] = {"method": method, "seed": seed, "step": 0, **evaluate(),
-                            "rollouts": 0, "tokens": 0, "rollouts_main": 0, "rollouts_aux": 0,
-                            "tokens_main": 0, "tokens_aux": 0}
-    step_keys = ("reward_main", "reward_aux", "all_fail_groups", "failed", "pivots", "pivot_depth_mean",
-                 "pivot_depth_std", "pivot_before_error", "pivot_branch_success", "pivot_oracle_success",
-                 "nonzero_main", "nonzero_aux", *coef_names, "loss", "grad_norm")
-    row0.update({key: nan for key in step_keys})
+    row0: dict[str, Any] = {"method": method, "seed": seed, "step": 0, **evaluate(), **initial_record(estimator),
+                            "pivot_before_error": nan, "pivot_oracle_success": nan}
     history = [row0]
     if on_step:
         on_step(row0)
@@ -211,16 +199,13 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
         W = table[0]  # [n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
         res = explore(backend, prompts, algo, estimator, core_rng, ledger)
         plan = res.plan
-        pivot = {"pivot_depth_mean": nan, "pivot_depth_std": nan, "pivot_before_error": nan,
-                 "pivot_branch_success": nan, "pivot_oracle_success": nan}
+        oracle_cols = {"pivot_before_error": nan, "pivot_oracle_success": nan}
         if len(plan):
             traj = torch.from_numpy(plan.traj)
             plen = torch.from_numpy(plan.prefix_len)
             first_error = res.main.extras["first_error"][traj]  # [P]
-            pivot["pivot_depth_mean"], pivot["pivot_depth_std"] = _nan_stats(plan.rel_depth)
-            pivot["pivot_before_error"] = float((plen <= first_error).double().mean())
-            pivot["pivot_branch_success"] = float(res.labels.mean())
-            pivot["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
+            oracle_cols["pivot_before_error"] = float((plen <= first_error).double().mean())
+            oracle_cols["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
         probed: dict[str, float] = {}
         if probes:
             ctx = StepContext(step=step, W=W, estimator=estimator, algo=algo, spec=spec, problems=problems,
@@ -229,27 +214,14 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
                 probed.update(probe(res, ctx))
         metrics = update_policy(backend, res.batch, algo.loss, optimizer, params,
                                 micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
-        totals = ledger.totals()
-        s = res.stats
         row = {"method": method, "seed": seed, "step": step, **evaluate(),
-               **{key: totals[key] for key in ("rollouts", "tokens", "rollouts_main", "rollouts_aux",
-                                                "tokens_main", "tokens_aux")},
-               "reward_main": s["reward_main"], "reward_aux": s["reward_aux"],
-               "all_fail_groups": s["all_fail_groups"], "failed": s["failed"], "pivots": s["pivots"], **pivot,
-               "nonzero_main": s["nonzero_main"], "nonzero_aux": s["nonzero_aux"],
-               **{f"est_{n}": v for n, v in estimator.coefficients().items()},
-               "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], **probed}
+               **step_record(res, metrics, ledger, estimator), **oracle_cols, **probed}
         history.append(row)
         step_wall.append(time.perf_counter() - t0)
         if on_step:
             on_step(row)
     return TrainResult(history=history, wall_time_s=time.perf_counter() - t_start, step_wall_time_s=step_wall,
                        ledger=ledger, problems=problems, policy=policy, estimator=estimator)
-
-
-def pass_k_mean(pass1: torch.Tensor, k: int) -> float:
-    """Mean over problems of the exact pass@k = 1 - (1 - pass@1)^k."""
-    return float((1.0 - (1.0 - pass1) ** k).mean())
 
 
 def run_record(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig, seed: int, method: str,

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from deepgrpo.config import ConfigError, check_choice, check_range, dataclass_from_dict
+from deepgrpo.config import check_choice, check_range, dataclass_from_dict, invalid
 
 ON_TRACK = 0
 """Status index of an on-track chain."""
@@ -128,8 +128,8 @@ class TokenTreeSpec:
         check_range(o, "crux_depth_low", self.crux_depth_low, 0.0, 1.0)
         check_range(o, "crux_depth_high", self.crux_depth_high, 0.0, 1.0)
         if self.crux_depth_high < self.crux_depth_low:
-            raise ConfigError(f"{o}.crux_depth_high = {self.crux_depth_high!r} is invalid: expected a number "
-                              f"in [crux_depth_low = {self.crux_depth_low}, 1.0]")
+            raise invalid(o, "crux_depth_high", self.crux_depth_high,
+                          f"a number in [crux_depth_low = {self.crux_depth_low}, 1.0]")
         check_range(o, "crux_hardness_mean", self.crux_hardness_mean, 0.0, None)
         check_range(o, "crux_hardness_std", self.crux_hardness_std, 0.0, None)
         check_range(o, "heterogeneity", self.heterogeneity, 0.0, 1.0)
@@ -137,14 +137,16 @@ class TokenTreeSpec:
         check_range(o, "recovery_prob", self.recovery_prob, 0.0, 1.0)
         check_range(o, "recovery_decay", self.recovery_decay, 0.0, None)
         if not isinstance(self.shared_policy, bool):
-            raise ConfigError(f"{o}.shared_policy = {self.shared_policy!r} is invalid: expected true or false")
+            raise invalid(o, "shared_policy", self.shared_policy, "true or false")
         check_range(o, "seed", self.seed, 0, None, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-ready)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TokenTreeSpec":
+        """Inverse of :meth:`to_dict` through the typed path (unknown keys are errors)."""
         return dataclass_from_dict(cls, d)
 
     def build(self) -> "ProblemSet":

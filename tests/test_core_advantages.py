@@ -33,8 +33,11 @@ def test_hand_computed_values():
     # baseline = mean of the others: 1 - 0 = 1; 0 - 1/3
     np.testing.assert_allclose(loo.numpy(), [1.0, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0], atol=1e-6)
     s = group_advantages(r, g, AdvantageConfig(scale_std=True, std_eps=1e-12))
-    std = np.std([1, 0, 0, 0])
-    np.testing.assert_allclose(s.numpy()[:4], np.array([0.75, -0.25, -0.25, -0.25]) / std, rtol=1e-6)
+    # sample std (n - 1, as verl and TRL): sum of squares 0.75 / 3 = 0.25 -> std 0.5
+    np.testing.assert_allclose(s.numpy(), [1.5, -0.5, -0.5, -0.5, 0, 0, 0], rtol=1e-6)
+    # a group of one has no sample std: advantage exactly 0, never NaN
+    one = group_advantages(torch.tensor([1.0]), torch.tensor([0]), AdvantageConfig(scale_std=True))
+    assert one.tolist() == [0.0]
 
 
 def test_group_ids_need_not_be_contiguous():

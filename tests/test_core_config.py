@@ -42,7 +42,7 @@ def test_roundtrip_and_unknown_keys():
     assert (c.explore.K, c.loss.lam, c.estimator.kind) == (4, 0.5, "state")
     with pytest.raises(ConfigError, match="unknown field"):
         AlgoConfig.from_dict({"explore": {"GG": 3}})
-    with pytest.raises(ConfigError, match="not a config field"):
+    with pytest.raises(ConfigError, match="not a setting of AlgoConfig"):
         method_config("grpo", nope=1)
     with pytest.raises(ConfigError, match="method = 'ppo'"):
         method_config("ppo")

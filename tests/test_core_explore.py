@@ -4,7 +4,8 @@ import torch
 
 from deepgrpo.batch import AUX, MAIN
 from deepgrpo.estimators import PositionLogistic
-from deepgrpo.explore import explore, update_policy
+from deepgrpo.explore import explore
+from deepgrpo.step import update_policy
 from deepgrpo.ledger import (BudgetLedger, aux_cap_for_budget, expected_rollouts_per_prompt,
                              grpo_group_size_for_budget)
 from deepgrpo.methods import method_config

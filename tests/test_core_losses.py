@@ -39,15 +39,74 @@ def test_aggregation_modes_hand_computed():
 def test_surrogate_and_dual_clip_hand_computed():
     lp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 4.0]]))
     old = torch.zeros(1, 4)
-    loss, clipped = clipped_surrogate(lp, old, torch.tensor([1.0]))
-    # A > 0: -min(ρ, clip(ρ)) = -[1.2, 0.5, 1.1, 1.2]
+    loss, clipped, dual = clipped_surrogate(lp, old, torch.tensor([1.0]))
+    # A > 0: -min(ρ, clip(ρ)) = -[1.2, 0.5, 1.1, 1.2]; the dual clip never acts on A > 0
     np.testing.assert_allclose(loss.numpy()[0], [-1.2, -0.5, -1.1, -1.2], rtol=1e-6)
-    assert clipped.tolist() == [[True, False, False, True]]
-    loss, _ = clipped_surrogate(lp, old, torch.tensor([-1.0]))
+    assert clipped.tolist() == [[True, False, False, True]] and not dual.any()
+    loss, clipped, dual = clipped_surrogate(lp, old, torch.tensor([-1.0]), dual_clip=None)
     # A < 0: max(ρ, clip(ρ)) = [1.5, 0.8, 1.1, 4.0]
     np.testing.assert_allclose(loss.numpy()[0], [1.5, 0.8, 1.1, 4.0], rtol=1e-6)
-    loss, _ = clipped_surrogate(lp, old, torch.tensor([-1.0]), dual_clip=3.0)
+    assert clipped.tolist() == [[False, True, False, False]] and not dual.any()
+    # the default dual clip c = 3 caps the last token's loss at -c·A = 3
+    loss, clipped, dual = clipped_surrogate(lp, old, torch.tensor([-1.0]))
     np.testing.assert_allclose(loss.numpy()[0], [1.5, 0.8, 1.1, 3.0], rtol=1e-6)
+    assert clipped.tolist() == [[False, True, False, False]] and dual.tolist() == [[False, False, False, True]]
+
+
+def test_reference_defaults_dual_clip_3_and_unweighted_aux_kl():
+    cfg = LossConfig()
+    assert cfg.dual_clip == 3.0 and cfg.kl_weighted_by_lambda is False
+    assert LossConfig(dual_clip=None).dual_clip is None
+
+
+def test_clip_and_dual_clip_fractions_are_reported_separately():
+    # one main row of 4 tokens, A = -1, ratios [1.5, 0.5, 1.1, 4.0]: the ordinary clip acts on
+    # 0.5 (clipped up to 0.8), the dual clip on 4.0 (capped at 3)
+    b = make_batch(B=1, T=4, n_aux=0, lengths=[4])
+    b.advantages = torch.tensor([-1.0])
+    lp = b.old_logprobs + torch.log(torch.tensor([[1.5, 0.5, 1.1, 4.0]]))
+    out = dual_stream_loss(b, lp, None, LossConfig(kl_coef=0.0))
+    assert out.metrics["clip_fraction"] == pytest.approx(0.25)
+    assert out.metrics["dual_clip_fraction"] == pytest.approx(0.25)
+    assert out.loss.item() == pytest.approx((1.5 + 0.8 + 1.1 + 3.0) / 4, rel=1e-6)
+
+
+def test_authors_loss_hand_computed_aux_kl_not_weighted_by_lambda():
+    # main row: 2 tokens, aux row: prefix 1 + 2 trainable tokens; ratio 1 everywhere
+    b = make_batch(B=2, T=3, n_aux=1, prefix=1, lengths=[2, 3])
+    b.advantages = torch.tensor([0.5, -1.0])
+    lp = b.old_logprobs.clone()
+    ref = lp - math.log(2.0)  # log π - log π_ref = log 2: k3 = 1/2 - log(1/2) - 1 per token
+    k3 = 0.5 + math.log(2.0) - 1.0
+    out = dual_stream_loss(b, lp, ref, LossConfig(lam=0.25, kl_coef=0.1))
+    # L = pg_main + λ pg_aux + β (KL_main + KL_aux) = -0.5 + 0.25 * 1.0 + 0.1 * (k3 + k3)
+    assert out.pg_main.item() == pytest.approx(-0.5) and out.pg_aux.item() == pytest.approx(1.0)
+    assert out.loss.item() == pytest.approx(-0.5 + 0.25 * 1.0 + 0.1 * 2 * k3, rel=1e-6)
+    weighted = dual_stream_loss(b, lp, ref, LossConfig(lam=0.25, kl_coef=0.1, kl_weighted_by_lambda=True))
+    assert weighted.loss.item() == pytest.approx(-0.5 + 0.25 * 1.0 + 0.1 * (k3 + 0.25 * k3), rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [40.0, -40.0])
+def test_extreme_log_prob_gaps_and_garbage_padding_give_finite_loss_and_gradient(gap):
+    b = make_batch(B=4, T=5, n_aux=2, prefix=1, lengths=[5, 3, 5, 4], seed=2)
+    pad = ~b.response_mask
+    b.old_logprobs = b.old_logprobs.masked_fill(pad, float("nan"))
+    base = b.old_logprobs.nan_to_num(0.0) + gap
+    lp = base.masked_fill(pad, float("-inf")).requires_grad_()  # padded positions: -inf
+    ref = (b.old_logprobs.nan_to_num(0.0) - gap).masked_fill(pad, float("inf"))
+    for dual in (3.0, None):
+        lp.grad = None
+        out = dual_stream_loss(b, lp, ref, LossConfig(kl_coef=0.5, dual_clip=dual))
+        out.loss.backward()
+        assert math.isfinite(out.loss.item()) and torch.isfinite(lp.grad).all()
+        assert (lp.grad[pad] == 0).all()
+        assert all(math.isfinite(v) for v in out.metrics.values())
+    # verl's bounds: the log-ratio is clamped at ±20 before exp, the k3 estimate at ±10
+    one = torch.tensor([[gap]])
+    loss, _, _ = clipped_surrogate(one, torch.zeros(1, 1), torch.tensor([-1.0]), dual_clip=None)
+    assert loss.item() == pytest.approx(math.exp(20.0) if gap > 0 else 0.8, rel=1e-5)
+    k3 = kl_penalty(one, torch.zeros(1, 1), "k3").item()
+    assert k3 == pytest.approx(10.0)
 
 
 def test_kl_estimators_hand_computed():
@@ -131,13 +190,15 @@ def test_ratio_one_no_kl_equals_reinforce_gradient():
 
 
 def test_lambda_zero_is_main_only_loss():
+    # with the aux KL weighted by λ, λ = 0 removes the aux stream entirely
     b = make_batch(B=6, T=5, n_aux=3)
     lp = (b.old_logprobs + 0.05).requires_grad_()
-    out = dual_stream_loss(b, lp, b.old_logprobs, LossConfig(lam=0.0))
+    out = dual_stream_loss(b, lp, b.old_logprobs, LossConfig(lam=0.0, kl_weighted_by_lambda=True))
     out.loss.backward()
     main_rows = torch.nonzero(b.stream == MAIN).flatten()
     lp2 = (b.old_logprobs[main_rows] + 0.05).requires_grad_()
-    out2 = dual_stream_loss(b.select(main_rows), lp2, b.old_logprobs[main_rows], LossConfig(lam=0.0))
+    out2 = dual_stream_loss(b.select(main_rows), lp2, b.old_logprobs[main_rows],
+                            LossConfig(lam=0.0, kl_weighted_by_lambda=True))
     out2.loss.backward()
     assert out.loss.item() == pytest.approx(out2.loss.item())
     assert torch.equal(lp.grad[main_rows], lp2.grad)

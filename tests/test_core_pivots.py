@@ -79,7 +79,7 @@ def random_candidates(rng, F=40, Lmax=9):
                         features={"rel_depth": (idx + 1) / (Ls + 1), "next_surprisal": ns, "prev_surprisal": prev})
 
 
-@pytest.mark.parametrize("strategy", ["deep", "random-pivot", "depth-only", "root-pivot", "max-surprisal",
+@pytest.mark.parametrize("strategy", ["deep", "random-pivot", "depth-only", "root-only", "max-surprisal",
                                       "low-prob", "uniform"])
 def test_every_strategy_spends_n_pivots_times_K_per_failed_trajectory(strategy):
     rng = np.random.default_rng(1)
@@ -91,8 +91,8 @@ def test_every_strategy_spends_n_pivots_times_K_per_failed_trajectory(strategy):
     for f in range(40):
         mine = plan.n[plan.traj == f]
         L = int(cands.n_candidates[cands.traj == f][0])
-        expected_points = 1 if strategy in ("deep", "random-pivot", "depth-only", "root-pivot") else min(4, L)
-        if strategy == "root-pivot":
+        expected_points = 1 if strategy in ("deep", "random-pivot", "depth-only", "root-only") else min(4, L)
+        if strategy == "root-only":
             assert cands.index[plan.candidate[plan.traj == f]].tolist() == [0]
         if strategy == "low-prob":
             expected_points = min(4, L)  # the root ranks last but still fills a slot when L is small

@@ -54,7 +54,7 @@ def test_run_writes_history_and_run_record(tmp_path, capsys):
     hist = pd.read_csv(out / "history.csv")
     assert list(hist["step"]) == [0, 1, 2, 3]
     for col in ("pass1", "pass8", "rollouts", "tokens", "pivot_depth_mean", "pivot_before_error",
-                "pivot_branch_success", "est_rel_depth", "entropy", "nonzero_main", "nonzero_aux"):
+                "branch_success", "est_rel_depth", "entropy", "nonzero_main", "nonzero_aux"):
         assert col in hist.columns
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["spec"]["depth"] == 8 and rec["config"]["spec"]["n_problems"] == 12

@@ -9,7 +9,7 @@ import torch
 
 from deepgrpo import ConfigError, SampleRequest, explore, make_estimator, method_config
 from sims.backend import SimBackend
-from sims.oracle import ExactOracle, pass_at_k, success_table
+from sims.oracle import ExactOracle, exact_pass_at_k, success_table
 from sims.policy import TokenTreePolicy
 from sims.sampler import replay_status, sample_chains, suffixes
 from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
@@ -196,7 +196,7 @@ def test_oracle_pass1_agrees_with_monte_carlo(recovery):
     assert ((mc - exact).abs() / se).max() < Z
     groups = ch.rewards.reshape(-1, problems.n).T.reshape(problems.n, -1, 8)  # [n, B/8, 8] same problem
     mc8 = (groups.amax(-1) > 0).double().mean(-1)
-    exact8 = pass_at_k(exact, 8)
+    exact8 = exact_pass_at_k(exact, 8)
     assert ((mc8 - exact8).abs() / (exact8 * (1 - exact8) / (B // 8)).sqrt().clamp(min=1e-4)).max() < Z
 
 
@@ -241,4 +241,4 @@ def test_success_table_closed_forms():
     W = success_table(problems, q)
     # fatal: success from the root = product of on-track correctness of every step
     assert torch.allclose(W[:, 0, ON_TRACK], q[:, :, ON_TRACK].prod(1))
-    assert torch.allclose(pass_at_k(torch.tensor([0.0, 0.5, 1.0]), 3), torch.tensor([0.0, 0.875, 1.0]))
+    assert torch.allclose(exact_pass_at_k(torch.tensor([0.0, 0.5, 1.0]), 3), torch.tensor([0.0, 0.875, 1.0]))

@@ -10,7 +10,7 @@ from deepgrpo import BudgetLedger, explore, make_estimator, method_config
 from deepgrpo.batch import AUX
 from sims.adam import LogitAdam
 from sims.backend import SimBackend
-from sims.oracle import ExactOracle, pass_at_k
+from sims.oracle import ExactOracle, exact_pass_at_k
 from sims.policy import TokenTreePolicy
 from sims.runner import RunnerConfig, StepContext, train, write_run
 from sims.spec import TokenTreeSpec
@@ -87,7 +87,7 @@ def test_grpo_groups_on_hard_problems_are_all_fail_at_the_exact_rate():
     for _ in range(reps):
         res = explore(backend, prompts, cfg, None, np.random.default_rng(0))
         all_fail += res.main.rewards.reshape(problems.n, 8).amax(1).numpy() == 0
-    expected = 1 - pass_at_k(torch.from_numpy(p1), 8).numpy()  # (1 - p)^8
+    expected = 1 - exact_pass_at_k(torch.from_numpy(p1), 8).numpy()  # (1 - p)^8
     se = np.sqrt(expected * (1 - expected) / reps).clip(min=0.02)
     assert np.max(np.abs(all_fail / reps - expected) / se) < 5
     hard = p1 < np.quantile(p1, 0.25)

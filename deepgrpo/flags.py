@@ -1,0 +1,162 @@
+"""Command-line options generated from config dataclasses, and the layering of their sources.
+
+Every command that runs something (``sim run``, ``sim compare``, ``llm train``, ``llm sft``,
+``llm eval``) declares its settings once, as a dataclass tree (:class:`OptionSet`); its flags,
+their help (from the dataclasses' docstrings) and their defaults (from the fields) are
+generated, and every field can be set. The sources are layered the same way everywhere:
+
+    defaults < method preset < ``--config FILE`` (JSON or YAML) < explicit flags < ``--set KEY=VALUE``
+
+and every value goes through :mod:`deepgrpo.overrides` (typed by the field's annotation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from deepgrpo.config import ConfigError
+from deepgrpo.overrides import Leaf, apply_overrides, flatten_mapping, leaves, parse_assignments, resolve_key, \
+    short_names, type_name
+
+_DEST = "cfg:"
+
+
+def load_config_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
+    """The mapping in a JSON (``.json``) or YAML (``.yaml``/``.yml``) file; any problem is a
+    :class:`ConfigError` naming ``option`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: no such file", owner=option, value=str(path),
+                          allowed="an existing JSON or YAML file")
+    text = p.read_text(errors="replace")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - JSON and YAML raise different types; both mean "not parsable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: not parsable ({first})", owner=option,
+                          value=str(path), allowed="a JSON or YAML mapping") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: expected a mapping at the top level, got "
+                          f"{type(data).__name__}", owner=option, value=str(path), allowed="a mapping")
+    return dict(data)
+
+
+@dataclass
+class OptionSet:
+    """The settings of one command.
+
+    cls: the dataclass tree (e.g. a dataclass with fields ``algo: AlgoConfig``,
+        ``spec: TokenTreeSpec``, ``runner: RunnerConfig``).
+    reserved: names the command uses for its own (non-config) arguments (``out``, ``seed``...):
+        a field with such a short name gets a longer, prefixed flag (``--spec-seed``).
+    hidden: dotted keys that get no flag (still settable by ``--set`` and ``--config``).
+    """
+
+    cls: type
+    reserved: Iterable[str] = ()
+    hidden: Iterable[str] = ()
+    names: dict[str, Leaf] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reserved = tuple(self.reserved)
+        self.hidden = tuple(self.hidden)
+        self.names = short_names(leaves(self.cls), self.reserved)
+
+    def flag(self, leaf: Leaf) -> str:
+        """The flag of ``leaf`` (``--G``, ``--kl-coef``, ``--spec-seed``)."""
+        for name, other in self.names.items():
+            if other.key == leaf.key:
+                return "--" + name.replace("_", "-")
+        return "--set"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per field (grouped by section), ``--config FILE`` and ``--set KEY=VALUE``."""
+        groups: dict[str, Any] = {}
+        name_of = {leaf.key: name for name, leaf in self.names.items()}
+        for leaf in leaves(self.cls):  # in declaration order
+            name = name_of[leaf.key]
+            if leaf.key in self.hidden:
+                continue
+            section = leaf.owner.__name__
+            group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+            help_ = f"{leaf.doc} (default: {leaf.default!r})".replace("%", "%%")
+            flag = "--" + name.replace("_", "-")
+            if leaf.type is bool:
+                group.add_argument(flag, dest=_DEST + leaf.key, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_)
+            else:
+                group.add_argument(flag, dest=_DEST + leaf.key, default=argparse.SUPPRESS, help=help_,
+                                   metavar=_metavar(leaf))
+        parser.add_argument("--config", default=None, metavar="FILE",
+                            help="JSON or YAML file of settings (sections as in the run's resolved config, or "
+                                 "KEY: VALUE pairs as for --set); flags and --set override it")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
+                            help="any setting by dotted key or name (e.g. --set explore.G=16 --set scale_std=on); "
+                                 "applied last")
+
+    def flag_values(self, args: argparse.Namespace) -> dict[str, Any]:
+        """``{dotted key: value}`` of the flags given on the command line."""
+        return {k[len(_DEST):]: v for k, v in vars(args).items() if k.startswith(_DEST)}
+
+    def file_values(self, data: Mapping[str, Any], extra: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split a config file's mapping into ``({dotted key: value}, {extra key: value})``:
+        keys in ``extra`` are the command's own settings (``method``, ``seed``...)."""
+        extra = set(extra)
+        own = {k: v for k, v in data.items() if k in extra}
+        rest = {k: v for k, v in data.items() if k not in extra}
+        out = {}
+        for key, value in flatten_mapping(self.cls, rest):
+            leaf = self._resolve(key, "--config")
+            out[leaf.key] = value
+        return out, own
+
+    def _resolve(self, key: str, option: str) -> Leaf:
+        try:
+            return resolve_key(self.cls, key, self.names)
+        except ConfigError as e:
+            raise ConfigError(f"{option}: {e}", owner=option, field=key, value=key, allowed=e.allowed) from None
+
+    def set_values(self, items: Iterable[str]) -> dict[str, Any]:
+        """``{dotted key: text}`` of ``--set KEY=VALUE`` items."""
+        return {self._resolve(k, "--set").key: v for k, v in parse_assignments(items)}
+
+    def build(self, base: Any, *layers: Mapping[str, Any]) -> Any:
+        """``base`` (an instance of :attr:`cls`: defaults and method preset) with the layers
+        applied in order (later wins), validated once as a whole."""
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            for key, value in layer.items():
+                merged[resolve_key(self.cls, key, self.names).key] = value
+        return apply_overrides(base, merged, self.names)
+
+    def option_of(self, error: ConfigError) -> str | None:
+        """The flag (or ``--set``/``--config``) a :class:`ConfigError` is about, if any."""
+        if error.owner in ("--set", "--config"):
+            return error.owner
+        for name, leaf in self.names.items():
+            if leaf.owner.__name__ == error.owner and leaf.name == error.field:
+                return "--set" if leaf.key in self.hidden else "--" + name.replace("_", "-")
+        return None
+
+
+def _metavar(leaf: Leaf) -> str:
+    name = type_name(leaf.type)
+    for word, meta in (("integer", "INT"), ("number", "FLOAT"), ("string", "TEXT"), ("list", "A,B"),
+                       ("JSON", "JSON")):
+        if word in name:
+            return meta + ("|none" if name.endswith("or none") else "")
+    return "VALUE"
+
+
+def resolved_dict(config: Any) -> dict[str, Any]:
+    """The fully resolved config as a JSON-ready nested dict (what a run writes next to its results)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))

@@ -1,0 +1,173 @@
+"""The policy update and the per-step record: one vocabulary for every backend.
+
+A training step in any backend is ``explore`` -> :func:`update_policy` -> :func:`step_record`.
+The record holds everything the core computes, under the names of :data:`STEP_COLUMNS`;
+a backend only adds its own columns (the simulator: exact oracle values; the LLM trainer:
+evaluation and engine diagnostics), so that ``analysis/`` reads runs of both backends alike.
+
+=============================  ===============================================================
+budget, cumulative             ``rollouts``, ``tokens`` and per stream ``rollouts_main``,
+                               ``rollouts_aux``, ``tokens_main``, ``tokens_aux`` (generated
+                               tokens: a branch counts only its suffix)
+budget, this step              ``step_rollouts_main``, ``step_rollouts_aux``,
+                               ``step_tokens_main``, ``step_tokens_aux``
+rewards                        ``reward_main`` (mean over the G·P main chains), ``reward_aux``
+                               (mean over the branches; NaN without branches)
+failures                       ``failed`` (main chains with reward <= threshold),
+                               ``all_fail_groups`` (prompts whose G chains all failed)
+pivots                         ``candidates``, ``pivots`` (branch points), ``pivot_depth_mean``,
+                               ``pivot_depth_std``, ``pivot_depth_p10/p50/p90`` (relative depth
+                               r), ``pivot_prefix_tokens_mean``, ``branch_success`` (fraction of
+                               branch points with >= 1 successful continuation)
+signal                         ``nonzero_main``, ``nonzero_aux``: samples with |A| >= eps
+loss                           ``loss``, ``pg_main``, ``pg_aux``, ``kl_main``, ``kl_aux``,
+                               ``clip_fraction`` (ordinary PPO clip), ``dual_clip_fraction``
+                               (dual-clip cap), ``grad_norm``
+estimator                      ``est_<coefficient>`` (NaN before the first fit), ``est_buffer``
+=============================  ===============================================================
+
+Pivot statistics are NaN in a step without branch points; step 0 (before any update) has
+zero budget and NaN everywhere else (:func:`initial_record`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from deepgrpo.batch import Backend, Batch
+from deepgrpo.config import LossConfig
+from deepgrpo.explore import ExploreResult
+from deepgrpo.ledger import BudgetLedger
+from deepgrpo.losses import dual_stream_loss, loss_denominators
+
+BUDGET_COLUMNS = ("rollouts", "tokens", "rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux")
+"""Cumulative budget columns (from :meth:`BudgetLedger.totals`)."""
+STEP_BUDGET_COLUMNS = ("step_rollouts_main", "step_rollouts_aux", "step_tokens_main", "step_tokens_aux")
+"""This step's budget columns."""
+EXPLORE_COLUMNS = ("reward_main", "reward_aux", "failed", "all_fail_groups", "candidates", "pivots",
+                   "pivot_depth_mean", "pivot_depth_std", "pivot_depth_p10", "pivot_depth_p50",
+                   "pivot_depth_p90", "pivot_prefix_tokens_mean", "branch_success", "nonzero_main",
+                   "nonzero_aux")
+"""Columns computed from one :class:`~deepgrpo.explore.ExploreResult`."""
+UPDATE_COLUMNS = ("loss", "pg_main", "pg_aux", "kl_main", "kl_aux", "clip_fraction", "dual_clip_fraction",
+                  "grad_norm")
+"""Columns returned by :func:`update_policy`."""
+STEP_COLUMNS = BUDGET_COLUMNS + STEP_BUDGET_COLUMNS + EXPLORE_COLUMNS + UPDATE_COLUMNS + ("est_buffer",)
+"""Every fixed column of the core's step record (``est_<coefficient>`` columns come on top)."""
+
+
+def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer: torch.optim.Optimizer,
+                  parameters: Iterable[torch.nn.Parameter], micro_batch_size: int | None = None,
+                  max_grad_norm: float | None = 1.0, data_parallel: bool = False) -> dict[str, float]:
+    """One optimizer step on ``batch`` with the dual-stream loss, accumulated over micro-batches.
+
+    The per-stream denominators come from the whole batch (:func:`loss_denominators`), so the
+    accumulated gradient equals the full-batch gradient whatever the micro-batch size.
+    The reference pass is skipped when ``config.kl_coef == 0``.
+
+    With ``data_parallel`` (torch.distributed initialised, ``batch`` = this rank's share), the
+    denominators are summed over ranks and the gradients all-reduced (summed) before clipping,
+    so every rank takes the step a single process would take on the union of the batches
+    (see :mod:`deepgrpo.distributed`). Every rank must call it, even with an empty batch.
+
+    Returns: the :data:`UPDATE_COLUMNS`: loss parts summed over micro-batches (``loss``,
+    ``pg_main``, ``pg_aux``, ``kl_main``, ``kl_aux``; this rank's share when data-parallel),
+    token-weighted ``clip_fraction`` and ``dual_clip_fraction``, ``grad_norm``; and ``skipped``
+    (1 when the batch carried no gradient and no step was taken).
+    """
+    from deepgrpo.distributed import all_reduce_gradients, global_denominators
+    params = [p for p in parameters if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    den = loss_denominators(batch, config)
+    if data_parallel:
+        den = global_denominators(den)
+    totals: dict[str, float] = {"loss": 0.0, "pg_main": 0.0, "pg_aux": 0.0, "kl_main": 0.0, "kl_aux": 0.0}
+    clipped_tokens = dual_tokens = 0.0
+    n_tokens = 0
+    for mb in batch.chunks(micro_batch_size or len(batch)) if len(batch) else []:
+        lp = backend.logprobs(mb, "policy")  # [b, T]
+        ref = backend.logprobs(mb, "reference") if config.kl_coef > 0 else None
+        out = dual_stream_loss(mb, lp, ref, config, den)
+        out.loss.backward()
+        for k in totals:
+            totals[k] += out.metrics[k]
+        n = out.metrics["trainable_tokens_main"] + out.metrics["trainable_tokens_aux"]
+        clipped_tokens += out.metrics["clip_fraction"] * n
+        dual_tokens += out.metrics["dual_clip_fraction"] * n
+        n_tokens += n
+    if data_parallel:
+        for p in params:  # ranks without samples still take part in the all-reduce
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_gradients(params)
+    totals["clip_fraction"] = clipped_tokens / max(n_tokens, 1)
+    totals["dual_clip_fraction"] = dual_tokens / max(n_tokens, 1)
+    if not any(p.grad is not None for p in params):
+        totals.update(grad_norm=0.0, skipped=1.0)
+        return totals
+    if max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        grad_norm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+    optimizer.step()
+    totals["grad_norm"] = grad_norm
+    totals["skipped"] = 0.0
+    return totals
+
+
+def _estimator_columns(estimator: Any) -> dict[str, float]:
+    if estimator is None or not hasattr(estimator, "coefficients"):
+        return {"est_buffer": float("nan")}
+    out = {f"est_{k}": float(v) for k, v in estimator.coefficients().items()}
+    out["est_buffer"] = float(getattr(estimator, "buffer_len", float("nan")))
+    return out
+
+
+def explore_columns(result: ExploreResult) -> dict[str, float]:
+    """The :data:`EXPLORE_COLUMNS` and :data:`STEP_BUDGET_COLUMNS` of one exploration step."""
+    nan = float("nan")
+    s, plan = result.stats, result.plan
+    row = {k: float(s[k]) for k in ("reward_main", "reward_aux", "failed", "all_fail_groups", "candidates",
+                                     "pivots", "branch_success", "nonzero_main", "nonzero_aux")}
+    row.update(step_rollouts_main=int(result.budget.rollouts_main), step_rollouts_aux=int(result.budget.rollouts_aux),
+               step_tokens_main=int(result.budget.tokens_main), step_tokens_aux=int(result.budget.tokens_aux))
+    if len(plan):
+        depth = plan.rel_depth.astype(np.float64)
+        p10, p50, p90 = np.quantile(depth, [0.1, 0.5, 0.9])
+        row.update(pivot_depth_mean=float(depth.mean()), pivot_depth_std=float(depth.std()),
+                   pivot_depth_p10=float(p10), pivot_depth_p50=float(p50), pivot_depth_p90=float(p90),
+                   pivot_prefix_tokens_mean=float(plan.prefix_len.mean()))
+    else:
+        row.update({k: nan for k in ("pivot_depth_mean", "pivot_depth_std", "pivot_depth_p10", "pivot_depth_p50",
+                                     "pivot_depth_p90", "pivot_prefix_tokens_mean")})
+    return row
+
+
+def step_record(result: ExploreResult, update: dict[str, float], ledger: BudgetLedger,
+                estimator: Any = None) -> dict[str, float]:
+    """The core's record of one training step (columns: see the module docstring).
+
+    Args:
+        result: the step's :func:`~deepgrpo.explore.explore` result.
+        update: what :func:`update_policy` returned.
+        ledger: the run's budget ledger (cumulative columns; it already holds this step).
+        estimator: the run's recoverability estimator (``est_*`` columns), or None.
+    """
+    totals = ledger.totals()
+    row: dict[str, float] = {k: int(totals[k]) for k in BUDGET_COLUMNS}  # counts stay integers
+    row.update(explore_columns(result))
+    row.update({k: float(update.get(k, float("nan"))) for k in UPDATE_COLUMNS})
+    row.update(_estimator_columns(estimator))
+    return row
+
+
+def initial_record(estimator: Any = None) -> dict[str, float]:
+    """The core's columns of step 0 (before any update): zero budget, NaN elsewhere."""
+    nan = float("nan")
+    row: dict[str, float] = {k: 0 for k in BUDGET_COLUMNS + STEP_BUDGET_COLUMNS}
+    row.update({k: nan for k in EXPLORE_COLUMNS + UPDATE_COLUMNS})
+    row.update({k: nan for k in _estimator_columns(estimator)})
+    return row
