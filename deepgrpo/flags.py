@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from deepgrpo.config import ConfigError
-from deepgrpo.overrides import Leaf, apply_overrides, flatten_mapping, leaves, parse_assignments, resolve_key, \
-    short_names, type_name
+from deepgrpo.overrides import (Leaf, apply_overrides, coerce, flatten_mapping, leaves, parse_assignments,
+                                resolve_key, short_names, type_name)
 
 _DEST = "cfg:"
 
@@ -104,8 +104,22 @@ class OptionSet:
                                  "applied last")
 
     def flag_values(self, args: argparse.Namespace) -> dict[str, Any]:
-        """``{dotted key: value}`` of the flags given on the command line."""
-        return {k[len(_DEST):]: v for k, v in vars(args).items() if k.startswith(_DEST)}
+        """``{dotted key: typed value}`` of the flags given on the command line."""
+        out = {}
+        for k, v in vars(args).items():
+            if k.startswith(_DEST):
+                leaf = resolve_key(self.cls, k[len(_DEST):], self.names)
+                out[leaf.key] = self._typed(leaf, v, self.flag(leaf))
+        return out
+
+    @staticmethod
+    def _typed(leaf: Leaf, value: Any, option: str) -> Any:
+        """``value`` converted by ``leaf``'s annotation; an error names ``option``."""
+        try:
+            return coerce(leaf.owner.__name__, leaf.name, leaf.type, value)
+        except ConfigError as e:
+            raise ConfigError(f"{option}: {e}", owner=option, field=e.field, value=e.value,
+                              allowed=e.allowed) from None
 
     def file_values(self, data: Mapping[str, Any], extra: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split a config file's mapping into ``({dotted key: value}, {extra key: value})``:
@@ -116,7 +130,7 @@ class OptionSet:
         out = {}
         for key, value in flatten_mapping(self.cls, rest):
             leaf = self._resolve(key, "--config")
-            out[leaf.key] = value
+            out[leaf.key] = self._typed(leaf, value, "--config")
         return out, own
 
     def _resolve(self, key: str, option: str) -> Leaf:
@@ -126,8 +140,12 @@ class OptionSet:
             raise ConfigError(f"{option}: {e}", owner=option, field=key, value=key, allowed=e.allowed) from None
 
     def set_values(self, items: Iterable[str]) -> dict[str, Any]:
-        """``{dotted key: text}`` of ``--set KEY=VALUE`` items."""
-        return {self._resolve(k, "--set").key: v for k, v in parse_assignments(items)}
+        """``{dotted key: typed value}`` of ``--set KEY=VALUE`` items."""
+        out = {}
+        for k, v in parse_assignments(items):
+            leaf = self._resolve(k, "--set")
+            out[leaf.key] = self._typed(leaf, v, "--set")
+        return out
 
     def build(self, base: Any, *layers: Mapping[str, Any]) -> Any:
         """``base`` (an instance of :attr:`cls`: defaults and method preset) with the layers

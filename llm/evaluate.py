@@ -23,7 +23,7 @@ class EvalConfig:
 
     n_problems: held-out problems (512 carries about ±2 points of sampling noise at 40 %).
     samples: sampled responses per problem at ``temperature`` (for sampled mean@1 and pass@k).
-    pass_k: the k of pass@k (<= samples; unbiased estimator of Chen et al. 2021).
+    pass_k: the k of pass@k (<= samples; unbiased estimator of Chen et al. 2021); None = samples.
     temperature: sampling temperature of the sampled metrics (paper: 1.0).
     max_response_tokens: response length cap (truncated = wrong).
     seed: evaluation seed (independent of the training random state).
@@ -31,7 +31,7 @@ class EvalConfig:
 
     n_problems: int = 512
     samples: int = 4
-    pass_k: int = 4
+    pass_k: int | None = None
     temperature: float = 1.0
     max_response_tokens: int = 64
     seed: int = 1234
@@ -40,12 +40,18 @@ class EvalConfig:
         o = type(self).__name__
         check_range(o, "n_problems", self.n_problems, 1, None, integer=True)
         check_range(o, "samples", self.samples, 0, None, integer=True)
-        check_range(o, "pass_k", self.pass_k, 1, max(self.samples, 1), integer=True)
+        if self.pass_k is not None:
+            check_range(o, "pass_k", self.pass_k, 1, max(self.samples, 1), integer=True)
         check_range(o, "temperature", self.temperature, 0.0, None, lo_open=True)
         check_range(o, "max_response_tokens", self.max_response_tokens, 1, None, integer=True)
 
+    @property
+    def k(self) -> int:
+        """The k of the reported pass@k (``pass_k``, or ``samples`` when it is None)."""
+        return self.pass_k if self.pass_k is not None else max(self.samples, 1)
 
-def pass_at_k(n: int, c: int, k: int) -> float:
+
+def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples with ``c`` correct: 1 - C(n-c, k) / C(n, k)."""
     if n < k:
         raise ValueError(f"pass@k needs n >= k, got n={n}, k={k}")
@@ -81,5 +87,5 @@ def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Prompt],
                            cfg.seed + 1)  # [P, n]
         out["sampled_mean@1"] = float(sampled.mean())
         c = sampled.sum(1).astype(int)
-        out[f"pass@{cfg.pass_k}"] = float(np.mean([pass_at_k(cfg.samples, int(ci), cfg.pass_k) for ci in c]))
+        out[f"pass@{cfg.k}"] = float(np.mean([unbiased_pass_at_k(cfg.samples, int(ci), cfg.k) for ci in c]))
     return out

@@ -138,7 +138,7 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
         row = {"step": step, "loss": loss.item(), "grad_norm": gn, "lr": float(sched.get_last_lr()[0])}
         if config.eval_every and (step + 1) % config.eval_every == 0:
             model.eval()
-            quick = dataclasses.replace(config.eval, n_problems=128, samples=0, pass_k=1)
+            quick = dataclasses.replace(config.eval, n_problems=128, samples=0, pass_k=None)
             row["quick_greedy_mean@1"] = evaluate(HFEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id),
                                                   tokenizer, quick_prompts, quick)["greedy_mean@1"]
             model.train()

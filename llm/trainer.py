@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deepgrpo import BudgetLedger, explore, make_estimator, method_config, update_policy
+from deepgrpo import BudgetLedger, explore, make_estimator, method_config, step_record, update_policy
 from deepgrpo.distributed import GatheredEstimator, shard, world
-from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range
+from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from llm.backend import LLMBackend, SamplingConfig
 from llm.checkpoint import (has_checkpoint, load_trainer_state, recover_interrupted, restore_rng_states,
@@ -61,29 +61,36 @@ class TrainConfig:
         arith: difficulty knobs of the arithmetic task.
     Algorithm
         method: a name of :data:`deepgrpo.methods.METHODS` (grpo, deep-grpo, ...).
-        overrides: flat overrides of the method's :class:`AlgoConfig` (``G``, ``K``, ``gamma``,
-            ``lam``, ``kl_coef``... ; GRPO's N is ``G``).
+        overrides: overrides of the method's :class:`AlgoConfig` by dotted key or field name
+            (``explore.G`` or ``G``, ``loss.lam``...; GRPO's N is ``G``). The command line
+            fills it from the algorithm's flags and ``--set`` with the keys that differ from the
+            method's preset.
         prompts_per_step: prompts per exploration step (paper: 64).
         segmenter: how responses are cut into pivot candidates (None = the task's default:
             ``step`` for arith, ``line`` for gsm8k, ``sentence`` for math).
         segment_tokens: segment length of the ``fixed`` segmenter.
         sampling: rollout length cap, temperature (paper: 1.0), top-p.
     Optimisation
-        steps: training steps. lr: AdamW learning rate (paper: 1e-6 for 0.5B models; tiny-arith:
-            1e-4). lr_warmup_steps: linear warm-up from 0 (0 = constant lr). On the tiny preset's
+        steps: training steps.
+        lr: AdamW learning rate (paper: 1e-6 for 0.5B models; tiny-arith: 1e-4).
+        lr_warmup_steps: linear warm-up from 0 (0 = constant lr). On the tiny preset's
             peaked SFT policy, Adam's sign-like first step at lr 3e-4 lowers the log-probs of
             *both* positive- and negative-advantage samples and the reward drops from 0.51 to
             0.32 in one step (measured); a short warm-up to 1e-4 avoids it.
-            weight_decay, betas, adam_eps: AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's moment coefficients.
+        adam_eps: AdamW's epsilon.
         max_grad_norm: gradient clipping (paper: 1.0).
         micro_batch_size: rows per backward pass (gradients accumulate to the full batch).
         logprob_chunk_size: rows per forward pass when scoring.
         bf16: bfloat16 autocast for the trainer's forward passes (CPU speed-up; adds mismatch).
     Bookkeeping
         eval_every: evaluate every this many steps (and always before the first and after the
-            last step); 0 = only before and after. eval: the evaluation settings.
+            last step); 0 = only before and after.
+        eval: the evaluation settings.
         checkpoint_every: save a checkpoint every this many steps (and at the end).
-        seed: every random choice of the run. threads: torch CPU threads.
+        seed: every random choice of the run.
+        threads: torch CPU threads.
         tensorboard: also write TensorBoard events.
         engine: rollout engine, ``hf`` (:class:`~llm.hf_engine.HFEngine`, samples with the
             trainer's module) or ``vllm`` (:class:`~llm.vllm_engine.VLLMEngine`, weights synced
@@ -134,7 +141,7 @@ class TrainConfig:
             check_choice(o, "segmenter", self.segmenter, SEGMENTERS)
         check_range(o, "segment_tokens", self.segment_tokens, 1, None, integer=True)
         check_range(o, "prompts_per_step", self.prompts_per_step, 1, None, integer=True)
-        check_range(o, "steps", self.steps, 0, None, integer=True)
+        check_range(o, "steps", self.steps, 1, None, integer=True)
         check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
         check_range(o, "lr_warmup_steps", self.lr_warmup_steps, 0, None, integer=True)
         check_range(o, "weight_decay", self.weight_decay, 0.0, None)
@@ -147,26 +154,27 @@ class TrainConfig:
         check_range(o, "threads", self.threads, 1, None, integer=True)
         check_choice(o, "engine", self.engine, ENGINES)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"{o}.device = 'cuda' is invalid: no CUDA device is available")
         self.algo()  # validates method and overrides
 
+    def check_device(self) -> None:
+        """Raise :class:`ConfigError` if ``device = "cuda"`` and no CUDA device is available
+        (checked when a run starts, so that a GPU recipe can be validated on any machine)."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise invalid(type(self).__name__, "device", self.device, "auto or cpu: no CUDA device is available")
+
     def algo(self) -> AlgoConfig:
-        return method_config(self.method, **self.overrides)
+        """The resolved algorithm: the method's preset with ``overrides`` (typed path)."""
+        return method_config(self.method, self.overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every field (JSON-ready)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        d = dict(d)
-        nested = {"arith": ArithmeticConfig, "sampling": SamplingConfig, "eval": EvalConfig}
-        for k, c in nested.items():
-            if k in d and isinstance(d[k], dict):
-                d[k] = c(**d[k])
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        """Inverse of :meth:`to_dict` through the typed path: values converted by their
+        annotations, an unknown key is a :class:`ConfigError` naming it."""
+        return dataclass_from_dict(cls, d)
 
 
 def _stream_and_heldout(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, list[Prompt], str]:
@@ -196,8 +204,10 @@ def _scalar(x: Any) -> float | None:
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs (or resumes) the training loop."""
 
-    def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                 resume_changes: dict[str, Any] | None = None) -> None:
         self.cfg = config
+        self.resume_changes = dict(resume_changes or {})
         self.out = Path(out)
         self.progress = progress
         self.algo = config.algo()
@@ -254,6 +264,9 @@ class Trainer:
         self.wall_time = 0.0
         if resuming:
             self._load_state(load_trainer_state(ckpt))
+            if config.steps < self.step:
+                raise invalid(type(config).__name__, "steps", config.steps,
+                              f"an integer >= {self.step}, the steps this run has already taken")
 
     # -- state ----------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -304,40 +317,16 @@ class Trainer:
         t2 = time.time()
         G = self.algo.explore.G
         main_r = res.main.rewards.reshape(len(prompts), G)  # [P, G]
-        adv = res.batch.advantages
-        totals = self.ledger.totals()
-        row: dict[str, Any] = {
-            "step": self.step + 1,
-            "reward": float(main_r.mean()),
-            "pass@1": float(main_r.mean()),
+        # the core's record (budget, rewards, pivots, loss parts, estimator), then this backend's columns
+        row: dict[str, Any] = {"step": self.step + 1, **step_record(res, upd, self.ledger, self.estimator)}
+        row.update({
             f"pass@{G}": float((main_r > 0).any(1).float().mean()),
             "truncated_frac": float(res.main.truncated.float().mean()),
             "response_len": float(res.main.lengths.float().mean()),
-            "adv_abs_mean": float(adv.abs().mean()) if len(adv) else 0.0,
-            "adv_pos_frac": float((adv > 0).float().mean()) if len(adv) else 0.0,
             "batch_rows": float(len(res.batch)),
-            "kl_main": upd.get("kl_main", 0.0), "kl_aux": upd.get("kl_aux", 0.0),
-            "loss": upd["loss"], "pg_main": upd.get("pg_main", 0.0), "pg_aux": upd.get("pg_aux", 0.0),
-            "clip_fraction": upd["clip_fraction"], "grad_norm": upd["grad_norm"], "lr": lr,
-            "cum_rollouts": float(totals["rollouts"]), "cum_tokens": float(totals["tokens"]),
-            "cum_rollouts_main": float(totals["rollouts_main"]), "cum_rollouts_aux": float(totals["rollouts_aux"]),
-            "cum_tokens_main": float(totals["tokens_main"]), "cum_tokens_aux": float(totals["tokens_aux"]),
-            "time_explore_s": t1 - t0, "time_update_s": t2 - t1,
-        }
-        for k, v in res.stats.items():
-            row[f"explore/{k}"] = float(v)
-        if len(res.plan):
-            depths = res.plan.rel_depth
-            row["pivot_depth_mean"] = float(depths.mean())
-            row["pivot_depth_p10"], row["pivot_depth_p50"], row["pivot_depth_p90"] = (
-                float(x) for x in np.quantile(depths, [0.1, 0.5, 0.9]))
-            row["pivot_prefix_tokens_mean"] = float(res.plan.prefix_len.mean())
-        for k, v in self.backend.diagnostics().items():
-            row[k] = v
-        if hasattr(self.estimator, "coefficients"):
-            for k, v in self.estimator.coefficients().items():
-                row[f"estimator/{k}"] = v
-            row["estimator/buffer"] = float(getattr(self.estimator, "buffer_len", 0))
+            "lr": lr, "time_explore_s": t1 - t0, "time_update_s": t2 - t1,
+        })
+        row.update(self.backend.diagnostics())
         return row
 
     def run_eval(self) -> dict[str, float]:
@@ -362,8 +351,15 @@ class Trainer:
         lead = self.rank == 0  # with data parallelism, rank 0 evaluates and writes everything
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
+            resumes = []
+            old = self.out / "config.json"
+            if old.is_file():
+                resumes = list(json.loads(old.read_text()).get("resumes", []))
+            if self.step or self.rows:  # a resumed run records where it resumed and what it changed
+                resumes.append({"at_step": self.step, "changed": self.resume_changes})
             write_json_atomic(self.out / "config.json", {"train": cfg.to_dict(), "algo": self.algo.to_dict(),
-                                                          "world_size": self.world_size, "versions": versions()})
+                                                          "world_size": self.world_size, "versions": versions(),
+                                                          "resumes": resumes})
         writer = None
         if cfg.tensorboard and lead:
             from torch.utils.tensorboard import SummaryWriter
@@ -390,7 +386,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", rollouts=int(row["cum_rollouts"]))
+            bar.set_postfix(reward=f"{row['reward_main']:.3f}", rollouts=int(row["rollouts"]))
             if until is not None and self.step >= until:
                 break
         bar.close()

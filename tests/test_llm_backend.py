@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,15 +286,14 @@ def test_trainer_metrics_budget_and_outputs(model_dir, tmp_path):
     summary = Trainer(cfg, tmp_path / "deep", progress=False).run()
     rows = [json.loads(line) for line in (tmp_path / "deep" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    for key in ("reward", "pass@1", "pass@4", "adv_abs_mean", "kl_main", "kl_aux", "clip_fraction", "entropy",
-                "logprob_mismatch", "cum_rollouts_main", "cum_rollouts_aux", "cum_tokens_main", "cum_tokens_aux",
-                "pivot_depth_mean", "estimator/rel_depth", "estimator/intercept", "eval/greedy_mean@1",
-                "eval/sampled_mean@1", "eval/pass@2"):
+    from deepgrpo.step import STEP_COLUMNS
+    for key in (*STEP_COLUMNS, "pass@4", "entropy", "logprob_mismatch", "est_rel_depth", "est_intercept",
+                "eval/greedy_mean@1", "eval/sampled_mean@1", "eval/pass@2"):
         assert key in last, key
     assert last["logprob_mismatch"] < 1e-5 and last["entropy"] > 0
-    assert last["cum_rollouts_main"] == 2 * 4 * 4
-    assert last["cum_rollouts_aux"] == sum(r["explore/rollouts_aux"] for r in rows[1:]) > 0
-    assert summary["budget"]["rollouts"] == last["cum_rollouts"]
+    assert last["rollouts_main"] == 2 * 4 * 4
+    assert last["rollouts_aux"] == sum(r["step_rollouts_aux"] for r in rows[1:]) > 0
+    assert summary["budget"]["rollouts"] == last["rollouts"]
     assert 0 < last["pivot_depth_mean"] < 1
     assert set(summary["before"]) >= {"greedy_mean@1", "sampled_mean@1", "pass@2"}
     assert list((tmp_path / "deep" / "tb").glob("events.out.tfevents.*"))
@@ -344,7 +344,7 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
 def test_cli_eval_writes_results(model_dir, tmp_path, capsys):
     out = tmp_path / "ev.json"
     code, cap = _cli(["eval", "--checkpoint", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
-                      "--samples", "4", "--pass-k", "2", "--max-tokens", "40", "--threads", "1", "--out", str(out)],
+                      "--samples", "4", "--pass-k", "2", "--max-response-tokens", "40", "--threads", "1", "--out", str(out)],
                      capsys)
     assert code == 0
     res = json.loads(out.read_text())
@@ -376,3 +376,42 @@ def test_trainer_runs_on_gsm8k_and_math_files(model_dir, tmp_path, name, task, s
     held_ids = {p.problem.id for p in tr.heldout}
     train_ids = {tr.stream.problem_at(i).id for i in range(20)}
     assert held_ids and not held_ids & train_ids  # held-out split is disjoint from training
+
+
+def test_cli_layering_config_file_then_flags_then_set(model_dir, tmp_path):
+    """``llm train --config FILE --lr X``: the flag applies over the file (it used to be ignored),
+    and --set over both; the recipe's ``overrides`` land in the algorithm."""
+    from llm.cli import build_parser, resolve_train
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"description": "test", "train": {"model": str(model_dir), "lr": 1e-6, "steps": 9,
+                                                                  "overrides": {"G": 4, "lam": 0.5}}}))
+    a = build_parser("deepgrpo llm").parse_args(["train", "--config", str(cfg), "--lr", "1e-5", "--set", "K=2",
+                                                 "--set", "loss.lam=0.25", "--out", str(tmp_path / "o")])
+    t = resolve_train(a)
+    algo = t.algo()
+    assert t.lr == 1e-5 and t.steps == 9
+    assert (algo.explore.G, algo.explore.K, algo.loss.lam) == (4, 2, 0.25)
+    assert t.overrides == {"explore.G": 4, "explore.K": 2, "loss.lam": 0.25}
+
+
+def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
+            "--eval-data", str(DATA_DIR / "arith_sample.jsonl"), "--method", "grpo", "--G", "2",
+            "--prompts-per-step", "2", "--n-problems", "2", "--samples", "0", "--sampling-max-response-tokens", "30",
+            "--eval-max-response-tokens", "30", "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1"]
+    code, cap = _cli([*base, "--steps", "2", "--out", str(out)], capsys)
+    assert code == 0, cap.err
+    written = json.loads((out / "config.json").read_text())
+    assert Path(written["train"]["model"]).is_absolute()  # resumable from any directory
+    monkeypatch.chdir(tmp_path)
+    for extra, option in ((["--lr", "1"], "lr"), (["--G", "4"], "explore.G"), (["--steps", "1"], "steps")):
+        code, cap = _cli(["train", "--resume", "--out", str(out), *extra], capsys)
+        err = cap.err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and option in err[0], (extra, cap.err)
+    assert json.loads((out / "config.json").read_text()) == written  # nothing rewritten
+    code, cap = _cli(["train", "--resume", "--out", str(out), "--steps", "3"], capsys)
+    assert code == 0, cap.err
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["train"]["steps"] == 3 and rec["resumes"] == [{"at_step": 2, "changed": {"steps": 3}}]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
