@@ -253,3 +253,28 @@ def test_segmenter_validation(tok):
         FixedTokenSegmenter(0)
     with pytest.raises(ConfigError, match="pattern"):
         TextBoundarySegmenter(tok, "[unclosed")
+
+
+def test_math_reward_works_from_a_worker_thread_with_a_timeout_that_holds():
+    """math-verify's timeout uses signals (main thread only); from a thread, as TRL and verl call
+    rewards, the score must still be right and a pathological answer must still be cut off."""
+    import threading
+    import time
+
+    from llm.rewards import math_reward
+    out = {}
+
+    def work():
+        out["right"] = math_reward("so the answer is \\boxed{\\frac{1}{2}}", "0.5")
+        out["wrong"] = math_reward("\\boxed{3}", "0.5")
+        t = time.perf_counter()
+        out["slow"] = math_reward("\\boxed{9^{9^{9^{9}}}}", "1", timeout_s=1)  # sympy would take ages
+        out["slow_s"] = time.perf_counter() - t
+        out["after"] = math_reward("\\boxed{42}", "42")  # a fresh child after the kill
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(120)
+    assert not th.is_alive()
+    assert (out["right"], out["wrong"], out["slow"], out["after"]) == (1.0, 0.0, 0.0, 1.0)
+    assert out["slow_s"] < 8.0
