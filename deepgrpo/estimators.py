@@ -210,24 +210,6 @@ class StateLogistic(LogisticEstimator):
         super().__init__(feature_names, config)
 
 
-class ConstantEstimator:
-    """P̂ = 1 everywhere (``depth-only`` utility); learns nothing."""
-
-    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
-        """Ignore the data."""
-
-    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``[N]`` ones."""
-        return np.ones(len(next(iter(features.values()))) if features else 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Empty: there is no state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Nothing to restore."""
-
-
 def make_estimator(config: EstimatorConfig | None = None) -> LogisticEstimator:
     """The estimator named by ``config.kind`` (``position`` or ``state``)."""
     cfg = config or EstimatorConfig()

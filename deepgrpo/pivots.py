@@ -79,25 +79,6 @@ def gumbel_top_k(scores: np.ndarray, k: int, rng: np.random.Generator,
     return out.astype(np.int64)
 
 
-def sample_pivots(utility: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``min(n, L)`` distinct candidates of one trajectory with probability ∝ ``utility``
-    (successive draws without replacement). Candidates with zero utility come only after all
-    positive ones; all-zero utilities give uniform draws.
-
-    Args:
-        utility: ``[L]`` non-negative Q(i).
-        n: pivots wanted.
-        rng: numpy Generator (seeded by the caller).
-
-    Returns: ``[min(n, L)]`` int64 indices, in draw order.
-    """
-    q = np.asarray(utility, dtype=np.float64)
-    if q.ndim != 1:
-        raise ValueError(f"utility must be 1-D, got shape {q.shape}")
-    out = gumbel_top_k(utility_scores(q)[None, :], min(n, q.shape[0]), rng)[0]
-    return out[out >= 0]
-
-
 def split_evenly(total: int, parts: int) -> np.ndarray:
     """``[parts]`` non-negative integers summing to ``total``, differing by at most 1
     (the first ``total % parts`` get one more)."""

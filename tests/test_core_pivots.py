@@ -6,8 +6,14 @@ from scipy import stats
 
 from deepgrpo.branching import CandidateSet, cap_plan, plan_branches
 from deepgrpo.config import ExploreConfig
-from deepgrpo.pivots import (candidate_depths, candidate_prefix_lengths, gumbel_top_k, pivot_utility,
-                             sample_pivots, split_evenly)
+from deepgrpo.pivots import (candidate_depths, candidate_prefix_lengths, gumbel_top_k, pivot_utility, split_evenly,
+                             utility_scores)
+
+
+def sample_pivots(utility, n, rng):
+    """Pivots of one trajectory the way the plan draws them (Gumbel-top-k on log-utilities)."""
+    out = gumbel_top_k(utility_scores(utility)[None, :], min(n, len(utility)), rng)[0]
+    return out[out >= 0]
 
 
 def test_candidates_and_depths():
