@@ -415,3 +415,25 @@ def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path,
     rec = json.loads((out / "config.json").read_text())
     assert rec["train"]["steps"] == 3 and rec["resumes"] == [{"at_step": 2, "changed": {"steps": 3}}]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_simulator_and_llm_records_share_the_cores_columns(model_dir, tmp_path):
+    """Both backends write the core's step record (deepgrpo.step) under the same names, so the
+    studies read runs of either; each adds only its own columns."""
+    from deepgrpo.step import STEP_COLUMNS
+    from llm.trainer import Trainer
+    from sims.runner import RunnerConfig, train
+    from sims.spec import TokenTreeSpec
+    Trainer(_train_config(model_dir, steps=2, eval_every=0), tmp_path / "llm", progress=False).run()
+    llm_rows = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
+    sim_rows = train(TokenTreeSpec(n_problems=4, depth=6), method_config("deep-grpo"),
+                     RunnerConfig(steps=2, batch_problems=4)).history
+    llm_cols, sim_cols = set(llm_rows[-1]), set(sim_rows[-1])
+    core = set(STEP_COLUMNS) | {"est_rel_depth", "est_intercept"}
+    assert core <= llm_cols and core <= sim_cols
+    assert not {c for c in llm_cols ^ sim_cols if c in core}
+    # budget columns mean the same thing in both: cumulative = sum of the per-step counts
+    for rows in (llm_rows[1:], sim_rows[1:]):
+        for stream in ("main", "aux"):
+            assert rows[-1][f"tokens_{stream}"] == sum(r[f"step_tokens_{stream}"] for r in rows)
+        assert rows[-1]["rollouts"] == rows[-1]["rollouts_main"] + rows[-1]["rollouts_aux"]
