@@ -28,6 +28,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` and put the finished directory at ``path`` by renames, so that
+    ``path`` is absent, the old directory, or the complete new one — never half-written. An
+    existing ``path`` is replaced (the caller decides whether that is allowed)."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(path, 0o755)
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``Path(path)`` if it is (or can become) a writable directory, else a
+    :class:`~deepgrpo.config.ConfigError` naming ``option``: checked before any work is done."""
+    from deepgrpo.config import ConfigError
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: it exists and is not a directory", owner=option,
+                          value=str(path), allowed="a directory")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: {str(probe)!r} is not a writable directory",
+                          owner=option, value=str(path), allowed="a writable directory")
+    return p
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda p: p.write_text(text))

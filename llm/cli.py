@@ -127,12 +127,13 @@ def _positive_int(option: str, value: Any) -> int:
     return n
 
 
-def _check_new_dir(path: str, force: bool, option: str = "--out") -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{option} = {path!r} is invalid: it exists and is not a directory", owner=option)
+def _check_new_dir(path: str, force: bool | None, option: str = "--out", hint: str = "") -> Path:
+    """``path`` if a new output directory can be made there (``force`` None: the command has no
+    ``--force``); checked before any work, so a bad ``--out`` never costs a run."""
+    from deepgrpo.records import check_writable_dir
+    p = check_writable_dir(path, option)
     if p.is_dir() and any(p.iterdir()) and not force:
-        raise ConfigError(f"{option} = {path!r} is invalid: directory is not empty (pass --force, or --resume)",
+        raise ConfigError(f"{option} = {path!r} is invalid: directory is not empty ({hint or 'choose another'})",
                           owner=option)
     return p
 
@@ -193,11 +194,12 @@ def resolve_train(a: argparse.Namespace, base_train: TrainConfig | None = None) 
 
 
 def _check_paths(cfg: TrainConfig, preset: str | None) -> None:
+    from llm.models import check_model_dir
     if preset is None and not cfg.model:
         raise ConfigError("--model is required unless --preset tiny-arith is given", owner="--model")
     for opt, path in (("--model", cfg.model), ("--reference", cfg.reference)):
-        if path and not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"{opt} = {path!r} is invalid: not a model directory (no config.json)", owner=opt)
+        if path:
+            check_model_dir(path, opt)
     for opt, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{opt} = {path!r} is invalid: no such file", owner=opt)
@@ -223,7 +225,7 @@ def cmd_sft(a: argparse.Namespace) -> int:
 
     threads = _positive_int("--threads", a.threads)
     settings = SFT_OPTIONS.build(LLMSFTSettings(), *_layers(SFT_OPTIONS, a))
-    out = _check_new_dir(a.out, a.force)
+    out = _check_new_dir(a.out, a.force, hint="pass --force to replace it")
     torch.set_num_threads(threads)
     res = train_sft(settings.sft, out=out, progress=True)
     assert is_model_dir(out)
@@ -276,7 +278,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = resolve_train(a)
         _check_paths(cfg, a.preset)
         cfg.check_device()
-        _check_new_dir(a.out, force=False)
+        _check_new_dir(a.out, force=None, hint="use another --out, or --resume to continue the run there")
         cfg = _resolved_paths(cfg)
         if a.preset == "tiny-arith" and not cfg.model:
             from llm.sft import SFTConfig, train_sft
@@ -304,10 +306,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     threads = _positive_int("--threads", a.threads)
     cfg = EVAL_OPTIONS.build(LLMEvalSettings(), *_layers(EVAL_OPTIONS, a)).eval
+    from llm.models import check_model_dir
     model_dir = resolve_model_dir(a.checkpoint)
     if model_dir is None:
-        raise ConfigError(f"--checkpoint = {a.checkpoint!r} is invalid: no model directory there (no config.json)",
-                          owner="--checkpoint")
+        check_model_dir(a.checkpoint, "--checkpoint")  # says what is wrong with it
+    check_model_dir(model_dir, "--checkpoint")
+    if a.out is not None and Path(a.out).is_dir():
+        raise ConfigError(f"--out = {a.out!r} is invalid: it is a directory; expected a JSON file path", owner="--out")
     if a.data in ("arith", "tiny-arith"):
         problems = arithmetic_heldout(cfg.n_problems)
     elif Path(a.data).is_file():
@@ -316,8 +321,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ConfigError(f"--data = {a.data!r} is invalid: expected 'arith' or an existing JSONL/parquet file",
                           owner="--data")
     torch.set_num_threads(threads)
-    tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, trainable=False)
+    tok = load_tokenizer(model_dir, option="--checkpoint")
+    model = load_causal_lm(model_dir, trainable=False, option="--checkpoint")
     res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, make_prompts(problems, tok), cfg)
     out = Path(a.out) if a.out else model_dir / "eval_results.json"
     record = {"checkpoint": str(model_dir), "data": a.data, **res, "config": dataclasses.asdict(cfg)}

@@ -5,11 +5,18 @@ that the returned log-probs are exactly those of the distribution that was sampl
 (log softmax(logits / T), renormalised over the top-p nucleus), and so that continuations start
 from the exact prompt + prefix ids. Rows are left-padded with explicit position ids; rows that
 finish are dropped from the batch and the KV cache as decoding goes on.
+
+Prefix sharing: rows with the same ``prompt + prefix`` ids (the K branches of one pivot, the G
+main chains of one prompt) are prefilled once and their KV cache is copied K times, so a branch
+from a deep pivot costs about its share of a full generation (``benchmarks/bench_branch_cost.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -45,6 +52,87 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
+@functools.cache
+def _reserved_layer_class() -> type | None:
+    """The :func:`reserved_cache` layer class (built on first use, so that importing this module
+    does not import transformers), or None if transformers has no ``DynamicLayer`` (< 4.56)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class ReservedKVLayer(DynamicLayer):
+        """A full-attention KV-cache layer that writes new keys and values into a buffer with
+        room for ``final_length`` tokens, instead of concatenating (a copy of the whole cache)
+        at every decoding step. ``keys`` / ``values`` are views ``[B, H, T, D]`` of the
+        buffers ``[B, H, capacity, D]``; the values, and so the logits, are bit for bit those
+        of ``DynamicLayer``. Anything that replaces ``keys`` (row selection after pruning)
+        makes the next update move them into a fresh buffer."""
+
+        def __init__(self, final_length: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.final_length = int(final_length)
+            self._key_buf: torch.Tensor | None = None
+            self._value_buf: torch.Tensor | None = None
+
+        def _owns_keys(self) -> bool:
+            buf = self._key_buf
+            return (buf is not None and self.keys is not None and self.keys.numel() > 0
+                    and self.keys.data_ptr() == buf.data_ptr() and self.keys.shape[0] == buf.shape[0])
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.get_seq_length()
+            need = n + key_states.shape[-2]
+            if not self._owns_keys() or need > self._key_buf.shape[-2]:
+                B, H, _, D = key_states.shape  # [B, H, t, D]
+                capacity = max(need, self.final_length) if need <= self.final_length else 2 * need
+                keys = key_states.new_empty(B, H, capacity, D)  # [B, H, capacity, D]
+                values = value_states.new_empty(B, H, capacity, value_states.shape[-1])
+                if n:
+                    keys[:, :, :n] = self.keys
+                    values[:, :, :n] = self.values
+                self._key_buf, self._value_buf = keys, values
+            self._key_buf[:, :, n:need] = key_states
+            self._value_buf[:, :, n:need] = value_states
+            self.keys, self.values = self._key_buf[:, :, :need], self._value_buf[:, :, :need]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            super().batch_select_indices(indices)
+            self._key_buf = self._value_buf = None  # the selected rows are a new tensor
+
+    return ReservedKVLayer
+
+
+def reserved_cache(model: Any, final_length: int) -> Any | None:
+    """A transformers ``DynamicCache`` for ``model`` whose layers reserve room for
+    ``final_length`` tokens (see ``ReservedKVLayer`` in :func:`_reserved_layer_class`): decoding
+    step t then costs the same whatever the cache length, so a branch from a deep pivot pays
+    no more per token than a root generation's late steps.
+
+    Returns None when that cannot be done safely — an older transformers, or a model whose
+    cache layers are not all plain full-attention layers (sliding windows, linear attention,
+    shared KV) — and the model then builds its own cache as usual.
+    """
+    layer_class = _reserved_layer_class()
+    if layer_class is None:
+        return None
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache.layers = [layer_class(final_length) for _ in layers]
+    return cache
+
+
 class HFEngine:
     """Sample from a transformers causal LM (the trainer's own module: ``sync_weights`` is a no-op).
 
@@ -64,10 +152,21 @@ class HFEngine:
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = int(max_batch_size)
         self.prune_fraction = float(prune_fraction)
+        self._logits_kw: str | None = None
 
     def sync_weights(self, model: Any) -> None:
         """No-op when ``model`` is the engine's module; otherwise sample from ``model`` from now on."""
+        if model is not self.model:
+            self._logits_kw = None
         self.model = model
+
+    def _last_logits_only(self) -> dict[str, int]:
+        """Keyword that makes the model compute logits for the last position only (prefill of
+        long contexts with a large vocabulary), if its ``forward`` takes one."""
+        if self._logits_kw is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._logits_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), "")
+        return {self._logits_kw: 1} if self._logits_kw else {}
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +200,8 @@ class HFEngine:
 
     def _generate_rows(self, rows: list[tuple[list[int], int]], temperature: float, top_p: float,
                        stops: list[int], gen: torch.Generator | None) -> list[Generation]:
+        """Decode ``rows`` (context ids, max new tokens) together; see :meth:`_prefill_shared`
+        for how rows with the same context share one prefill."""
         dev = self.device
         B = len(rows)
         limits = torch.tensor([m for _, m in rows], dtype=torch.long)  # [B]
@@ -110,19 +211,8 @@ class HFEngine:
         length = torch.zeros(B, dtype=torch.long)  # [B]
         finished = torch.zeros(B, dtype=torch.bool)  # [B]
         if steps > 0:
-            Lmax = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((B, Lmax), self.pad_token_id, dtype=torch.long)  # [B, L]
-            attn = torch.zeros(B, Lmax, dtype=torch.long)  # [B, L]
-            for b, (ids, _) in enumerate(rows):
-                input_ids[b, Lmax - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attn[b, Lmax - len(ids):] = 1
-            position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+            cache, logits, attn, next_pos = self._prefill_shared([ids for ids, _ in rows], steps)
             alive = torch.arange(B)  # cache row -> original row
-            attn, position, input_ids = attn.to(dev), position.to(dev), input_ids.to(dev)
-            out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]  # [b, V]
-            next_pos = position[:, -1] + 1  # [b]
             stop_set = torch.tensor(stops, dtype=torch.long)
             running = torch.ones(B, dtype=torch.bool)  # [b] rows still decoding
             for t in range(steps):
@@ -155,3 +245,46 @@ class HFEngine:
             result.append(Generation(token_ids=tokens[b, :n_b].tolist(), logprobs=logprobs[b, :n_b].tolist(),
                                      finished=bool(finished[b]), truncated=not bool(finished[b])))
         return result
+
+    def _prefill_shared(self, contexts: list[list[int]], steps: int
+                        ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill each *distinct* context once, then expand the KV cache to one row per context.
+
+        The K continuations of a request (and the G main chains of a prompt) have the same
+        ``prompt + prefix`` ids: their prompt is run through the model once and its cache rows
+        are copied K times (``Cache.batch_select_indices`` with repeated indices), so a branch
+        from a deep pivot pays for one prefill of its prefix instead of K. The copies hold
+        exactly the keys and values a per-row prefill would compute, so sampling is unchanged.
+
+        The cache reserves room for ``steps`` more tokens (:func:`reserved_cache`) when the
+        model allows it.
+
+        Args:
+            contexts: B lists of token ids (prompt + prefix), each non-empty.
+            steps: the most tokens any row will generate.
+
+        Returns:
+            ``(cache, logits [B, V], attention mask [B, L], next position [B])``: the KV cache of
+            the left-padded contexts (L = longest distinct context), the next-token logits, the
+            mask to extend while decoding and the position id of each row's next token.
+        """
+        dev = self.device
+        index: dict[tuple[int, ...], int] = {}
+        owner = [index.setdefault(tuple(ids), len(index)) for ids in contexts]  # row -> distinct context
+        distinct = list(index)  # U distinct contexts, in order of first appearance
+        U, Lmax = len(distinct), max(len(c) for c in distinct)
+        input_ids = torch.full((U, Lmax), self.pad_token_id, dtype=torch.long)  # [U, L] left-padded
+        attn = torch.zeros(U, Lmax, dtype=torch.long)  # [U, L]
+        for u, ids in enumerate(distinct):
+            input_ids[u, Lmax - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attn[u, Lmax - len(ids):] = 1
+        position = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, L]
+        attn, position, input_ids = attn.to(dev), position.to(dev), input_ids.to(dev)
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=True,
+                         past_key_values=reserved_cache(self.model, Lmax + steps), **self._last_logits_only())
+        cache = out.past_key_values
+        rows = torch.tensor(owner, dtype=torch.long, device=dev)  # [B] row -> cache row of its context
+        if U < len(contexts) or owner != list(range(U)):
+            cache.batch_select_indices(rows)
+        logits = out.logits[:, -1, :][rows]  # [B, V]
+        return cache, logits, attn[rows], position[rows, -1] + 1

@@ -12,6 +12,7 @@ transformers is imported inside functions only, so that importing :mod:`llm` (or
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,32 +95,88 @@ def build_tiny_model(tokenizer: Any, config: TinyModelConfig | None = None, seed
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` looks like a local transformers checkpoint (has ``config.json``)."""
-    return (Path(path) / "config.json").is_file()
+    """True if ``path`` looks like a local transformers checkpoint: a ``config.json`` that is a
+    JSON object with a ``model_type`` (a training run's own ``config.json`` is not)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and "model_type" in d
 
 
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer saved in ``path`` (left padding; pad = EOS if the tokenizer has no pad)."""
+def check_model_dir(path: str | os.PathLike, option: str = "--model") -> Path:
+    """``path`` if it holds a loadable model and tokenizer, else a :class:`ConfigError` naming
+    ``option``, the directory and what is wrong (no directory, no/empty/corrupt ``config.json``,
+    unknown model type, no weights, no tokenizer)."""
+    p = Path(path)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{option} = {str(path)!r} is invalid: {why}", owner=option, value=str(path), allowed=why)
+
+    if not p.is_dir():
+        raise bad("no such directory")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise bad("not a model directory (no config.json)")
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"config.json is empty or not valid JSON ({str(e).splitlines()[0] if str(e) else 'empty'})") \
+            from None
+    if not isinstance(d, dict) or "model_type" not in d:
+        raise bad("config.json has no model_type (is this a training run's directory? its model is in checkpoint/)")
+    from transformers import CONFIG_MAPPING
+    if d["model_type"] not in CONFIG_MAPPING:
+        raise bad(f"config.json has model_type {d['model_type']!r}, unknown to this transformers")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((p / w).is_file() for w in weights):
+        raise bad(f"no weights ({' or '.join(weights[:3])})")
+    if not any((p / t).is_file() for t in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise bad("no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, option: str = "--model") -> Any:
+    """The tokenizer saved in ``path`` (left padding; pad = EOS if the tokenizer has no pad);
+    a directory it cannot be loaded from is a :class:`ConfigError` naming ``option``."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken directory
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: cannot load its tokenizer ({_first_line(e)})",
+                          owner=option, value=str(path)) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trainable: bool = True) -> Any:
+def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trainable: bool = True,
+                   option: str = "--model") -> Any:
     """The causal LM in local directory ``path``. ``trainable=False`` gives a frozen copy
-    (``eval()``, ``requires_grad=False``) for the reference policy."""
+    (``eval()``, ``requires_grad=False``) for the reference policy. A directory it cannot be
+    loaded from (corrupt config, truncated weights...) is a :class:`ConfigError` naming ``option``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - safetensors/transformers raise many types for a broken file
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: cannot load the model ({_first_line(e)})",
+                          owner=option, value=str(path)) from None
     if trainable:
         model.train()
     else:
         freeze(model)
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def freeze(model: Any) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from deepgrpo.config import check_range
-from deepgrpo.records import versions, write_json_atomic, write_text_atomic
+from deepgrpo.records import atomic_directory, versions, write_json_atomic, write_text_atomic
 from llm.evaluate import EvalConfig, evaluate
 from llm.hf_engine import HFEngine
 from llm.models import TinyModelConfig, build_char_tokenizer, build_tiny_model, count_parameters, save_pretrained_dir
@@ -153,10 +153,11 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
     result = evaluate(engine, tokenizer, heldout, config.eval)
     wall = time.time() - t0
     if out is not None:
-        out = Path(out)
-        save_pretrained_dir(model, tokenizer, out)
-        write_json_atomic(out / "sft_config.json", {"config": asdict(config), "versions": versions()})
-        write_text_atomic(out / "sft_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        write_json_atomic(out / "eval.json", {**result, "wall_time_s": wall, "params": count_parameters(model)})
+        def write(d: Path) -> None:  # the model directory appears complete or not at all
+            save_pretrained_dir(model, tokenizer, d)
+            write_json_atomic(d / "sft_config.json", {"config": asdict(config), "versions": versions()})
+            write_text_atomic(d / "sft_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_json_atomic(d / "eval.json", {**result, "wall_time_s": wall, "params": count_parameters(model)})
+        atomic_directory(out, write)
     return {"model": model, "tokenizer": tokenizer, "eval": result, "wall_time_s": wall,
             "params": count_parameters(model), "final_loss": float(np.mean([r["loss"] for r in rows[-20:]]))}

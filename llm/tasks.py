@@ -8,12 +8,15 @@ Files are local JSONL or parquet, read through HF ``datasets``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import warnings
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +99,43 @@ def arithmetic_problem(terms: Sequence[int]) -> Problem:
     return Problem(id=q, question=q, answer=str(int(sum(terms))), task="arith", solution=arithmetic_solution(terms))
 
 
+def arithmetic_terms(question: str) -> list[int]:
+    """The terms of an arithmetic question ``14+0+11+74=`` -> ``[14, 0, 11, 74]``."""
+    body = question.strip()
+    if not re.fullmatch(r"\d+(\+\d+)+=", body):
+        raise ValueError(f"question {question!r} is not an addition chain like '14+0+11=': expected terms "
+                         "joined by '+' and a final '='")
+    return [int(t) for t in body[:-1].split("+")]
+
+
+def _step_pieces(text: str) -> list[str]:
+    """``text`` cut after every ``,`` and ``;`` (the separators kept): the steps of an answer."""
+    return re.findall(r"[^,;]*[,;]|[^,;]+$", text)
+
+
+def arithmetic_first_error(question: str, response: str) -> int | None:
+    """Where an arithmetic response first goes wrong: the index of its first wrong step, or
+    None if it is the reference solution.
+
+    Steps are the pieces of the text cut after each ``,`` and ``;`` (the ``step`` segmenter's
+    boundaries), separator included: ``14+0=14,`` ``14+11=25,`` ``25+74=99;`` ``99``. Step j
+    (0-based) is wrong if it differs from the reference solution's step j
+    (:func:`arithmetic_solution`): a wrong partial sum, a wrong operand, a wrong separator, or
+    a step that is missing or cut off (a response ending early is wrong at its first missing
+    step). Index ``len(terms) - 1`` is the final answer. A prefix made of the first i steps of
+    the response is therefore still correct iff ``i <= arithmetic_first_error(...)``
+    (or the result is None).
+
+    Raises ValueError if ``question`` is not an addition chain.
+    """
+    ref = _step_pieces(arithmetic_solution(arithmetic_terms(question)))
+    got = _step_pieces(response.strip())
+    for j, want in enumerate(ref):
+        if j >= len(got) or got[j] != want:
+            return j
+    return None if len(got) == len(ref) else len(ref)
+
+
 def is_heldout(question: str, mod: int) -> bool:
     """The held-out rule: crc32 of the question text modulo ``mod`` is 0 (deterministic, disjoint)."""
     return zlib.crc32(question.encode("utf-8")) % mod == 0
@@ -176,49 +216,85 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+MAX_DROPPED_FRACTION = 0.1
+"""A data file whose rows without a question or reference answer exceed this fraction is an
+error (a wrong format or task guess, not a few bad rows); below it they are dropped and reported."""
+
+
+def _bad_file(option: str, path: Path, why: str) -> ConfigError:
+    return ConfigError(f"{option} = {str(path)!r} is invalid: {why}", owner=option, value=str(path), allowed=why)
+
+
+def _read_rows(path: Path, option: str = "--data") -> list[dict[str, Any]]:
+    """The rows of a JSONL/JSON/parquet file (HF ``datasets``); any problem with the file is a
+    :class:`ConfigError` naming ``option``, the file and, for JSONL, the line."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        raise _bad_file(option, path, "expected a .jsonl, .json or .parquet file")
+    if path.stat().st_size == 0:
+        raise _bad_file(option, path, "the file is empty")
+    if suffix == ".jsonl":  # datasets' own errors do not say which line is broken
+        n_rows = 0
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise _bad_file(option, path, f"line {number} is not valid JSON ({str(e).splitlines()[0]})") \
+                        from None
+                if not isinstance(row, dict):
+                    raise _bad_file(option, path, f"line {number} is not a JSON object")
+                n_rows += 1
+        if n_rows == 0:
+            raise _bad_file(option, path, "the file has no rows")
     import datasets
 
     datasets.disable_progress_bars()
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        kind = "json"
-    elif suffix == ".parquet":
-        kind = "parquet"
-    else:
-        raise ConfigError(f"--data = {str(path)!r} is invalid: expected a .jsonl, .json or .parquet file")
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a corrupt file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise _bad_file(option, path, f"cannot be read as {suffix[1:]} ({first})") from None
     return [dict(r) for r in ds]
 
 
-def detect_task(columns: Sequence[str], first_answer: Any = None) -> str:
-    """Task of a file from its columns: ``problem``+``solution`` -> math; ``question``+``answer``
-    -> gsm8k if the answer holds ``####``, else arith."""
-    cols = set(columns)
+def detect_task(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The task of a file from *all* its rows: ``problem``+``solution`` -> math;
+    ``question``+``answer`` -> gsm8k if any answer holds ``####``, arith if every answer is a
+    bare integer; anything else is refused (pass the task explicitly)."""
+    cols = set().union(*(r.keys() for r in rows)) if rows else set()
     if {"problem", "solution"} <= cols:
         return "math"
     if {"question", "answer"} <= cols:
-        return "gsm8k" if isinstance(first_answer, str) and "####" in first_answer else "arith"
+        answers = [r.get("answer") for r in rows]
+        if any(isinstance(a, str) and "####" in a for a in answers):
+            return "gsm8k"
+        if all(a is not None and re.fullmatch(r"\s*-?\d+\s*", str(a)) for a in answers):
+            return "arith"
+        raise ConfigError("--data has question/answer rows but no '####' final answers (GSM8K) and not only "
+                          "integer answers (arith): cannot tell the task; pass --task", owner="--data")
     raise ConfigError(f"--data has columns {sorted(cols)}: expected question/answer (GSM8K or arith) "
-                      "or problem/solution (MATH)")
+                      "or problem/solution (MATH)", owner="--data")
 
 
-def load_problems(path: str | os.PathLike, task: str | None = None) -> list[Problem]:
+def load_problems(path: str | os.PathLike, task: str | None = None, option: str = "--data") -> list[Problem]:
     """Problems of a local JSONL/parquet file in GSM8K, MATH or arithmetic format.
 
     GSM8K rows: ``question``, ``answer`` (reasoning then ``#### N``). MATH rows: ``problem``,
     ``solution`` (with ``\\boxed{}``; an ``answer`` column, if present, wins). Arithmetic rows:
     ``question`` (e.g. ``12+5=``), ``answer`` (the number), optional ``solution``.
-    Rows without a reference answer are skipped.
+    The task is detected from the whole file (:func:`detect_task`) unless given. Rows without a
+    question or reference answer are dropped with a warning that counts them; more than
+    :data:`MAX_DROPPED_FRACTION` of the file is an error.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--data = {str(path)!r} is invalid: no such file")
-    rows = _read_rows(p)
-    if not rows:
-        raise ConfigError(f"--data = {str(path)!r} is invalid: the file has no rows")
+        raise _bad_file(option, p, "no such file")
+    rows = _read_rows(p, option)
     if task is None:
-        task = detect_task(list(rows[0]), rows[0].get("answer"))
+        task = detect_task(rows)
     check_choice("data", "task", task, TASKS)
     out = []
     for i, r in enumerate(rows):
@@ -230,14 +306,19 @@ def load_problems(path: str | os.PathLike, task: str | None = None) -> list[Prob
             ans = r.get("answer") or last_boxed(str(r.get("solution", ""))) or ""
             q, sol = r.get("problem"), r.get("solution")
         else:
-            ans = str(r.get("answer", "")).strip()
+            ans = str(r.get("answer", "") or "").strip()
             q, sol = r.get("question"), r.get("solution")
         if not q or not str(ans).strip():
             continue
         out.append(Problem(id=rid, question=str(q), answer=str(ans).strip(), task=task,
                            solution=None if sol is None else str(sol)))
-    if not out:
-        raise ConfigError(f"--data = {str(path)!r} is invalid: no row has a question and a reference answer")
+    dropped = len(rows) - len(out)
+    if not out or dropped > MAX_DROPPED_FRACTION * len(rows):
+        raise _bad_file(option, p, f"{dropped} of {len(rows)} rows have no question or no reference answer for "
+                                   f"task {task!r} (more than {MAX_DROPPED_FRACTION:.0%}): wrong format or task?")
+    if dropped:
+        warnings.warn(f"{option} = {str(p)!r}: dropped {dropped} of {len(rows)} rows without a question or "
+                      f"reference answer", stacklevel=2)
     return out
 
 

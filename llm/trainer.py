@@ -34,7 +34,7 @@ from deepgrpo.distributed import GatheredEstimator, shard, world
 from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from llm.backend import LLMBackend, SamplingConfig
-from llm.checkpoint import (has_checkpoint, load_trainer_state, recover_interrupted, restore_rng_states,
+from llm.checkpoint import (check_checkpoint, load_trainer_state, recover_interrupted, restore_rng_states,
                             rng_states, save_checkpoint)
 from llm.evaluate import EvalConfig, evaluate
 from llm.hf_engine import HFEngine
@@ -187,7 +187,7 @@ def _stream_and_heldout(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, list[Pro
     problems = load_problems(cfg.data, cfg.task)
     task = problems[0].task
     if cfg.eval_data is not None:
-        train, held = problems, load_problems(cfg.eval_data, task)
+        train, held = problems, load_problems(cfg.eval_data, task, option="--eval-data")
     else:
         train, held = split_heldout(problems)
     return FileStream(train, seed=cfg.seed), make_prompts(held[:cfg.eval.n_problems], tokenizer), task
@@ -214,12 +214,17 @@ class Trainer:
         torch.set_num_threads(config.threads)
         ckpt = self.out / "checkpoint"
         recover_interrupted(ckpt)
-        resuming = resume and has_checkpoint(ckpt)
+        resuming = resume
+        state = None
+        if resume:  # resuming never starts over (which would overwrite the run's results)
+            check_checkpoint(ckpt)
+            state = load_trainer_state(ckpt)
         self.tokenizer = load_tokenizer(config.model)
-        self.policy = load_causal_lm(ckpt if resuming else config.model)
+        self.policy = load_causal_lm(ckpt if resuming else config.model, option="--resume" if resuming else "--model")
         self.reference = None
         if self.algo.loss.kl_coef > 0:
-            self.reference = load_causal_lm(config.reference or config.model, trainable=False)
+            self.reference = load_causal_lm(config.reference or config.model, trainable=False,
+                                            option="--reference" if config.reference else "--model")
         # data parallel under torchrun: one process per rank, prompts sharded, gradients summed,
         # the estimator fed with every rank's (features, label) pairs (deepgrpo.distributed)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -262,8 +267,8 @@ class Trainer:
         self.data_pos = 0
         self.rows: list[dict[str, Any]] = []
         self.wall_time = 0.0
-        if resuming:
-            self._load_state(load_trainer_state(ckpt))
+        if state is not None:
+            self._load_state(state)
             if config.steps < self.step:
                 raise invalid(type(config).__name__, "steps", config.steps,
                               f"an integer >= {self.step}, the steps this run has already taken")

@@ -97,9 +97,8 @@ def _seed(value: Any, option: str = "--seed") -> int:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out = {str(out)!r} is invalid: it exists and is not a directory", owner="--out",
-                          value=str(out), allowed="a directory")
+    from deepgrpo.records import check_writable_dir
+    check_writable_dir(out, "--out")
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[str, int, SimRunSettings]:
