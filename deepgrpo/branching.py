@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deepgrpo.config import ExploreConfig
+from deepgrpo.config import DENSE_STRATEGIES, ExploreConfig
 from deepgrpo.pivots import gumbel_top_k, pivot_utility, split_evenly, utility_scores
 
-DENSE = ("deep", "depth-only", "random-pivot", "root-only")
+DENSE = DENSE_STRATEGIES
 DISPERSED = ("max-surprisal", "low-prob", "uniform")
 
 

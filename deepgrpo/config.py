@@ -76,6 +76,9 @@ BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-only
                         "max-surprisal", "low-prob", "uniform")
 """Names accepted by :attr:`ExploreConfig.strategy` (see :mod:`deepgrpo.branching`)."""
 
+DENSE_STRATEGIES = ("deep", "random-pivot", "depth-only", "root-only")
+"""Strategies that spend K continuations at each chosen pivot (one advantage group per pivot)."""
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -86,7 +89,8 @@ class ExploreConfig:
 
     Main chain (paper §3.1)
         G: trajectories sampled from the root per prompt (paper: G = 8). With
-            ``strategy="root"`` this is GRPO's group size N.
+            ``strategy="root"`` this is GRPO's group size N. At least 2: a group of one has
+            advantage 0 by construction and carries no signal.
 
     Pivots and branches (paper §3.2-3.3)
         strategy: how branch points are chosen in failed trajectories; one of
@@ -96,7 +100,8 @@ class ExploreConfig:
             root-only ablation: K extra root samples per failed chain, in their own group); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
             baselines (TreeRL-, FR3E-like and uniform) that spread the same continuations over
             ``n_cut_points`` points.
-        K: continuations per pivot (paper: K = 8).
+        K: continuations per pivot (paper: K = 8); at least 2 for the dense strategies (an aux
+            group of one has advantage 0).
         gamma: depth exponent γ of the utility (paper: γ = 2 is best of {0.1, 1, 2, 3}).
         n_pivots: pivots per failed trajectory (paper: 1).
         n_cut_points: M, cut points per failed trajectory of the dispersed strategies; the
@@ -117,8 +122,9 @@ class ExploreConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        check_range(o, "G", self.G, 1, None, integer=True)
-        check_range(o, "K", self.K, 1, None, integer=True)
+        # a group of one has advantage 0 by construction: it would spend budget and learn nothing
+        check_range(o, "G", self.G, 2, None, integer=True)
+        check_range(o, "K", self.K, 2 if self.strategy in DENSE_STRATEGIES else 1, None, integer=True)
         check_choice(o, "strategy", self.strategy, BRANCHING_STRATEGIES)
         check_range(o, "gamma", self.gamma, 0.0, None)
         check_range(o, "n_pivots", self.n_pivots, 1, None, integer=True)

@@ -15,7 +15,8 @@ def test_reference_defaults():
 
 
 @pytest.mark.parametrize("cls, field, value, fragment", [
-    (ExploreConfig, "G", 0, "[1, inf)"),
+    (ExploreConfig, "G", 1, "[2, inf)"),
+    (ExploreConfig, "K", 1, "[2, inf)"),
     (ExploreConfig, "K", 2.5, "integer"),
     (ExploreConfig, "gamma", -1.0, "[0.0, inf)"),
     (ExploreConfig, "strategy", "deeper", "deep"),

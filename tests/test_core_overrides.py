@@ -97,10 +97,11 @@ def test_non_finite_values_are_rejected_with_the_fields_name(field, value):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(-10**6, 0))
 def test_out_of_range_group_sizes_are_rejected(n):
-    for name in ("G", "K", "n_pivots"):
+    """Also: G = 1 or K = 1 would form groups of one, whose advantage is 0 by construction."""
+    for name in ("G", "K", "n_pivots"):  # G and K: >= 2 (a group of one carries no signal)
         with pytest.raises(ConfigError) as e:
             from_dict(ExploreConfig, {name: n})
-        assert e.value.field == name and "[1, inf)" in e.value.allowed
+        assert e.value.field == name and ("[1, inf)" if name == "n_pivots" else "[2, inf)") in e.value.allowed
 
 
 # -- the simulator's command line -------------------------------------------------------------
@@ -158,3 +159,11 @@ def test_every_field_of_every_command_has_a_flag_with_help():
                 continue
             assert options.flag(leaf).startswith("--") and options.flag(leaf) != "--set", leaf.key
             assert leaf.doc, f"{options.cls.__name__}: {leaf.key} has no description in its docstring"
+
+
+def test_groups_of_one_are_rejected_not_silently_wasted():
+    for kw, field in ((dict(G=1), "G"), (dict(K=1), "K")):
+        with pytest.raises(ConfigError) as e:
+            method_config("deep-grpo", **kw)
+        assert e.value.field == field and "[2, inf)" in str(e.value)
+    assert method_config("grpo", G=2).explore.G == 2
