@@ -68,6 +68,24 @@ class BudgetLedger:
         self.steps = [StepBudget(**s) for s in state["steps"]]
 
 
+BUDGET_UNITS = ("rollouts", "tokens")
+"""Units a run's total budget can be stated in: rollouts (main + aux) or generated tokens."""
+
+
+def budget_spent(ledger: BudgetLedger, unit: str) -> int:
+    """The run's cumulative spending in ``unit`` (``rollouts`` or ``tokens``, main + aux)."""
+    if unit not in BUDGET_UNITS:
+        raise ValueError(f"budget unit {unit!r} is invalid: expected one of {', '.join(BUDGET_UNITS)}")
+    return ledger.totals()[unit]
+
+
+def budget_left(ledger: BudgetLedger, budget: int | None, unit: str) -> bool:
+    """Whether a run with total ``budget`` (None = no budget) may take another step: it stops
+    at the first step boundary where it has spent at least ``budget``, so it overshoots by
+    less than one step's spending."""
+    return budget is None or budget_spent(ledger, unit) < budget
+
+
 def expected_rollouts_per_prompt(G: int, K: int, n_pivots: int, failure_rate: float) -> float:
     """E[rollouts per prompt] of DEEP-GRPO = G + G · failure_rate · n_pivots · K."""
     if not 0.0 <= failure_rate <= 1.0:

@@ -71,7 +71,7 @@ EVAL_OPTIONS = OptionSet(LLMEvalSettings, reserved=("checkpoint", "data", "task"
                                                     "help"))
 OPTIONS = {"train": TRAIN_OPTIONS, "sft": SFT_OPTIONS, "eval": EVAL_OPTIONS}
 
-RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.checkpoint_every", "train.eval_every",
+RESUMABLE_CHANGES = ("train.steps", "train.budget", "train.threads", "train.checkpoint_every", "train.eval_every",
                      "train.tensorboard")
 """Settings a resumed run may change (applied and recorded); any other change is refused."""
 
@@ -101,7 +101,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="tiny-arith: built-in arithmetic task; --model defaults to an SFT run in OUT/init")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (only --steps, --threads, --checkpoint-every, "
+                   help="continue the run in --out from its checkpoint (only --steps, --budget, --threads, --checkpoint-every, "
                         "--eval-every and --tensorboard may change; they are recorded)")
     TRAIN_OPTIONS.add_arguments(t)
 

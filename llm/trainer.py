@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from deepgrpo import BudgetLedger, explore, make_estimator, method_config, step_record, update_policy
 from deepgrpo.distributed import GatheredEstimator, shard, world
+from deepgrpo.ledger import BUDGET_UNITS, budget_spent
 from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from llm.backend import LLMBackend, SamplingConfig
@@ -71,7 +72,11 @@ class TrainConfig:
         segment_tokens: segment length of the ``fixed`` segmenter.
         sampling: rollout length cap, temperature (paper: 1.0), top-p.
     Optimisation
-        steps: training steps.
+        steps: training steps (a cap when ``budget`` is set).
+        budget: stop at the first step boundary where the run has spent at least this much in
+            ``budget_unit`` (summed over data-parallel ranks; it overshoots by less than one
+            step), so that methods are compared at equal budget; None = exactly ``steps`` steps.
+        budget_unit: ``rollouts`` (main + aux) or ``tokens`` (generated tokens, main + aux).
         lr: AdamW learning rate (paper: 1e-6 for 0.5B models; tiny-arith: 1e-4).
         lr_warmup_steps: linear warm-up from 0 (0 = constant lr). On the tiny preset's
             peaked SFT policy, Adam's sign-like first step at lr 3e-4 lowers the log-probs of
@@ -114,6 +119,8 @@ class TrainConfig:
     segment_tokens: int = 16
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     steps: int = 60
+    budget: int | None = None
+    budget_unit: str = "tokens"
     lr: float = 1e-4
     lr_warmup_steps: int = 5
     weight_decay: float = 0.0
@@ -142,6 +149,9 @@ class TrainConfig:
         check_range(o, "segment_tokens", self.segment_tokens, 1, None, integer=True)
         check_range(o, "prompts_per_step", self.prompts_per_step, 1, None, integer=True)
         check_range(o, "steps", self.steps, 1, None, integer=True)
+        if self.budget is not None:
+            check_range(o, "budget", self.budget, 1, None, integer=True)
+        check_choice(o, "budget_unit", self.budget_unit, BUDGET_UNITS)
         check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
         check_range(o, "lr_warmup_steps", self.lr_warmup_steps, 0, None, integer=True)
         check_range(o, "weight_decay", self.weight_decay, 0.0, None)
@@ -377,18 +387,19 @@ class Trainer:
             self._log(writer, row)
             self.write_outputs()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
-        while self.step < cfg.steps:
+        while not self.finished():
             t = time.time()
             row = self.train_step()
             self.step += 1
-            if lead and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+            last = self.finished()
+            if lead and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                 row.update(self.run_eval())
             self.wall_time += time.time() - t
             row["wall_time_s"] = self.wall_time
             self.rows.append(row)
             self._log(writer, row)
             self.write_outputs()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or last:
                 self.save()
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_main']:.3f}", rollouts=int(row["rollouts"]))
@@ -398,9 +409,22 @@ class Trainer:
         if writer is not None:
             writer.close()
         summary = self.summary()
-        if self.step >= cfg.steps and lead:
+        if self.finished() and lead:
             write_json_atomic(self.out / "summary.json", summary)
         return summary
+
+    def finished(self) -> bool:
+        """True once the run took ``steps`` steps or spent its ``budget`` (summed over ranks)."""
+        if self.step >= self.cfg.steps:
+            return True
+        if self.cfg.budget is None:
+            return False
+        spent = budget_spent(self.ledger, self.cfg.budget_unit)
+        if self.world_size > 1:
+            t = torch.tensor([float(spent)], dtype=torch.float64)
+            dist.all_reduce(t)
+            spent = int(t.item())
+        return spent >= self.cfg.budget
 
     def _log(self, writer: Any, row: dict[str, Any]) -> None:
         if writer is None:

@@ -528,9 +528,9 @@ class DeepGRPOTrainer(GRPOTrainer):
         n = len(batch)
         n_max = int(self.accelerator.reduce(torch.tensor([float(n)], device=device), reduction="max").item())
         R = max(spg, -(-n_max // spg) * spg)
-        den = loss_denominators(batch, self.algo.loss)
+        den = raw_denominators(batch, self.algo.loss)
         den_global = self.accelerator.reduce(torch.tensor([den[MAIN], den[AUX]], dtype=torch.float64,
-                                                          device=device), reduction="sum").cpu()
+                                                          device=device), reduction="sum").cpu().clamp(min=1.0)
         pad = R - n
         W = batch.tokens.shape[1]
         src = (batch.prompt_index * G).long()  # [n] a main row of the row's prompt
@@ -632,6 +632,20 @@ def batch_from_inputs(inputs: dict[str, Any], logprobs: torch.Tensor) -> Batch:
                  stream=inputs["stream"], group=inputs["group"], pivot_depth=inputs["pivot_depth"],
                  prefix_len=inputs["prefix_len"], rewards=inputs["rewards"], advantages=inputs["advantages"],
                  segment_ends=[torch.zeros(0, dtype=torch.long)] * B)
+
+
+def raw_denominators(batch: Batch, config: LossConfig) -> dict[int, float]:
+    """Per-stream loss denominators of ``batch`` *without* the floor at 1 of
+    :func:`deepgrpo.losses.loss_denominators` (0 for a stream with nothing to train), so that
+    their sum over processes is the global batch's; floor the sum, not the parts."""
+    den = loss_denominators(batch, config)
+    mask = batch.trainable_mask & batch.response_mask  # [B, T]
+    for s in (MAIN, AUX):
+        rows = batch.stream == s  # [B]
+        empty = not bool(rows.any()) if config.aggregation == "seq-mean-token-sum-norm" else not bool(mask[rows].any())
+        if empty:
+            den[s] = 0.0
+    return den
 
 
 def exploration_stats(main: Rollouts, aux: Rollouts | None, plan: BranchPlan, labels: np.ndarray,

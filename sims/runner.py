@@ -36,11 +36,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from deepgrpo.config import AlgoConfig, check_range
+from deepgrpo.config import AlgoConfig, check_choice, check_range
 from deepgrpo.estimators import make_estimator
 from deepgrpo.explore import explore
 from deepgrpo.step import initial_record, step_record, update_policy
-from deepgrpo.ledger import BudgetLedger
+from deepgrpo.ledger import BUDGET_UNITS, BudgetLedger, budget_left
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
 from sims.adam import LogitAdam
 from sims.backend import SimBackend
@@ -66,6 +66,11 @@ class RunnerConfig:
     max_grad_norm: gradient clipping (paper: 1.0); None = off.
     pass_k: k of the logged exact pass@k (paper reports pass@k curves; 8 = G).
     micro_batch_size: rows per micro-batch of the update (None = whole batch).
+    budget: stop at the first step boundary where the run has spent at least this much
+        (in ``budget_unit``; it overshoots by less than one step), so that methods are compared
+        at equal total budget with cheaper methods taking more steps; ``steps`` stays a cap.
+        None = run exactly ``steps`` steps.
+    budget_unit: ``rollouts`` (main + aux) or ``tokens`` (generated tokens, main + aux).
     """
 
     steps: int = 12
@@ -74,10 +79,15 @@ class RunnerConfig:
     max_grad_norm: float | None = 1.0
     pass_k: int = 8
     micro_batch_size: int | None = None
+    budget: int | None = None
+    budget_unit: str = "tokens"
 
     def __post_init__(self) -> None:
         o = type(self).__name__
         check_range(o, "steps", self.steps, 0, None, integer=True)
+        if self.budget is not None:
+            check_range(o, "budget", self.budget, 1, None, integer=True)
+        check_choice(o, "budget_unit", self.budget_unit, BUDGET_UNITS)
         check_range(o, "batch_problems", self.batch_problems, 1, None, integer=True)
         check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
         if self.max_grad_norm is not None:
@@ -194,6 +204,8 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=method or "train", unit="step", leave=False)
     for step in steps:
+        if not budget_left(ledger, cfg.budget, cfg.budget_unit):
+            break
         t0 = time.perf_counter()
         prompts = [int(p) for p in np.sort(batch_rng.choice(problems.n, size=n_batch, replace=False))]
         W = table[0]  # [n, T+1, 2] exact values under the sampling policy (evaluated after the last update)

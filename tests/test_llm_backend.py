@@ -437,3 +437,15 @@ def test_simulator_and_llm_records_share_the_cores_columns(model_dir, tmp_path):
         for stream in ("main", "aux"):
             assert rows[-1][f"tokens_{stream}"] == sum(r[f"step_tokens_{stream}"] for r in rows)
         assert rows[-1]["rollouts"] == rows[-1]["rollouts_main"] + rows[-1]["rollouts_aux"]
+
+
+def test_trainer_stops_at_a_token_budget_within_one_step(model_dir, tmp_path):
+    from llm.trainer import Trainer
+    cfg = _train_config(model_dir, method="grpo", steps=50, budget=500, budget_unit="tokens", eval_every=0,
+                        overrides={"G": 2}, prompts_per_step=2)
+    summary = Trainer(cfg, tmp_path / "b", progress=False).run()
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    last, before = rows[-1]["tokens"], rows[-2]["tokens"] if len(rows) > 2 else 0
+    assert before < 500 <= last and summary["steps"] == len(rows) - 1 < 50
+    assert "eval/greedy_mean@1" in rows[-1]  # the final evaluation ran at the budget's step
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["budget"]["tokens"] == last

@@ -140,3 +140,20 @@ def test_logit_adam_matches_torch_adam():
             (p * grad).sum().backward()
             opt.step()
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("unit", ["tokens", "rollouts"])
+def test_a_run_stopped_at_a_budget_spends_within_one_step_of_it(unit, one_torch_thread):
+    """Equal-budget comparisons: cheap methods take more steps, and no run overshoots its
+    budget by a whole step."""
+    spec = TokenTreeSpec(n_problems=8, depth=6)
+    budget = 5_000 if unit == "tokens" else 700
+    spent = {}
+    for method in ("grpo", "deep-grpo"):
+        hist = train(spec, method_config(method), RunnerConfig(steps=1000, batch_problems=4, budget=budget,
+                                                               budget_unit=unit), seed=1).history
+        last, before = hist[-1][unit], hist[-2][unit]
+        per_step = last - before
+        assert before < budget <= last < budget + per_step  # stopped at the first boundary past it
+        spent[method] = (len(hist) - 1, last)
+    assert spent["grpo"][0] > spent["deep-grpo"][0]  # the cheaper method took more steps
