@@ -34,8 +34,9 @@ def build_report(results: str | Path) -> str:
         runs = pd.read_csv(d / "runs.csv")
         meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
         n_runs = runs.groupby(["variant", "seed"]).ngroups
+        size = meta.get("size") if isinstance(meta.get("size"), str) else None
         lines.append(f"{n_runs} runs ({runs.variant.nunique()} variants x {runs.seed.nunique()} seeds, "
-                     f"{int(runs.step.max())} steps each{', quick mode' if meta.get('quick') else ''}"
+                     f"{int(runs.step.max())} steps each{f', {size} size' if size not in (None, 'full') else ''}"
                      + (f", {meta['wall_time_s']:.0f} s wall" if "wall_time_s" in meta else "") + ").")
         lines.append("")
         if (d / f"{name}.png").exists():

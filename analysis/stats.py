@@ -47,6 +47,13 @@ def mean_ci(values, confidence: float = 0.95) -> Estimate:
     return Estimate(m, float(lo), float(hi), n, confidence)
 
 
+def ci_errorbar(values, confidence: float = 0.95) -> tuple[float, float]:
+    """``(low, high)`` of :func:`mean_ci` for seaborn's ``errorbar=`` (the mean twice when the
+    interval is undefined, i.e. with a single value)."""
+    e = mean_ci(values, confidence)
+    return (e.low, e.high) if np.isfinite(e.low) else (e.mean, e.mean)
+
+
 def paired_difference(a, b, confidence: float = 0.95) -> Estimate:
     """Mean of ``a - b`` over paired runs (same seeds) with its t confidence interval
     (``scipy.stats.ttest_rel``). Pairs with a non-finite member are dropped."""
@@ -75,10 +82,18 @@ def summarize(frame: pd.DataFrame, by: list[str], value: str, confidence: float 
     return pd.DataFrame(rows)
 
 
+def paired_rows(a: pd.DataFrame, b: pd.DataFrame, value: str, seed: str = "seed") -> Estimate:
+    """Paired difference of ``value`` between the runs in frame ``a`` and those in frame ``b``
+    (one row per seed in each), matched on ``seed``; seeds present in only one frame are dropped."""
+    pa = a.set_index(seed)[value]
+    pb = b.set_index(seed)[value]
+    if not (pa.index.is_unique and pb.index.is_unique):
+        raise ValueError(f"paired_rows needs one row per {seed} in each frame")
+    common = pa.index.intersection(pb.index)
+    return paired_difference(pa.loc[common].to_numpy(), pb.loc[common].to_numpy())
+
+
 def paired_by_seed(frame: pd.DataFrame, column: str, value: str, a, b, seed: str = "seed") -> Estimate:
     """Paired difference of ``value`` between rows with ``column == a`` and ``column == b``,
     matched on ``seed`` (one row per (column, seed) expected)."""
-    pa = frame[frame[column] == a].set_index(seed)[value]
-    pb = frame[frame[column] == b].set_index(seed)[value]
-    common = pa.index.intersection(pb.index)
-    return paired_difference(pa.loc[common].to_numpy(), pb.loc[common].to_numpy())
+    return paired_rows(frame[frame[column] == a], frame[frame[column] == b], value, seed)

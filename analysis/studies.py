@@ -4,24 +4,35 @@ Every study is a :class:`Study`: a grid of :class:`~analysis.sweep.Cell` (varian
 seeds), a summary of the final step per run, a seaborn figure and findings computed from the
 data (``findings`` is called again by the report, never written in advance).
 
-Run one with ``deepgrpo study NAME [--seeds 5] [--quick] [--out DIR]``; results land in
+Each cell carries its study parameters as columns (``N``, ``recovery``, ``gamma``, ``rule``,
+``M``, ``knob``, ``value``, ``heterogeneity``, ``estimator``, ...): the analyses select and
+group runs by those columns; ``variant`` is only the display label.
+
+Run one with ``deepgrpo study NAME [--seeds 5] [--quick | --smoke] [--out DIR]``; results land in
 ``DIR/NAME/``: ``runs.csv`` (tidy: one row per run and step), ``summary.csv`` (one row per
-variant: mean and 95 % CI of the final values over seeds), ``NAME.png`` and ``study.json``.
+variant: its parameters, mean and 95 % CI of the final values over seeds), ``NAME.png`` and
+``study.json``.
+
+Columns read from the runs (the core's step-record vocabulary plus the simulator's oracle
+columns): ``step``, ``seed``, ``method``, ``rollouts``, ``tokens``, ``pivots``, ``pass1``,
+``pass8``, ``pivot_depth_mean``, ``pivot_before_error``, ``pivot_oracle_success`` and the
+probes' columns (:mod:`analysis.probes`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.stats import mean_ci, paired_by_seed, summarize
+from analysis.stats import ci_errorbar, mean_ci, paired_difference, paired_rows, summarize
 from analysis.sweep import Cell, run_sweep
-from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
+from deepgrpo.records import atomic_write, versions, write_csv_atomic, write_json_atomic
 
 # ------------------------------------------------------------------------------------------
 # sizes
@@ -40,6 +51,11 @@ FULL = Size(steps=30, batch_problems=16, spec={})
 """Default size: the simulator's default spec (32 problems), 30 steps of 16 problems."""
 QUICK = Size(steps=12, batch_problems=8, spec={"n_problems": 16})
 """``--quick``: 16 problems, 12 steps of 8 (every study in well under a minute on 2 cores)."""
+SMOKE = Size(steps=4, batch_problems=4, spec={"n_problems": 8})
+"""``--smoke``: 8 problems, 4 steps of 4, and only each study's :attr:`Study.smoke` variants
+(a check that the whole pipeline works; a second or two per study)."""
+SIZES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+"""Size name -> :class:`Size`."""
 
 
 def run_sim_cell(cell: Cell) -> list[dict[str, Any]]:
@@ -66,11 +82,12 @@ def run_sim_cell(cell: Cell) -> list[dict[str, Any]]:
 
 
 def _cell(study: str, variant: str, seed: int, size: Size, method: str, algo: dict | None = None,
-          spec: dict | None = None, probes: tuple[str, ...] = (), **extra: Any) -> Cell:
+          spec: dict | None = None, probes: tuple[str, ...] = (), **columns: Any) -> Cell:
+    """A simulator cell; ``columns`` are the study parameters written as columns of its rows."""
     return Cell(study, variant, seed, {
         "method": method, "algo": dict(algo or {}), "spec": {**size.spec, **(spec or {})},
         "runner": {"steps": size.steps, "batch_problems": size.batch_problems},
-        "probes": list(probes), **extra})
+        "probes": list(probes)}, columns)
 
 
 def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
@@ -84,11 +101,6 @@ def _order(frame: pd.DataFrame, variants: list[str]) -> pd.DataFrame:
     return frame.assign(variant=cat).sort_values("variant").assign(variant=lambda f: f["variant"].astype(str))
 
 
-def _ci_errorbar(values) -> tuple[float, float]:
-    e = mean_ci(values)
-    return (e.low, e.high) if np.isfinite(e.low) else (e.mean, e.mean)
-
-
 def _fmt(e, digits: int = 3) -> str:
     return f"{e.mean:.{digits}f} ± {e.half_width:.{digits}f}" if np.isfinite(e.half_width) else f"{e.mean:.{digits}f}"
 
@@ -99,7 +111,11 @@ def _fmt(e, digits: int = 3) -> str:
 
 @dataclass
 class Study:
-    """A named study: its grid, summary, figure and findings."""
+    """A named study: its grid, summary, figure and findings.
+
+    cells(seeds, size): the full grid; params: the study-parameter columns of its runs (shown
+    in the summary); smoke: the display labels of the variants of its smoke grid.
+    """
 
     name: str
     question: str
@@ -107,38 +123,53 @@ class Study:
     summary: Callable[[pd.DataFrame], pd.DataFrame]
     plot: Callable[[pd.DataFrame, Path], None]
     findings: Callable[[pd.DataFrame], list[str]]
+    params: tuple[str, ...] = ()
+    smoke: tuple[str, ...] = ()
+
+    def grid(self, seeds: list[int], size: str) -> list[Cell]:
+        """The cells of this study at size ``size`` (a key of :data:`SIZES`): every variant, or
+        only the :attr:`smoke` variants for ``"smoke"``."""
+        cells = self.cells(seeds, SIZES[size])
+        return [c for c in cells if c.variant in self.smoke] if size == "smoke" else cells
 
 
-def summary_table(per_run: pd.DataFrame, values: tuple[str, ...], order: list[str]) -> pd.DataFrame:
-    """One row per variant: for each column in ``values`` its mean over seeds and the 95 % CI
-    half-width (``<value>_pm``), plus ``n`` (runs), rows in ``order``."""
-    out = None
+def summary_table(per_run: pd.DataFrame, values: tuple[str, ...], order: list[str],
+                  params: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per variant: its ``params`` columns (constant within a variant), for each column
+    in ``values`` its mean over seeds and the 95 % CI half-width (``<value>_pm``), plus ``n``
+    (runs), rows in ``order``."""
+    out = per_run.groupby("variant", sort=False)[list(params)].first().reset_index()
+    n = None
     for v in values:
         s = summarize(per_run, ["variant"], v).rename(columns={"mean": v, "half_width": f"{v}_pm"})
-        s = s[["variant", v, f"{v}_pm", "n"]]
-        out = s if out is None else out.merge(s.drop(columns="n"), on="variant")
+        n = s[["variant", "n"]] if n is None else n
+        out = out.merge(s[["variant", v, f"{v}_pm"]], on="variant")
+    out = out.merge(n, on="variant")
     return _order(out, order).reset_index(drop=True)
 
 
-def _summary_final(runs: pd.DataFrame, values: tuple[str, ...]) -> pd.DataFrame:
-    return summary_table(final_rows(runs), values, list(dict.fromkeys(runs["variant"])))
+def _summary_final(runs: pd.DataFrame, values: tuple[str, ...], params: tuple[str, ...]) -> pd.DataFrame:
+    return summary_table(final_rows(runs), values, list(dict.fromkeys(runs["variant"])), params)
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Save ``fig`` as a PNG at ``path`` atomically and close it."""
     import matplotlib.pyplot as plt
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
 # 1. root saturation ------------------------------------------------------------------------
 
 ROOT_N = (4, 8, 16, 32, 64)
+ROOT_PARAMS = ("method", "N", "K")
 
 
 def _root_cells(seeds: list[int], size: Size) -> list[Cell]:
     cells = [_cell("root-saturation", f"grpo N={n}", s, size, "grpo", {"G": n}, N=n) for n in ROOT_N for s in seeds]
-    cells += [_cell("root-saturation", "deep-grpo G=8 K=8", s, size, "deep-grpo", N=8) for s in seeds]
+    cells += [_cell("root-saturation", "deep-grpo G=8 K=8", s, size, "deep-grpo", {"G": 8, "K": 8}, N=8, K=8)
+              for s in seeds]
     return cells
 
 
@@ -147,19 +178,21 @@ def _root_plot(runs: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
     fin = final_rows(runs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    g = fin[fin.variant.str.startswith("grpo")].assign(N=lambda f: f.variant.str.extract(r"N=(\d+)")[0].astype(int))
-    d = fin[fin.variant.str.startswith("deep")]
-    sns.lineplot(g, x="N", y="pass1", marker="o", errorbar=_ci_errorbar, ax=axes[0], label="GRPO (N roots)")
-    e = mean_ci(d.pass1)
-    axes[0].axhspan(e.low if np.isfinite(e.low) else e.mean, e.high if np.isfinite(e.high) else e.mean,
-                    color="C3", alpha=0.2)
-    axes[0].axhline(e.mean, color="C3", label="DEEP-GRPO G=8, K=8 (95% CI band)")
+    grpo, deep = fin[fin.method == "grpo"], fin[fin.method == "deep-grpo"]
+    sns.lineplot(grpo, x="N", y="pass1", marker="o", errorbar=ci_errorbar, ax=axes[0], label="GRPO (N roots)")
+    if len(deep):
+        e = mean_ci(deep.pass1)
+        axes[0].axhspan(e.low if np.isfinite(e.low) else e.mean, e.high if np.isfinite(e.high) else e.mean,
+                        color="C3", alpha=0.2)
+        axes[0].axhline(e.mean, color="C3", label=f"DEEP-GRPO G={deep.N.iloc[0]:.0f}, K={deep.K.iloc[0]:.0f} "
+                                                  "(95% CI band)")
     axes[0].set(xscale="log", xlabel="GRPO group size N (log scale)", ylabel="final exact pass@1",
                 title="Does root sampling saturate?")
-    axes[0].set_xticks(list(ROOT_N), [str(n) for n in ROOT_N])
+    ns = sorted(grpo.N.unique())
+    axes[0].set_xticks(ns, [f"{n:.0f}" for n in ns])
+    axes[0].minorticks_off()  # only the swept values on the log axis
     axes[0].legend(fontsize=8)
-    both = fin.assign(kind=np.where(fin.variant.str.startswith("deep"), "DEEP-GRPO", "GRPO"))
-    sns.scatterplot(both, x="rollouts", y="pass1", hue="variant", style="kind", ax=axes[1], s=40)
+    sns.scatterplot(fin, x="rollouts", y="pass1", hue="variant", style="method", ax=axes[1], s=40)
     axes[1].set(xscale="log", xlabel="rollouts used (whole run, log scale)", ylabel="final exact pass@1",
                 title="Final pass@1 against budget (one point per seed)")
     axes[1].legend(fontsize=7)
@@ -168,27 +201,29 @@ def _root_plot(runs: pd.DataFrame, path: Path) -> None:
 
 def _root_findings(runs: pd.DataFrame) -> list[str]:
     fin = final_rows(runs)
-    pm = {v: mean_ci(g.pass1) for v, g in fin.groupby("variant")}
-    ro = fin.groupby("variant").rollouts.mean()
-    init = mean_ci(runs[runs.step == 0].pass1)
-    out = [f"Initial exact pass@1 is {_fmt(init)}."]
-    out.append("GRPO final pass@1 by N: " + ", ".join(f"N={n}: {_fmt(pm[f'grpo N={n}'])}" for n in ROOT_N
-                                                        if f"grpo N={n}" in pm) + ".")
-    if "grpo N=32" in pm and "grpo N=64" in pm:
-        d = paired_by_seed(fin, "variant", "pass1", "grpo N=64", "grpo N=32")
+    grpo, deep = fin[fin.method == "grpo"], fin[fin.method == "deep-grpo"]
+    by_n = {int(n): g for n, g in grpo.groupby("N")}
+    out = [f"Initial exact pass@1 is {_fmt(mean_ci(runs[runs.step == 0].pass1))}."]
+    if by_n:
+        out.append("GRPO final pass@1 by N: " + ", ".join(f"N={n}: {_fmt(mean_ci(g.pass1))}"
+                                                            for n, g in sorted(by_n.items())) + ".")
+    if 32 in by_n and 64 in by_n:
+        d = paired_rows(by_n[64], by_n[32], "pass1")
         out.append(f"Doubling N from 32 to 64 changes final pass@1 by {_fmt(d)} (paired over {d.n} seeds) "
-                   f"for {ro['grpo N=64'] / ro['grpo N=32']:.2f}x the rollouts.")
-    deep = "deep-grpo G=8 K=8"
-    if deep in pm and "grpo N=64" in pm:
-        d = paired_by_seed(fin, "variant", "pass1", deep, "grpo N=64")
-        verdict = "beats" if d.low > 0 else ("trails" if d.high < 0 else "is not distinguishable from")
-        out.append(f"DEEP-GRPO (G=8, K=8) {verdict} GRPO N=64: difference {_fmt(d)} in final pass@1, using "
-                   f"{ro[deep]:,.0f} rollouts against {ro['grpo N=64']:,.0f} ({ro[deep] / ro['grpo N=64']:.2f}x).")
-        grpo = ro[[v for v in ro.index if v.startswith("grpo")]]
-        near = (np.log(grpo) - np.log(ro[deep])).abs().idxmin()
-        d = paired_by_seed(fin, "variant", "pass1", deep, near)
-        out.append(f"At the closest budget, DEEP-GRPO ({ro[deep]:,.0f} rollouts) minus {near} ({grpo[near]:,.0f} "
-                   f"rollouts) is {_fmt(d)} in final pass@1.")
+                   f"for {by_n[64].rollouts.mean() / by_n[32].rollouts.mean():.2f}x the rollouts.")
+    if len(deep) and by_n:
+        name = f"DEEP-GRPO (G={deep.N.iloc[0]:.0f}, K={deep.K.iloc[0]:.0f})"
+        ro = deep.rollouts.mean()
+        if 64 in by_n:
+            d = paired_rows(deep, by_n[64], "pass1")
+            verdict = "beats" if d.low > 0 else ("trails" if d.high < 0 else "is not distinguishable from")
+            out.append(f"{name} {verdict} GRPO N=64: difference {_fmt(d)} in final pass@1, using {ro:,.0f} rollouts "
+                       f"against {by_n[64].rollouts.mean():,.0f} ({ro / by_n[64].rollouts.mean():.2f}x).")
+        near = min(by_n, key=lambda n: abs(np.log(by_n[n].rollouts.mean()) - np.log(ro)))
+        d = paired_rows(deep, by_n[near], "pass1")
+        if near != 64:
+            out.append(f"At the closest budget, {name} ({ro:,.0f} rollouts) minus GRPO N={near} "
+                       f"({by_n[near].rollouts.mean():,.0f} rollouts) is {_fmt(d)} in final pass@1.")
     return out
 
 
@@ -197,6 +232,18 @@ def _root_findings(runs: pd.DataFrame) -> list[str]:
 GAMMAS = (0.0, 0.1, 0.5, 1.0, 2.0, 3.0, 5.0)
 RECOVERY = {"fatal": {"recovery": "fatal"}, "constant": {"recovery": "constant", "recovery_prob": 0.05},
             "decay": {"recovery": "decay", "recovery_prob": 0.2, "recovery_decay": 3.0}}
+ROOT_PIVOT_METHOD = "root-only"
+"""The method that branches from the root of failed chains only (the "root-only" pivot rule)."""
+DEPTH_PARAMS = ("recovery", "pivot_rule", "gamma")
+
+
+def _gamma_pivot(g: float) -> str:
+    """Display name of the utility pivot rule Q ∝ P̂·r^γ at depth exponent ``g``."""
+    return f"gamma={g:g}"
+
+
+PIVOT_ORDER = ["root-only", "random"] + [_gamma_pivot(g) for g in GAMMAS]
+"""Pivot rules of the depth-bias study, in display order (``pivot_rule`` column)."""
 
 
 def _depth_cells(seeds: list[int], size: Size) -> list[Cell]:
@@ -204,12 +251,12 @@ def _depth_cells(seeds: list[int], size: Size) -> list[Cell]:
     for rec, spec in RECOVERY.items():
         for s in seeds:
             for g in GAMMAS:
-                cells.append(_cell("depth-bias", f"{rec} | gamma={g:g}", s, size, "deep-grpo", {"gamma": g}, spec,
-                                   recovery=rec, pivot=f"gamma={g:g}"))
+                cells.append(_cell("depth-bias", f"{rec} | {_gamma_pivot(g)}", s, size, "deep-grpo", {"gamma": g},
+                                   spec, recovery=rec, pivot_rule=_gamma_pivot(g), gamma=g))
             cells.append(_cell("depth-bias", f"{rec} | random", s, size, "deep-random", None, spec,
-                               recovery=rec, pivot="random"))
-            cells.append(_cell("depth-bias", f"{rec} | root-only", s, size, "deep-root", None, spec,
-                               recovery=rec, pivot="root-only"))
+                               recovery=rec, pivot_rule="random", gamma=None))
+            cells.append(_cell("depth-bias", f"{rec} | root-only", s, size, ROOT_PIVOT_METHOD, None, spec,
+                               recovery=rec, pivot_rule="root-only", gamma=None))
     return cells
 
 
@@ -224,27 +271,22 @@ DEPTH_MEANS = ("pivot_before_error", "pivot_depth_mean", "pivot_oracle_success")
 
 def _depth_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return summary_table(_with_step_means(runs, DEPTH_MEANS), ("pass1", *DEPTH_MEANS, "rollouts"),
-                         list(dict.fromkeys(runs.variant)))
-
-
-def _split_variant(frame: pd.DataFrame) -> pd.DataFrame:
-    parts = frame.variant.str.split(" | ", regex=False, expand=True)
-    return frame.assign(recovery=parts[0], pivot=parts[1])
+                         list(dict.fromkeys(runs.variant)), DEPTH_PARAMS)
 
 
 def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
-    fin = _split_variant(_with_step_means(runs, DEPTH_MEANS))
-    order = ["root-only", "random"] + [f"gamma={g:g}" for g in GAMMAS]
+    fin = _with_step_means(runs, DEPTH_MEANS)
+    order = [p for p in PIVOT_ORDER if p in set(fin.pivot_rule)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    sns.pointplot(fin, x="pivot", y="pass1", hue="recovery", order=order, errorbar=_ci_errorbar,
+    sns.pointplot(fin, x="pivot_rule", y="pass1", hue="recovery", order=order, errorbar=ci_errorbar,
                   dodge=0.3, ax=axes[0])
     axes[0].set(xlabel="pivot rule (γ = depth exponent of Q ∝ P̂·r^γ)", ylabel="final exact pass@1",
                 title="Depth bias: final pass@1 (mean, 95% CI)")
     axes[0].tick_params(axis="x", rotation=35)
-    sns.pointplot(fin, x="pivot", y="pivot_before_error", hue="recovery", order=order,
-                  errorbar=_ci_errorbar, dodge=0.3, ax=axes[1])
+    sns.pointplot(fin, x="pivot_rule", y="pivot_before_error", hue="recovery", order=order,
+                  errorbar=ci_errorbar, dodge=0.3, ax=axes[1])
     axes[1].set(xlabel="pivot rule", ylabel="fraction of pivots at/before the first error",
                 title="Where the pivots land (mean over training steps)")
     axes[1].tick_params(axis="x", rotation=35)
@@ -252,21 +294,30 @@ def _depth_plot(runs: pd.DataFrame, path: Path) -> None:
 
 
 def _depth_findings(runs: pd.DataFrame) -> list[str]:
-    fin = _split_variant(_with_step_means(runs, DEPTH_MEANS))
+    fin = _with_step_means(runs, DEPTH_MEANS)
     out = []
     for rec, g in fin.groupby("recovery", sort=False):
-        means = g.groupby("pivot").pass1.mean()
-        gam = means[[f"gamma={x:g}" for x in GAMMAS if f"gamma={x:g}" in means]]
-        best = gam.idxmax()
-        d2 = paired_by_seed(g, "pivot", "pass1", "gamma=2", "gamma=0")
-        dr = paired_by_seed(g, "pivot", "pass1", "gamma=2", "random")
-        dro = paired_by_seed(g, "pivot", "pass1", "gamma=2", "root-only")
-        land = g.groupby("pivot").pivot_oracle_success.mean()
-        out.append(f"{rec} recovery: the best γ is {best.split('=')[1]} (final pass@1 {gam.max():.3f}); "
-                   f"γ = 2 beats γ = 0 by {_fmt(d2)}, random pivots by {_fmt(dr)} and root-only by {_fmt(dro)} "
-                   f"(paired over seeds). Exact success probability of a continuation from the chosen pivot: "
-                   f"{land.get('gamma=0', float('nan')):.3f} at γ = 0, {land.get('gamma=2', float('nan')):.3f} at γ = 2, "
-                   f"{land.get('gamma=5', float('nan')):.3f} at γ = 5.")
+        util = g[g.gamma.notna()]
+        parts = []
+        if len(util):
+            means = util.groupby("gamma").pass1.mean()
+            parts.append(f"the best γ is {means.idxmax():g} (final pass@1 {means.max():.3f})")
+        ref = util[util.gamma == 2.0]
+        if len(ref):
+            others = [("γ = 0", util[util.gamma == 0.0]), ("random pivots", g[g.pivot_rule == "random"]),
+                      ("root-only", g[g.pivot_rule == "root-only"])]
+            diffs = [f"minus {name} {_fmt(paired_rows(ref, other, 'pass1'))}" for name, other in others if len(other)]
+            if diffs:
+                parts.append("final pass@1 of γ = 2 " + ", ".join(diffs) + " (paired over seeds)")
+        land = g.groupby("pivot_rule", sort=False).pivot_oracle_success.mean().dropna()
+        land = land[[p for p in PIVOT_ORDER if p in land.index]]
+        before = g.groupby("pivot_rule", sort=False).pivot_before_error.mean()
+        if len(land):
+            parts.append("exact success probability of a continuation from the chosen pivot: "
+                         + ", ".join(f"{land[p]:.3f} for {p}" for p in land.index)
+                         + "; fraction of pivots at or before the chain's first error: "
+                         + ", ".join(f"{before[p]:.2f} for {p}" for p in land.index))
+        out.append(f"{rec} recovery: " + "; ".join(parts) + ".")
     return out
 
 
@@ -274,6 +325,7 @@ def _depth_findings(runs: pd.DataFrame) -> list[str]:
 
 RULES = {"max-surprisal": "tree-surprisal", "low-prob": "tree-lowprob", "uniform": "tree-uniform"}
 MS = (2, 4, 8)
+DILUTION_PARAMS = ("rule", "M")
 
 
 def _dilution_cells(seeds: list[int], size: Size) -> list[Cell]:
@@ -286,13 +338,8 @@ def _dilution_cells(seeds: list[int], size: Size) -> list[Cell]:
     return cells
 
 
-def _dilution_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    parts = runs.variant.str.extract(r"^(?P<rule>[\w-]+) M=(?P<M>\d+)$")
-    return runs.assign(rule=parts["rule"], M=parts["M"].astype(int))
-
-
 def _dilution_per_run(runs: pd.DataFrame) -> pd.DataFrame:
-    r = _dilution_frame(runs[runs.step > 0])
+    r = runs[runs.step > 0]
     agg = r.groupby(["variant", "rule", "M", "seed"], sort=False).agg(
         found_rate=("found_rate", "mean"), baseline_var=("baseline_var", "mean"),
         zero_signal_points=("zero_signal_points", "mean")).reset_index()
@@ -302,7 +349,7 @@ def _dilution_per_run(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _dilution_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return summary_table(_dilution_per_run(runs), ("found_rate", "baseline_var", "zero_signal_points", "pass1",
-                                                    "rollouts"), list(dict.fromkeys(runs.variant)))
+                                                    "rollouts"), list(dict.fromkeys(runs.variant)), DILUTION_PARAMS)
 
 
 def _dilution_plot(runs: pd.DataFrame, path: Path) -> None:
@@ -315,12 +362,15 @@ def _dilution_plot(runs: pd.DataFrame, path: Path) -> None:
     labels = {"found_rate": "P(>= 1 correct suffix | failed chain)",
               "baseline_var": "variance of the local baseline (oracle)", "pass1": "final exact pass@1"}
     for ax, col in zip(axes, labels):
-        sns.lineplot(disp, x="M", y=col, hue="rule", marker="o", errorbar=_ci_errorbar, ax=ax)
-        e = mean_ci(dense[col])
-        ax.errorbar([1], [e.mean], yerr=[[e.mean - e.low], [e.high - e.mean]] if np.isfinite(e.low) else None,
-                    fmt="*", color="k", markersize=12, label="dense (1 pivot x K)")
+        sns.lineplot(disp, x="M", y=col, hue="rule", marker="o", errorbar=ci_errorbar, ax=ax)
+        if len(dense):
+            e = mean_ci(dense[col])
+            ax.errorbar([1], [e.mean], yerr=[[e.mean - e.low], [e.high - e.mean]] if np.isfinite(e.low) else None,
+                        fmt="*", color="k", markersize=12, label="dense (1 pivot x K)")
         ax.set(xscale="log", xlabel="cut points per failed chain M (K/M continuations each)", ylabel=labels[col])
-        ax.set_xticks([1, *MS], ["1", *map(str, MS)])
+        ms = sorted(disp.M.unique())
+        ax.set_xticks([1, *ms], ["1", *map(str, ms)])
+        ax.minorticks_off()  # only the swept values on the log axis
         ax.legend(fontsize=7)
     axes[0].set_title("Dilution at equal budget (n_pivots·K per failed chain)")
     _save(fig, path)
@@ -328,24 +378,25 @@ def _dilution_plot(runs: pd.DataFrame, path: Path) -> None:
 
 def _dilution_findings(runs: pd.DataFrame) -> list[str]:
     per = _dilution_per_run(runs)
-    out = []
     dense = per[per.rule == "dense"]
+    disp = per[per.rule != "dense"]
+    if not len(dense):
+        return ["No dense-branching runs in this directory."]
+    out = []
     for col, what in (("found_rate", "finds a correct suffix for a failed chain"),
                       ("pass1", "reaches final pass@1")):
-        e = mean_ci(dense[col])
-        parts = []
-        for rule in RULES:
-            for m in MS:
-                v = f"{rule} M={m}"
-                if v in set(per.variant):
-                    both = per[per.variant.isin(["dense M=1", v])]
-                    d = paired_by_seed(both, "variant", col, "dense M=1", v)
-                    parts.append(f"{v}: {_fmt(d)}")
-        out.append(f"Dense branching {what} at {_fmt(e)}; dense minus dispersed, paired: " + "; ".join(parts) + ".")
-    var_dense = mean_ci(dense.baseline_var)
-    var_m8 = mean_ci(per[(per.rule == "uniform") & (per.M == max(MS))].baseline_var)
-    out.append(f"The local baseline's variance is {var_dense.mean:.4f} with K continuations at one point and "
-               f"{var_m8.mean:.4f} with K/{max(MS)} at each of {max(MS)} uniform points.")
+        parts = [f"{rule} M={m}: {_fmt(paired_rows(dense, g, col))}"
+                 for (rule, m), g in disp.groupby(["rule", "M"], sort=False)]
+        out.append(f"Dense branching {what} at {_fmt(mean_ci(dense[col]))}"
+                   + ("; dense minus dispersed, paired: " + "; ".join(parts) if parts else "") + ".")
+    if len(disp):
+        widest = disp[disp.M == disp.M.max()]
+        rule = "uniform" if "uniform" in set(widest.rule) else widest.rule.iloc[0]
+        widest = widest[widest.rule == rule]
+        m = int(widest.M.iloc[0])
+        out.append(f"The local baseline's variance is {mean_ci(dense.baseline_var).mean:.4f} with K continuations "
+                   f"at one point and {mean_ci(widest.baseline_var).mean:.4f} with K/{m} at each of {m} {rule} "
+                   f"points.")
     return out
 
 
@@ -353,53 +404,55 @@ def _dilution_findings(runs: pd.DataFrame) -> list[str]:
 
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0)
 KS = (2, 4, 8, 16)
+LK_PARAMS = ("knob", "value", "lam", "K")
+"""``knob`` is the swept parameter (``lambda`` or ``K``) and ``value`` its value; ``lam`` and
+``K`` are the run's λ and K. The reference run (λ = 1, K = 8) belongs to both curves."""
 
 
 def _lk_cells(seeds: list[int], size: Size) -> list[Cell]:
-    cells = [_cell("lambda-k", f"lambda={lam:g}", s, size, "deep-grpo", {"lam": lam}, knob="lambda", value=lam)
-             for lam in LAMBDAS for s in seeds]
-    cells += [_cell("lambda-k", f"K={k}", s, size, "deep-grpo", {"K": k}, knob="K", value=k)
-              for k in KS if k != 8 for s in seeds]
+    cells = [_cell("lambda-k", f"lambda={lam:g}", s, size, "deep-grpo", {"lam": lam, "K": 8},
+                   knob="lambda", value=lam, lam=lam, K=8) for lam in LAMBDAS for s in seeds]
+    cells += [_cell("lambda-k", f"K={k}", s, size, "deep-grpo", {"lam": 1.0, "K": k},
+                    knob="K", value=k, lam=1.0, K=k) for k in KS if k != 8 for s in seeds]
     return cells
-
-
-def _lk_frame(fin: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, r in fin.iterrows():
-        knob, val = r.variant.split("=")
-        rows.append({**r.to_dict(), "knob": knob, "value": float(val)})
-        if r.variant == "lambda=1":  # the reference run is also the K = 8 point
-            rows.append({**r.to_dict(), "knob": "K", "value": 8.0})
-    return pd.DataFrame(rows)
 
 
 def _lk_plot(runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
-    f = _lk_frame(final_rows(runs))
+    fin = final_rows(runs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    sns.lineplot(f[f.knob == "lambda"], x="value", y="pass1", marker="o", errorbar=_ci_errorbar, ax=axes[0])
+    sns.lineplot(fin[fin.K == 8], x="lam", y="pass1", marker="o", errorbar=ci_errorbar, ax=axes[0])
     axes[0].set(xlabel="λ (weight of the aux stream)", ylabel="final exact pass@1", title="Aux-stream weight λ (K = 8)")
-    k = f[f.knob == "K"]
-    sns.lineplot(k, x="value", y="pass1", marker="o", errorbar=_ci_errorbar, ax=axes[1])
+    k = fin[fin.lam == 1.0]
+    sns.lineplot(k, x="K", y="pass1", marker="o", errorbar=ci_errorbar, ax=axes[1])
     axes[1].set(xscale="log", xlabel="K continuations per pivot (log scale)", ylabel="final exact pass@1",
                 title="Branch width K (λ = 1)")
-    axes[1].set_xticks(list(KS), list(map(str, KS)))
+    ks = sorted(k.K.unique())
+    axes[1].set_xticks(ks, [f"{x:.0f}" for x in ks])
+    axes[1].minorticks_off()  # only the swept values on the log axis
     _save(fig, path)
 
 
 def _lk_findings(runs: pd.DataFrame) -> list[str]:
     fin = final_rows(runs)
-    f = _lk_frame(fin)
-    lam = f[f.knob == "lambda"].groupby("value").pass1.mean()
-    out = [f"Best λ: {lam.idxmax():g} (final pass@1 {lam.max():.3f}); "
-           + "; ".join(f"λ=1 minus λ={x:g}: {_fmt(paired_by_seed(fin, 'variant', 'pass1', 'lambda=1', f'lambda={x:g}'))}"
-                       for x in LAMBDAS if x != 1.0) + "."]
-    ks = f[f.knob == "K"]
-    means = ks.groupby("value").pass1.mean()
-    rollouts = ks.groupby("value").rollouts.mean()
-    out.append("K: " + "; ".join(f"K={int(k)}: pass@1 {means[k]:.3f} with {rollouts[k]:,.0f} rollouts"
-                                 for k in means.index) + ".")
+    lam_runs = fin[fin.K == 8]
+    out = []
+    if len(lam_runs):
+        by_lam = {float(x): g for x, g in lam_runs.groupby("lam")}
+        means = lam_runs.groupby("lam").pass1.mean()
+        line = f"Best λ: {means.idxmax():g} (final pass@1 {means.max():.3f})"
+        if 1.0 in by_lam:
+            diffs = [f"λ=1 minus λ={x:g}: {_fmt(paired_rows(by_lam[1.0], g, 'pass1'))}"
+                     for x, g in by_lam.items() if x != 1.0]
+            if diffs:
+                line += "; " + "; ".join(diffs)
+        out.append(line + ".")
+    ks = fin[fin.lam == 1.0]
+    if len(ks):
+        means, rollouts = ks.groupby("K").pass1.mean(), ks.groupby("K").rollouts.mean()
+        out.append("K (λ = 1): " + "; ".join(f"K={k:.0f}: pass@1 {means[k]:.3f} with {rollouts[k]:,.0f} rollouts"
+                                             for k in means.index) + ".")
     return out
 
 
@@ -409,10 +462,18 @@ FRONTIER = {"grpo N=8": ("grpo", {"G": 8}), "grpo N=16": ("grpo", {"G": 16}), "g
             "drgrpo N=16": ("drgrpo", {"G": 16}), "deep-grpo": ("deep-grpo", {}),
             "deep-random": ("deep-random", {}), "tree-surprisal": ("tree-surprisal", {}),
             "tree-lowprob": ("tree-lowprob", {}), "tree-uniform": ("tree-uniform", {})}
+FRONTIER_PARAMS = ("method", "N", "K")
+"""``N``: main chains per prompt (G); ``K``: continuations per pivot (empty for root-only methods)."""
 
 
 def _frontier_cells(seeds: list[int], size: Size) -> list[Cell]:
-    return [_cell("budget-frontier", v, s, size, m, a) for v, (m, a) in FRONTIER.items() for s in seeds]
+    from deepgrpo.methods import method_config
+    cells = []
+    for v, (m, a) in FRONTIER.items():
+        ex = method_config(m, **a).explore
+        k = None if ex.strategy == "root" else ex.K
+        cells += [_cell("budget-frontier", v, s, size, m, a, N=ex.G, K=k) for s in seeds]
+    return cells
 
 
 def _frontier_metrics(runs: pd.DataFrame) -> pd.DataFrame:
@@ -433,13 +494,14 @@ def _frontier_metrics(runs: pd.DataFrame) -> pd.DataFrame:
             hit = g[g.pass1 >= target]
             row[f"{x}_to_target"] = float(hit[x].iloc[0]) if len(hit) else float("nan")
         rows.append(row)
-    return pd.DataFrame(rows).merge(fin[["variant", "seed", "pass1", "rollouts", "tokens"]], on=["variant", "seed"])
+    keep = ["variant", "seed", *FRONTIER_PARAMS, "pass1", "rollouts", "tokens"]
+    return pd.DataFrame(rows).merge(fin[keep], on=["variant", "seed"])
 
 
 def _frontier_summary(runs: pd.DataFrame) -> pd.DataFrame:
     m = _frontier_metrics(runs)
     out = summary_table(m, ("pass1", "rollouts", "tokens", "auc_rollouts", "auc_tokens", "rollouts_to_target",
-                            "tokens_to_target"), list(FRONTIER))
+                            "tokens_to_target"), list(FRONTIER), FRONTIER_PARAMS)
     reached = m.groupby("variant").rollouts_to_target.apply(lambda x: int(x.notna().sum()))
     out["reached_target"] = out.variant.map(reached).values
     return out
@@ -449,14 +511,15 @@ def _frontier_plot(runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    r = runs.copy()
-    for ax, x, label in ((axes[0], "rollouts", "cumulative rollouts"), (axes[1], "tokens", "cumulative generated tokens")):
+    order = [v for v in FRONTIER if v in set(runs.variant)]
+    for ax, x, label in ((axes[0], "rollouts", "cumulative rollouts"),
+                         (axes[1], "tokens", "cumulative generated tokens")):
         # put every run on a common grid so seeds can be averaged with a CI band
-        grid = np.linspace(0, r.groupby("variant")[x].max().min(), 40)
+        grid = np.linspace(0, runs.groupby("variant")[x].max().min(), 40)
         rows = [{"variant": v, "seed": s, x: b, "pass1": float(np.interp(b, g[x], g.pass1))}
-                for (v, s), g in r.groupby(["variant", "seed"]) for b in grid]
-        sns.lineplot(pd.DataFrame(rows), x=x, y="pass1", hue="variant", hue_order=list(FRONTIER),
-                     errorbar=_ci_errorbar, ax=ax)
+                for (v, s), g in runs.groupby(["variant", "seed"]) for b in grid]
+        sns.lineplot(pd.DataFrame(rows), x=x, y="pass1", hue="variant", hue_order=order,
+                     errorbar=ci_errorbar, ax=ax)
         ax.set(xlabel=f"{label} (common range)", ylabel="exact pass@1", title=f"pass@1 against {label}")
         ax.legend(fontsize=7)
     _save(fig, path)
@@ -468,12 +531,15 @@ def _frontier_findings(runs: pd.DataFrame) -> list[str]:
     best = s.sort_values("auc_rollouts", ascending=False).iloc[0]
     out = [f"Target pass@1 = {m.target.iloc[0]:.3f} (half-way from the start to the best final mean).",
            f"Largest area under pass@1-vs-rollouts (common budget): {best.variant} "
-           f"({best.auc_rollouts:.3f} ± {best.auc_rollouts_pm:.3f})."]
-    for ref in ("grpo N=8", "grpo N=16", "tree-surprisal"):
-        if ref in set(m.variant) and "deep-grpo" in set(m.variant):
-            d = paired_by_seed(m, "variant", "auc_rollouts", "deep-grpo", ref)
-            dt = paired_by_seed(m, "variant", "auc_tokens", "deep-grpo", ref)
-            out.append(f"DEEP-GRPO minus {ref}: AUC over rollouts {_fmt(d)}, over tokens {_fmt(dt)}.")
+           f"({_fmt(mean_ci(m[m.variant == best.variant].auc_rollouts))})."]
+    deep = m[m.method == "deep-grpo"]
+    refs = [(f"GRPO N={n:.0f}", g) for n, g in m[m.method == "grpo"].groupby("N")]
+    refs += [("tree-surprisal", m[m.method == "tree-surprisal"])]
+    for name, ref in refs:
+        if len(deep) and len(ref):
+            d = paired_rows(deep, ref, "auc_rollouts")
+            dt = paired_rows(deep, ref, "auc_tokens")
+            out.append(f"DEEP-GRPO minus {name}: AUC over rollouts {_fmt(d)}, over tokens {_fmt(dt)}.")
     reach = "; ".join(f"{r.variant}: {r.rollouts_to_target:,.0f} rollouts ({r.reached_target}/{r.n} seeds)"
                       for r in s.itertuples() if np.isfinite(r.rollouts_to_target))
     out.append("Rollouts to reach the target (mean over seeds that reached it): " + (reach or "none reached it") + ".")
@@ -483,22 +549,23 @@ def _frontier_findings(runs: pd.DataFrame) -> list[str]:
 # 6. recoverability --------------------------------------------------------------------------
 
 HETEROGENEITY = (0.0, 0.5, 1.0)
+ESTIMATORS = {"position": "deep-grpo", "state": "deep-state"}
+"""Estimator driving the pivots (``estimator`` column) -> method."""
+RECOV_PARAMS = ("heterogeneity", "estimator")
 
 
 def _recov_cells(seeds: list[int], size: Size) -> list[Cell]:
     cells = []
     for h in HETEROGENEITY:
-        for method, est in (("deep-grpo", "position"), ("deep-state", "state")):
+        for est, method in ESTIMATORS.items():
             cells += [_cell("recoverability", f"h={h:g} | {est}", s, size, method, spec={"heterogeneity": h},
                             probes=("calibration",), heterogeneity=h, estimator=est) for s in seeds]
     return cells
 
 
 def _recov_per_run(runs: pd.DataFrame) -> pd.DataFrame:
-    parts = runs.variant.str.extract(r"^h=(?P<h>[\d.]+) \| (?P<est>\w+)$")
-    r = runs.assign(heterogeneity=parts.h.astype(float), driver=parts.est)
-    late = r[r.step > r.step.max() / 2]
-    agg = late.groupby(["variant", "heterogeneity", "driver", "seed"], sort=False).agg(
+    late = runs[runs.step > runs.step.max() / 2]
+    agg = late.groupby(["variant", *RECOV_PARAMS, "seed"], sort=False).agg(
         mse_pos=("mse_pos", "mean"), mse_state=("mse_state", "mean"), ece_pos=("ece_pos", "mean"),
         ece_state=("ece_state", "mean"), brier_pos=("brier_pos", "mean"), brier_state=("brier_state", "mean"),
         pivot_oracle_success=("pivot_oracle_success", "mean")).reset_index()
@@ -509,23 +576,25 @@ def _recov_per_run(runs: pd.DataFrame) -> pd.DataFrame:
 def _recov_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return summary_table(_recov_per_run(runs), ("ece_pos", "ece_state", "mse_pos", "mse_state", "brier_pos",
                                                  "brier_state", "pivot_oracle_success", "pass1"),
-                         list(dict.fromkeys(runs.variant)))
+                         list(dict.fromkeys(runs.variant)), RECOV_PARAMS)
 
 
 def _recov_plot(runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
     per = _recov_per_run(runs)
-    long = pd.concat([per.assign(estimator="position (paper)", ece=per.ece_pos),
-                      per.assign(estimator="state-aware", ece=per.ece_state)])
+    long = pd.concat([per.assign(shadow="position (paper)", ece=per.ece_pos),
+                      per.assign(shadow="state-aware", ece=per.ece_state)])
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.3))
-    sns.lineplot(long[long.driver == "position"], x="heterogeneity", y="ece", hue="estimator", marker="o",
-                 errorbar=_ci_errorbar, ax=axes[0])
+    drive = "position" if "position" in set(per.estimator) else per.estimator.iloc[0]
+    sns.lineplot(long[long.estimator == drive], x="heterogeneity", y="ece", hue="shadow", marker="o",
+                 errorbar=ci_errorbar, ax=axes[0])
     axes[0].set(xlabel="between-problem heterogeneity h", ylabel="expected calibration error vs oracle",
-                title="Calibration (same data, second half of training)")
-    fin = runs[(runs.step == runs.step.max()) & runs.variant.str.endswith("| position")]
-    hmax = max(HETEROGENEITY)
-    fh = fin[fin.variant.str.startswith(f"h={hmax:g} ")]
+                title=f"Calibration (same data: runs driven by {drive}, second half)")
+    fin = final_rows(runs)
+    fin = fin[fin.estimator == drive]
+    hmax = fin.heterogeneity.max()
+    fh = fin[fin.heterogeneity == hmax]
     for name, label in (("pos", "position (paper)"), ("state", "state-aware")):
         p = np.nansum(np.stack([fh[f"rel_{name}_p{j}"] * fh[f"rel_{name}_n{j}"] for j in range(10)]), axis=1)
         q = np.nansum(np.stack([fh[f"rel_{name}_q{j}"] * fh[f"rel_{name}_n{j}"] for j in range(10)]), axis=1)
@@ -536,11 +605,11 @@ def _recov_plot(runs: pd.DataFrame, path: Path) -> None:
     axes[1].set(xlabel="predicted P(>= 1 of K succeeds)", ylabel="oracle P(>= 1 of K succeeds)",
                 title=f"Reliability diagram (h = {hmax:g}, all seeds)", xlim=(0, 1), ylim=(0, 1))
     axes[1].legend(fontsize=8)
-    sns.lineplot(per, x="heterogeneity", y="pivot_oracle_success", hue="driver", marker="o",
-                 errorbar=_ci_errorbar, ax=axes[2])
+    sns.lineplot(per, x="heterogeneity", y="pivot_oracle_success", hue="estimator", marker="o",
+                 errorbar=ci_errorbar, ax=axes[2])
     axes[2].set(xlabel="heterogeneity h", ylabel="oracle P(success | chosen pivot)",
                 title="Recoverability of chosen pivots")
-    sns.lineplot(per, x="heterogeneity", y="pass1", hue="driver", marker="o", errorbar=_ci_errorbar, ax=axes[3])
+    sns.lineplot(per, x="heterogeneity", y="pass1", hue="estimator", marker="o", errorbar=ci_errorbar, ax=axes[3])
     axes[3].set(xlabel="heterogeneity h", ylabel="final exact pass@1", title="Final pass@1 by pivot estimator")
     _save(fig, path)
 
@@ -549,56 +618,66 @@ def _recov_findings(runs: pd.DataFrame) -> list[str]:
     per = _recov_per_run(runs)
     out = []
     for h, g in per.groupby("heterogeneity"):
-        pos = g[g.driver == "position"]
-        d_ece = paired_by_seed(pd.concat([pos.assign(e="pos", v=pos.ece_pos), pos.assign(e="state", v=pos.ece_state)]),
-                               "e", "v", "pos", "state")
-        both = g.assign(k=g.driver)
-        d_piv = paired_by_seed(both, "k", "pivot_oracle_success", "state", "position")
-        d_p1 = paired_by_seed(both, "k", "pass1", "state", "position")
-        out.append(f"h = {h:g}: position-only ECE {mean_ci(pos.ece_pos).mean:.3f} vs state-aware "
-                   f"{mean_ci(pos.ece_state).mean:.3f} (position minus state {_fmt(d_ece)}); driving pivots with the "
-                   f"state-aware estimator changes the oracle recoverability of chosen pivots by {_fmt(d_piv)} and "
-                   f"final pass@1 by {_fmt(d_p1)}.")
+        pos, state = g[g.estimator == "position"], g[g.estimator == "state"]
+        shadow = pos if len(pos) else state
+        line = (f"h = {h:g}: position-only ECE {mean_ci(shadow.ece_pos).mean:.3f} vs state-aware "
+                f"{mean_ci(shadow.ece_state).mean:.3f} (position minus state "
+                f"{_fmt(paired_difference(shadow.ece_pos, shadow.ece_state))}, same runs)")
+        if len(pos) and len(state):
+            line += (f"; driving pivots with the state-aware estimator changes the oracle recoverability of chosen "
+                     f"pivots by {_fmt(paired_rows(state, pos, 'pivot_oracle_success'))} and final pass@1 by "
+                     f"{_fmt(paired_rows(state, pos, 'pass1'))}")
+        out.append(line + ".")
     return out
 
 
 STUDIES: dict[str, Study] = {
     "root-saturation": Study("root-saturation", "Does GRPO flatten as N grows, and does DEEP-GRPO beat N = 64 at "
                              "equal or lower budget?", _root_cells,
-                             lambda r: _summary_final(r, ("pass1", "pass8", "rollouts", "tokens")),
-                             _root_plot, _root_findings),
+                             lambda r: _summary_final(r, ("pass1", "pass8", "rollouts", "tokens"), ROOT_PARAMS),
+                             _root_plot, _root_findings, ROOT_PARAMS, ("grpo N=4", "deep-grpo G=8 K=8")),
     "depth-bias": Study("depth-bias", "Which depth exponent γ works best, and how does the sweet spot move with "
                         "the recovery model?", _depth_cells,
-                        _depth_summary, _depth_plot, _depth_findings),
+                        _depth_summary, _depth_plot, _depth_findings, DEPTH_PARAMS,
+                        ("fatal | gamma=2", "decay | root-only")),
     "dilution": Study("dilution", "Dense (1 pivot x K) or dispersed (M points x K/M) at equal budget?",
-                      _dilution_cells, _dilution_summary, _dilution_plot, _dilution_findings),
+                      _dilution_cells, _dilution_summary, _dilution_plot, _dilution_findings, DILUTION_PARAMS,
+                      ("dense M=1", "uniform M=4")),
     "lambda-k": Study("lambda-k", "How do the aux weight λ and the branch width K matter?", _lk_cells,
-                      lambda r: _summary_final(r, ("pass1", "rollouts", "tokens")), _lk_plot, _lk_findings),
+                      lambda r: _summary_final(r, ("pass1", "rollouts", "tokens"), LK_PARAMS), _lk_plot,
+                      _lk_findings, LK_PARAMS, ("lambda=1", "K=4")),
     "budget-frontier": Study("budget-frontier", "pass@1 per rollout and per token for every method",
-                             _frontier_cells, _frontier_summary, _frontier_plot, _frontier_findings),
+                             _frontier_cells, _frontier_summary, _frontier_plot, _frontier_findings,
+                             FRONTIER_PARAMS, ("grpo N=8", "deep-grpo")),
     "recoverability": Study("recoverability", "Is P(success | prefix) a function of relative depth alone? When "
                             "is it not, and does a state-aware estimator help?", _recov_cells, _recov_summary,
-                            _recov_plot, _recov_findings),
+                            _recov_plot, _recov_findings, RECOV_PARAMS, ("h=1 | position", "h=1 | state")),
 }
 
 
-def run_study(name: str, out: str | Path, seeds: int = 5, quick: bool = False, workers: int | None = None,
-              progress: bool = True) -> Path:
-    """Run study ``name`` (resumable) and write its tables, figure and record to ``out/name``."""
+def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", workers: int | None = None,
+              progress: bool = True, quick: bool = False) -> Path:
+    """Run study ``name`` (resumable) and write its tables, figure and record to ``out/name``.
+
+    size: ``full``, ``quick`` or ``smoke`` (:data:`SIZES`; ``quick=True`` is ``size="quick"``).
+    """
     from deepgrpo.config import ConfigError
     if name not in STUDIES:
         raise ConfigError(f"study = {name!r} is invalid: expected one of {', '.join(STUDIES)}")
     if seeds < 1:
         raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [1, inf)")
+    size = "quick" if quick else size
+    if size not in SIZES:
+        raise ConfigError(f"size = {size!r} is invalid: expected one of {', '.join(SIZES)}")
     study = STUDIES[name]
-    size = QUICK if quick else FULL
     d = Path(out) / name
     t0 = time.perf_counter()
-    cells = study.cells(list(range(seeds)), size)
+    cells = study.grid(list(range(seeds)), size)
     runs = run_sweep(cells, run_sim_cell, d, "runs", workers=workers, progress=progress)
     write_csv_atomic(d / "summary.csv", study.summary(runs))
     study.plot(runs, d / f"{name}.png")
-    write_json_atomic(d / "study.json", {"study": name, "question": study.question, "seeds": seeds, "quick": quick,
-                                          "size": vars(size), "cells": len(cells), "wall_time_s": time.perf_counter() - t0,
+    write_json_atomic(d / "study.json", {"study": name, "question": study.question, "seeds": seeds, "size": size,
+                                          "size_config": vars(SIZES[size]), "params": list(study.params),
+                                          "cells": len(cells), "wall_time_s": time.perf_counter() - t0,
                                           "versions": versions()})
     return d

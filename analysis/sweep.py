@@ -1,9 +1,14 @@
 """Sweeps: run a grid of cells on all cores, resumable, with tidy atomic tables.
 
-A :class:`Cell` is one run (study, variant label, seed and JSON-able parameters). Its result is a
-list of tidy rows (one per step), stored as ``DIR/cells/<key>.csv`` the moment the cell finishes
-(atomic write), so a re-run in the same directory skips every finished cell. The table of the
-whole sweep, ``DIR/<name>.csv``, is rebuilt from the cell files at the end.
+A :class:`Cell` is one run (study, variant label, seed, JSON-able run parameters and the study
+parameters that define it, as named scalar *columns*). Its result is a list of tidy rows (one
+per step), stored with the cell's columns as ``DIR/cells/<key>.csv`` the moment the cell
+finishes (atomic write), so a re-run in the same directory skips every finished cell. The table
+of the whole sweep, ``DIR/<name>.csv``, is rebuilt from the cell files at the end.
+
+Table layout: ``study``, ``variant`` (a display label, never parsed), the cell's columns (e.g.
+``N``, ``recovery``, ``gamma``), then the worker's row columns (``seed``, ``step``, ...).
+Analyses select and group by the columns.
 """
 
 from __future__ import annotations
@@ -11,29 +16,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
 from deepgrpo.records import write_csv_atomic
+
+RESERVED_COLUMNS = ("study", "variant", "seed")
+"""Columns every sweep table has besides the cells' own (``seed`` comes from the cell if the
+worker does not write it)."""
 
 
 @dataclass(frozen=True)
 class Cell:
     """One run of a sweep.
 
-    study: the study's name; variant: a label for the configuration (e.g. ``gamma=2``);
-    seed: the run seed (paired across variants); params: JSON-able run parameters (e.g.
-    ``{"method": "deep-grpo", "algo": {...}, "spec": {...}, "runner": {...}}``).
+    study: the study's name; variant: a display label for the configuration (e.g.
+    ``decay | gamma=2``); seed: the run seed (paired across variants); params: JSON-able run
+    parameters for the worker (e.g. ``{"method": "deep-grpo", "algo": {...}, "spec": {...}}``);
+    columns: the study parameters of this cell, ``{name: scalar}`` (e.g. ``{"recovery":
+    "decay", "gamma": 2.0}``), written as columns of every row of the cell's table. A name may
+    not be ``study``, ``variant`` or ``seed``, nor a column the worker writes; values are
+    str, int, float, bool or None (None and NaN read back as NaN).
     """
 
     study: str
     variant: str
     seed: int
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    columns: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value in self.columns.items():
+            if not isinstance(name, str) or name in RESERVED_COLUMNS:
+                raise ValueError(f"Cell column name {name!r} is invalid: expected a str other than "
+                                 f"{', '.join(RESERVED_COLUMNS)}")
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ValueError(f"Cell column {name} = {value!r} is invalid: expected a str, int, float, bool "
+                                 f"or None")
 
     @property
     def key(self) -> str:
@@ -50,20 +74,32 @@ def _run_one(worker: Callable[[Cell], list[dict[str, Any]]], cell: Cell, path: s
     import torch
     torch.set_num_threads(1)  # one process per core
     rows = worker(cell)
+    write_csv_atomic(path, cell_frame(cell, rows))
+    return len(rows)
+
+
+def cell_frame(cell: Cell, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The tidy table of one finished cell: ``study``, ``variant``, the cell's columns, then the
+    worker's ``rows`` (plus ``seed`` if the rows lack it). A cell column that the worker also
+    writes is an error (the table would hold two meanings under one name)."""
     frame = pd.DataFrame(rows)
-    frame.insert(0, "variant", cell.variant)
-    frame.insert(0, "study", cell.study)
+    clash = sorted(set(cell.columns) & set(frame.columns))
+    if clash:
+        raise ValueError(f"cell {cell.variant!r}: columns {clash} are both study parameters and worker columns")
+    head = {"study": cell.study, "variant": cell.variant, **cell.columns}
+    for i, (name, value) in enumerate(head.items()):
+        frame.insert(i, name, [value] * len(frame))
     if "seed" not in frame:
         frame["seed"] = cell.seed
-    write_csv_atomic(path, frame)
-    return len(rows)
+    return frame
 
 
 def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any]]], out_dir: str | os.PathLike,
               name: str, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Run every unfinished cell with ``worker`` (a picklable module-level function) in a
     process pool of ``workers`` processes (default: all cores), then write and return the
-    tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, ``seed``).
+    tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, the cells'
+    columns and ``seed``; see :func:`cell_frame`).
 
     Returns the table of *all* ``cells`` (finished earlier or now).
     """
@@ -79,10 +115,15 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=name, unit="run")
     if workers == 1:
-        for c in todo:
-            _run_one(worker, c, str(_cell_path(out, c)))
-            if bar:
-                bar.update()
+        import torch
+        threads = torch.get_num_threads()
+        try:
+            for c in todo:
+                _run_one(worker, c, str(_cell_path(out, c)))
+                if bar:
+                    bar.update()
+        finally:
+            torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
     elif todo:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.stats import mean_ci, paired_by_seed, paired_difference, summarize
+from analysis.stats import ci_errorbar, mean_ci, paired_by_seed, paired_difference, paired_rows, summarize
 from analysis.sweep import Cell, cells_done, run_sweep
 from analysis.tables import markdown_table
 
@@ -43,6 +43,15 @@ def test_summarize_and_paired_by_seed():
     assert s.set_index("variant").loc["a", "mean"] == 2.0 and (s.n == 3).all()
     d = paired_by_seed(f, "variant", "v", "a", "b")
     assert d.mean == pytest.approx(np.mean([0.5, 0.5, 1.0]))
+    # paired_rows matches on seed whatever the row order, and drops unpaired seeds
+    a = f[f.variant == "a"].iloc[::-1]
+    b = pd.concat([f[f.variant == "b"], pd.DataFrame({"variant": ["b"], "seed": [7], "v": [9.0]})])
+    e = paired_rows(a, b, "v")
+    assert (e.mean, e.n) == (pytest.approx(d.mean), 3) and (e.low, e.high) == pytest.approx((d.low, d.high))
+    with pytest.raises(ValueError, match="one row per seed"):
+        paired_rows(f, b, "v")
+    assert ci_errorbar([1.0, 2.0, 3.0]) == pytest.approx((mean_ci([1.0, 2.0, 3.0]).low, mean_ci([1.0, 2.0, 3.0]).high))
+    assert ci_errorbar([0.4]) == (0.4, 0.4)
 
 
 CALLS = []
@@ -72,3 +81,32 @@ def test_sweep_skips_finished_cells_and_writes_tidy_table(tmp_path):
 def test_markdown_table():
     md = markdown_table(pd.DataFrame({"a": ["x|y"], "b": [0.12345], "c": [float("nan")]}), digits=2)
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x\\|y | 0.12 | – |"]
+
+
+def seed_worker(cell: Cell):
+    return [{"step": t, "value": cell.params["x"] * t} for t in range(2)]
+
+
+def clashing_worker(cell: Cell):
+    return [{"step": 0, "rule": "from the worker"}]
+
+
+def test_sweep_writes_cell_parameters_as_columns(tmp_path):
+    cells = [Cell("s", f"{rule} M={m}", seed, {"x": m}, {"rule": rule, "M": m, "gamma": None})
+             for rule, m in (("dense", 1), ("uniform", 4)) for seed in (0, 1)]
+    t = run_sweep(cells, seed_worker, tmp_path, "runs", workers=1, progress=False)
+    assert list(t.columns[:5]) == ["study", "variant", "rule", "M", "gamma"]
+    reread = pd.read_csv(tmp_path / "runs.csv")
+    for c in cells:
+        rows = reread[(reread.variant == c.variant) & (reread.seed == c.seed)]
+        assert len(rows) == 2 and (rows.rule == c.columns["rule"]).all() and (rows.M == c.columns["M"]).all()
+        assert rows.gamma.isna().all() and (rows.value == c.columns["M"] * rows.step).all()
+    # the columns are part of the cell's identity (a different parameter is a different run)
+    assert Cell("s", "v", 0, {}, {"M": 1}).key != Cell("s", "v", 0, {}, {"M": 2}).key
+    with pytest.raises(ValueError, match="both study parameters and worker columns"):
+        run_sweep([Cell("s", "v", 0, {}, {"rule": "dense"})], clashing_worker, tmp_path / "clash", "runs",
+                  workers=1, progress=False)
+    assert not list((tmp_path / "clash").rglob("*.csv"))
+    for bad in ({"seed": 1}, {"variant": "x"}, {"M": [1, 2]}):
+        with pytest.raises(ValueError, match="Cell column"):
+            Cell("s", "v", 0, {}, bad)
