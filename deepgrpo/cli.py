@@ -18,6 +18,7 @@ from typing import Sequence
 
 from deepgrpo import __version__
 from deepgrpo.config import ConfigError
+from deepgrpo.records import Interrupted
 
 COMMANDS = {
     "sim": ("sims.cli", "simulator backend: `sim run`, `sim compare`"),
@@ -64,8 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"deepgrpo {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"deepgrpo {cmd}: interrupted; {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"deepgrpo {cmd}: interrupted; results are written only when complete, so nothing was left "
+              "half-written", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
-        if e.name in ("transformers", "tokenizers", "datasets", "math_verify", "vllm"):
+        if e.name in ("transformers", "tokenizers", "datasets", "math_verify", "vllm", "trl"):
             print(f"deepgrpo {cmd}: error: missing optional dependency {e.name!r}; "
                   f"install it with: pip install -e '.[llm]'", file=sys.stderr)
             return 2

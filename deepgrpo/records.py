@@ -11,6 +11,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+FAILPOINT_ENV = "DEEPGRPO_FAILPOINT"
+"""Environment variable naming a :func:`failpoint` at which the process kills itself (SIGKILL),
+for the fault-injection tests (``pytest -m faults``); unset in normal use."""
+
+
+_FAILPOINT_HITS: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """Kill this process with SIGKILL here if ``$DEEPGRPO_FAILPOINT`` is ``name`` (first time
+    this point is reached) or ``name:N`` (N-th time): the tests use it to die in the middle of a
+    save, between the steps that make the save atomic."""
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec or spec.split(":")[0] != name:
+        return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] == int(spec.split(":")[1] if ":" in spec else 1):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C (SIGINT) caught by a command, carrying what was saved (the message), so the
+    command line can say it in one line."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the temp file to ``path`` (same directory), so
     ``path`` is either absent, the old file, or the complete new one — never half-written."""
@@ -21,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be readable like any other file
     try:
         write(Path(tmp))
+        failpoint("atomic-write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +65,7 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
+        failpoint("atomic-directory")
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from deepgrpo.config import ConfigError
+from deepgrpo.records import failpoint
 from llm.models import check_model_dir, is_model_dir, save_pretrained_dir
 
 STATE_FILE = "trainer_state.pt"
@@ -47,21 +48,31 @@ def save_checkpoint(path: str | os.PathLike, model: Any, tokenizer: Any, state: 
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained_dir(model, tokenizer, tmp)
-    torch.save(state, tmp / STATE_FILE)
+    failpoint("checkpoint-half-written")
+    torch.save(state, tmp / f"{STATE_FILE}.part")
+    os.replace(tmp / f"{STATE_FILE}.part", tmp / STATE_FILE)  # the state file marks a complete directory
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
+    failpoint("checkpoint-between-renames")
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def recover_interrupted(path: str | os.PathLike) -> None:
-    """If a run died between the two renames of :func:`save_checkpoint`, put the previous
-    complete checkpoint back in place."""
+    """If a run died between the two renames of :func:`save_checkpoint`, put the newest
+    complete checkpoint in place: the new one if it was fully written (its state file exists),
+    else the previous one."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.exists():
+    if path.exists():
+        return
+    if (tmp / STATE_FILE).is_file():
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
         os.replace(old, path)
 
 

@@ -286,7 +286,16 @@ def cmd_train(a: argparse.Namespace) -> int:
             print(f"no --model given: training the tiny-arith SFT start in {init}", file=sys.stderr)
             train_sft(SFTConfig(seed=cfg.seed), out=init, progress=True)
             cfg = dataclasses.replace(cfg, model=str(init.resolve()))
-    summary = Trainer(cfg, out, resume=a.resume, progress=True, resume_changes=changes).run()
+    trainer = Trainer(cfg, out, resume=a.resume, progress=True, resume_changes=changes)
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        from deepgrpo.records import Interrupted
+        if trainer.saved_step is None:
+            raise Interrupted(f"no checkpoint was saved yet ({out / 'metrics.jsonl'} holds the finished steps); "
+                              "start the run again") from None
+        raise Interrupted(f"the last checkpoint (step {trainer.saved_step}) is in {out / 'checkpoint'}; continue "
+                          f"with: deepgrpo llm train --resume --out {out}") from None
     print(json.dumps({"out": str(out), "method": summary["method"], "steps": summary["steps"],
                       "before": summary["before"], "after": summary["after"], "budget": summary["budget"],
                       "wall_time_s": round(summary["wall_time_s"], 1)}))

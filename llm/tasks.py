@@ -249,6 +249,15 @@ def _read_rows(path: Path, option: str = "--data") -> list[dict[str, Any]]:
                 n_rows += 1
         if n_rows == 0:
             raise _bad_file(option, path, "the file has no rows")
+    if suffix == ".parquet":  # datasets would log its own multi-line error before raising
+        import pyarrow.parquet as pq
+        try:
+            n_rows = pq.read_metadata(str(path)).num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise _bad_file(option, path, f"cannot be read as parquet ({first})") from None
+        if n_rows == 0:
+            raise _bad_file(option, path, "the file has no rows")
     import datasets
 
     datasets.disable_progress_bars()

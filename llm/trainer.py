@@ -274,11 +274,13 @@ class Trainer:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.step = 0
+        self.saved_step: int | None = None
         self.data_pos = 0
         self.rows: list[dict[str, Any]] = []
         self.wall_time = 0.0
         if state is not None:
             self._load_state(state)
+            self.saved_step = self.step
             if config.steps < self.step:
                 raise invalid(type(config).__name__, "steps", config.steps,
                               f"an integer >= {self.step}, the steps this run has already taken")
@@ -303,9 +305,11 @@ class Trainer:
         self.wall_time = float(st["wall_time"])
 
     def save(self) -> None:
+        """Checkpoint the run (rank 0; atomic: see :mod:`llm.checkpoint`)."""
         if self.rank != 0:
             return
         save_checkpoint(self.out / "checkpoint", self.policy, self.tokenizer, self._state())
+        self.saved_step = self.step
 
     # -- one step -------------------------------------------------------------------------------
     def next_prompts(self) -> list[Prompt]:
