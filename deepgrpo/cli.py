@@ -5,6 +5,7 @@ Sub-commands are dispatched lazily so that, e.g., ``deepgrpo sim`` never imports
     deepgrpo sim {run,compare}       simulator backend (sims/)
     deepgrpo study NAME              studies in the simulator (analysis/)
     deepgrpo report --results DIR    assemble REPORT.md from study results (analysis/)
+    deepgrpo report --llm-runs RUN.. curves of LLM runs against rollouts and tokens (analysis/)
     deepgrpo llm {sft,train,eval}    transformers / vLLM backend (llm/)
     deepgrpo methods                 list the named methods
 """
@@ -22,8 +23,9 @@ from deepgrpo.records import Interrupted
 
 COMMANDS = {
     "sim": ("sims.cli", "simulator backend: `sim run`, `sim compare`"),
-    "study": ("analysis.cli", "run a study in the simulator: `study NAME [--seeds 5] [--quick] [--out DIR]`"),
-    "report": ("analysis.cli", "write DIR/REPORT.md from study results: `report --results DIR`"),
+    "study": ("analysis.cli", "run a study in the simulator: `study NAME [--seeds 5] [--quick|--smoke] [--out DIR]`"),
+    "report": ("analysis.cli", "write DIR/REPORT.md from study results: `report --results DIR`, or curves of LLM "
+                               "runs: `report --llm-runs RUN [RUN ...] --out DIR`"),
     "llm": ("llm.cli", "LLM backend: `llm sft`, `llm train`, `llm eval`"),
 }
 
