@@ -41,14 +41,15 @@ def shard(items: list, rank: int | None = None, world_size: int | None = None) -
 def global_denominators(local: Mapping[int, float]) -> dict[int, float]:
     """Sum per-stream loss denominators (:func:`deepgrpo.losses.loss_denominators`) over ranks.
 
-    Each stream's denominator is at least 1 per rank locally; the sum of the *raw* counts is
-    what a single process would use, so the local values are reduced as they are and the
-    result is floored at 1.
+    Pass the *raw* local counts (``loss_denominators(batch, cfg, floor=False)``: 0 for a stream
+    this rank has nothing of): their sum is what a single process would use on the global
+    batch; the sum is floored at 1 (a floor per rank would add 1 for every rank with an empty
+    stream).
     """
     r, w = world()
     keys = sorted(local)
     if w == 1:
-        return {k: float(local[k]) for k in keys}
+        return {k: max(float(local[k]), 1.0) for k in keys}
     t = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: max(float(v), 1.0) for k, v in zip(keys, t.tolist())}

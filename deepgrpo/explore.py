@@ -7,15 +7,16 @@ The policy update and the per-step record live in :mod:`deepgrpo.step`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from deepgrpo.advantages import group_advantages, nonzero_advantage
+from deepgrpo.advantages import group_advantages, nonzero_advantage, tree_advantages
 from deepgrpo.batch import AUX, MAIN, Backend, Batch, Rollouts, SampleRequest
-from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches
+from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches, plan_tree
 from deepgrpo.config import AlgoConfig
 from deepgrpo.estimators import RecoverabilityEstimator
 from deepgrpo.ledger import BudgetLedger, StepBudget
@@ -159,7 +160,9 @@ def assemble_batch(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None,
     response_mask = torch.cat(resp).bool()
     prefix_len = torch.cat(prefix).long()
     trainable = response_mask & (torch.arange(W).unsqueeze(0) >= prefix_len.unsqueeze(1))
-    extras: dict[str, torch.Tensor] = {"parent": torch.cat(parent_all).long()}
+    # parent: the main row an aux row continues (-1 for main rows); row: the index before any
+    # rows are dropped (zero advantage), to map a batch row back to its rollout
+    extras: dict[str, torch.Tensor] = {"parent": torch.cat(parent_all).long(), "row": torch.arange(Bm + A)}
     for k, v in main.extras.items():
         if aux is None or A == 0:
             extras[k] = v
@@ -171,6 +174,107 @@ def assemble_batch(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None,
                  pivot_depth=torch.cat(depth).float(), prefix_len=prefix_len,
                  rewards=torch.cat(rewards), advantages=torch.zeros(Bm + A), segment_ends=seg_ends,
                  extras=extras)
+
+
+@dataclass
+class ExplorationPlan:
+    """Steps 2-4 of an exploration step, computed from the main chains alone.
+
+    candidates, plan, p_hat: as in :class:`ExploreResult`.
+    group_success: ``[P]`` success rate of each prompt's G main chains.
+    failed_rows: ``[F]`` main rows with reward <= ``failure_threshold``.
+    """
+
+    candidates: CandidateSet
+    plan: BranchPlan
+    p_hat: np.ndarray | None
+    group_success: np.ndarray
+    failed_rows: np.ndarray
+
+    def requests(self, prompts: Sequence[Any], main: Rollouts) -> list[SampleRequest]:
+        """One :class:`SampleRequest` per plan point: its exact prefix tokens and ``n`` continuations."""
+        plan = self.plan
+        return [SampleRequest(prompts[int(plan.prompt[j])], main.tokens[int(plan.traj[j]), :int(plan.prefix_len[j])]
+                              .clone(), int(plan.n[j])) for j in range(len(plan))]
+
+
+def plan_exploration(main: Rollouts, n_prompts: int, config: AlgoConfig,
+                     estimator: RecoverabilityEstimator | None, rng: np.random.Generator) -> ExplorationPlan:
+    """Failed set, candidates, P̂ and the branching plan of the G·P main chains ``main``
+    (prompt-major rows), capped at ``aux_budget`` continuations per prompt."""
+    ec = config.explore
+    G, P = ec.G, n_prompts
+    if len(main) != P * G:
+        raise ValueError(f"backend returned {len(main)} main rollouts, expected {P} prompts x {G}")
+    rewards = main.rewards.detach().double().numpy()  # [P*G]
+    success = rewards > ec.failure_threshold
+    group_success = success.reshape(P, G).mean(1) if P else np.zeros(0)  # [P]
+    failed_rows = np.flatnonzero(~success)
+    # root-only sampling (GRPO) never branches: skip the per-failed-chain candidate loop
+    cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
+                             np.repeat(np.arange(P), G), group_success)
+    p_hat = None
+    if ec.strategy == "deep" and estimator is not None and len(cands):
+        p_hat = np.asarray(estimator.predict(cands.features), dtype=np.float64)
+    plan = cap_plan(plan_branches(cands, ec, p_hat, rng), ec.aux_budget, rng)
+    return ExplorationPlan(cands, plan, p_hat, group_success, failed_rows)
+
+
+def finish_exploration(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None, planned: ExplorationPlan,
+                       config: AlgoConfig, estimator: RecoverabilityEstimator | None,
+                       ledger: BudgetLedger | None = None) -> ExploreResult:
+    """Steps 5-6 once the plan's continuations ``aux`` are sampled (rows in plan order, ``plan.n[j]``
+    per point; None if the plan is empty): labels (y = any success at the point) to the
+    estimator, the loss-ready batch with group advantages, the budget and the stats."""
+    ec = config.explore
+    P, G = len(prompts), ec.G
+    plan, cands = planned.plan, planned.candidates
+    labels = np.zeros(0)
+    if len(plan):
+        if aux is None or len(aux) != plan.total_continuations:
+            raise ValueError(f"backend returned {0 if aux is None else len(aux)} aux rollouts, "
+                             f"expected {plan.total_continuations}")
+        point = np.repeat(np.arange(len(plan)), plan.n)
+        ok = (aux.rewards.detach().double().numpy() > ec.failure_threshold).astype(np.float64)
+        labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
+    else:
+        aux = None
+    if estimator is not None:  # called every step (possibly empty): a gathered estimator is collective
+        estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
+
+    batch = assemble_batch(prompts, main, aux, plan, G)
+    if config.advantage.tree:
+        aux_len = aux.lengths if aux is not None else torch.zeros(0, dtype=torch.long)
+        path, weight = plan_tree(plan, main.lengths, aux_len, G)
+        batch.advantages = tree_advantages(batch.rewards, path, weight)
+    else:
+        batch.advantages = group_advantages(batch.rewards, batch.group, config.advantage)
+    nz = nonzero_advantage(batch.advantages, config.advantage.zero_eps)
+    if config.advantage.drop_zero:
+        batch = batch.select(nz)
+
+    tokens_main = int(main.lengths.sum())
+    tokens_aux = int(aux.lengths.sum()) if aux is not None else 0
+    ledger = ledger if ledger is not None else BudgetLedger()
+    budget = ledger.record(P, len(main), len(aux) if aux is not None else 0, tokens_main, tokens_aux)
+    n_main = P * G
+    rewards = main.rewards.detach().double().numpy()
+    stats = {
+        "reward_main": float(rewards.mean()) if rewards.size else 0.0,
+        "reward_aux": float(aux.rewards.float().mean()) if aux is not None else float("nan"),
+        "failed": float(planned.failed_rows.size),
+        "all_fail_groups": float((planned.group_success == 0).sum()),
+        "candidates": float(len(cands)),
+        "pivots": float(len(plan)),
+        "branch_success": float(labels.mean()) if labels.size else float("nan"),
+        "pivot_depth_mean": float(plan.rel_depth.mean()) if len(plan) else float("nan"),
+        "nonzero_main": float(nz[:n_main].sum()),
+        "nonzero_aux": float(nz[n_main:].sum()),
+        "rollouts_main": float(budget.rollouts_main), "rollouts_aux": float(budget.rollouts_aux),
+        "tokens_main": float(tokens_main), "tokens_aux": float(tokens_aux),
+    }
+    return ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan, labels=labels,
+                         p_hat=planned.p_hat, budget=budget, stats=stats)
 
 
 def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
@@ -185,8 +289,14 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
        capped at ``aux_budget`` continuations per prompt if set.
     5. Continuations from each plan point's exact prefix tokens; label y = any success; the
        (features, y) pairs update ``estimator``.
-    6. Group-relative advantages (main: per prompt; aux: per pivot); zero-advantage samples
-       dropped if ``advantage.drop_zero``.
+    6. Group-relative advantages (main: per prompt; aux: per pivot), or TreeRL-style tree
+       advantages over the step's sampling tree with ``advantage.tree``
+       (:func:`~deepgrpo.branching.plan_tree`); zero-advantage samples dropped if
+       ``advantage.drop_zero``.
+
+    Steps 2-4 are :func:`plan_exploration`, steps 5-6 :func:`finish_exploration`: a backend
+    whose generation must be called collectively (e.g. TRL under ZeRO-3) calls the two around
+    its own sampling.
 
     Args:
         backend: implements :class:`~deepgrpo.batch.Backend`.
@@ -200,65 +310,7 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
     ``failed``, ``candidates``, ``pivots``, ``branch_success``, ``pivot_depth_mean``,
     ``nonzero_main``, ``nonzero_aux``, ``rollouts_main/aux``, ``tokens_main/aux``.
     """
-    ec = config.explore
-    P = len(prompts)
-    G = ec.G
-    main = backend.sample([SampleRequest(p, None, G) for p in prompts])
-    if len(main) != P * G:
-        raise ValueError(f"backend returned {len(main)} main rollouts, expected {P} prompts x {G}")
-    rewards = main.rewards.detach().double().numpy()  # [P*G]
-    prompt_of_row = np.repeat(np.arange(P), G)
-    success = rewards > ec.failure_threshold
-    group_success = success.reshape(P, G).mean(1) if P else np.zeros(0)  # [P]
-    failed_rows = np.flatnonzero(~success)
-    # root-only sampling (GRPO) never branches: skip the per-failed-chain candidate loop
-    cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
-                             prompt_of_row, group_success)
-
-    p_hat = None
-    if ec.strategy == "deep" and estimator is not None and len(cands):
-        p_hat = np.asarray(estimator.predict(cands.features), dtype=np.float64)
-    plan = cap_plan(plan_branches(cands, ec, p_hat, rng), ec.aux_budget, rng)
-
-    aux = None
-    labels = np.zeros(0)
-    if len(plan):
-        requests = [SampleRequest(prompts[int(plan.prompt[j])],
-                                  main.tokens[int(plan.traj[j]), :int(plan.prefix_len[j])].clone(),
-                                  int(plan.n[j])) for j in range(len(plan))]
-        aux = backend.sample(requests)
-        if len(aux) != plan.total_continuations:
-            raise ValueError(f"backend returned {len(aux)} aux rollouts, expected {plan.total_continuations}")
-        point = np.repeat(np.arange(len(plan)), plan.n)
-        ok = (aux.rewards.detach().double().numpy() > ec.failure_threshold).astype(np.float64)
-        labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
-    if estimator is not None:  # called every step (possibly empty): a gathered estimator is collective
-        estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
-
-    batch = assemble_batch(prompts, main, aux, plan, G)
-    batch.advantages = group_advantages(batch.rewards, batch.group, config.advantage)
-    nz = nonzero_advantage(batch.advantages, config.advantage.zero_eps)
-    if config.advantage.drop_zero:
-        batch = batch.select(nz)
-
-    tokens_main = int(main.lengths.sum())
-    tokens_aux = int(aux.lengths.sum()) if aux is not None else 0
-    ledger = ledger if ledger is not None else BudgetLedger()
-    budget = ledger.record(P, len(main), len(aux) if aux is not None else 0, tokens_main, tokens_aux)
-    n_main = P * G
-    stats = {
-        "reward_main": float(rewards.mean()) if rewards.size else 0.0,
-        "reward_aux": float(aux.rewards.float().mean()) if aux is not None else float("nan"),
-        "failed": float(failed_rows.size),
-        "all_fail_groups": float((group_success == 0).sum()),
-        "candidates": float(len(cands)),
-        "pivots": float(len(plan)),
-        "branch_success": float(labels.mean()) if labels.size else float("nan"),
-        "pivot_depth_mean": float(plan.rel_depth.mean()) if len(plan) else float("nan"),
-        "nonzero_main": float(nz[:n_main].sum()),
-        "nonzero_aux": float(nz[n_main:].sum()),
-        "rollouts_main": float(budget.rollouts_main), "rollouts_aux": float(budget.rollouts_aux),
-        "tokens_main": float(tokens_main), "tokens_aux": float(tokens_aux),
-    }
-    return ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan, labels=labels,
-                         p_hat=p_hat, budget=budget, stats=stats)
+    main = backend.sample([SampleRequest(p, None, config.explore.G) for p in prompts])
+    planned = plan_exploration(main, len(prompts), config, estimator, rng)
+    aux = backend.sample(planned.requests(prompts, main)) if len(planned.plan) else None
+    return finish_exploration(prompts, main, aux, planned, config, estimator, ledger)

@@ -110,28 +110,35 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     return numerator / max(float(denominator), 1e-12)
 
 
-def aggregation_denominator(mask: torch.Tensor, mode: str, norm_length: int | None = None) -> float:
-    """The denominator :func:`aggregate` uses for ``mask`` (``[B, T]``); at least 1."""
+def aggregation_denominator(mask: torch.Tensor, mode: str, norm_length: int | None = None,
+                            floor: bool = True) -> float:
+    """The denominator :func:`aggregate` uses for ``mask`` (``[B, T]``): Σ mask, rows with tokens,
+    or B · norm_length; at least 1 unless ``floor`` is off (0 for an empty mask: the raw count,
+    which sums correctly over data-parallel ranks)."""
     if mode == "token-mean":
-        return max(float(mask.sum()), 1.0)
-    if mode == "seq-mean-token-mean":
-        return max(float((mask.sum(-1) > 0).sum()), 1.0)
-    if mode == "seq-mean-token-sum-norm":
-        return max(mask.shape[0], 1) * float(norm_length or mask.shape[1])
-    raise ValueError(f"aggregation {mode!r} is invalid: expected token-mean, seq-mean-token-mean "
-                     "or seq-mean-token-sum-norm")
+        raw = float(mask.sum())
+    elif mode == "seq-mean-token-mean":
+        raw = float((mask.sum(-1) > 0).sum())
+    elif mode == "seq-mean-token-sum-norm":
+        raw = mask.shape[0] * float(norm_length or mask.shape[1])
+    else:
+        raise ValueError(f"aggregation {mode!r} is invalid: expected token-mean, seq-mean-token-mean "
+                         "or seq-mean-token-sum-norm")
+    return max(raw, 1.0) if floor else raw
 
 
-def loss_denominators(batch: Batch, config: LossConfig | None = None) -> dict[int, float]:
+def loss_denominators(batch: Batch, config: LossConfig | None = None, floor: bool = True) -> dict[int, float]:
     """Per-stream aggregation denominators of a whole batch, ``{MAIN: d, AUX: d}``.
 
     Pass them to :func:`dual_stream_loss` for every micro-batch of ``batch``: the sum of the
-    micro-batch losses then equals the loss of the whole batch.
+    micro-batch losses then equals the loss of the whole batch. With ``floor=False`` an empty
+    stream gives 0 (raw counts: sum them over data-parallel ranks, then floor the sum; see
+    :func:`deepgrpo.distributed.global_denominators`).
     """
     cfg = config or LossConfig()
     mask = batch.trainable_mask & batch.response_mask
     T = mask.shape[1]
-    return {s: aggregation_denominator(mask[batch.stream == s], cfg.aggregation, cfg.norm_length or T)
+    return {s: aggregation_denominator(mask[batch.stream == s], cfg.aggregation, cfg.norm_length or T, floor)
             for s in (MAIN, AUX)}
 
 

@@ -81,9 +81,8 @@ def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer:
     from deepgrpo.distributed import all_reduce_gradients, global_denominators
     params = [p for p in parameters if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    den = loss_denominators(batch, config)
-    if data_parallel:
-        den = global_denominators(den)
+    den = global_denominators(loss_denominators(batch, config, floor=False)) if data_parallel \
+        else loss_denominators(batch, config)
     totals: dict[str, float] = {"loss": 0.0, "pg_main": 0.0, "pg_aux": 0.0, "kl_main": 0.0, "kl_aux": 0.0}
     clipped_tokens = dual_tokens = 0.0
     n_tokens = 0

@@ -34,20 +34,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from deepgrpo.advantages import group_advantages, nonzero_advantage
 from deepgrpo.batch import AUX, MAIN, Batch, Rollouts
-from deepgrpo.branching import BranchPlan, cap_plan, plan_branches
-from deepgrpo.config import (AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig, LossConfig,
-                             check_choice, check_range)
+from deepgrpo.branching import BranchPlan
+from deepgrpo.config import (
+    AdvantageConfig,
+    AlgoConfig,
+    ConfigError,
+    EstimatorConfig,
+    ExploreConfig,
+    LossConfig,
+    check_choice,
+    check_range,
+)
 from deepgrpo.distributed import GatheredEstimator
 from deepgrpo.estimators import make_estimator
-from deepgrpo.explore import ExploreResult, assemble_batch, build_candidates
+from deepgrpo.explore import ExploreResult, finish_exploration, plan_exploration
 from deepgrpo.ledger import BudgetLedger
 from deepgrpo.losses import dual_stream_loss, loss_denominators
 from deepgrpo.step import explore_columns
@@ -224,6 +232,7 @@ class DeepGRPOConfig(GRPOConfig):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             tis_cap = self.vllm_importance_sampling_clip_max
         aggregation = LOSS_TYPE_AGGREGATION[self.loss_type]
+        norm_length = self.max_completion_length if aggregation == "seq-mean-token-sum-norm" else None
         return AlgoConfig(
             explore=ExploreConfig(G=self.num_generations, K=self.K, strategy=self.strategy, gamma=self.gamma,
                                   n_pivots=self.n_pivots, n_cut_points=self.n_cut_points,
@@ -232,7 +241,7 @@ class DeepGRPOConfig(GRPOConfig):
             loss=LossConfig(clip_low=self.epsilon,
                             clip_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
                             dual_clip=self.dual_clip, lam=self.lam, aggregation=aggregation,
-                            norm_length=self.max_completion_length if aggregation == "seq-mean-token-sum-norm" else None,
+                            norm_length=norm_length,
                             kl_coef=self.beta, kl_weighted_by_lambda=self.kl_weighted_by_lambda, tis_cap=tis_cap),
             estimator=EstimatorConfig(kind=self.estimator, buffer_size=self.estimator_buffer_size,
                                       min_per_class=self.estimator_min_per_class),
@@ -317,7 +326,8 @@ class DeepGRPOTrainer(GRPOTrainer):
         self.segmenter = make_segmenter(args.segmenter, self._tokenizer, args.segment_size, args.segment_min_tokens)
         self.estimator = GatheredEstimator(estimator if estimator is not None else make_estimator(self.algo.estimator))
         self.branch_rng = np.random.default_rng([int(args.seed), int(self.accelerator.process_index)])
-        self.ledger = BudgetLedger()
+        self.ledger = BudgetLedger()  # this process's budget
+        self._global_ledger = BudgetLedger()  # all processes' (logged)
         self.last_exploration: ExploreResult | None = None
         self._main_rewards_per_func: torch.Tensor | None = None
         self._loss_sums = torch.zeros(len(LOSS_COLUMNS) + 3, dtype=torch.float64)
@@ -352,38 +362,15 @@ class DeepGRPOTrainer(GRPOTrainer):
             sampling_lp = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         main = self._main_rollouts(completion_ids, completion_mask.bool(), rewards,
                                    None if sampling_lp is None else sampling_lp.cpu().float())
-        # 2. failed set, candidates, estimator, plan (the core's functions)
-        r = rewards.double().numpy()
-        success = r > ec.failure_threshold
-        group_success = success.reshape(P, G).mean(1)  # [P]
-        failed_rows = np.flatnonzero(~success)
-        cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
-                                 np.repeat(np.arange(P), G), group_success)
-        p_hat = None
-        if ec.strategy == "deep" and len(cands):
-            p_hat = np.asarray(self.estimator.predict(cands.features), dtype=np.float64)
-        plan = cap_plan(plan_branches(cands, ec, p_hat, self.branch_rng), ec.aux_budget, self.branch_rng)
+        # 2. failed set, candidates, P̂ and the branching plan: the core's
+        planned = plan_exploration(main, P, self.algo, self.estimator, self.branch_rng)
         # 3. branches through TRL's generation call (every process calls it: collective under ZeRO-3/FSDP)
         prompt_lists = [prompt_ids[b][prompt_mask[b].bool()].tolist() for b in range(Bm)]
-        aux = self._generate_branches(inputs, prompt_lists, main, plan)
-        labels = np.zeros(0)
-        if aux is not None:
-            point = np.repeat(np.arange(len(plan)), plan.n)
-            ok = (aux.rewards.double().numpy() > ec.failure_threshold).astype(np.float64)
-            labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
-        self.estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
-        # 4. the loss-ready batch (the core's assembly and advantages)
-        batch = assemble_batch(list(range(P)), main, aux, plan, G)
-        batch.advantages = group_advantages(batch.rewards, batch.group, self.algo.advantage)
-        nz = nonzero_advantage(batch.advantages, self.algo.advantage.zero_eps)
-        batch.extras["row"] = torch.arange(len(batch))
-        if self.algo.advantage.drop_zero:
-            batch = batch.select(nz)
-        budget = self.ledger.record(P, Bm, len(aux) if aux is not None else 0, int(main.lengths.sum()),
-                                    int(aux.lengths.sum()) if aux is not None else 0)
-        stats = exploration_stats(main, aux, plan, labels, group_success, failed_rows, len(cands), nz, Bm)
-        self.last_exploration = ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan,
-                                              labels=labels, p_hat=p_hat, budget=budget, stats=stats)
+        aux = self._generate_branches(inputs, prompt_lists, main, planned.plan)
+        # 4. labels to the estimator, the loss-ready batch with its advantages, budget and stats: the core's
+        self.last_exploration = finish_exploration(list(range(P)), main, aux, planned, self.algo, self.estimator,
+                                                   self.ledger)
+        batch = self.last_exploration.batch
         self._log_exploration(explore_columns(self.last_exploration))
         # 5. rows for TRL: padded to the same multiple of steps_per_generation on every process
         return self._loss_inputs(batch, prompt_ids, prompt_mask, device)
@@ -422,7 +409,7 @@ class DeepGRPOTrainer(GRPOTrainer):
         eos = set(self.eos_token_ids)
         ends = [self.segmenter(completion_ids[b, :n].tolist()) for b, n in enumerate(lengths)]
         truncated = torch.tensor([n == 0 or int(completion_ids[b, n - 1]) not in eos for b, n in enumerate(lengths)])
-        lp = torch.zeros(mask.shape) if logprobs is None else torch.where(mask, logprobs, torch.zeros(()))
+        lp = torch.zeros(mask.shape) if logprobs is None else torch.where(mask, torch.nan_to_num(logprobs), 0.0)
         tokens = torch.where(mask, completion_ids, torch.zeros_like(completion_ids))
         return Rollouts(tokens=tokens, logprobs=lp, mask=mask, rewards=rewards.float(), segment_ends=ends,
                         truncated=truncated)
@@ -528,7 +515,7 @@ class DeepGRPOTrainer(GRPOTrainer):
         n = len(batch)
         n_max = int(self.accelerator.reduce(torch.tensor([float(n)], device=device), reduction="max").item())
         R = max(spg, -(-n_max // spg) * spg)
-        den = raw_denominators(batch, self.algo.loss)
+        den = loss_denominators(batch, self.algo.loss, floor=False)  # raw: summed over processes, then floored
         den_global = self.accelerator.reduce(torch.tensor([den[MAIN], den[AUX]], dtype=torch.float64,
                                                           device=device), reduction="sum").cpu().clamp(min=1.0)
         pad = R - n
@@ -569,6 +556,46 @@ class DeepGRPOTrainer(GRPOTrainer):
         out["den_aux"] = den_global[1].clone()
         return out
 
+    # -- checkpoints ---------------------------------------------------------------------------------
+    STATE_FILE = "deepgrpo_state_{rank}.json"
+    """Per-process file in each checkpoint: estimator, branch RNG and budget ledgers."""
+
+    def deep_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides TRL's own checkpoint (JSON-ready)."""
+        return {"estimator": self.estimator.state_dict(), "branch_rng": self.branch_rng.bit_generator.state,
+                "ledger": [vars(s) for s in self.ledger.steps],
+                "global_ledger": [vars(s) for s in self._global_ledger.steps]}
+
+    def load_deep_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`deep_state`."""
+        from deepgrpo.ledger import StepBudget
+        self.estimator.load_state_dict(state["estimator"])
+        self.branch_rng.bit_generator.state = state["branch_rng"]
+        self.ledger.steps = [StepBudget(**s) for s in state["ledger"]]
+        self._global_ledger.steps = [StepBudget(**s) for s in state["global_ledger"]]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from deepgrpo.records import write_json_atomic
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        write_json_atomic(os.path.join(folder, self.STATE_FILE.format(rank=self.accelerator.process_index)),
+                          self.deep_state())
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        import json
+        import os
+        path = os.path.join(checkpoint, self.STATE_FILE.format(rank=self.accelerator.process_index))
+        if os.path.exists(path):
+            with open(path) as f:
+                self.load_deep_state(json.load(f))
+
     # -- logging -------------------------------------------------------------------------------------
     def _log_exploration(self, local: dict[str, float]) -> None:
         """Log the core's exploration columns over all processes (sums, or weighted means)."""
@@ -586,8 +613,6 @@ class DeepGRPOTrainer(GRPOTrainer):
             w = total[STREAM_MEAN_COLUMNS[k]]
             row[k] = s / w if w else float("nan")
         # cumulative budget of the run (all processes)
-        if not hasattr(self, "_global_ledger"):
-            self._global_ledger = BudgetLedger()
         self._global_ledger.record(0, int(total["step_rollouts_main"]), int(total["step_rollouts_aux"]),
                                    int(total["step_tokens_main"]), int(total["step_tokens_aux"]))
         for k, v in self._global_ledger.totals().items():
@@ -634,36 +659,60 @@ def batch_from_inputs(inputs: dict[str, Any], logprobs: torch.Tensor) -> Batch:
                  segment_ends=[torch.zeros(0, dtype=torch.long)] * B)
 
 
-def raw_denominators(batch: Batch, config: LossConfig) -> dict[int, float]:
-    """Per-stream loss denominators of ``batch`` *without* the floor at 1 of
-    :func:`deepgrpo.losses.loss_denominators` (0 for a stream with nothing to train), so that
-    their sum over processes is the global batch's; floor the sum, not the parts."""
-    den = loss_denominators(batch, config)
-    mask = batch.trainable_mask & batch.response_mask  # [B, T]
-    for s in (MAIN, AUX):
-        rows = batch.stream == s  # [B]
-        empty = not bool(rows.any()) if config.aggregation == "seq-mean-token-sum-norm" else not bool(mask[rows].any())
-        if empty:
-            den[s] = 0.0
-    return den
+# -- datasets, rewards and a command line for the project's tasks ---------------------------------------
+
+def task_dataset(problems: Sequence[Any], conversational: bool = False) -> Any:
+    """A TRL dataset (``prompt``, ``answer``, ``task`` columns) of :class:`llm.tasks.Problem` s,
+    phrased as the reference runs phrased them (:func:`llm.tasks.prompt_text`); ``conversational``
+    gives chat-format prompts (one user message) for tokenizers with a chat template."""
+    from datasets import Dataset
+
+    from llm.tasks import prompt_text
+    texts = [prompt_text(p) for p in problems]
+    return Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": t}] for t in texts] if conversational else texts,
+        "answer": [p.answer for p in problems], "task": [p.task for p in problems]})
 
 
-def exploration_stats(main: Rollouts, aux: Rollouts | None, plan: BranchPlan, labels: np.ndarray,
-                      group_success: np.ndarray, failed_rows: np.ndarray, n_candidates: int,
-                      nonzero: torch.Tensor, n_main: int) -> dict[str, float]:
-    """``ExploreResult.stats`` of one process's step (the names :func:`deepgrpo.explore.explore` uses)."""
-    nan = float("nan")
-    return {
-        "reward_main": float(main.rewards.double().mean()) if len(main) else 0.0,
-        "reward_aux": float(aux.rewards.double().mean()) if aux is not None else nan,
-        "failed": float(failed_rows.size),
-        "all_fail_groups": float((group_success == 0).sum()),
-        "candidates": float(n_candidates),
-        "pivots": float(len(plan)),
-        "branch_success": float(labels.mean()) if labels.size else nan,
-        "pivot_depth_mean": float(plan.rel_depth.mean()) if len(plan) else nan,
-        "nonzero_main": float(nonzero[:n_main].sum()),
-        "nonzero_aux": float(nonzero[n_main:].sum()),
-        "rollouts_main": float(len(main)), "rollouts_aux": float(len(aux)) if aux is not None else 0.0,
-        "tokens_main": float(main.lengths.sum()), "tokens_aux": float(aux.lengths.sum()) if aux is not None else 0.0,
-    }
+def task_reward(completions: list[Any], answer: list[str], task: list[str], **_: Any) -> list[float]:
+    """TRL reward function of the project's verifiers (:func:`llm.rewards.score`: exact match
+    for ``arith``, the final-number rule for ``gsm8k``, math-verify for ``math``)."""
+    from llm.rewards import score
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [score(t, text, a) for text, a, t in zip(texts, answer, task)]
+
+
+@dataclass
+class ScriptArguments:
+    """Inputs of ``python -m llm.trl_trainer`` (the training options are DeepGRPOConfig's).
+
+    model: local causal-LM directory (nothing is downloaded).
+    data: local JSONL/parquet file in the GSM8K or MATH format (``llm.tasks.load_problems``).
+    task: ``gsm8k`` | ``math`` | ``arith`` (None: detected from the file's columns).
+    """
+
+    model: str = field(metadata={"help": "Local model directory."})
+    data: str = field(metadata={"help": "Local JSONL/parquet file (GSM8K or MATH format)."})
+    task: str | None = field(default=None, metadata={"help": "gsm8k, math or arith (default: detected)."})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``[accelerate launch ...] python -m llm.trl_trainer --model DIR --data FILE --output_dir OUT
+    [any DeepGRPOConfig / GRPOConfig option]``: DEEP-GRPO with TRL on a local model and dataset."""
+    from transformers import AutoTokenizer, HfArgumentParser
+
+    from llm.tasks import load_problems
+    script, args = HfArgumentParser((ScriptArguments, DeepGRPOConfig)).parse_args_into_dataclasses(argv)
+    tokenizer = AutoTokenizer.from_pretrained(script.model, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    problems = load_problems(script.data, script.task)
+    dataset = task_dataset(problems, conversational=bool(getattr(tokenizer, "chat_template", None)))
+    trainer = DeepGRPOTrainer(model=script.model, reward_funcs=task_reward, args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -242,3 +242,18 @@ def test_truncated_importance_sampling_weights_tokens_by_capped_trainer_over_rol
                                                 for r in (main, ~main)), rel=1e-6)
     assert torch.allclose(lp.grad, lp2.grad, atol=1e-7)
     assert out.metrics["tis_capped_fraction"] > 0  # exp(1.2) > 2 is capped
+
+
+def test_raw_denominators_of_data_parallel_shares_sum_to_the_global_batchs():
+    """A rank with an empty stream contributes 0, not the floor of 1: the sum over shares
+    (then floored) equals the whole batch's denominator."""
+    b = make_batch(B=6, T=5, n_aux=2, seed=4)
+    main_only = b.select(torch.nonzero(b.stream == MAIN).flatten())
+    aux_only = b.select(torch.nonzero(b.stream == AUX).flatten())
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        cfg = LossConfig(aggregation=agg, norm_length=5)
+        whole = loss_denominators(b, cfg)
+        parts = [loss_denominators(x, cfg, floor=False) for x in (main_only, aux_only)]
+        assert parts[0][AUX] == 0.0 and parts[1][MAIN] == 0.0
+        assert {s: max(parts[0][s] + parts[1][s], 1.0) for s in (MAIN, AUX)} == whole
+        assert loss_denominators(main_only, cfg)[AUX] == 1.0  # the floored value a rank must not sum
