@@ -1,0 +1,233 @@
+"""``deepgrpo study llm-compare``: methods on a real LM at equal *generated tokens*.
+
+Every method trains from the same SFT start until the same total of generated tokens (main +
+aux; :attr:`llm.trainer.TrainConfig.budget`), so cheaper methods take more steps; each (method,
+seed) pair is one run directory under ``OUT/runs``. Runs already finished are skipped and
+unfinished ones resumed from their checkpoint, so the command can be interrupted and rerun.
+The outputs, in ``OUT``:
+
+- ``report/``: the curves of every run against rollouts and tokens
+  (:func:`analysis.llm_runs.write_llm_report`);
+- ``final.csv``: one row per run: held-out greedy and sampled accuracy and pass@k before and
+  after, steps, rollouts and tokens spent;
+- ``comparison.csv``: per method, the mean final value and its 95 % interval over seeds, and
+  the paired difference to every GRPO-N (same seeds: same data order and evaluation set);
+- ``COMPARISON.md``: the table the README shows, with its budget unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from deepgrpo.config import ConfigError, check_range
+from deepgrpo.records import write_csv_atomic, write_text_atomic
+
+DEFAULT_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("GRPO N=8", "grpo", {"G": 8}),
+    ("GRPO N=16", "grpo", {"G": 16}),
+    ("GRPO N=32", "grpo", {"G": 32}),
+    ("root-only (G=8, K=8)", "root-only", {}),
+    ("DEEP-GRPO position P̂", "deep-grpo", {}),
+    ("DEEP-GRPO state P̂", "deep-state", {}),
+)
+"""(label, method, overrides) compared by default: GRPO at three group sizes, the paper's
+root-only ablation and DEEP-GRPO with the position-only and the state-aware estimator."""
+
+def metrics(cfg: "LLMCompareConfig") -> tuple[str, str, str]:
+    """Held-out metrics compared (the trainer's ``eval/`` columns): greedy and sampled mean@1
+    and pass@k with k = ``eval_samples``."""
+    return ("greedy_mean@1", "sampled_mean@1", f"pass@{cfg.eval_samples}")
+
+
+@dataclass
+class LLMCompareConfig:
+    """An equal-budget comparison of methods on a local causal LM.
+
+    model: the SFT start every run begins from (``deepgrpo llm sft`` output).
+    budget: total generated tokens (main + aux) each run spends (it stops at the first step
+        boundary past it).
+    seeds: training seeds 0..seeds-1 (data order and sampling; the held-out set is the same).
+    prompts_per_step: prompts per step (paper: 64).
+    lr: AdamW learning rate; lr_warmup_steps: its linear warm-up.
+    eval_problems: held-out problems; eval_samples: sampled responses per problem (pass@k with
+        k = eval_samples).
+    threads: torch CPU threads.
+    steps_cap: the most steps any run may take (a safety cap; the budget binds first).
+    """
+
+    model: str
+    budget: int = 600_000
+    seeds: int = 3
+    prompts_per_step: int = 64
+    lr: float = 1e-4
+    lr_warmup_steps: int = 5
+    eval_problems: int = 512
+    eval_samples: int = 4
+    threads: int = 2
+    steps_cap: int = 1000
+    methods: list[tuple[str, str, dict[str, Any]]] = field(default_factory=lambda: list(DEFAULT_METHODS))
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_range(o, "budget", self.budget, 1, None, integer=True)
+        check_range(o, "seeds", self.seeds, 1, None, integer=True)
+        check_range(o, "prompts_per_step", self.prompts_per_step, 1, None, integer=True)
+        check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
+        check_range(o, "eval_problems", self.eval_problems, 1, None, integer=True)
+        check_range(o, "eval_samples", self.eval_samples, 1, None, integer=True)
+        check_range(o, "threads", self.threads, 1, None, integer=True)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def run_configs(cfg: LLMCompareConfig) -> list[tuple[str, int, Any]]:
+    """``(label, seed, TrainConfig)`` of every run of the comparison."""
+    from llm.evaluate import EvalConfig
+    from llm.trainer import TrainConfig
+    out = []
+    for label, method, overrides in cfg.methods:
+        for seed in range(cfg.seeds):
+            out.append((label, seed, TrainConfig(
+                model=str(Path(cfg.model).resolve()), method=method, overrides=dict(overrides),
+                prompts_per_step=cfg.prompts_per_step, steps=cfg.steps_cap, budget=cfg.budget, budget_unit="tokens",
+                lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, eval_every=0, checkpoint_every=5,
+                eval=EvalConfig(n_problems=cfg.eval_problems, samples=cfg.eval_samples), seed=seed,
+                threads=cfg.threads, tensorboard=False)))
+    return out
+
+
+def run_all(cfg: LLMCompareConfig, out: str | Path, progress: bool = True) -> list[Path]:
+    """Train every run not finished yet (resuming interrupted ones); returns the run directories."""
+    from llm.checkpoint import has_checkpoint
+    from llm.models import check_model_dir
+    from llm.trainer import Trainer
+    check_model_dir(cfg.model, "--model")
+    dirs = []
+    for label, seed, tc in run_configs(cfg):
+        d = Path(out) / "runs" / f"{_slug(label)}-s{seed}"
+        dirs.append(d)
+        if (d / "summary.json").is_file():
+            continue
+        t0 = time.time()
+        resume = has_checkpoint(d / "checkpoint")
+        Trainer(tc, d, resume=resume, progress=progress).run()
+        print(f"llm-compare: {label} seed {seed} done in {time.time() - t0:.0f} s -> {d}", flush=True)
+    return dirs
+
+
+def final_table(cfg: LLMCompareConfig, dirs: Sequence[Path]) -> pd.DataFrame:
+    """One row per run: label, method, seed, held-out metrics before/after, budget spent."""
+    rows = []
+    for (label, seed, tc), d in zip(run_configs(cfg), dirs):
+        s = json.loads((d / "summary.json").read_text())
+        row = {"label": label, "method": tc.method, "seed": seed, "steps": s["steps"],
+               "rollouts": s["budget"]["rollouts"], "tokens": s["budget"]["tokens"]}
+        for m in metrics(cfg):
+            row[f"{m}_before"] = s["before"].get(m, np.nan)
+            row[f"{m}_after"] = s["after"].get(m, np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_table(final: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Per label: mean final metric with a 95 % t-interval over seeds, and the paired difference
+    (same seeds) to each GRPO-N label, with its interval."""
+    from analysis.stats import mean_ci
+    labels = list(dict.fromkeys(final["label"]))
+    grpo = [lab for lab in labels if final.loc[final.label == lab, "method"].iloc[0] == "grpo"]
+    out = []
+    for lab in labels:
+        f = final[final.label == lab].set_index("seed").sort_index()
+        row: dict[str, Any] = {"label": lab, "seeds": len(f), "steps": f["steps"].mean(),
+                               "rollouts": f["rollouts"].mean(), "tokens": f["tokens"].mean()}
+        for m in names:
+            e = mean_ci(100 * f[f"{m}_after"].to_numpy())
+            row[m], row[f"{m}_pm"] = e.mean, e.half_width
+            for g in grpo:
+                if g == lab:
+                    continue
+                ref = final[final.label == g].set_index("seed").sort_index()
+                seeds = f.index.intersection(ref.index)
+                d = mean_ci(100 * (f.loc[seeds, f"{m}_after"] - ref.loc[seeds, f"{m}_after"]).to_numpy())
+                row[f"{m} - {g}"], row[f"{m} - {g}_pm"] = d.mean, d.half_width
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def comparison_markdown(cfg: LLMCompareConfig, final: pd.DataFrame, comp: pd.DataFrame) -> str:
+    """The README's table: final held-out metrics (points) at the common token budget."""
+    start = final.iloc[0]
+    g, smp, pk = metrics(cfg)
+    lines = [f"Equal budget: every run generated {cfg.budget:,} tokens (main + aux; it stops at the first step "
+             f"past it). {cfg.seeds} training seeds, {cfg.prompts_per_step} prompts/step, AdamW lr {cfg.lr:g} "
+             f"({cfg.lr_warmup_steps}-step warm-up); {cfg.eval_problems} held-out problems, {cfg.eval_samples} "
+             f"samples each at T = 1. Start (SFT): greedy {100 * start[f'{g}_before']:.1f}, sampled "
+             f"{100 * start[f'{smp}_before']:.1f}, {pk} {100 * start[f'{pk}_before']:.1f}. Mean ± 95 % "
+             "t-interval over seeds, in points; Δ is the paired difference to GRPO N=8.", "",
+             f"| method | steps | rollouts | tokens | greedy | sampled | {pk} | Δ sampled vs N=8 | Δ {pk} vs N=8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in comp.iterrows():
+        def cell(key: str) -> str:
+            v, pm = r.get(key, np.nan), r.get(f"{key}_pm", np.nan)
+            if not np.isfinite(v):
+                return "—"
+            pm_text = f" ± {pm:.1f}" if np.isfinite(pm) else ""
+            return f"{v:+.1f}{pm_text}" if " - " in key else f"{v:.1f}{pm_text}"
+        lines.append(f"| {r['label']} | {r['steps']:.0f} | {r['rollouts']:,.0f} | {r['tokens']:,.0f} | "
+                     f"{cell(g)} | {cell(smp)} | {cell(pk)} | "
+                     f"{cell(f'{smp} - GRPO N=8')} | {cell(f'{pk} - GRPO N=8')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(cfg: LLMCompareConfig, out: str | Path, dirs: Sequence[Path]) -> Path:
+    """``final.csv``, ``comparison.csv``, ``COMPARISON.md`` and the curves in ``report/``."""
+    from analysis.llm_runs import write_llm_report
+    out = Path(out)
+    final = final_table(cfg, dirs)
+    comp = comparison_table(final, metrics(cfg))
+    write_csv_atomic(out / "final.csv", final)
+    write_csv_atomic(out / "comparison.csv", comp)
+    write_llm_report(dirs, out / "report")
+    return write_text_atomic(out / "COMPARISON.md", comparison_markdown(cfg, final, comp))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.llm_compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
+    p = argparse.ArgumentParser(prog="deepgrpo study llm-compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="SFT start (deepgrpo llm sft output)")
+    p.add_argument("--out", required=True, help="output directory")
+    for f in dataclasses.fields(LLMCompareConfig):
+        if f.name not in ("model", "methods"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    p.add_argument("--quick", action="store_true", help="two methods, one seed, a tiny budget (tests)")
+    a = p.parse_args(argv)
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(LLMCompareConfig)
+          if f.name not in ("model", "methods") and getattr(a, f.name) is not None}
+    if a.quick:
+        kw = {"budget": 3000, "seeds": 1, "prompts_per_step": 4, "eval_problems": 8, "eval_samples": 2, **kw}
+        kw["methods"] = [DEFAULT_METHODS[0], DEFAULT_METHODS[4]]
+    try:
+        cfg = LLMCompareConfig(model=a.model, **kw)
+        dirs = run_all(cfg, a.out)
+        path = write_comparison(cfg, a.out, dirs)
+    except ConfigError as e:
+        print(f"deepgrpo study llm-compare: error: {e}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
