@@ -14,9 +14,12 @@ Prints, per engine and depth, the median over repetitions of
 
     ratio = time(K branches) / time(K root generations)
 
-next to the suffix fraction 1 - d and ``ratio / (1 - d)`` (goal of issue 6: <= 1.2 with prefix
-caching), in wall time and in process CPU time (other processes on a shared machine inflate
-wall time, not CPU time), and vLLM's prefix-cache hit rate on the branch requests.
+next to the suffix fraction 1 - d and ``ratio / (1 - d)`` (goal of issues 6 and 13: <= 1.2), in
+wall time and in process CPU time (other processes on a shared machine inflate wall time, not
+CPU time), and vLLM's prefix-cache hit rate on the branch requests. vLLM reuses the prefix
+through automatic prefix caching; the HF engine prefills each distinct prompt + prefix once
+and copies its KV cache to the K rows, and decodes into a cache with room reserved for the
+whole generation (:mod:`llm.hf_engine`).
 With ``--out`` it writes ``branch_cost.csv`` (one row per engine, depth and repetition) and
 ``config.json`` (arguments, versions) atomically.
 
@@ -32,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +113,16 @@ def measure(engine: Any, name: str, prompt: list[int], args: argparse.Namespace)
     for rep in range(args.reps):
         if name == "vllm":
             engine.llm.reset_prefix_cache()  # the root call starts cold, as a new step would
-        roots, root_wall, root_cpu = timed(lambda: engine.generate([prompt], K, max_new_tokens=L, stop_token_ids=[],
-                                                                    seed=args.seed + 1000 * rep))
+        roots, root_wall, root_cpu = timed(partial(engine.generate, [prompt], K, max_new_tokens=L, stop_token_ids=[],
+                                                   seed=args.seed + 1000 * rep))
         traj = roots[0].token_ids
         assert len(traj) == L
         for d in args.depths:
             P = int(round(d * L))
             if name == "vllm":
                 engine.reset_counters()
-            gens, wall, cpu = timed(lambda: engine.generate([prompt], K, prefixes=[traj[:P]], max_new_tokens=L - P,
-                                                             stop_token_ids=[], seed=args.seed + 1000 * rep + P))
+            gens, wall, cpu = timed(partial(engine.generate, [prompt], K, prefixes=[traj[:P]], max_new_tokens=L - P,
+                                            stop_token_ids=[], seed=args.seed + 1000 * rep + P))
             assert all(len(g.token_ids) == L - P for g in gens)
             rows.append({"engine": name, "rep": rep, "depth": d, "prefix_tokens": P, "suffix_fraction": (L - P) / L,
                          "root_wall_s": root_wall, "root_cpu_s": root_cpu, "branch_wall_s": wall, "branch_cpu_s": cpu,
