@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/toy_backend.py
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """The simulator's tensors are tiny: intra-op threads only add overhead (several-fold)."""
-    n = torch.get_num_threads()
+    """Every test starts and ends with one torch thread, whatever the code under test set
+    (the trainer sets its configured thread count; the simulator's CLI sets one)."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)

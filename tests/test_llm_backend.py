@@ -22,14 +22,6 @@ from llm.tasks import DATA_DIR, load_problems, make_prompts
 from llm.testing import memorize, micro_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models are fastest on one thread (and immune to OpenMP spin-waits on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def problems():

@@ -27,13 +27,6 @@ from llm.tasks import DATA_DIR, arithmetic_first_error, load_problems
 SAMPLE = DATA_DIR / "arith_sample.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):

@@ -35,13 +35,6 @@ MICRO = TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers
 """The micro model of these tests: a 2-layer Llama with hidden size 64."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def offline_hf(tmp_path, monkeypatch):
