@@ -108,17 +108,19 @@ def run_configs(cfg: LLMCompareConfig) -> list[tuple[str, int, Any]]:
     return out
 
 
-def run_all(cfg: LLMCompareConfig, out: str | Path, progress: bool = True) -> list[Path]:
-    """Train every run not finished yet (resuming interrupted ones); returns the run directories."""
+def run_all(cfg: LLMCompareConfig, out: str | Path, progress: bool = True, shard: tuple[int, int] = (0, 1)
+            ) -> list[Path]:
+    """Train every run not finished yet (resuming interrupted ones); returns every run directory.
+    ``shard = (i, n)`` trains only runs i, i + n, i + 2n, ... (n processes share the work)."""
     from llm.checkpoint import has_checkpoint
     from llm.models import check_model_dir
     from llm.trainer import Trainer
     check_model_dir(cfg.model, "--model")
     dirs = []
-    for label, seed, tc in run_configs(cfg):
+    for index, (label, seed, tc) in enumerate(run_configs(cfg)):
         d = Path(out) / "runs" / f"{_slug(label)}-s{seed}"
         dirs.append(d)
-        if (d / "summary.json").is_file():
+        if (d / "summary.json").is_file() or index % shard[1] != shard[0]:
             continue
         t0 = time.time()
         resume = has_checkpoint(d / "checkpoint")
@@ -212,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if f.name not in ("model", "methods"):
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     p.add_argument("--quick", action="store_true", help="two methods, one seed, a tiny budget (tests)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="train only runs I, I+N, ... (N processes share the runs); the tables are written by "
+                        "the process that finds every run finished")
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(LLMCompareConfig)
           if f.name not in ("model", "methods") and getattr(a, f.name) is not None}
@@ -220,7 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw["methods"] = [DEFAULT_METHODS[0], DEFAULT_METHODS[4]]
     try:
         cfg = LLMCompareConfig(model=a.model, **kw)
-        dirs = run_all(cfg, a.out)
+        i, _, n = a.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+            raise ConfigError(f"--shard = {a.shard!r} is invalid: expected I/N with 0 <= I < N", owner="--shard")
+        dirs = run_all(cfg, a.out, shard=(int(i), int(n)))
+        if not all((d / "summary.json").is_file() for d in dirs):
+            print(f"llm-compare: shard {a.shard} done; the tables are written once every run is finished")
+            return 0
         path = write_comparison(cfg, a.out, dirs)
     except ConfigError as e:
         print(f"deepgrpo study llm-compare: error: {e}", file=sys.stderr)
