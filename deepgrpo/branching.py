@@ -19,7 +19,12 @@ continuations per failed trajectory, ``n_pivots · K``, so they compare at equal
 ========================  =======================================================================
 
 Dispersed strategies split the ``n_pivots · K`` continuations over their M points as evenly as
-possible (so M = 4, K = 8 gives 2 continuations per point).
+possible (so M = 4, K = 8 gives 2 continuations per point); a configuration that would give a
+point a single continuation is rejected (:class:`~deepgrpo.config.ExploreConfig`), and
+:func:`cap_plan` never cuts a point down to one: a one-continuation group has advantage 0.
+
+:func:`plan_tree` describes the sampling tree of a step (main chains cut at their branch
+points, branches as leaves) for TreeRL-style advantages (:func:`deepgrpo.advantages.tree_advantages`).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from deepgrpo.config import DENSE_STRATEGIES, ExploreConfig
+from deepgrpo.config import DENSE_STRATEGIES, DISPERSED_STRATEGIES, ExploreConfig
 from deepgrpo.pivots import gumbel_top_k, pivot_utility, split_evenly, utility_scores
 
 DENSE = DENSE_STRATEGIES
-DISPERSED = ("max-surprisal", "low-prob", "uniform")
+DISPERSED = DISPERSED_STRATEGIES
 
 
 @dataclass
@@ -177,7 +183,8 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
 def cap_plan(plan: BranchPlan, max_per_prompt: int | None, rng: np.random.Generator) -> BranchPlan:
     """Cap the continuations of each prompt's branches at ``max_per_prompt`` (equal-budget
     comparisons). Points are kept in a random order until the cap; the last kept point may get
-    fewer continuations. None = no cap."""
+    fewer continuations, but never a single one out of several (a group of one has advantage 0:
+    such a point is dropped instead). None = no cap."""
     if max_per_prompt is None or len(plan) == 0:
         return plan
     order = rng.permutation(len(plan))
@@ -186,8 +193,77 @@ def cap_plan(plan: BranchPlan, max_per_prompt: int | None, rng: np.random.Genera
     for j in order:
         p = int(plan.prompt[j])
         left = max_per_prompt - used.get(p, 0)
-        n[j] = max(0, min(int(n[j]), left))
+        planned = int(n[j])
+        n[j] = max(0, min(planned, left))
+        if n[j] == 1 and planned > 1:
+            n[j] = 0
         used[p] = used.get(p, 0) + int(n[j])
     keep = n > 0
     return BranchPlan(candidate=plan.candidate[keep], traj=plan.traj[keep], prompt=plan.prompt[keep],
                       prefix_len=plan.prefix_len[keep], rel_depth=plan.rel_depth[keep], n=n[keep])
+
+
+def plan_tree(plan: BranchPlan, main_lengths: torch.Tensor, aux_lengths: torch.Tensor,
+              group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling tree of one step, as root-to-leaf paths for
+    :func:`deepgrpo.advantages.tree_advantages`, rows ordered like the step's batch before any
+    row is dropped (:func:`deepgrpo.explore.assemble_batch`: the main rows, then the aux rows
+    in plan order, ``plan.n[j]`` per point).
+
+    Prompt p's root is node p. Main chain b (of prompt b // group_size) with branch points at
+    prefix lengths c_1 < ... < c_m is cut into the segment nodes [0, c_1), [c_1, c_2), ...,
+    [c_m, length) (an empty first segment when c_1 = 0 is skipped); its path is the root and
+    its segments. A continuation from point c_i of chain b is a leaf of its own, below the
+    segment that ends at c_i (below the root when c_i = 0). Weights are the tokens each row
+    trains in each node: every token of a main row; only the suffix (the leaf) of a branch row,
+    whose prefix is masked out of its gradient.
+
+    Args:
+        plan: the step's branching plan (P points).
+        main_lengths: ``LongTensor [Bm]`` generated tokens of each main row.
+        aux_lengths: ``LongTensor [A]`` suffix tokens of each aux row (A = Σ plan.n).
+        group_size: G, main rows per prompt.
+
+    Returns: ``(path LongTensor [Bm + A, D], weight FloatTensor [Bm + A, D])``, -1 / 0 padded.
+    """
+    Bm = int(main_lengths.shape[0])
+    A = int(aux_lengths.shape[0])
+    n_prompts = Bm // group_size
+    main_len = main_lengths.long().numpy()  # [Bm]
+    cuts: dict[int, list[int]] = {}
+    for t, c in zip(plan.traj.tolist(), plan.prefix_len.tolist()):
+        cuts.setdefault(int(t), []).append(int(c))
+    stride = max(len(c) for c in cuts.values()) + 2 if cuts else 2
+    D = stride + 1  # root + at most (cuts + 1) segments, or root + segments above a cut + leaf
+    path = np.full((Bm + A, D), -1, dtype=np.int64)
+    weight = np.zeros((Bm + A, D))
+    # main chains without branch points: the root and one node holding the whole chain
+    rows = np.arange(Bm)
+    path[:Bm, 0] = rows // group_size
+    path[:Bm, 1] = n_prompts + rows * stride
+    weight[:Bm, 1] = main_len
+    point_path: dict[tuple[int, int], list[int]] = {}  # (main row, cut) -> path down to the node ending there
+    for b, cs in cuts.items():  # chains with branch points: one node per segment between them
+        bounds = sorted(set(cs)) + [int(main_len[b])]
+        nodes, w, start = [b // group_size], [0.0], 0
+        point_path[(b, 0)] = [b // group_size]
+        for k, end in enumerate(bounds):
+            if end > start or k == len(bounds) - 1:
+                nodes.append(n_prompts + b * stride + k)
+                w.append(float(end - start))
+            point_path[(b, end)] = list(nodes)  # a branch at prefix length `end` hangs below the last node
+            start = end
+        path[b, :len(nodes)] = nodes
+        weight[b, :len(w)] = w
+    if A:
+        leaf_base = n_prompts + Bm * stride
+        first = np.concatenate([[0], np.cumsum(plan.n)[:-1]])  # [P] first aux row of each point
+        suffix = aux_lengths.long().numpy()  # [A]
+        for j, (b, c) in enumerate(zip(plan.traj.tolist(), plan.prefix_len.tolist())):
+            above = point_path[(int(b), int(c))]
+            r0, r1 = Bm + int(first[j]), Bm + int(first[j]) + int(plan.n[j])
+            d = len(above)
+            path[r0:r1, :d] = above
+            path[r0:r1, d] = leaf_base + np.arange(r0 - Bm, r1 - Bm)
+            weight[r0:r1, d] = suffix[r0 - Bm:r1 - Bm]
+    return torch.from_numpy(path), torch.from_numpy(weight).float()

@@ -79,6 +79,9 @@ BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-only
 DENSE_STRATEGIES = ("deep", "random-pivot", "depth-only", "root-only")
 """Strategies that spend K continuations at each chosen pivot (one advantage group per pivot)."""
 
+DISPERSED_STRATEGIES = ("max-surprisal", "low-prob", "uniform")
+"""Tree-style strategies that split n_pivots·K continuations over ``n_cut_points`` points."""
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -100,12 +103,14 @@ class ExploreConfig:
             root-only ablation: K extra root samples per failed chain, in their own group); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
             baselines (TreeRL-, FR3E-like and uniform) that spread the same continuations over
             ``n_cut_points`` points.
-        K: continuations per pivot (paper: K = 8); at least 2 for the dense strategies (an aux
-            group of one has advantage 0).
+        K: continuations per pivot (paper: K = 8); at least 2 for every branching strategy (an
+            aux group of one has advantage 0).
         gamma: depth exponent γ of the utility (paper: γ = 2 is best of {0.1, 1, 2, 3}).
         n_pivots: pivots per failed trajectory (paper: 1).
         n_cut_points: M, cut points per failed trajectory of the dispersed strategies; the
-            n_pivots · K continuations are split over them as evenly as possible.
+            n_pivots · K continuations are split over them as evenly as possible, and every
+            point must get at least 2 (a group of one has advantage 0 and would only spend
+            budget): M <= n_pivots · K / 2, e.g. M = 4 for K = 8, never M = 8.
         aux_budget: optional cap on aux rollouts per prompt (None = no cap), used to compare
             methods at equal budget (see :mod:`deepgrpo.ledger`).
         failure_threshold: a trajectory with reward <= this is failed (paper: reward <= 0).
@@ -124,11 +129,19 @@ class ExploreConfig:
         o = type(self).__name__
         # a group of one has advantage 0 by construction: it would spend budget and learn nothing
         check_range(o, "G", self.G, 2, None, integer=True)
-        check_range(o, "K", self.K, 2 if self.strategy in DENSE_STRATEGIES else 1, None, integer=True)
+        check_range(o, "K", self.K, 1 if self.strategy == "root" else 2, None, integer=True)
         check_choice(o, "strategy", self.strategy, BRANCHING_STRATEGIES)
         check_range(o, "gamma", self.gamma, 0.0, None)
         check_range(o, "n_pivots", self.n_pivots, 1, None, integer=True)
         check_range(o, "n_cut_points", self.n_cut_points, 1, None, integer=True)
+        if self.strategy in DISPERSED_STRATEGIES and (self.n_pivots * self.K) // self.n_cut_points < 2:
+            # split_evenly gives some point floor(n_pivots·K / M) continuations: never a group of one
+            hi = self.n_pivots * self.K // 2  # >= 1: K >= 2 above
+            raise invalid(o, "n_cut_points", self.n_cut_points,
+                          f"an integer in [1, {hi}] with K = {self.K} and n_pivots = {self.n_pivots}: "
+                          f"the n_pivots·K = {self.n_pivots * self.K} continuations split over n_cut_points "
+                          f"points must give every point >= 2 (a one-continuation group carries no signal); "
+                          f"lower n_cut_points or raise K")
         if self.aux_budget is not None:
             check_range(o, "aux_budget", self.aux_budget, 0, None, integer=True)
         check_range(o, "failure_threshold", self.failure_threshold)
@@ -138,6 +151,13 @@ class ExploreConfig:
 class AdvantageConfig:
     """Group-relative advantages (paper §3.4).
 
+    tree: TreeRL-style tree advantages instead of group-relative ones (meant for the dispersed
+        strategies, defined for every plan): the G main chains of a prompt and their branches
+        form a tree whose nodes are the segments between branch points; a node's value V is
+        the mean reward of the leaves below it, its reward is (V - V(root)) + (V - V(parent))
+        (TreeRL's global plus local terms), and a row's advantage is the mean of the rewards of
+        the nodes it trains, weighted by their tokens (:func:`deepgrpo.advantages.tree_advantages`).
+        ``scale_std`` and ``leave_one_out`` do not apply to it.
     scale_std: divide by the group's *sample* standard deviation (n - 1 in the denominator,
         as verl and TRL do) plus ``std_eps`` (GRPO's original rule; the paper and Dr.GRPO use
         no std scaling, the default). A group of one, or a group whose rewards are all equal,
@@ -149,6 +169,7 @@ class AdvantageConfig:
     std_eps: added to the std when ``scale_std`` is on.
     """
 
+    tree: bool = False
     scale_std: bool = False
     leave_one_out: bool = False
     drop_zero: bool = True
@@ -157,6 +178,9 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
+        for name in ("tree", "scale_std", "leave_one_out", "drop_zero"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(o, name, getattr(self, name), "true or false")
         check_range(o, "zero_eps", self.zero_eps, 0.0, None)
         check_range(o, "std_eps", self.std_eps, 0.0, None, lo_open=True)
 

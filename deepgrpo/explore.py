@@ -225,7 +225,7 @@ def finish_exploration(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | N
                        ledger: BudgetLedger | None = None) -> ExploreResult:
     """Steps 5-6 once the plan's continuations ``aux`` are sampled (rows in plan order, ``plan.n[j]``
     per point; None if the plan is empty): labels (y = any success at the point) to the
-    estimator, the loss-ready batch with group advantages, the budget and the stats."""
+    estimator, the loss-ready batch with group (or tree) advantages, the budget and the stats."""
     ec = config.explore
     P, G = len(prompts), ec.G
     plan, cands = planned.plan, planned.candidates

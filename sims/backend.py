@@ -3,12 +3,15 @@
 Prompts are problem indices (ints). ``sample`` continues each request's prefix tokens exactly:
 the prefix's status is replayed deterministically and only the suffix is sampled, so the
 rollouts hold suffix tokens, their sampling log-probs and a reward of the full chain.
-Segment ends are every ``segment_len`` steps (full-chain coordinates, last = T).
+Each row covers its own problem's length L_p (variable-length problem sets: the mask ends
+there, so budgets count only real tokens). Segment ends are every ``segment_len`` steps of the
+problem (full-chain coordinates, last = L_p).
 
 ``Rollouts.extras`` (analysis only; the core carries them along):
     ``problem``      ``LongTensor [B]``
-    ``first_error``  ``LongTensor [B]`` first wrong step of the full chain (T if none)
-    ``on_track``     ``BoolTensor [B, T]`` on track after each step (full-chain coordinates)
+    ``first_error``  ``LongTensor [B]`` first wrong step of the full chain (L_p if none)
+    ``on_track``     ``BoolTensor [B, T]`` on track after each step (full-chain coordinates;
+                     frozen after L_p)
     ``start_status`` ``LongTensor [B]`` status reached by the prefix (0 on-track, 1 derailed)
 """
 
@@ -44,31 +47,36 @@ class SimBackend:
         problem_req = torch.tensor([int(r.prompt) for r in requests], dtype=torch.long)  # [R]
         plen_req = torch.tensor([0 if r.prefix is None else int(r.prefix.numel()) for r in requests],
                                 dtype=torch.long)  # [R]
-        if bool((plen_req > T).any()) or bool((problem_req < 0).any()) or bool((problem_req >= self.problems.n).any()):
-            raise ValueError(f"requests must name problems in [0, {self.problems.n}) and prefixes of <= {T} tokens")
+        if bool((problem_req < 0).any()) or bool((problem_req >= self.problems.n).any()):
+            raise ValueError(f"requests must name problems in [0, {self.problems.n})")
+        if bool((plen_req > self.problems.lengths[problem_req]).any()):
+            raise ValueError("a request's prefix is longer than its problem")
         problem = problem_req.repeat_interleave(n_rows)  # [B]
+        length = self.problems.lengths[problem]  # [B]
         with torch.no_grad():
             log_probs = self.policy.log_probs()  # [n, T, 2, V]
         if bool((plen_req > 0).any()):
             prefix_req = torch.zeros(len(requests), T, dtype=torch.long)  # [R, T]
-            for i, r in enumerate(requests):
-                if plen_req[i] > 0:
-                    prefix_req[i, :plen_req[i]] = r.prefix.reshape(-1).long()
+            flat = torch.cat([r.prefix.reshape(-1).long() for r in requests if r.prefix is not None])  # [Σ plen]
+            req_row = torch.repeat_interleave(torch.arange(len(requests)), plen_req)  # [Σ plen]
+            starts = torch.cumsum(plen_req, 0) - plen_req  # [R]
+            col = torch.arange(flat.numel()) - torch.repeat_interleave(starts, plen_req)  # [Σ plen]
+            prefix_req[req_row, col] = flat
             prefix = prefix_req.repeat_interleave(n_rows, dim=0)  # [B, T]
             plen = plen_req.repeat_interleave(n_rows)  # [B]
             chains = sample_chains(self.problems, log_probs, problem, self.generator, prefix, plen)
             tokens = suffixes(chains.tokens, plen)  # [B, T]
             logprobs = suffixes(chains.logprobs, plen)  # [B, T]
-            mask = torch.arange(T).unsqueeze(0) < (T - plen).unsqueeze(1)  # [B, T]
+            mask = torch.arange(T).unsqueeze(0) < (length - plen).unsqueeze(1)  # [B, T]
             start_status = chains.status.gather(1, plen.unsqueeze(1)).squeeze(1)  # [B]
         else:
             chains = sample_chains(self.problems, log_probs, problem, self.generator)
             tokens, logprobs = chains.tokens, chains.logprobs
-            mask = torch.ones(tokens.shape, dtype=torch.bool)
+            mask = torch.arange(T).unsqueeze(0) < length.unsqueeze(1)  # [B, T]
             start_status = chains.status[:, 0]
         ends = self.problems.segment_ends
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=chains.rewards,
-                        segment_ends=[ends] * len(problem),
+                        segment_ends=[ends[p] for p in problem.tolist()],
                         extras={"problem": problem, "first_error": chains.first_error,
                                 "on_track": chains.on_track, "start_status": start_status})
 

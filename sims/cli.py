@@ -13,6 +13,7 @@ exit code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,16 +40,23 @@ class SimRunSettings:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
+def _compare_runner() -> RunnerConfig:
+    from sims.compare import COMPARE_RUNNER
+    return dataclasses.replace(COMPARE_RUNNER)
+
+
 @dataclass
 class SimCompareSettings:
     """Everything ``sim compare`` can set.
 
-    spec: the simulated problem set.
-    runner: the training loop of every compared method.
+    spec: the simulated problem set (drawn from the run seed unless ``--spec-seed`` pins it).
+    runner: the training loop of every compared method; by default every method runs until it
+        has spent the same budget of generated tokens (``--budget``, ``--budget-unit``;
+        ``--steps`` is then only a cap).
     """
 
     spec: TokenTreeSpec = field(default_factory=TokenTreeSpec)
-    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    runner: RunnerConfig = field(default_factory=_compare_runner)
 
 
 RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quiet", "config", "set"))
@@ -74,12 +82,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="output directory (default: runs/sim-METHOD-seedS)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     RUN_OPTIONS.add_arguments(run)
-    cmp_ = sub.add_parser("compare", help="GRPO N=8..64 vs a tree baseline vs DEEP-GRPO -> table, CSV, PNG",
-                          description="Compare GRPO (N in 8, 16, 32, 64), a TreeRL-like baseline and DEEP-GRPO.")
+    cmp_ = sub.add_parser("compare", help="GRPO N=8..64, root-only, a tree baseline, DEEP-GRPO at equal budget -> "
+                                          "table, CSV, SVG",
+                          description="Compare GRPO (N in 8, 16, 32, 64), the root-only ablation, a TreeRL-like "
+                                      "baseline and DEEP-GRPO at an equal token budget on a problem set drawn "
+                                      "from the seed (training and held-out pass@1).")
     cmp_.add_argument("--seed", default=None, help="run seed (default: 0)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/sim-compare"),
                       help="output directory (default: runs/sim-compare)")
-    cmp_.add_argument("--no-figure", action="store_true", help="skip the PNG (and the seaborn import)")
+    cmp_.add_argument("--no-figure", action="store_true", help="skip the SVG figure")
     COMPARE_OPTIONS.add_arguments(cmp_)
     return top
 
@@ -136,22 +147,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = train(s.spec, s.algo, s.runner, seed=seed, method=method, progress=not args.quiet)
     hist, rec = write_run(out, s.spec, s.algo, s.runner, seed, method, result)
     last, k = result.history[-1], s.runner.pass_k
-    print(f"{method}: exact pass@1 {result.history[0]['pass1']:.3f} -> {last['pass1']:.3f}, "
-          f"pass@{k} {last[f'pass{k}']:.3f}, rollouts {last['rollouts']:,}, tokens {last['tokens']:,}, "
-          f"{result.wall_time_s:.2f} s -> {hist}, {rec}")
+    first = result.history[0]
+    held = (f" (held-out {first['heldout_pass1']:.3f} -> {last['heldout_pass1']:.3f})"
+            if result.problems.n_heldout else "")
+    print(f"{method}: exact pass@1 {first['pass1']:.3f} -> {last['pass1']:.3f}{held}, "
+          f"pass@{k} {last[f'pass{k}']:.3f}, {last['step']} steps, rollouts {last['rollouts']:,}, "
+          f"tokens {last['tokens']:,}, problem set {result.problem_set_seed}, {result.wall_time_s:.2f} s "
+          f"-> {hist}, {rec}")
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace, worker: Any = None) -> int:
-    from sims.compare import format_table, run_compare, summary_rows, write_compare
-    from sims.spec import describe
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sims.compare import format_header, format_table, run_compare, summary_rows, write_compare
 
     t0 = time.perf_counter()
     seed, s = resolve_compare(args)
     _check_out(args.out)
     result = run_compare(s.spec, s.runner, seed=seed)
-    paths = write_compare(args.out, result, figure=not args.no_figure, worker=worker)
-    print(f"sim compare: {describe(s.spec)}; {s.runner.steps} steps x {s.runner.batch_problems} problems, seed {seed}")
+    paths = write_compare(args.out, result, figure=not args.no_figure)
+    print(format_header(result))
     print(format_table(summary_rows(result)))
     print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.2f} s)")
     return 0
@@ -164,10 +178,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
     # the simulator's tensors are tiny ([B, V] per step): intra-op threads only add overhead
     # (and contend with other processes); one thread is several times faster here
     torch.set_num_threads(1)
-    worker = None
-    if argv[:1] == ["compare"] and not {"--no-figure", "-h", "--help"} & set(argv):
-        from sims.figure import FigureWorker
-        worker = FigureWorker()  # a child process imports seaborn while this one trains
     options = COMPARE_OPTIONS if argv[:1] == ["compare"] else RUN_OPTIONS
     try:
         parser = _parser(prog)
@@ -178,7 +188,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
         if args.sub is None:
             parser.print_help()
             return 2
-        return _cmd_run(args) if args.sub == "run" else _cmd_compare(args, worker)
+        return _cmd_run(args) if args.sub == "run" else _cmd_compare(args)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -187,9 +197,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
         where = f"{option}: " if option and not str(e).startswith(option) else ""
         print(f"{prog}: error: {where}{e}", file=sys.stderr)
         return 2
-    finally:
-        if worker is not None:
-            worker.close()
 
 
 if __name__ == "__main__":

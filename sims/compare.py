@@ -1,12 +1,18 @@
-"""``deepgrpo sim compare``: GRPO with N ∈ {8, 16, 32, 64}, a tree-style baseline and DEEP-GRPO
-on one simulated problem set, same seed, same number of steps (the paper's protocol, arXiv
-2602.14169 Table 1: each method spends its own per-step budget, which the table reports).
+"""``deepgrpo sim compare``: GRPO with N ∈ {8, 16, 32, 64}, the root-only ablation, a TreeRL-like
+tree baseline and DEEP-GRPO at **equal total budget** on one fresh problem set (the DESIGN's
+protocol): every method runs until it has spent the same number of generated tokens (main
+chains + branch suffixes; ``--budget``, ``--budget-unit rollouts`` for rollouts), so cheaper
+methods take more steps; the problem set is drawn from the run seed (``--spec-seed`` pins one);
+exact pass@1 is reported on the training problems and on held-out problems never trained on.
+Values "at the budget" are interpolated linearly between the two steps around it (a run stops
+at the first step boundary at or past the budget, so it overshoots by less than one step; the
+spent budget is in the table too).
 
 Outputs (all written atomically, only after every run finished):
-    summary.csv              one row per method (final exact pass@1, budget, gain per 1,000 rollouts)
+    summary.csv              one row per method (:data:`SUMMARY_COLUMNS`)
     history.csv              every run's per-step history (tidy; a ``label`` column names the method)
-    run.json                 resolved configs, seed, versions, wall times, budgets
-    pass1_vs_rollouts.png    exact pass@1 against cumulative rollouts (seaborn)
+    run.json                 resolved configs, seed, problem-set seed, versions, wall times, budgets
+    pass1_vs_budget.svg      exact pass@1 (training and held-out) against the budget spent
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from typing import Any
 
 from deepgrpo.config import AlgoConfig
 from deepgrpo.methods import method_config
-from deepgrpo.records import atomic_write, versions, write_csv_atomic, write_json_atomic
-from sims.figure import FigureWorker, pass1_vs_rollouts_png
+from deepgrpo.records import versions, write_json_atomic, write_text_atomic
+from sims.figure import pass1_vs_budget_svg
 from sims.runner import RunnerConfig, TrainResult, train
 from sims.spec import TokenTreeSpec, describe
 
@@ -29,15 +35,29 @@ COMPARE_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("GRPO N=16", "grpo", {"G": 16}),
     ("GRPO N=32", "grpo", {"G": 32}),
     ("GRPO N=64", "grpo", {"G": 64}),
-    ("TreeRL-like (tree-surprisal)", "tree-surprisal", {}),
+    ("root-only (G=8, K=8)", "root-only", {}),
+    ("TreeRL-like (surprisal, tree adv.)", "tree-surprisal", {"tree": True}),
     ("DEEP-GRPO (G=8, K=8)", "deep-grpo", {}),
 )
-"""(label, method name, overrides) of the default comparison. The tree-style baseline is the
-TreeRL-like max-surprisal rule, the tree method of the paper's main table."""
+"""(label, method name, overrides) of the default comparison. The root-only ablation spends
+DEEP-GRPO's extra samples at the root (the first rung of the decomposition ladder); the tree
+baseline is TreeRL-like: max-surprisal cut points (M = 4, 2 continuations each) and TreeRL's
+tree advantage."""
 
-SUMMARY_COLUMNS = ("label", "method", "final_pass1", "initial_pass1", "final_pass8", "rollouts", "tokens",
-                   "gain_per_1k_rollouts", "gain_per_1m_tokens", "all_fail_groups_per_step",
-                   "pivot_before_error", "branch_success")
+COMPARE_BUDGET = 50_000
+"""Default total budget of ``sim compare`` in generated tokens: about what DEEP-GRPO (G = K = 8)
+spends in 12 steps of 16 problems on the default spec."""
+
+COMPARE_RUNNER = RunnerConfig(steps=1000, budget=COMPARE_BUDGET, budget_unit="tokens")
+"""``sim compare``'s loop: the budget decides when a run stops (``steps`` is only a cap)."""
+
+SUMMARY_COLUMNS = ("label", "method", "budget_unit", "budget", "steps", "rollouts", "tokens",
+                   "pass1_at_budget", "heldout_pass1_at_budget", "final_pass1", "final_heldout_pass1",
+                   "initial_pass1", "initial_heldout_pass1", "final_pass8", "gain_per_1k_rollouts",
+                   "gain_per_1m_tokens", "all_fail_groups_per_step", "pivot_before_error", "branch_success")
+"""Columns of ``summary.csv``: ``*_at_budget`` are interpolated at exactly the budget (NaN
+without a budget), ``final_*`` are the values after the last step (spent: ``rollouts``,
+``tokens``)."""
 
 
 @dataclass
@@ -47,20 +67,22 @@ class CompareResult:
     spec: TokenTreeSpec
     runner: RunnerConfig
     seed: int
+    problem_set_seed: int
     methods: list[tuple[str, str, dict[str, Any]]]
     algos: list[AlgoConfig]
     runs: list[TrainResult]
     wall_time_s: float
 
 
-def run_compare(spec: TokenTreeSpec, runner: RunnerConfig, seed: int = 0,
+def run_compare(spec: TokenTreeSpec, runner: RunnerConfig = COMPARE_RUNNER, seed: int = 0,
                 methods: tuple[tuple[str, str, dict[str, Any]], ...] = COMPARE_METHODS) -> CompareResult:
-    """Train every method of ``methods`` on ``spec`` with the same seed and loop."""
+    """Train every method of ``methods`` on ``spec`` with the same run seed (hence the same
+    problem set and starting policy) and loop (the same total budget)."""
     t0 = time.perf_counter()
     algos = [method_config(name, **overrides) for _, name, overrides in methods]  # validate all first
     runs = [train(spec, algo, runner, seed=seed, method=label) for (label, _, _), algo in zip(methods, algos)]
-    return CompareResult(spec=spec, runner=runner, seed=seed, methods=list(methods), algos=algos, runs=runs,
-                         wall_time_s=time.perf_counter() - t0)
+    return CompareResult(spec=spec, runner=runner, seed=seed, problem_set_seed=spec.problem_set_seed(seed),
+                         methods=list(methods), algos=algos, runs=runs, wall_time_s=time.perf_counter() - t0)
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -68,49 +90,94 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def value_at_budget(history: list[dict[str, Any]], key: str, budget: int | None, unit: str) -> float:
+    """``key`` at exactly ``budget`` spent (in ``unit``), interpolated linearly between the last
+    step below the budget and the first at or past it; NaN without a budget or if the run
+    stopped before reaching it (a ``steps`` cap)."""
+    if budget is None:
+        return float("nan")
+    for prev, row in zip(history, history[1:]):
+        if row[unit] >= budget:
+            x0, x1 = prev[unit], row[unit]
+            w = (budget - x0) / (x1 - x0) if x1 > x0 else 1.0
+            return prev[key] + w * (row[key] - prev[key])
+    return float("nan")
+
+
 def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
     """One row per method (see :data:`SUMMARY_COLUMNS`)."""
     out = []
     k = result.runner.pass_k
+    budget, unit = result.runner.budget, result.runner.budget_unit
     for (label, name, _), run in zip(result.methods, result.runs):
-        first, last = run.history[0], run.history[-1]
-        steps = run.history[1:]
+        h = run.history
+        first, last = h[0], h[-1]
         gain = last["pass1"] - first["pass1"]
         out.append({
-            "label": label, "method": name, "final_pass1": last["pass1"], "initial_pass1": first["pass1"],
-            "final_pass8": last[f"pass{k}"] if k == 8 else float("nan"),
+            "label": label, "method": name, "budget_unit": unit, "budget": budget, "steps": last["step"],
             "rollouts": last["rollouts"], "tokens": last["tokens"],
+            "pass1_at_budget": value_at_budget(h, "pass1", budget, unit),
+            "heldout_pass1_at_budget": value_at_budget(h, "heldout_pass1", budget, unit),
+            "final_pass1": last["pass1"], "final_heldout_pass1": last["heldout_pass1"],
+            "initial_pass1": first["pass1"], "initial_heldout_pass1": first["heldout_pass1"],
+            "final_pass8": last[f"pass{k}"] if k == 8 else float("nan"),
             "gain_per_1k_rollouts": 1000.0 * gain / last["rollouts"] if last["rollouts"] else float("nan"),
             "gain_per_1m_tokens": 1e6 * gain / last["tokens"] if last["tokens"] else float("nan"),
-            "all_fail_groups_per_step": _mean(steps, "all_fail_groups"),
-            "pivot_before_error": _mean(steps, "pivot_before_error"),
-            "branch_success": _mean(steps, "branch_success"),
+            "all_fail_groups_per_step": _mean(h[1:], "all_fail_groups"),
+            "pivot_before_error": _mean(h[1:], "pivot_before_error"),
+            "branch_success": _mean(h[1:], "branch_success"),
         })
     return out
 
 
+def _unit_words(unit: str) -> str:
+    return "generated tokens (main chains + branch suffixes)" if unit == "tokens" else "rollouts (main + branches)"
+
+
+def format_header(result: CompareResult) -> str:
+    """The lines above the table: spec, seed, problem set, and the budget with its unit."""
+    r, spec = result.runner, result.spec
+    pinned = "pinned by --spec-seed" if spec.pinned else "drawn from the seed"
+    lines = [f"sim compare: {describe(spec)}; {r.batch_problems} problems per step, seed {result.seed}, "
+             f"problem set {result.problem_set_seed} ({pinned}), {r.policy} policy, {r.optimizer} lr {r.lr:g}"]
+    if r.budget is None:
+        lines.append(f"equal steps ({r.steps} per method; no budget): values after the last step")
+    else:
+        lines.append(f"equal budget: {r.budget:,} {_unit_words(r.budget_unit)} per method; each method runs until it "
+                     f"has spent it; pass@1 at exactly {r.budget:,} {r.budget_unit} (interpolated)")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The printed table: method, final exact pass@1, rollouts, tokens, gain per 1,000 rollouts."""
-    head = f"{'method':<30} {'pass@1':>7} {'(start)':>7} {'rollouts':>9} {'tokens':>9} {'gain/1k rollouts':>16}"
+    """The printed table: method, steps, budget spent, exact pass@1 on the training and held-out
+    problems at the budget (or after the last step without one), and their starting values."""
+    at_budget = bool(rows) and rows[0]["budget"] is not None
+    p1, ho = ("pass1_at_budget", "heldout_pass1_at_budget") if at_budget else ("final_pass1", "final_heldout_pass1")
+    where = "at budget" if at_budget else "final"
+    head = (f"{'method':<36} {'steps':>5} {'rollouts':>9} {'tokens':>8} {'pass@1':>7} {'held-out':>8}   "
+            f"({where}; start {rows[0]['initial_pass1']:.3f} / {rows[0]['initial_heldout_pass1']:.3f})" if rows else "")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['label']:<30} {r['final_pass1']:>7.3f} {r['initial_pass1']:>7.3f} {r['rollouts']:>9,d} "
-                     f"{r['tokens']:>9,d} {r['gain_per_1k_rollouts']:>16.4f}")
+        lines.append(f"{r['label']:<36} {r['steps']:>5} {r['rollouts']:>9,d} {r['tokens']:>8,d} {r[p1]:>7.3f} "
+                     f"{r[ho]:>8.3f}")
     return "\n".join(lines)
 
 
 def figure_title(result: CompareResult) -> str:
-    return (f"sim compare: {result.runner.steps} steps x {result.runner.batch_problems} problems, "
-            f"seed {result.seed}\n{describe(result.spec)}")
+    r = result.runner
+    budget = f"equal budget {r.budget:,} {r.budget_unit}" if r.budget is not None else f"{r.steps} steps"
+    return (f"sim compare: {budget}, {r.batch_problems} problems/step, seed {result.seed}, "
+            f"problem set {result.problem_set_seed}, {r.policy} policy, {r.optimizer} lr {r.lr:g}\n"
+            f"{describe(result.spec)}")
 
 
-def figure_png(result: CompareResult, worker: FigureWorker | None = None) -> bytes:
-    """PNG bytes of exact pass@1 against cumulative rollouts, one line per method (seaborn),
-    rendered by ``worker`` (a pre-started :class:`~sims.figure.FigureWorker`) or in-process."""
-    rows = [{"label": r["label"], "rollouts": r["rollouts"], "pass1": r["pass1"]} for r in history_rows(result)]
-    if worker is not None:
-        return worker.render(rows, figure_title(result))
-    return pass1_vs_rollouts_png(rows, figure_title(result))
+def figure_svg(result: CompareResult) -> str:
+    """SVG text of exact pass@1 (training and held-out problems) against the cumulative budget
+    spent, one line per method (:func:`sims.figure.pass1_vs_budget_svg`)."""
+    unit = result.runner.budget_unit
+    rows = [{"label": r["label"], unit: r[unit], "pass1": r["pass1"], "heldout_pass1": r["heldout_pass1"]}
+            for r in history_rows(result)]
+    return pass1_vs_budget_svg(rows, figure_title(result), unit, result.runner.budget)
 
 
 def history_rows(result: CompareResult) -> list[dict[str, Any]]:
@@ -123,6 +190,8 @@ def compare_record(result: CompareResult) -> dict[str, Any]:
     """The JSON record of a comparison (resolved configs, seed, versions, wall time, budgets)."""
     return {
         "kind": "sim-compare", "seed": result.seed, "wall_time_s": result.wall_time_s,
+        "problem_set_seed": result.problem_set_seed, "problem_set_pinned": result.spec.pinned,
+        "budget": {"unit": result.runner.budget_unit, "total": result.runner.budget},
         "config": {"spec": result.spec.to_dict(), "runner": dataclasses.asdict(result.runner)},
         "methods": [{"label": label, "method": name, "overrides": overrides, "algo": algo.to_dict(),
                      "budget": run.ledger.totals(), "wall_time_s": run.wall_time_s,
@@ -132,18 +201,32 @@ def compare_record(result: CompareResult) -> dict[str, Any]:
     }
 
 
-def write_compare(out: str | Path, result: CompareResult, figure: bool = True,
-                  worker: FigureWorker | None = None) -> list[Path]:
-    """Render everything in memory, then write the files atomically; returns their paths."""
-    import pandas as pd
+def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """CSV text of ``rows`` (columns: ``columns``, or the union of the rows' keys in first-seen
+    order); NaN and missing values are empty cells, as pandas writes them. The csv module, not
+    pandas: importing pandas alone costs a tenth of ``sim compare``'s time budget."""
+    import csv
+    import io
+    import math
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if (v := r.get(c)) is None or (isinstance(v, float) and math.isnan(v)) else v
+                         for c in columns])
+    return buf.getvalue()
 
+
+def write_compare(out: str | Path, result: CompareResult, figure: bool = True) -> list[Path]:
+    """Render everything in memory, then write the files atomically; returns their paths."""
     out = Path(out)
-    rows = summary_rows(result)
-    summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    history = pd.DataFrame(history_rows(result))
-    png = figure_png(result, worker) if figure else None
-    paths = [write_csv_atomic(out / "summary.csv", summary), write_csv_atomic(out / "history.csv", history),
+    summary = csv_text(summary_rows(result), list(SUMMARY_COLUMNS))
+    history = csv_text(history_rows(result))
+    svg = figure_svg(result) if figure else None
+    paths = [write_text_atomic(out / "summary.csv", summary), write_text_atomic(out / "history.csv", history),
              write_json_atomic(out / "run.json", compare_record(result))]
-    if png is not None:
-        paths.append(atomic_write(out / "pass1_vs_rollouts.png", lambda p: p.write_bytes(png)))
+    if svg is not None:
+        paths.append(write_text_atomic(out / "pass1_vs_budget.svg", svg))
     return paths

@@ -1,12 +1,16 @@
 """The token-tree MDP as a standard gymnasium environment, ``deepgrpo/TokenTree-v0``.
 
-One episode = one chain of one problem: T actions (tokens in 0..V-1), reward 1 at the last step
-iff the chain ends on track (see :mod:`sims.spec` for the dynamics), 0 otherwise.
+One episode = one chain of one problem p: L_p actions (tokens in 0..V-1; L_p = T = depth unless
+``min_depth`` is set), reward 1 at the last step iff the chain ends on track (see
+:mod:`sims.spec` for the dynamics), 0 otherwise. Problems are the whole drawn set, training
+and held-out (``n_problems + n_heldout``); the set is the one of run seed ``run_seed`` unless
+the spec pins ``seed``.
 
-Observation: ``MultiDiscrete([n_problems, T + 1, 2])`` = (problem, step, status) with status
-0 = on track, 1 = derailed. Action: ``Discrete(V)``.
-``info`` holds ``first_error`` (first wrong step so far, T if none) and ``p_success_base``, the
-exact P(success | state) under the spec's pre-trained policy (from the oracle).
+Observation: ``MultiDiscrete([n_problems + n_heldout, T + 1, 2])`` = (problem, step, status)
+with status 0 = on track, 1 = derailed. Action: ``Discrete(V)``.
+``info`` holds ``first_error`` (first wrong step so far, L_p if none), ``length`` (L_p) and
+``p_success_base``, the exact P(success | state) under the spec's pre-trained policy (from the
+oracle).
 
     import gymnasium, sims
     env = gymnasium.make("deepgrpo/TokenTree-v0", depth=8, recovery="constant")
@@ -36,16 +40,17 @@ class TokenTreeEnv(gymnasium.Env):
         problem: always play this problem (None: draw one per episode with the env's RNG,
             or take ``options["problem"]`` of :meth:`reset`).
         render_mode: None or ``"ansi"``.
+        run_seed: the run seed whose problem set is played (ignored when the spec pins ``seed``).
         **spec_fields: overrides of :class:`TokenTreeSpec` fields (validated).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, spec: TokenTreeSpec | None = None, problem: int | None = None,
-                 render_mode: str | None = None, **spec_fields: Any) -> None:
+                 render_mode: str | None = None, run_seed: int = 0, **spec_fields: Any) -> None:
         base = spec.to_dict() if spec is not None else {}
         self.spec_ = TokenTreeSpec.from_dict({**base, **spec_fields})
-        self.problems = self.spec_.build()
+        self.problems = self.spec_.build(run_seed=run_seed)
         n, T, V = self.problems.n, self.problems.T, self.problems.V
         if problem is not None and not 0 <= int(problem) < n:
             raise ValueError(f"problem = {problem} is invalid: expected an integer in [0, {n})")
@@ -56,6 +61,7 @@ class TokenTreeEnv(gymnasium.Env):
         self.observation_space = spaces.MultiDiscrete([n, T + 1, 2])
         self.action_space = spaces.Discrete(V)
         self._correct = self.problems.correct.numpy()  # [n, T]
+        self._lengths = self.problems.lengths.numpy()  # [n]
         self._allowed = self.problems.recovery_allowed.numpy()  # [T]
         q = np.stack([self.problems.p_correct.numpy(), self.problems.p_recover.numpy()], axis=2)  # [n, T, 2]
         self._value = success_table(self.problems, torch.from_numpy(q)).numpy()  # [n, T+1, 2]
@@ -66,7 +72,7 @@ class TokenTreeEnv(gymnasium.Env):
         return np.array([self._problem, self._t, self._status], dtype=np.int64)
 
     def _info(self) -> dict[str, Any]:
-        return {"first_error": self._first_error,
+        return {"first_error": self._first_error, "length": int(self._lengths[self._problem]),
                 "p_success_base": float(self._value[self._problem, self._t, self._status])}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -80,12 +86,12 @@ class TokenTreeEnv(gymnasium.Env):
         else:
             p = int(self.np_random.integers(self.problems.n))
         self._problem, self._t, self._status = p, 0, ON_TRACK
-        self._first_error = self.problems.T
+        self._first_error = int(self._lengths[p])
         self._tokens = []
         return self._obs(), self._info()
 
     def step(self, action):
-        T = self.problems.T
+        T = int(self._lengths[self._problem])  # this problem's length
         if self._t >= T:
             raise RuntimeError("step() called on a finished episode: call reset() first")
         if not self.action_space.contains(action):
@@ -105,7 +111,8 @@ class TokenTreeEnv(gymnasium.Env):
     def render(self):
         if self.render_mode == "ansi":
             status = "on-track" if self._status == ON_TRACK else "derailed"
-            return f"problem {self._problem} step {self._t}/{self.problems.T} {status} tokens {self._tokens}\n"
+            length = int(self._lengths[self._problem])
+            return f"problem {self._problem} step {self._t}/{length} {status} tokens {self._tokens}\n"
         return None
 
 

@@ -8,7 +8,9 @@ so a backward dynamic programme over (step, status) gives, in O(n·T):
     W[p, t, der] = a_t · q_der · W[p, t+1, on] + (1 - a_t · q_der) · W[p, t+1, derailed]
 
 with q_s = π(correct | p, t, s) and a_t = 1 if recovery is allowed at step t (never under
-``fatal``). W[p, t, s] is the exact P(success | a prefix of length t that reached status s).
+``fatal``). A problem with L_p < T steps ends at L_p: its padding steps t >= L_p leave W
+unchanged (W[p, t] = W[p, t+1]), so W[p, L_p] is its terminal value.
+W[p, t, s] is the exact P(success | a prefix of length t that reached status s).
 pass@1 of problem p is W[p, 0, on] and pass@k = 1 - (1 - pass@1)^k (k independent samples).
 """
 
@@ -33,12 +35,18 @@ def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Te
     q = correct_probs.detach().double().numpy()  # [n, T, 2] (numpy: T tiny steps, no op overhead)
     n, T, _ = q.shape
     allowed = problems.recovery_allowed.numpy().astype(np.float64)  # [T]
+    q_on = q[:, :, ON_TRACK]  # [n, T]
+    q_der = allowed[None, :] * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
+    if problems.variable_length:  # padding steps are identities: on -> on, derailed -> derailed
+        pad = ~problems.step_mask().numpy()  # [n, T]
+        q_on = np.where(pad, 1.0, q_on)
+        q_der = np.where(pad, 0.0, q_der)
     W = np.zeros((n, T + 1, 2))
     W[:, T, ON_TRACK] = 1.0
     for t in range(T - 1, -1, -1):
         on, der = W[:, t + 1, ON_TRACK], W[:, t + 1, DERAILED]
-        W[:, t, ON_TRACK] = der + q[:, t, ON_TRACK] * (on - der)
-        W[:, t, DERAILED] = der + allowed[t] * q[:, t, DERAILED] * (on - der)
+        W[:, t, ON_TRACK] = der + q_on[:, t] * (on - der)
+        W[:, t, DERAILED] = der + q_der[:, t] * (on - der)
     return torch.from_numpy(W)
 
 

@@ -1,18 +1,28 @@
 """Training in the simulator with the core's exploration step and loss, logged against the
 exact oracle.
 
-One training step (paper arXiv 2602.14169, Alg. 1): draw a batch of problems, call
+One training step (paper arXiv 2602.14169, Alg. 1): draw a batch of training problems, call
 :func:`deepgrpo.explore` (main chains, pivots, branches, advantages) and
-:func:`deepgrpo.update_policy` (dual-stream loss, Adam). Every method runs through exactly this
-loop; only its :class:`~deepgrpo.config.AlgoConfig` differs.
+:func:`deepgrpo.update_policy` (dual-stream loss; Adam or SGD). Every method runs through
+exactly this loop; only its :class:`~deepgrpo.config.AlgoConfig` differs.
+
+The problem set is drawn per run seed unless the spec pins one (:mod:`sims.spec`); its held-out
+problems are never in a training batch. Under the ``tabular`` policy they keep their
+pre-trained logits exactly; under the ``features`` policy (shared weights, :mod:`sims.policy`)
+training moves them.
 
 History: one tidy row per step; step 0 is the pre-trained policy before any update. The
 core's columns (budget, rewards, pivots, branch success, loss parts, estimator; see
 :mod:`deepgrpo.step`) plus the simulator's own, from the exact oracle:
 
 =========================  ==========================================================================
-``pass1``, ``pass{k}``      exact mean pass@1 / pass@k over *all* problems after the step's update
-``entropy``                 mean entropy (nats) of π(· | problem, step, on-track)
+``pass1``, ``pass{k}``      exact mean pass@1 / pass@k over the *training* problems after the step's
+                            update
+``heldout_pass1``,          the same over the held-out problems (NaN when ``n_heldout = 0``)
+``heldout_pass{k}``
+``entropy``                 mean entropy (nats) of π(· | problem, step, on-track) over the training
+                            problems' steps
+``problem_set_seed``        the run's effective problem-set seed (same in every row)
 ``pivot_before_error``      fraction of branch points at or before their chain's first error
                             (prefix fully on track: the crux is re-entered)
 ``pivot_oracle_success``    mean exact P(success | branch prefix) under the sampling policy
@@ -36,33 +46,39 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from deepgrpo.config import AlgoConfig, check_choice, check_range
+from deepgrpo.config import AlgoConfig, check_choice, check_range, invalid
 from deepgrpo.estimators import make_estimator
 from deepgrpo.explore import explore
 from deepgrpo.step import initial_record, step_record, update_policy
 from deepgrpo.ledger import BUDGET_UNITS, BudgetLedger, budget_left
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
-from sims.adam import LogitAdam
 from sims.backend import SimBackend
-from sims.oracle import ExactOracle, exact_pass_at_k, prefix_success
-from sims.policy import TokenTreePolicy
+from sims.optim import OPTIMIZERS, make_optimizer
+from sims.oracle import exact_pass_at_k, prefix_success, success_table
+from sims.policy import POLICY_CLASSES, TokenTreePolicy
 from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
+
+
+MAX_FEATURE_ENTRIES = 1 << 27
+"""Largest features table (entries of φ, float32: 512 MB) the ``features`` policy may build."""
 
 
 @dataclass
 class RunnerConfig:
     """The training loop around the core.
 
-    steps: training steps (policy updates).
-    batch_problems: problems per step, drawn without replacement (paper: 64 prompts per step;
-        the default is half of the default 32-problem set).
-    lr: Adam learning rate on the logits (the paper's AdamW 1e-6 is for LLM weights; tabular
-        logits need a large one).
-
-    Defaults (12 steps x 16 problems, lr 0.2) are those of ``deepgrpo sim compare``: chosen so
-    that, on the default spec, the six compared methods finish in well under a second of CPU
-    and keep the same order over seeds 0-5 (GRPO N = 8 < 16 < 32 < 64, TreeRL-like <
-    DEEP-GRPO by 0.026-0.058 pass@1 at equal branching budget).
+    steps: training steps (policy updates); a cap when ``budget`` is set.
+    batch_problems: training problems per step, drawn without replacement (paper: 64 prompts
+        per step; the default is half of the default 32-problem set).
+    lr: learning rate of ``optimizer`` (the paper's AdamW 1e-6 is for LLM weights; the
+        simulator's logits need a large one: 0.2 for Adam; plain SGD needs a far larger one,
+        about 100 with the default clipping, as its steps scale with the gradient's size).
+    policy: the policy class: ``tabular`` (a free logit table per problem; nothing transfers)
+        or ``features`` (pre-trained logits plus shared weights through fixed random features
+        of (problem, step, status, token), never told the correct token; see
+        :mod:`sims.policy`).
+    feature_dim: D, the number of shared weights (the capacity) of the ``features`` policy.
+    optimizer: ``adam`` or ``sgd`` (plain SGD on the same loss; see :mod:`sims.optim`).
     max_grad_norm: gradient clipping (paper: 1.0); None = off.
     pass_k: k of the logged exact pass@k (paper reports pass@k curves; 8 = G).
     micro_batch_size: rows per micro-batch of the update (None = whole batch).
@@ -71,11 +87,17 @@ class RunnerConfig:
         at equal total budget with cheaper methods taking more steps; ``steps`` stays a cap.
         None = run exactly ``steps`` steps.
     budget_unit: ``rollouts`` (main + aux) or ``tokens`` (generated tokens, main + aux).
+
+    Defaults: 12 steps of 16 problems, Adam lr 0.2 on the tabular policy, no budget.
+    ``deepgrpo sim compare`` runs to a token budget instead (:data:`sims.compare.COMPARE_RUNNER`).
     """
 
     steps: int = 12
     batch_problems: int = 16
     lr: float = 0.2
+    policy: str = "tabular"
+    feature_dim: int = 256
+    optimizer: str = "adam"
     max_grad_norm: float | None = 1.0
     pass_k: int = 8
     micro_batch_size: int | None = None
@@ -90,6 +112,9 @@ class RunnerConfig:
         check_choice(o, "budget_unit", self.budget_unit, BUDGET_UNITS)
         check_range(o, "batch_problems", self.batch_problems, 1, None, integer=True)
         check_range(o, "lr", self.lr, 0.0, None, lo_open=True)
+        check_choice(o, "policy", self.policy, POLICY_CLASSES)
+        check_range(o, "feature_dim", self.feature_dim, 1, None, integer=True)
+        check_choice(o, "optimizer", self.optimizer, OPTIMIZERS)
         if self.max_grad_norm is not None:
             check_range(o, "max_grad_norm", self.max_grad_norm, 0.0, None, lo_open=True)
         check_range(o, "pass_k", self.pass_k, 1, None, integer=True)
@@ -103,7 +128,8 @@ class StepContext:
 
     step: the step number (1-based).
     W: ``DoubleTensor [n, T + 1, 2]`` exact P(success | step, status) under the *sampling*
-        policy of this step (see :mod:`sims.oracle`).
+        policy of this step (see :mod:`sims.oracle`); rows are all problems (training and
+        held-out), indexed like the rollouts' ``problem`` extra.
     estimator: the run's recoverability estimator (already updated with this step's labels).
     algo, spec: the run's configs; problems, policy: the problem set and the (not yet updated)
     policy.
@@ -125,7 +151,11 @@ after the exploration step and before the policy update."""
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns."""
+    """What :func:`train` returns.
+
+    problem_set_seed: the effective problem-set seed; problem_set_pinned: whether the spec
+    pinned it (else it was derived from the run seed).
+    """
 
     history: list[dict[str, Any]]
     wall_time_s: float
@@ -134,10 +164,14 @@ class TrainResult:
     problems: ProblemSet
     policy: TokenTreePolicy
     estimator: Any
+    problem_set_seed: int = 0
+    problem_set_pinned: bool = False
 
 
-def _seeds(seed: int) -> tuple[torch.Generator, np.random.Generator, np.random.Generator]:
-    """Independent streams from one run seed: torch sampler, problem batches, core choices."""
+def run_streams(seed: int) -> tuple[torch.Generator, np.random.Generator, np.random.Generator]:
+    """Independent streams from one run seed: torch sampler, problem batches, core choices
+    (children 0-2 of ``SeedSequence(seed)``; child 3 is the problem set's,
+    :func:`sims.spec.derived_problem_set_seed`)."""
     ss = np.random.SeedSequence(seed)
     torch_seed, batch_ss, core_ss = ss.spawn(3)
     gen = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
@@ -158,8 +192,8 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
         spec: the simulated problem set.
         algo: the method's configuration (e.g. ``method_config("deep-grpo")``).
         config: the loop (:class:`RunnerConfig`).
-        seed: run seed (sampling, problem batches, the core's random choices); the problem set
-            itself is drawn from ``spec.seed``.
+        seed: run seed (sampling, problem batches, the core's random choices, and the problem
+            set unless ``spec.seed`` pins it).
         method: a label stored in each history row.
         progress: show a tqdm progress bar.
         on_step: called with each history row as it is produced.
@@ -170,30 +204,44 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
     """
     cfg = config or RunnerConfig()
     t_start = time.perf_counter()
-    problems = spec.build()
-    policy = TokenTreePolicy(problems)
-    gen, batch_rng, core_rng = _seeds(seed)
+    ps_seed = spec.problem_set_seed(seed)
+    problems = spec.build(run_seed=seed)
+    if cfg.policy == "features" and problems.n * problems.T * 2 * problems.V * cfg.feature_dim > MAX_FEATURE_ENTRIES:
+        raise invalid("RunnerConfig", "feature_dim", cfg.feature_dim,
+                      f"at most {MAX_FEATURE_ENTRIES // (problems.n * problems.T * 2 * problems.V):,} for this problem "
+                      f"set ({problems.n} problems x {problems.T} steps x 2 x {problems.V} tokens): the features "
+                      f"policy stores one {cfg.feature_dim}-dim feature per (problem, step, status, token)")
+    policy = TokenTreePolicy(problems, cfg.policy, cfg.feature_dim)
+    gen, batch_rng, core_rng = run_streams(seed)
     backend = SimBackend(problems, policy, gen)
-    oracle = ExactOracle(problems, policy)
     estimator = make_estimator(algo.estimator)
     ledger = BudgetLedger()
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = LogitAdam(params, lr=cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
     k = cfg.pass_k
-    n_batch = min(cfg.batch_problems, problems.n)
+    n_train = problems.n_train
+    n_batch = min(cfg.batch_problems, n_train)
+    train_steps = problems.step_mask()[:n_train]  # [n_train, T] steps a chain visits
 
     table: list[torch.Tensor] = []  # the latest oracle table [n, T+1, 2] (= the next step's sampling policy)
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
-            W = oracle.table()
-            p1 = W[:, 0, ON_TRACK]  # [n]
-            ent = policy.entropy()[:, :, ON_TRACK]
+            lp = policy.log_probs()  # [n, T, 2, V]
+            W = success_table(problems, policy.correct_probs(lp))  # [n, T+1, 2]
+            p1 = W[:, 0, ON_TRACK]  # [n] training problems first, then held-out ones
+            ent = policy.entropy(lp)[:n_train, :, ON_TRACK]  # [n_train, T]
         table[:] = [W]
-        return {"pass1": float(p1.mean()), f"pass{k}": float(exact_pass_at_k(p1, k).mean()), "entropy": float(ent.mean())}
+        tr, ho = p1[:n_train], p1[n_train:]
+        nan = float("nan")
+        return {"pass1": float(tr.mean()), f"pass{k}": float(exact_pass_at_k(tr, k).mean()),
+                "heldout_pass1": float(ho.mean()) if len(ho) else nan,
+                f"heldout_pass{k}": float(exact_pass_at_k(ho, k).mean()) if len(ho) else nan,
+                "entropy": float(ent[train_steps].mean())}
 
     nan = float("nan")
-    row0: dict[str, Any] = {"method": method, "seed": seed, "step": 0, **evaluate(), **initial_record(estimator),
+    row0: dict[str, Any] = {"method": method, "seed": seed, "step": 0, "problem_set_seed": ps_seed, **evaluate(),
+                            **initial_record(estimator),
                             "pivot_before_error": nan, "pivot_oracle_success": nan}
     history = [row0]
     if on_step:
@@ -207,7 +255,8 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
         if not budget_left(ledger, cfg.budget, cfg.budget_unit):
             break
         t0 = time.perf_counter()
-        prompts = [int(p) for p in np.sort(batch_rng.choice(problems.n, size=n_batch, replace=False))]
+        # training problems only (indices < n_train): held-out problems are never in a batch
+        prompts = [int(p) for p in np.sort(batch_rng.choice(n_train, size=n_batch, replace=False))]
         W = table[0]  # [n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
         res = explore(backend, prompts, algo, estimator, core_rng, ledger)
         plan = res.plan
@@ -226,27 +275,39 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
                 probed.update(probe(res, ctx))
         metrics = update_policy(backend, res.batch, algo.loss, optimizer, params,
                                 micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
-        row = {"method": method, "seed": seed, "step": step, **evaluate(),
+        row = {"method": method, "seed": seed, "step": step, "problem_set_seed": ps_seed, **evaluate(),
                **step_record(res, metrics, ledger, estimator), **oracle_cols, **probed}
         history.append(row)
         step_wall.append(time.perf_counter() - t0)
         if on_step:
             on_step(row)
     return TrainResult(history=history, wall_time_s=time.perf_counter() - t_start, step_wall_time_s=step_wall,
-                       ledger=ledger, problems=problems, policy=policy, estimator=estimator)
+                       ledger=ledger, problems=problems, policy=policy, estimator=estimator,
+                       problem_set_seed=ps_seed, problem_set_pinned=spec.pinned)
+
+
+def _or_none(x: float) -> float | None:
+    """NaN -> None (strict JSON has no NaN)."""
+    return None if x != x else x
 
 
 def run_record(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig, seed: int, method: str,
                result: TrainResult) -> dict[str, Any]:
-    """The JSON run record: resolved config (spec, algo, runner), seed, versions, wall time, budget."""
-    last = result.history[-1]
+    """The JSON run record: resolved config (spec, algo, runner — policy class, capacity and
+    optimizer included), seed, the effective problem-set seed and whether it was pinned,
+    versions, wall time, budget, and the final and initial exact values."""
+    last, first = result.history[-1], result.history[0]
+    k = config.pass_k
     return {
         "kind": "sim-run", "method": method, "seed": seed,
+        "problem_set_seed": result.problem_set_seed, "problem_set_pinned": result.problem_set_pinned,
         "config": {"spec": spec.to_dict(), "algo": algo.to_dict(), "runner": dataclasses.asdict(config)},
         "versions": versions(), "wall_time_s": result.wall_time_s, "step_wall_time_s": result.step_wall_time_s,
         "budget": result.ledger.totals(),
-        "final": {"pass1": last["pass1"], f"pass{config.pass_k}": last[f"pass{config.pass_k}"],
-                  "initial_pass1": result.history[0]["pass1"]},
+        "final": {"pass1": last["pass1"], f"pass{k}": last[f"pass{k}"],
+                  "heldout_pass1": _or_none(last["heldout_pass1"]),
+                  f"heldout_pass{k}": _or_none(last[f"heldout_pass{k}"]), "initial_pass1": first["pass1"],
+                  "initial_heldout_pass1": _or_none(first["heldout_pass1"]), "steps": last["step"]},
     }
 
 

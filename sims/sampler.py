@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sims.spec import ON_TRACK, ProblemSet
@@ -16,14 +17,17 @@ from sims.spec import ON_TRACK, ProblemSet
 
 @dataclass
 class SampledChains:
-    """B full chains (prefix + sampled suffix), all of length T.
+    """B full chains (prefix + sampled suffix), laid out over T steps; row b has ``lengths[b]``
+    steps (its problem's length) and padding after them.
 
-    tokens: ``LongTensor [B, T]``.
+    tokens: ``LongTensor [B, T]`` (0 on padding).
     logprobs: ``FloatTensor [B, T]`` log π of each token in the state it was emitted from, under
-        the policy used for sampling (prefix positions included).
-    status: ``LongTensor [B, T + 1]`` status *before* step t (column T: the final status).
-    first_error: ``LongTensor [B]`` first step whose token was wrong (T if none).
-    rewards: ``FloatTensor [B]`` 1 iff on track after step T.
+        the policy used for sampling (prefix positions included; 0 on padding).
+    status: ``LongTensor [B, T + 1]`` status *before* step t (column T: the final status); it
+        stays frozen over padding.
+    first_error: ``LongTensor [B]`` first step whose token was wrong (the row's length if none).
+    rewards: ``FloatTensor [B]`` 1 iff on track after the row's last step.
+    lengths: ``LongTensor [B]`` steps of each row's problem.
     """
 
     tokens: torch.Tensor
@@ -31,6 +35,7 @@ class SampledChains:
     status: torch.Tensor
     first_error: torch.Tensor
     rewards: torch.Tensor
+    lengths: torch.Tensor
 
     @property
     def on_track(self) -> torch.Tensor:
@@ -48,9 +53,12 @@ def replay_status(problems: ProblemSet, problem: torch.Tensor, tokens: torch.Ten
         tokens: ``LongTensor [B, L]`` tokens from step 0 (L <= T).
         lengths: ``LongTensor [B]`` valid tokens per row (None: all L); the status stays
             frozen after a row's last valid token, so column ``lengths[b]`` is the status
-            reached by row b's prefix.
+            reached by row b's prefix. Tokens past a row's problem length are never valid.
     """
     B, L = tokens.shape
+    if problems.variable_length:
+        own = problems.lengths[problem]  # [B]
+        lengths = own if lengths is None else torch.minimum(lengths, own)
     wrong = tokens != problems.correct[problem, :L]  # [B, L]
     if lengths is not None:
         wrong = wrong & (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1))  # freeze after the prefix
@@ -100,55 +108,82 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor, problem: torch.
         prefix_len: ``LongTensor [B]`` tokens of ``prefix`` to keep per row (positions before
             it are copied, the status they reach is replayed, the rest is sampled).
 
-    Returns: :class:`SampledChains`.
+    Returns: :class:`SampledChains`. Rows of problems shorter than T stop at their problem's
+    length (padding after it: token 0, log-prob 0, status frozen).
     """
     T, V = problems.T, problems.V
     B = problem.shape[0]
+    lengths = problems.lengths[problem]  # [B]
+    varlen = problems.variable_length
+    if varlen:
+        active = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)  # [T, B] step t visited by row b
     n2 = problems.n * 2
     lp = log_probs.detach().float().transpose(0, 1).contiguous()  # [T, n, 2, V]
-    cdf = lp.exp().cumsum(-1)  # [T, n, 2, V]
-    cdf[..., -1] = 2.0  # every uniform falls at or before the last token (no rounding overflow)
-    cdf = cdf.reshape(T, n2, V)  # row 2p + s of step t
-    # step-major [T, B] layouts keep every per-step vector contiguous
-    correct = problems.correct[problem].t().contiguous()  # [T, B]
-    allowed = problems.recovery_allowed.tolist()
+    cdf_t = lp.exp().cumsum(-1)  # [T, n, 2, V]
+    cdf_t[..., -1] = 2.0  # every uniform falls at or before the last token (no rounding overflow)
     u = torch.rand(T, B, generator=generator)  # [T, B]
-    row_base = problem * 2  # [B]
-    tokens_tb = torch.empty(T, B, dtype=torch.long)
-    flat_tb = torch.empty(T, B, dtype=torch.long)  # index of (t, p, s, token) into lp.reshape(-1)
-    derailed = torch.zeros(T + 1, B, dtype=torch.bool)  # status before step t (True = derailed)
-    first_error = torch.zeros(B, dtype=torch.long)
-    clean = torch.ones(B, dtype=torch.bool)  # no wrong token yet
+    # the loop runs in numpy: its per-op overhead is a few times below torch's on the small
+    # batches of a training step, and it is as fast on large ones (same float32 CDF and
+    # uniforms, so the draws are exactly those of the torch formulation)
+    cdf = cdf_t.reshape(T, n2, V).numpy()  # row 2p + s of step t
+    ut_all = u.numpy()  # [T, B]
+    problem_np = problem.numpy()
+    # step-major [T, B] layouts keep every per-step vector contiguous
+    correct = np.ascontiguousarray(problems.correct.numpy()[problem_np].T)  # [T, B]
+    allowed = problems.recovery_allowed.tolist()
+    row_base = problem_np * 2  # [B]
+    tokens_tb = np.empty((T, B), dtype=np.int64)
+    flat_tb = np.empty((T, B), dtype=np.int64)  # index of (t, p, s, token) into lp.reshape(-1)
+    derailed = np.zeros((T + 1, B), dtype=bool)  # status before step t (True = derailed)
+    first_error = np.zeros(B, dtype=np.int64)
+    clean = np.ones(B, dtype=bool)  # no wrong token yet
     off = derailed[0]
+    if varlen:
+        active_np = active.numpy()
     max_prefix = 0 if prefix is None or B == 0 else int(prefix_len.max())
     if max_prefix:
-        prefix_tb = prefix[:, :max_prefix].t().contiguous()  # [P, B]
-        keep = torch.arange(max_prefix).unsqueeze(1) < prefix_len.unsqueeze(0)  # [P, B]
+        prefix_tb = np.ascontiguousarray(prefix[:, :max_prefix].numpy().T)  # [P, B]
+        keep = np.arange(max_prefix)[:, None] < prefix_len.numpy()[None, :]  # [P, B]
     for t in range(T):
         row = row_base + off  # [B] row of (problem, status) at step t
-        rows = cdf[t].index_select(0, row)  # [B, V]
-        ut = u[t]
+        rows = cdf[t].take(row, axis=0)  # [B, V]
+        ut = ut_all[t]
         if V <= 8:  # inverse-CDF draw: number of CDF entries below u (columns: faster for small V)
-            tok = (rows[:, 0] < ut).long()
+            tok = (rows[:, 0] < ut).astype(np.int64)
             for v in range(1, V - 1):
                 tok += rows[:, v] < ut
         else:
-            tok = (rows < ut.unsqueeze(1)).sum(-1)
+            tok = (rows < ut[:, None]).sum(-1)
         if t < max_prefix:
-            tok = torch.where(keep[t], prefix_tb[t], tok)
+            tok = np.where(keep[t], prefix_tb[t], tok)
+        if varlen:
+            act = active_np[t]
+            tok[~act] = 0
         tokens_tb[t] = tok
-        torch.add(row * V, tok, out=flat_tb[t]).add_(t * n2 * V)
+        np.add(row * V, tok, out=flat_tb[t])
+        flat_tb[t] += t * n2 * V
         wrong = tok != correct[t]  # [B]
-        clean &= ~wrong
-        first_error += clean
-        # correct token -> on track if it was on track or recovery is allowed at t (sims.spec)
-        off = wrong if allowed[t] else (off | wrong)
+        if varlen:
+            wrong &= act
+            clean &= ~wrong
+            first_error += clean & act
+            # correct token -> on track if it was on track or recovery is allowed at t (sims.spec)
+            off = np.where(act, wrong if allowed[t] else (off | wrong), off)
+        else:
+            clean &= ~wrong
+            first_error += clean
+            off = wrong if allowed[t] else (off | wrong)
         derailed[t + 1] = off
-    tokens = tokens_tb.t()  # [B, T]
-    status = derailed.t().long()  # [B, T+1]
-    logprobs = lp.reshape(-1).take(flat_tb).t()  # [B, T]
-    rewards = (~off).float()  # [B] on track after the last step
-    return SampledChains(tokens=tokens, logprobs=logprobs, status=status, first_error=first_error, rewards=rewards)
+    tokens = torch.from_numpy(tokens_tb.T.copy())  # [B, T]
+    status = torch.from_numpy(derailed.T.astype(np.int64))  # [B, T+1]
+    logprobs = lp.reshape(-1).take(torch.from_numpy(flat_tb))  # [T, B]
+    if varlen:
+        logprobs = logprobs.masked_fill(~active, 0.0)
+    logprobs = logprobs.t()  # [B, T]
+    rewards = torch.from_numpy(~off).float()  # [B] on track after the last step
+    first_error = torch.from_numpy(first_error)
+    return SampledChains(tokens=tokens, logprobs=logprobs, status=status, first_error=first_error, rewards=rewards,
+                         lengths=lengths)
 
 
 def suffixes(full: torch.Tensor, prefix_len: torch.Tensor, fill: float = 0) -> torch.Tensor:

@@ -1,16 +1,19 @@
 """The token-tree MDP: its specification (:class:`TokenTreeSpec`) and one drawn problem set
 (:class:`ProblemSet`).
 
-A *problem* is a chain of ``T = depth`` steps; at each step the policy emits one token from a
-vocabulary of ``V = vocab_size`` tokens. Each (problem, step) has one correct token. The state
-before step t is ``(problem, t, status)`` with status ∈ {:data:`ON_TRACK`, :data:`DERAILED`}:
+A *problem* p is a chain of ``L_p`` steps (``L_p = depth`` for every problem, or drawn
+uniformly in ``[min_depth, depth]`` per problem); at each step the policy emits one token from a
+vocabulary of ``V = vocab_size`` tokens. Each (problem, step) has one correct token. Tensors
+are laid out over ``T = depth`` steps; steps ``t >= L_p`` of a shorter problem are padding that
+no chain ever visits. The state before step t is ``(problem, t, status)`` with status ∈
+{:data:`ON_TRACK`, :data:`DERAILED`}:
 
 * on-track + correct token  -> on-track; on-track + any other token -> derailed;
 * derailed + the step's correct ("recovery") token -> on-track if the recovery model allows
   recovery (``fatal``: never; ``constant`` / ``decay``: always), else derailed;
 * derailed + any other token -> derailed.
 
-Reward 1 iff the chain is on track after step T. The status is a deterministic function of
+Reward 1 iff the chain is on track after its last step ``L_p``. The status is a deterministic function of
 (problem, prefix tokens), so a continuation from exact prefix tokens replays the same state
 (what the core's branching relies on).
 
@@ -18,7 +21,7 @@ How recoverable a derailed chain is lives in the *pre-trained* policy's derailed
 logits: P(recovery token | derailed, p, t) = ρ(t) · P(correct | on-track, p, t), "notice the
 mistake (ρ) and do the step right" — so a derailed chain cannot dodge a crux by recovering at
 it more easily than an on-track one passes it. ``constant``: ρ(t) = ρ; ``decay``:
-ρ(t) = ρ · exp(-recovery_decay · t / T) (late errors are harder to repair). Under ``fatal``
+ρ(t) = ρ · exp(-recovery_decay · t / L_p) (late errors are harder to repair). Under ``fatal``
 the recovery token does nothing (and the derailed logits are uniform).
 
 The pre-trained policy's on-track correctness at step t of problem p is
@@ -27,6 +30,11 @@ t_c with hardness h_c (paper arXiv 2602.14169, §1/§4: hard problems fail at a 
 so root sampling gives all-fail groups while a pivot just before the crux re-enters it).
 ``heterogeneity`` scales the between-problem differences of the cruxes (positions and
 hardness) from 0 (shared) to 1 (independent draws); abilities vary by ``ability_std``.
+
+Problem sets (the DESIGN's study protocol): a set holds ``n_problems`` training problems and
+``n_heldout`` held-out problems drawn from the same distribution and never trained on. It is
+drawn from the *problem-set seed*: ``TokenTreeSpec.seed`` when pinned, else one derived from
+the run seed (:meth:`TokenTreeSpec.problem_set_seed`), so each run seed trains on its own set.
 """
 
 from __future__ import annotations
@@ -57,16 +65,22 @@ class TokenTreeSpec:
     """Everything that defines a simulated problem set (validated at construction).
 
     Chain
-        depth: T, steps per problem (one token per step).
+        depth: T, steps per problem (one token per step); the longest length when ``min_depth``
+            is set.
+        min_depth: None = every problem has ``depth`` steps; else each problem's length is drawn
+            uniformly in [min_depth, depth] (token budgets, Dr.GRPO's normaliser and relative
+            depth then mean what they mean for an LLM).
         vocab_size: V >= 2 tokens per step; exactly one is correct.
-        n_problems: problems in the set (the "dataset").
+        n_problems: training problems in the set (the "dataset").
+        n_heldout: held-out problems drawn with the set (same distribution), never trained on;
+            their exact pass@1 / pass@k are logged beside the training problems' (0 = none).
         segment_len: steps per segment, the unit of candidate pivots (paper §3.2: an LLM
             cuts at sentences/lines; the simulator at steps). The last segment may be shorter.
     Base ("pre-trained") policy
         ability_mean, ability_std: logit of per-step correctness a_p ~ N(mean, std²).
         n_crux: crux steps per problem.
         crux_depth_low, crux_depth_high: crux positions are drawn uniformly in this range of
-            relative depth t/T (deep by default: the paper's failures happen late).
+            relative depth t/L_p (deep by default: the paper's failures happen late).
         crux_hardness_mean, crux_hardness_std: logits subtracted at a crux step,
             ~ N(mean, (h·std)²), clipped at 0.
         heterogeneity: h ∈ [0, 1] scales how much crux positions and hardness vary between
@@ -81,26 +95,28 @@ class TokenTreeSpec:
         recovery: ``fatal`` | ``constant`` | ``decay``.
         recovery_prob: ρ, the base policy's chance to notice a mistake: P(recovery token |
             derailed, t) = ρ(t) · P(correct | on-track, t) (ρ(0) for decay).
-        recovery_decay: rate of ``decay``: ρ(t) = ρ · exp(-recovery_decay · t / T).
-    Policy
-        shared_policy: False = tabular logits per (problem, step, status, token); True = the
-            trainable part is shared across problems (per (step, status, correct-or-not)) plus
-            one offset per (problem, status), so learning transfers between problems.
-    seed: draws the problem set (correct tokens, abilities, cruxes).
+        recovery_decay: rate of ``decay``: ρ(t) = ρ · exp(-recovery_decay · t / L_p).
+    seed: problem-set seed (correct tokens, abilities, cruxes, lengths). None = derived from
+        the run seed, so every run seed draws its own problem set; an integer pins one set for
+        every run seed. The policy class is a setting of the training loop
+        (:class:`sims.runner.RunnerConfig`), not of the problem set.
 
-    Defaults (the problem set of ``deepgrpo sim compare``): 32 problems of 12 steps over 4
-    tokens; easy steps are right with probability σ(4.5 ± 1) ≈ 0.99, and two crux steps per
-    problem sit in the deep half of the chain (relative depth 0.5-1) with hardness 5 ± 1.5
-    logits, so a crux is passed with probability σ(a_p - h_c), from below 0.01 to above 0.9
-    across problems; errors are fatal; problems differ fully (h = 1). The pre-trained exact
-    pass@1 is 0.18 and about half of GRPO's N = 8 groups fail entirely (no signal) at the
-    start — the paper's setting of hard problems failing at a few deep steps. The regime where the
+    Defaults (the problem set of ``deepgrpo sim compare``): 32 training and 16 held-out
+    problems of 12 steps over 4 tokens; easy steps are right with probability σ(4.5 ± 1) ≈ 0.99,
+    and two crux steps per problem sit in the deep half of the chain (relative depth 0.5-1) with
+    hardness 5 ± 1.5 logits, so a crux is passed with probability σ(a_p - h_c), from below 0.01
+    to above 0.9 across problems; errors are fatal; problems differ fully (h = 1). The
+    pre-trained exact pass@1 of the training problems is 0.18 ± 0.04 over problem sets (run
+    seeds 0-19: 0.11 to 0.27) and about half of GRPO's N = 8 groups fail entirely (no signal) at
+    the start — the paper's setting of hard problems failing at a few deep steps. The regime where the
     paper's position-only estimator is exact is h = 0 (see ``heterogeneity``).
     """
 
     depth: int = 12
+    min_depth: int | None = None
     vocab_size: int = 4
     n_problems: int = 32
+    n_heldout: int = 16
     segment_len: int = 1
     ability_mean: float = 4.5
     ability_std: float = 1.0
@@ -113,14 +129,16 @@ class TokenTreeSpec:
     recovery: str = "fatal"
     recovery_prob: float = 0.3
     recovery_decay: float = 2.0
-    shared_policy: bool = False
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         o = type(self).__name__
         check_range(o, "depth", self.depth, 1, None, integer=True)
+        if self.min_depth is not None:
+            check_range(o, "min_depth", self.min_depth, 1, self.depth, integer=True)
         check_range(o, "vocab_size", self.vocab_size, 2, None, integer=True)
         check_range(o, "n_problems", self.n_problems, 1, None, integer=True)
+        check_range(o, "n_heldout", self.n_heldout, 0, None, integer=True)
         check_range(o, "segment_len", self.segment_len, 1, None, integer=True)
         check_range(o, "ability_mean", self.ability_mean, -20.0, 20.0)
         check_range(o, "ability_std", self.ability_std, 0.0, None)
@@ -136,9 +154,8 @@ class TokenTreeSpec:
         check_choice(o, "recovery", self.recovery, RECOVERY_MODELS)
         check_range(o, "recovery_prob", self.recovery_prob, 0.0, 1.0)
         check_range(o, "recovery_decay", self.recovery_decay, 0.0, None)
-        if not isinstance(self.shared_policy, bool):
-            raise invalid(o, "shared_policy", self.shared_policy, "true or false")
-        check_range(o, "seed", self.seed, 0, None, integer=True)
+        if self.seed is not None:
+            check_range(o, "seed", self.seed, 0, None, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON-ready)."""
@@ -149,14 +166,42 @@ class TokenTreeSpec:
         """Inverse of :meth:`to_dict` through the typed path (unknown keys are errors)."""
         return dataclass_from_dict(cls, d)
 
-    def build(self) -> "ProblemSet":
-        """Draw the problem set of this spec (deterministic in ``seed``)."""
-        return ProblemSet.from_spec(self)
+    @property
+    def pinned(self) -> bool:
+        """Whether the problem set is pinned (``seed`` set) rather than drawn per run seed."""
+        return self.seed is not None
+
+    def problem_set_seed(self, run_seed: int = 0) -> int:
+        """The effective problem-set seed of a run with ``run_seed``: ``seed`` if pinned, else
+        an integer derived from the run seed by ``np.random.SeedSequence`` (a child stream of
+        the run seed distinct from the runner's sampling streams, :func:`sims.runner.run_streams`)."""
+        if self.seed is not None:
+            return int(self.seed)
+        return derived_problem_set_seed(run_seed)
+
+    def build(self, run_seed: int = 0) -> "ProblemSet":
+        """Draw the problem set of a run with ``run_seed`` (deterministic in
+        :meth:`problem_set_seed`; a pinned ``seed`` ignores ``run_seed``)."""
+        return ProblemSet.from_spec(self, self.problem_set_seed(run_seed))
+
+
+PROBLEM_SET_STREAM = 3
+"""Index of the problem-set stream among the children of ``SeedSequence(run_seed)`` (children
+0-2 are the runner's sampling, batch and core streams)."""
+
+
+def derived_problem_set_seed(run_seed: int) -> int:
+    """The problem-set seed (an integer in [0, 2^32)) of run seed ``run_seed`` when the spec does
+    not pin one: child :data:`PROBLEM_SET_STREAM` of ``np.random.SeedSequence(run_seed)``."""
+    child = np.random.SeedSequence(int(run_seed)).spawn(PROBLEM_SET_STREAM + 1)[PROBLEM_SET_STREAM]
+    return int(child.generate_state(1, np.uint32)[0])
 
 
 @dataclass
 class ProblemSet:
-    """One drawn problem set: the MDP's constants as tensors (n problems, T steps, V tokens).
+    """One drawn problem set: the MDP's constants as tensors (n = n_train + n_heldout problems,
+    T = depth steps, V tokens). Problems ``0 .. n_train-1`` are the training problems, the rest
+    the held-out ones.
 
     correct: ``LongTensor [n, T]`` correct (and recovery) token of each step.
     p_correct: ``DoubleTensor [n, T]`` base policy's P(correct token | on-track).
@@ -166,7 +211,11 @@ class ProblemSet:
         back on track at step t (all False for ``fatal``).
     ability: ``DoubleTensor [n]``; crux_step: ``LongTensor [n, n_crux]``;
     crux_hardness: ``DoubleTensor [n, n_crux]``.
-    segment_ends: ``LongTensor [L]`` exclusive segment ends (last = T), shared by all rows.
+    lengths: ``LongTensor [n]`` steps L_p of each problem (all T unless ``min_depth`` is set).
+    segment_ends: list of n ``LongTensor [S_p]``: exclusive segment ends of each problem (every
+        ``segment_len`` steps, last = L_p).
+    n_train: number of training problems.
+    seed: the problem-set seed it was drawn from.
     """
 
     spec: TokenTreeSpec
@@ -177,55 +226,66 @@ class ProblemSet:
     ability: torch.Tensor
     crux_step: torch.Tensor
     crux_hardness: torch.Tensor
-    segment_ends: torch.Tensor
+    lengths: torch.Tensor
+    segment_ends: list[torch.Tensor]
+    n_train: int
+    seed: int
 
     @property
     def n(self) -> int:
+        """All problems (training and held-out)."""
         return int(self.correct.shape[0])
 
     @property
+    def n_heldout(self) -> int:
+        return self.n - self.n_train
+
+    @property
     def T(self) -> int:
+        """Steps of the longest problem (the tensors' step dimension)."""
         return int(self.correct.shape[1])
 
     @property
     def V(self) -> int:
         return self.spec.vocab_size
 
+    @property
+    def variable_length(self) -> bool:
+        """Whether some problem is shorter than T (the sampler then masks padding steps)."""
+        return bool((self.lengths < self.T).any())
+
+    def step_mask(self) -> torch.Tensor:
+        """``BoolTensor [n, T]`` True on the steps t < L_p a chain of problem p visits."""
+        return torch.arange(self.T).unsqueeze(0) < self.lengths.unsqueeze(1)
+
     @classmethod
-    def from_spec(cls, spec: TokenTreeSpec) -> "ProblemSet":
-        rng = np.random.default_rng(spec.seed)
-        n, T, V, C, h = spec.n_problems, spec.depth, spec.vocab_size, spec.n_crux, spec.heterogeneity
-        correct = rng.integers(0, V, size=(n, T))  # [n, T]
-        ability = spec.ability_mean + spec.ability_std * rng.standard_normal(n)  # [n]
-        lo, hi = spec.crux_depth_low, spec.crux_depth_high
-        # shared crux layout: evenly spaced over [lo, hi] with the mean hardness; each problem
-        # moves a fraction h of the way to its own independent draw
-        shared_pos = lo + (hi - lo) * (np.arange(C) + 0.5) / max(C, 1)  # [C] relative depths
-        own_pos = np.sort(rng.uniform(lo, hi, size=(n, C)), axis=1)  # [n, C]
-        rel = shared_pos[None, :] + h * (own_pos - shared_pos[None, :])  # [n, C]
-        crux_step = np.clip(np.floor(rel * T), 0, T - 1).astype(np.int64)  # [n, C]
-        own_hard = spec.crux_hardness_mean + spec.crux_hardness_std * rng.standard_normal((n, C))  # [n, C]
-        hardness = np.maximum(spec.crux_hardness_mean + h * (own_hard - spec.crux_hardness_mean), 0.0)  # [n, C]
-        logit = np.repeat(ability[:, None], T, axis=1)  # [n, T]
-        for c in range(C):
-            np.subtract.at(logit, (np.arange(n), crux_step[:, c]), hardness[:, c])
-        p_correct = np.clip(1.0 / (1.0 + np.exp(-logit)), MIN_PROB, 1.0 - MIN_PROB)
+    def from_spec(cls, spec: TokenTreeSpec, seed: int) -> "ProblemSet":
+        """Draw the problem set of ``spec`` from problem-set seed ``seed``: the training problems
+        from ``default_rng(seed)``, the held-out ones from an independent stream
+        ``default_rng([seed, 1])`` (so the training problems do not depend on ``n_heldout``)."""
+        train = _draw_problems(spec, np.random.default_rng(seed), spec.n_problems)
+        held = _draw_problems(spec, np.random.default_rng([seed, 1]), spec.n_heldout)
+        d = {k: np.concatenate([train[k], held[k]]) for k in train}
+        T, V = spec.depth, spec.vocab_size
+        lengths = d["lengths"]  # [n]
         steps = np.arange(T)
         if spec.recovery == "fatal":
-            p_recover = np.full((n, T), 1.0 / V)
+            p_recover = np.full(d["p_correct"].shape, 1.0 / V)
             allowed = np.zeros(T, dtype=bool)
         else:
             rate = spec.recovery_decay if spec.recovery == "decay" else 0.0
-            p_recover = spec.recovery_prob * np.exp(-rate * steps / T)[None, :] * p_correct  # [n, T]
+            rho = spec.recovery_prob * np.exp(-rate * steps[None, :] / lengths[:, None])  # [n, T]
+            p_recover = rho * d["p_correct"]  # [n, T]
             allowed = np.ones(T, dtype=bool)
         p_recover = np.clip(p_recover, MIN_PROB, 1.0 - MIN_PROB)
         S = spec.segment_len
-        ends = np.minimum(np.arange(S, T + S, S), T)
-        return cls(spec=spec, correct=torch.from_numpy(correct).long(),
-                   p_correct=torch.from_numpy(p_correct), p_recover=torch.from_numpy(p_recover),
-                   recovery_allowed=torch.from_numpy(allowed), ability=torch.from_numpy(ability),
-                   crux_step=torch.from_numpy(crux_step), crux_hardness=torch.from_numpy(hardness),
-                   segment_ends=torch.from_numpy(np.unique(ends)).long())
+        ends = [torch.from_numpy(np.unique(np.minimum(np.arange(S, int(L) + S, S), int(L)))).long() for L in lengths]
+        return cls(spec=spec, correct=torch.from_numpy(d["correct"]).long(),
+                   p_correct=torch.from_numpy(d["p_correct"]), p_recover=torch.from_numpy(p_recover),
+                   recovery_allowed=torch.from_numpy(allowed), ability=torch.from_numpy(d["ability"]),
+                   crux_step=torch.from_numpy(d["crux_step"]), crux_hardness=torch.from_numpy(d["hardness"]),
+                   lengths=torch.from_numpy(lengths).long(), segment_ends=ends, n_train=spec.n_problems,
+                   seed=int(seed))
 
     def base_logits(self) -> torch.Tensor:
         """``FloatTensor [n, T, 2, V]`` logits of the pre-trained policy: in status s at step t
@@ -246,9 +306,39 @@ class ProblemSet:
         return m
 
 
+def _draw_problems(spec: TokenTreeSpec, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """``count`` problems of ``spec`` drawn from ``rng``: ``correct [count, T]``, ``p_correct
+    [count, T]``, ``ability [count]``, ``crux_step`` and ``hardness [count, n_crux]``,
+    ``lengths [count]`` (the draws' order is fixed, lengths last)."""
+    n, T, V, C, h = count, spec.depth, spec.vocab_size, spec.n_crux, spec.heterogeneity
+    correct = rng.integers(0, V, size=(n, T))  # [n, T]
+    ability = spec.ability_mean + spec.ability_std * rng.standard_normal(n)  # [n]
+    lo, hi = spec.crux_depth_low, spec.crux_depth_high
+    # shared crux layout: evenly spaced over [lo, hi] with the mean hardness; each problem
+    # moves a fraction h of the way to its own independent draw
+    shared_pos = lo + (hi - lo) * (np.arange(C) + 0.5) / max(C, 1)  # [C] relative depths
+    own_pos = np.sort(rng.uniform(lo, hi, size=(n, C)), axis=1)  # [n, C]
+    rel = shared_pos[None, :] + h * (own_pos - shared_pos[None, :])  # [n, C]
+    own_hard = spec.crux_hardness_mean + spec.crux_hardness_std * rng.standard_normal((n, C))  # [n, C]
+    hardness = np.maximum(spec.crux_hardness_mean + h * (own_hard - spec.crux_hardness_mean), 0.0)  # [n, C]
+    if spec.min_depth is None:
+        lengths = np.full(n, T, dtype=np.int64)
+    else:
+        lengths = rng.integers(spec.min_depth, T + 1, size=n).astype(np.int64)  # [n] uniform in [min_depth, T]
+    # a crux sits at relative depth rel of its own problem's length
+    crux_step = np.clip(np.floor(rel * lengths[:, None]), 0, lengths[:, None] - 1).astype(np.int64)  # [n, C]
+    logit = np.repeat(ability[:, None], T, axis=1)  # [n, T]
+    for c in range(C):
+        np.subtract.at(logit, (np.arange(n), crux_step[:, c]), hardness[:, c])
+    p_correct = np.clip(1.0 / (1.0 + np.exp(-logit)), MIN_PROB, 1.0 - MIN_PROB)
+    return {"correct": correct, "ability": ability, "crux_step": crux_step.reshape(n, C),
+            "hardness": hardness.reshape(n, C), "lengths": lengths, "p_correct": p_correct}
+
+
 def describe(spec: TokenTreeSpec) -> str:
     """One line summarising a spec (for logs and tables)."""
-    return (f"T={spec.depth} V={spec.vocab_size} problems={spec.n_problems} crux={spec.n_crux}"
+    length = f"T={spec.depth}" if spec.min_depth is None else f"T={spec.min_depth}-{spec.depth}"
+    return (f"{length} V={spec.vocab_size} problems={spec.n_problems}+{spec.n_heldout} held-out crux={spec.n_crux}"
             f"@[{spec.crux_depth_low:g},{spec.crux_depth_high:g}] hardness={spec.crux_hardness_mean:g}"
             f"±{spec.crux_hardness_std:g} ability={spec.ability_mean:g}±{spec.ability_std:g}"
             f" h={spec.heterogeneity:g} recovery={spec.recovery}"

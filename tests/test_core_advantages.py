@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,3 +45,31 @@ def test_group_ids_need_not_be_contiguous():
     r = torch.tensor([1.0, 0.0, 3.0, 1.0])
     a = group_advantages(r, torch.tensor([7, 7, 100, 100]))
     np.testing.assert_allclose(a.numpy(), [0.5, -0.5, 1.0, -1.0])
+
+
+def test_tree_advantages_hand_computed():
+    """One prompt: main chain A (reward 0) cut at one branch point into segments A1, A2, with two
+    continuations c1 (reward 1) and c2 (reward 0) below A1; main chain B (reward 1) not cut.
+
+    V(root) = 2/4, V(A1) = mean(A2, c1, c2) = 1/3, V(A2) = 0, V(c1) = 1, V(c2) = 0, V(B) = 1.
+    R = (V - V(root)) + (V - V(parent)):  R(A1) = -1/6 - 1/6 = -1/3, R(A2) = -1/2 - 1/3 = -5/6,
+    R(c1) = 1/2 + 2/3 = 7/6, R(c2) = -5/6, R(B) = 1/2 + 1/2 = 1.
+    """
+    from deepgrpo.advantages import tree_advantages
+    r = torch.tensor([0.0, 1.0, 0.0, 1.0])  # rows: A, c1, c2, B
+    path = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 1, 4], [0, 5, -1]])  # root 0, A1 = 1, A2 = 2, c1, c2, B
+    # unweighted: the mean over the leaf's nodes below the root
+    np.testing.assert_allclose(tree_advantages(r, path).numpy(),
+                               [(-1 / 3 - 5 / 6) / 2, (-1 / 3 + 7 / 6) / 2, (-1 / 3 - 5 / 6) / 2, 1.0], atol=1e-7)
+    # weighted by trained tokens: A trains A1 (3 tokens) and A2 (2); a continuation only its own leaf
+    w = torch.tensor([[0, 3, 2], [0, 0, 4], [0, 0, 4], [0, 7, 0]], dtype=torch.float32)
+    np.testing.assert_allclose(tree_advantages(r, path, w).numpy(), [(3 * -1 / 3 + 2 * -5 / 6) / 5, 7 / 6, -5 / 6, 1.0],
+                               atol=1e-6)
+    # GRPO's flat group is a tree of depth 1: R = 2 (r - mean), twice the group advantage
+    flat = torch.tensor([[9, 10], [9, 11], [9, 12], [9, 13]])
+    np.testing.assert_allclose(tree_advantages(r, flat).numpy(), 2 * (r - 0.5).numpy())
+    # a tree whose leaves agree carries no signal; two trees are independent
+    two = torch.tensor([[0, 1], [0, 2], [7, 8], [7, 9]])
+    np.testing.assert_allclose(tree_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0]), two).numpy(), [0, 0, 1, -1])
+    with pytest.raises(ValueError, match="two different parents"):
+        tree_advantages(r, torch.tensor([[0, 1, 2], [0, 3, 2], [0, 4, -1], [0, 5, -1]]))

@@ -55,3 +55,30 @@ def test_methods_cover_required_names():
         assert name in METHODS
     assert method_config("grpo", G=64).explore.strategy == "root"
     assert method_config("drgrpo").loss.aggregation == "seq-mean-token-sum-norm"
+
+
+@pytest.mark.parametrize("strategy", ["max-surprisal", "low-prob", "uniform"])
+def test_dispersed_plans_with_one_continuation_points_are_rejected(strategy):
+    """M = 8 cut points with K = 8 would give each point one continuation: a group of one has
+    advantage 0, so the plan would spend budget and learn nothing (the issue's degenerate case)."""
+    with pytest.raises(ConfigError) as e:
+        ExploreConfig(strategy=strategy, K=8, n_cut_points=8)
+    msg = str(e.value)
+    assert e.value.field == "n_cut_points" and "n_cut_points = 8" in msg and "K = 8" in msg and "[1, 4]" in msg
+    with pytest.raises(ConfigError, match="n_cut_points = 3"):
+        ExploreConfig(strategy=strategy, K=4, n_cut_points=3)  # 4 over 3 points: one gets a single continuation
+    with pytest.raises(ConfigError, match=r"ExploreConfig\.K = 1"):
+        ExploreConfig(strategy=strategy, K=1, n_cut_points=1)
+    for M, K, n_pivots in ((4, 8, 1), (1, 2, 1), (8, 8, 2), (5, 11, 1)):
+        ExploreConfig(strategy=strategy, K=K, n_cut_points=M, n_pivots=n_pivots)  # >= 2 per point
+    with pytest.raises(ConfigError, match="n_cut_points"):
+        method_config("tree-uniform", n_cut_points=8)
+    # the dense strategies and GRPO do not use n_cut_points
+    assert method_config("deep-grpo", n_cut_points=8).explore.n_cut_points == 8
+    assert method_config("grpo", K=1).explore.K == 1
+
+
+def test_tree_advantage_option_is_a_boolean_of_the_advantage_config():
+    assert AdvantageConfig().tree is False and method_config("tree-surprisal", tree=True).advantage.tree is True
+    with pytest.raises(ConfigError, match=r"AdvantageConfig\.tree = 'yes'"):
+        AdvantageConfig(tree="yes")

@@ -134,3 +134,38 @@ def test_update_policy_micro_batches_match_full_batch():
         update_policy(be, res.batch, cfg, opt, [be.logits], micro_batch_size=mb, max_grad_norm=None)
         grads.append(be.logits.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["tree-surprisal", "tree-lowprob", "tree-uniform"])
+def test_dispersed_plans_never_form_one_continuation_groups(method):
+    for seed in range(3):
+        _, _, _, res = run_step(method, seed=seed, drop_zero=False)
+        assert len(res.plan) > 0 and res.plan.n.min() >= 2
+
+
+def test_tree_advantages_follow_the_sampling_tree():
+    from deepgrpo.advantages import tree_advantages
+    from deepgrpo.branching import plan_tree
+    be, _, _, res = run_step("tree-surprisal", tree=True, drop_zero=False)
+    b, plan, G = res.batch, res.plan, 8
+    path, weight = plan_tree(plan, res.main.lengths, res.aux.lengths, G)
+    Bm = len(res.main)
+    assert path.shape[0] == len(b) and torch.equal(path[:, 0], b.prompt_index)  # root = the prompt
+    torch.testing.assert_close(b.advantages, tree_advantages(b.rewards, path, weight).float())
+    for row in range(len(b)):  # a row's weights are the tokens it trains
+        assert float(weight[row].sum()) == float((b.trainable_mask[row] & b.response_mask[row]).sum())
+    cut = {int(t): sorted(int(c) for c in plan.prefix_len[plan.traj == t]) for t in set(plan.traj.tolist())}
+    for row in range(Bm):  # main chain = root + one node per segment between its branch points
+        cuts = [c for c in cut.get(row, []) if c > 0]
+        assert int((path[row] >= 0).sum()) == 2 + len(cuts)
+    for row in range(Bm, len(b)):  # a branch hangs below its parent's segment ending at its prefix
+        parent, pl = int(b.extras["parent"][row]), int(b.prefix_len[row])
+        mine = path[row][path[row] >= 0].tolist()
+        above = sum(1 for c in cut[parent] if 0 < c <= pl)
+        assert mine[:-1] == path[parent][:1 + above].tolist() and weight[row, :len(mine) - 1].sum() == 0
+    # prompts whose leaves all agree get exactly zero advantage
+    for p in range(len(PROMPTS)):
+        rows = b.prompt_index == p
+        if b.rewards[rows].unique().numel() == 1:
+            assert (b.advantages[rows] == 0).all()
+    assert (b.advantages != 0).any()

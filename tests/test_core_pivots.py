@@ -127,9 +127,11 @@ def test_cap_plan_respects_per_prompt_budget():
     plan = plan_branches(cands, ExploreConfig(strategy="uniform"), None, rng)
     capped = cap_plan(plan, 13, rng)
     per_prompt = np.bincount(capped.prompt, weights=capped.n)
-    assert per_prompt.max() <= 13 and np.all(capped.n >= 1)
+    # never a one-continuation group: a point the cap would leave with 1 is dropped instead
+    assert per_prompt.max() <= 13 and np.all(capped.n >= 2)
     full = np.bincount(plan.prompt, weights=plan.n, minlength=len(per_prompt))
-    np.testing.assert_array_equal(per_prompt, np.minimum(full[:len(per_prompt)], 13))
+    want = np.minimum(full[:len(per_prompt)], 13)
+    assert np.all((per_prompt == want) | (per_prompt == want - 1)) and np.any(per_prompt == want - 1)
 
 
 def test_split_evenly():

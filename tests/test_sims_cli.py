@@ -1,6 +1,7 @@
 """``deepgrpo sim run|compare``: outputs, and one-line errors (exit 2, nothing written) on bad input."""
 
 import json
+import xml.etree.ElementTree as ET
 
 import pandas as pd
 import pytest
@@ -9,6 +10,8 @@ import torch
 from deepgrpo.cli import main as deepgrpo_main
 from sims.cli import main
 from sims.compare import COMPARE_METHODS, SUMMARY_COLUMNS
+from sims.figure import nice_ticks
+from sims.spec import TokenTreeSpec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,6 +33,13 @@ def restore_torch_threads():
     (["compare", "--heterogeneity", "1.5"], "--heterogeneity"),
     (["compare", "--recovery", "sometimes"], "--recovery"),
     (["compare", "--crux-depth-low", "-0.5"], "--crux-depth-low"),
+    (["run", "--method", "tree-uniform", "--n-cut-points", "8"], "--n-cut-points"),
+    (["run", "--method", "grpo", "--policy", "mlp"], "--policy"),
+    (["run", "--method", "grpo", "--optimizer", "rmsprop"], "--optimizer"),
+    (["run", "--method", "grpo", "--min-depth", "20"], "--min-depth"),
+    (["run", "--method", "grpo", "--policy", "features", "--feature-dim", "1000000"], "--feature-dim"),
+    (["compare", "--n-heldout", "-1"], "--n-heldout"),
+    (["compare", "--budget-unit", "seconds"], "--budget-unit"),
 ])
 def test_bad_input_is_one_line_naming_the_option_exit_2_and_writes_nothing(tmp_path, capsys, argv, option):
     out = tmp_path / "out"
@@ -64,23 +74,60 @@ def test_run_writes_history_and_run_record(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["history.csv", "run.json"]  # no temp files left
 
 
-def test_compare_writes_summary_history_and_figure(tmp_path, capsys):
+def test_compare_runs_every_method_to_the_same_token_budget(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert deepgrpo_main(["sim", "compare", "--steps", "3", "--n-problems", "8", "--out", str(out)]) == 0
+    budget = 3000
+    assert deepgrpo_main(["sim", "compare", "--budget", str(budget), "--n-problems", "8", "--batch-problems", "4",
+                          "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert f"equal budget: {budget:,} generated tokens" in printed and "held-out" in printed
+    assert "drawn from the seed" in printed
     for label, _, _ in COMPARE_METHODS:
         assert label in printed
+    assert "root-only" in {m[1] for m in COMPARE_METHODS}
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == list(SUMMARY_COLUMNS) and list(summary["label"]) == [m[0] for m in COMPARE_METHODS]
-    grpo = summary[summary["method"] == "grpo"]
-    assert list(grpo["rollouts"]) == [3 * 8 * n for n in (8, 16, 32, 64)]
+    assert (summary["budget_unit"] == "tokens").all() and (summary["budget"] == budget).all()
     assert (summary["initial_pass1"] == summary["initial_pass1"].iloc[0]).all()  # same problem set and start
-    gain = 1000 * (summary["final_pass1"] - summary["initial_pass1"]) / summary["rollouts"]
-    assert (gain - summary["gain_per_1k_rollouts"]).abs().max() < 1e-12
     hist = pd.read_csv(out / "history.csv")
-    assert set(hist["label"]) == set(summary["label"]) and len(hist) == 6 * 4
-    png = (out / "pass1_vs_rollouts.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert set(hist["label"]) == set(summary["label"])
+    for _, row in summary.iterrows():  # each ran until the budget: it stopped at the first step at or past it
+        h = hist[hist["label"] == row["label"]].sort_values("step")
+        assert row["tokens"] == h["tokens"].iloc[-1] >= budget > h["tokens"].iloc[-2]
+        assert row["steps"] == h["step"].iloc[-1] == len(h) - 1
+        x0, x1 = h["tokens"].iloc[-2], h["tokens"].iloc[-1]
+        y0, y1 = h["pass1"].iloc[-2], h["pass1"].iloc[-1]
+        assert row["pass1_at_budget"] == pytest.approx(y0 + (budget - x0) / (x1 - x0) * (y1 - y0), abs=1e-12)
+        assert 0 <= row["heldout_pass1_at_budget"] <= 1
+    grpo = summary[summary["method"] == "grpo"]
+    assert grpo["steps"].is_monotonic_decreasing and grpo["steps"].iloc[0] > grpo["steps"].iloc[-1]  # cheap: more steps
+    svg = ET.parse(out / "pass1_vs_budget.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 * len(COMPARE_METHODS)  # training and held-out panels
+    assert sorted(len(p.get("points").split()) for p in lines[:len(COMPARE_METHODS)]) == sorted(
+        hist.groupby("label").size().tolist())
     rec = json.loads((out / "run.json").read_text())
     assert [m["method"] for m in rec["methods"]] == [m[1] for m in COMPARE_METHODS]
-    assert all(m["budget"]["rollouts"] > 0 for m in rec["methods"])
+    assert rec["budget"] == {"unit": "tokens", "total": budget} and rec["problem_set_pinned"] is False
+    assert rec["problem_set_seed"] == TokenTreeSpec().problem_set_seed(0) == int(hist["problem_set_seed"].iloc[0])
+    assert all(m["budget"]["tokens"] >= budget for m in rec["methods"])
+
+
+def test_compare_without_a_budget_runs_equal_steps_on_a_pinned_problem_set(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--budget", "none", "--steps", "2", "--n-problems", "8", "--n-heldout", "0",
+                 "--spec-seed", "11", "--no-figure", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "equal steps (2 per method" in printed and "problem set 11 (pinned by --spec-seed)" in printed
+    summary = pd.read_csv(out / "summary.csv")
+    grpo = summary[summary["method"] == "grpo"]
+    assert list(grpo["rollouts"]) == [2 * 8 * n for n in (8, 16, 32, 64)] and (summary["steps"] == 2).all()
+    assert summary["pass1_at_budget"].isna().all() and summary["final_heldout_pass1"].isna().all()
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "run.json", "summary.csv"]
+
+
+def test_figure_ticks_are_round_and_inside_the_range():
+    assert nice_ticks(0, 61440) == [0, 20000, 40000, 60000]  # steps of 1, 2 or 5 x 10^k, about 5 ticks
+    assert nice_ticks(0, 50000) == [0, 10000, 20000, 30000, 40000, 50000]
+    assert nice_ticks(0.1, 0.8) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert nice_ticks(0.15, 0.5) == pytest.approx([0.2, 0.3, 0.4, 0.5])

@@ -68,3 +68,29 @@ def test_random_problem_per_episode_is_seeded():
 def test_bad_spec_in_the_env_is_a_config_error():
     with pytest.raises(ConfigError, match="vocab_size"):
         gymnasium.make(ENV_ID, vocab_size=1)
+
+
+def test_variable_length_episodes_end_at_their_problems_length():
+    check_env(gymnasium.make(ENV_ID, depth=9, min_depth=3, seed=3).unwrapped)
+    env = TokenTreeEnv(depth=9, min_depth=3, n_problems=12, n_heldout=4, seed=3)
+    lengths = env.problems.lengths
+    assert env.observation_space.nvec.tolist() == [16, 10, 2] and len(set(lengths.tolist())) > 2
+    W = ExactOracle(env.problems, TokenTreePolicy(env.problems)).table()
+    for p in range(16):
+        L = int(lengths[p])
+        obs, info = env.reset(options={"problem": p})
+        assert info["length"] == L and info["first_error"] == L
+        assert info["p_success_base"] == pytest.approx(float(W[p, 0, ON_TRACK]), abs=1e-6)
+        for t in range(L):
+            obs, r, term, trunc, info = env.step(int(env.problems.correct[p, t]))
+            assert term == (t == L - 1) and r == (1.0 if t == L - 1 else 0.0)
+        with pytest.raises(RuntimeError):
+            env.step(0)
+
+
+def test_the_env_plays_the_problem_set_of_its_run_seed():
+    a, b = TokenTreeEnv(run_seed=0), TokenTreeEnv(run_seed=1)
+    assert not np.array_equal(a.problems.correct.numpy(), b.problems.correct.numpy())
+    assert np.array_equal(TokenTreeEnv(run_seed=0).problems.correct.numpy(), a.problems.correct.numpy())
+    assert np.array_equal(TokenTreeEnv(run_seed=1, seed=a.problems.seed).problems.correct.numpy(),
+                          a.problems.correct.numpy())

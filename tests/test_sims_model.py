@@ -1,6 +1,7 @@
 """The simulator's model: spec validation, sampler, status replay, continuations, backend,
 and the exact oracle against Monte Carlo."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from sims.backend import SimBackend
 from sims.oracle import ExactOracle, exact_pass_at_k, success_table
 from sims.policy import TokenTreePolicy
 from sims.sampler import replay_status, sample_chains, suffixes
-from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
+from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec, derived_problem_set_seed
 
 Z = 5.0  # Monte Carlo tolerance: |estimate - exact| < Z standard errors (max over problems)
 
@@ -31,9 +32,10 @@ def perturbed(spec: TokenTreeSpec, scale: float = 1.0, seed: int = 1):
 
 
 def reference_rollout(problems, problem: int, tokens: list[int]) -> tuple[list[int], int]:
-    """Statuses after each step and the reward, by the rules of sims.spec written out plainly."""
+    """Statuses after each step and the reward, by the rules of sims.spec written out plainly
+    (the chain ends after its problem's length; later tokens are ignored)."""
     status, out = ON_TRACK, []
-    for t, tok in enumerate(tokens):
+    for t, tok in enumerate(tokens[:int(problems.lengths[problem])]):
         ok = tok == int(problems.correct[problem, t])
         status = ON_TRACK if ok and (status == ON_TRACK or bool(problems.recovery_allowed[t])) else DERAILED
         out.append(status)
@@ -45,7 +47,7 @@ def reference_rollout(problems, problem: int, tokens: list[int]) -> tuple[list[i
 @pytest.mark.parametrize("field,value", [
     ("depth", -3), ("depth", 0), ("vocab_size", 1), ("recovery_prob", 1.5), ("recovery_prob", -0.1),
     ("heterogeneity", 2.0), ("crux_depth_low", -0.2), ("n_crux", -1), ("recovery", "sometimes"),
-    ("segment_len", 0), ("n_problems", 0), ("depth", 2.5),
+    ("segment_len", 0), ("n_problems", 0), ("depth", 2.5), ("n_heldout", -1), ("min_depth", 0), ("seed", -1),
 ])
 def test_spec_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"TokenTreeSpec\.{field} = "):
@@ -56,13 +58,47 @@ def test_problem_set_is_deterministic_in_the_spec_seed_and_shaped_as_documented(
     a, b, c = TokenTreeSpec(seed=3).build(), TokenTreeSpec(seed=3).build(), TokenTreeSpec(seed=4).build()
     assert torch.equal(a.correct, b.correct) and torch.equal(a.p_correct, b.p_correct)
     assert not torch.equal(a.correct, c.correct)
-    spec = TokenTreeSpec(depth=10, vocab_size=5, n_problems=7, segment_len=4)
+    spec = TokenTreeSpec(depth=10, vocab_size=5, n_problems=7, n_heldout=3, segment_len=4)
     ps = spec.build()
-    assert ps.correct.shape == (7, 10) and int(ps.correct.max()) < 5
-    assert ps.segment_ends.tolist() == [4, 8, 10]
+    assert ps.correct.shape == (10, 10) and ps.n_train == 7 and ps.n_heldout == 3 and int(ps.correct.max()) < 5
+    assert all(e.tolist() == [4, 8, 10] for e in ps.segment_ends) and ps.lengths.tolist() == [10] * 10
     base = torch.softmax(ps.base_logits().double(), -1)  # [n, T, 2, V]
-    picked = base.gather(-1, ps.correct[:, :, None, None].expand(7, 10, 2, 1)).squeeze(-1)
+    picked = base.gather(-1, ps.correct[:, :, None, None].expand(10, 10, 2, 1)).squeeze(-1)
     assert torch.allclose(picked[:, :, ON_TRACK], ps.p_correct, atol=1e-6)
+
+
+def test_each_run_seed_draws_its_own_problem_set_and_a_pinned_seed_fixes_it():
+    free = TokenTreeSpec()
+    assert free.seed is None and not free.pinned
+    a, b = free.build(run_seed=0), free.build(run_seed=1)
+    assert a.seed != b.seed and not torch.equal(a.correct, b.correct)
+    assert not torch.equal(a.p_correct, b.p_correct)
+    assert torch.equal(free.build(run_seed=1).correct, b.correct)  # deterministic in the run seed
+    assert a.seed == derived_problem_set_seed(0) == free.problem_set_seed(0)
+    pinned = TokenTreeSpec(seed=a.seed)  # the recorded seed rebuilds the same set for any run seed
+    for run_seed in (0, 1, 7):
+        ps = pinned.build(run_seed=run_seed)
+        assert ps.seed == a.seed and torch.equal(ps.correct, a.correct) and torch.equal(ps.p_correct, a.p_correct)
+
+
+def test_training_problems_do_not_depend_on_the_number_of_held_out_ones():
+    few, many, none = (TokenTreeSpec(seed=5, n_heldout=h).build() for h in (4, 16, 0))
+    assert torch.equal(few.correct[:32], many.correct[:32]) and torch.equal(few.correct[:32], none.correct)
+    assert torch.equal(few.correct[32:], many.correct[32:36])  # held-out problems: their own stream
+    assert none.n == 32 and many.n == 48
+
+
+def test_variable_lengths_are_drawn_in_range_with_cruxes_and_segments_inside_each_problem():
+    ps = TokenTreeSpec(depth=12, min_depth=5, segment_len=3, n_problems=64, n_heldout=0, seed=2).build()
+    L = ps.lengths
+    assert int(L.min()) == 5 and int(L.max()) == 12 and len(set(L.tolist())) == 8 and ps.variable_length
+    assert (ps.crux_step < L.unsqueeze(1)).all()
+    for p in range(ps.n):
+        ends = ps.segment_ends[p].tolist()
+        assert ends[-1] == int(L[p]) and ends == sorted(set(list(range(3, int(L[p]), 3)) + [int(L[p])]))
+    assert torch.equal(ps.step_mask().sum(1), L)
+    with pytest.raises(ConfigError, match=r"TokenTreeSpec\.min_depth = 13"):
+        TokenTreeSpec(depth=12, min_depth=13)
 
 
 def test_heterogeneity_zero_gives_identical_cruxes_and_one_gives_varied():
@@ -84,23 +120,30 @@ def test_recovery_models_set_the_base_derailed_probability():
 
 # -- sampler and replay ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recovery", ["fatal", "constant"])
-def test_sampler_follows_the_rules_and_replay_reproduces_every_status(recovery):
-    problems, policy = perturbed(TokenTreeSpec(depth=8, recovery=recovery, recovery_prob=0.5), scale=1.5)
+@pytest.mark.parametrize("recovery,min_depth", [("fatal", None), ("constant", None), ("fatal", 3), ("constant", 3)])
+def test_sampler_follows_the_rules_and_replay_reproduces_every_status(recovery, min_depth):
+    problems, policy = perturbed(TokenTreeSpec(depth=8, min_depth=min_depth, recovery=recovery, recovery_prob=0.5),
+                                 scale=1.5)
     g = torch.Generator().manual_seed(0)
     problem = torch.arange(400) % problems.n
     with torch.no_grad():
         lp = policy.log_probs()
     ch = sample_chains(problems, lp, problem, g)
     assert torch.equal(replay_status(problems, problem, ch.tokens), ch.status)
+    assert torch.equal(ch.lengths, problems.lengths[problem])
     for b in range(0, 400, 37):  # an independent, plain-Python reading of the rules
+        L = int(problems.lengths[problem[b]])
         statuses, reward = reference_rollout(problems, int(problem[b]), ch.tokens[b].tolist())
-        assert ch.status[b, 1:].tolist() == statuses and int(ch.rewards[b]) == reward
-        wrong = [t for t, tok in enumerate(ch.tokens[b].tolist()) if tok != int(problems.correct[problem[b], t])]
-        assert int(ch.first_error[b]) == (wrong[0] if wrong else problems.T)
+        assert ch.status[b, 1:L + 1].tolist() == statuses and int(ch.rewards[b]) == reward
+        assert (ch.status[b, L:] == ch.status[b, L]).all()  # frozen over padding
+        wrong = [t for t, tok in enumerate(ch.tokens[b, :L].tolist()) if tok != int(problems.correct[problem[b], t])]
+        assert int(ch.first_error[b]) == (wrong[0] if wrong else L)
     status = ch.status[:, :-1]
     expect = lp[problem.unsqueeze(1), torch.arange(8).unsqueeze(0), status, ch.tokens]
-    assert torch.allclose(ch.logprobs, expect)
+    visited = problems.step_mask()[problem]  # [B, T]
+    assert torch.allclose(ch.logprobs[visited], expect[visited])
+    assert (ch.logprobs[~visited] == 0).all() and (ch.tokens[~visited] == 0).all()
+    assert (min_depth is None) == bool(visited.all())
 
 
 def test_sampler_token_frequencies_match_the_policy():
@@ -123,21 +166,24 @@ def test_same_generator_seed_gives_the_same_chains():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
 
 
-@pytest.mark.parametrize("recovery", ["fatal", "decay"])
-def test_continuation_keeps_the_prefix_exactly_and_replays_its_state(recovery):
-    problems, policy = perturbed(TokenTreeSpec(depth=10, recovery=recovery, recovery_prob=0.6), scale=1.5)
+@pytest.mark.parametrize("recovery,min_depth", [("fatal", None), ("decay", None), ("decay", 4)])
+def test_continuation_keeps_the_prefix_exactly_and_replays_its_state(recovery, min_depth):
+    problems, policy = perturbed(TokenTreeSpec(depth=10, min_depth=min_depth, recovery=recovery, recovery_prob=0.6),
+                                 scale=1.5)
     backend = SimBackend(problems, policy, torch.Generator().manual_seed(0))
     main = backend.sample([SampleRequest(p, None, 6) for p in range(5)])
+    assert torch.equal(main.lengths, problems.lengths[main.extras["problem"]])  # budgets count real steps
     requests, sources = [], []
     for row in range(len(main)):
-        k = row % problems.T
+        k = row % int(problems.lengths[main.extras["problem"][row]])
         requests.append(SampleRequest(int(main.extras["problem"][row]), main.tokens[row, :k].clone(), 3))
         sources.append((row, k))
     aux = backend.sample(requests)
     for j, (row, k) in enumerate(sources):
         for r in range(3 * j, 3 * j + 3):
-            n_suffix = problems.T - k
-            assert int(aux.mask[r].sum()) == n_suffix and aux.segment_ends[r].tolist()[-1] == problems.T
+            L = int(problems.lengths[aux.extras["problem"][r]])
+            n_suffix = L - k
+            assert int(aux.mask[r].sum()) == n_suffix and aux.segment_ends[r].tolist()[-1] == L
             full = torch.cat([main.tokens[row, :k], aux.tokens[r, :n_suffix]])
             # the state after the prefix equals the state the original chain was in at step k
             start = ON_TRACK if k == 0 else (ON_TRACK if bool(main.extras["on_track"][row, k - 1]) else DERAILED)
@@ -145,7 +191,7 @@ def test_continuation_keeps_the_prefix_exactly_and_replays_its_state(recovery):
             assert torch.equal(aux.extras["on_track"][r, :k], main.extras["on_track"][row, :k])
             statuses, reward = reference_rollout(problems, int(aux.extras["problem"][r]), full.tolist())
             assert int(aux.rewards[r]) == reward
-            assert aux.extras["on_track"][r].tolist() == [s == ON_TRACK for s in statuses]
+            assert aux.extras["on_track"][r, :L].tolist() == [s == ON_TRACK for s in statuses]
 
 
 def test_suffixes_left_align_the_tail():
@@ -171,22 +217,45 @@ def test_backend_logprobs_match_sampling_logprobs_and_carry_gradient():
     assert touched.any() and not touched[[p for p in range(problems.n) if p not in batch.prompts]].any()
 
 
-def test_shared_policy_starts_at_the_base_and_shares_steps_across_problems():
-    problems = TokenTreeSpec(shared_policy=True).build()
-    policy = TokenTreePolicy(problems)
-    assert torch.allclose(policy.logits(), policy.base)
+def test_features_policy_never_reads_the_correct_tokens():
+    """Swapping the correct tokens of a problem set changes the pre-trained logits but not the
+    features policy's trainable deltas: same weights give the same deltas."""
+    problems = TokenTreeSpec(n_problems=6, n_heldout=2, seed=4).build()
+    swapped = dataclasses.replace(problems, correct=(problems.correct + 1) % problems.V)
+    a, b = TokenTreePolicy(problems, "features", 32), TokenTreePolicy(swapped, "features", 32)
+    assert torch.equal(a.logit_delta(), torch.zeros(8, problems.T, 2, problems.V))  # starts at the base
+    assert torch.allclose(a.logits(), a.base)
     with torch.no_grad():
-        policy.step_delta[3, ON_TRACK, 1] += 1.0  # the correct token at step 3, every problem
-    moved = (policy.logits() - policy.base)[:, 3, ON_TRACK]  # [n, V]
-    assert torch.allclose(moved[policy.is_correct[:, 3, 0]], torch.ones(problems.n))
-    assert torch.equal(moved[~policy.is_correct[:, 3, 0]], torch.zeros(problems.n * (problems.V - 1)))
+        a.weight.normal_(generator=torch.Generator().manual_seed(0))
+        b.weight.copy_(a.weight)
+    assert not torch.equal(a.base, b.base)  # the swap did change the problem set
+    assert torch.equal(a.logit_delta(), b.logit_delta()) and a.logit_delta().abs().min() > 0
+    assert torch.equal(a.features, b.features) and a.features.shape == (8 * problems.T * 2 * problems.V, 32)
+    assert abs(float(a.features.pow(2).sum(1).mean()) - 1.0) < 0.05  # ||φ||² ≈ 1 (variance 1/D)
+
+
+def test_features_policy_couples_problems_and_tabular_does_not():
+    problems = TokenTreeSpec(n_problems=4, n_heldout=2, seed=1).build()
+    moved = {}
+    for kind in ("tabular", "features"):
+        policy = TokenTreePolicy(problems, kind, 64)
+        policy.log_probs()[0, 3, ON_TRACK, int(problems.correct[0, 3])].backward()  # raise one entry of problem 0
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(p.grad, alpha=1.0)
+        moved[kind] = (policy.logits() - policy.base).detach().abs().amax(dim=(1, 2, 3))  # [n]
+    assert moved["tabular"][0] > 0 and torch.equal(moved["tabular"][1:], torch.zeros(5))
+    assert (moved["features"] > 1e-3).all()  # every problem moved, held-out ones included
 
 
 # -- exact oracle ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recovery", ["fatal", "constant", "decay"])
-def test_oracle_pass1_agrees_with_monte_carlo(recovery):
-    problems, policy = perturbed(TokenTreeSpec(n_problems=8, recovery=recovery, recovery_prob=0.5), scale=1.0)
+@pytest.mark.parametrize("recovery,min_depth", [("fatal", None), ("constant", None), ("decay", None),
+                                                ("fatal", 3), ("decay", 3)])
+def test_oracle_pass1_agrees_with_monte_carlo(recovery, min_depth):
+    problems, policy = perturbed(TokenTreeSpec(n_problems=8, n_heldout=0, min_depth=min_depth, recovery=recovery,
+                                               recovery_prob=0.5), scale=1.0)
+    assert (min_depth is None) != problems.variable_length
     exact = ExactOracle(problems, policy).pass1()  # [n]
     B = 20_000
     prob = torch.arange(B * problems.n) % problems.n
@@ -200,15 +269,16 @@ def test_oracle_pass1_agrees_with_monte_carlo(recovery):
     assert ((mc8 - exact8).abs() / (exact8 * (1 - exact8) / (B // 8)).sqrt().clamp(min=1e-4)).max() < Z
 
 
-@pytest.mark.parametrize("recovery", ["fatal", "constant"])
-def test_oracle_success_given_prefix_agrees_with_continuations(recovery):
-    problems, policy = perturbed(TokenTreeSpec(n_problems=6, recovery=recovery, recovery_prob=0.5), scale=1.0)
+@pytest.mark.parametrize("recovery,min_depth", [("fatal", None), ("constant", None), ("constant", 4)])
+def test_oracle_success_given_prefix_agrees_with_continuations(recovery, min_depth):
+    problems, policy = perturbed(TokenTreeSpec(n_problems=6, n_heldout=0, min_depth=min_depth, recovery=recovery,
+                                               recovery_prob=0.5), scale=1.0)
     oracle = ExactOracle(problems, policy)
     backend = SimBackend(problems, policy, torch.Generator().manual_seed(4))
     main = backend.sample([SampleRequest(p, None, 2) for p in range(problems.n)])
     n = 4000
     rows = list(range(len(main)))
-    ks = [(3 * r) % problems.T for r in rows]
+    ks = [(3 * r) % int(problems.lengths[main.extras["problem"][r]]) for r in rows]
     aux = backend.sample([SampleRequest(int(main.extras["problem"][r]), main.tokens[r, :k].clone(), n)
                           for r, k in zip(rows, ks)])
     mc = aux.rewards.double().reshape(len(rows), n).mean(1)
