@@ -50,6 +50,58 @@ def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Te
     return torch.from_numpy(W)
 
 
+def status_distribution(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Tensor:
+    """``DoubleTensor [n, T + 1, 2]``: exact P(status s after t steps) of a chain sampled from the
+    root (the forward counterpart of :func:`success_table`; padding steps keep the status).
+
+    Args:
+        problems: the problem set (for the recovery rule and lengths).
+        correct_probs: ``[n, T, 2]`` π(correct token | p, t, s).
+    """
+    q = correct_probs.detach().double().numpy()  # [n, T, 2]
+    n, T, _ = q.shape
+    allowed = problems.recovery_allowed.numpy().astype(np.float64)  # [T]
+    q_on = q[:, :, ON_TRACK]  # [n, T] P(stay on track | on track)
+    q_der = allowed[None, :] * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
+    if problems.variable_length:
+        pad = ~problems.step_mask().numpy()  # [n, T]
+        q_on = np.where(pad, 1.0, q_on)
+        q_der = np.where(pad, 0.0, q_der)
+    D = np.zeros((n, T + 1, 2))
+    D[:, 0, ON_TRACK] = 1.0
+    for t in range(T):
+        on, der = D[:, t, ON_TRACK], D[:, t, DERAILED]
+        D[:, t + 1, ON_TRACK] = on * q_on[:, t] + der * q_der[:, t]
+        D[:, t + 1, DERAILED] = on * (1 - q_on[:, t]) + der * (1 - q_der[:, t])
+    return torch.from_numpy(D)
+
+
+def failed_state_recoverability(W: torch.Tensor, D: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Exact recoverability of the states a *failed* chain passes through, by depth.
+
+    With s(X_k) = P(success | the state after k steps) (``W``) and X_k distributed as ``D``,
+    for each problem and depth k (all ``DoubleTensor [n, T + 1]``):
+
+    - ``p``: the root's success rate (the same at every k: E[s(X_k)] = p);
+    - ``mean_s``: E[s(X_k)] (equals ``p``: s(X_k) is a martingale);
+    - ``mean_s2``: E[s(X_k)²];
+    - ``given_fail``: E[s(X_k) | the chain fails] = Σ_x P(x) s(x) (1 - s(x)) / (1 - p), computed
+      directly from the joint law of (X_k, failure); NaN where p = 1;
+    - ``identity``: (p - E[s(X_k)²]) / (1 - p), the same quantity by the identity that makes
+      position-only pivots no better per continuation than the root: it is <= p, since
+      E[s²] >= E[s]² = p².
+    """
+    p = W[:, 0, ON_TRACK].unsqueeze(1).expand(-1, W.shape[1])  # [n, T+1]
+    mean_s = (D * W).sum(-1)
+    mean_s2 = (D * W * W).sum(-1)
+    fail = 1.0 - p
+    safe = torch.where(fail > 0, fail, torch.ones_like(fail))
+    nan = torch.full_like(p, float("nan"))
+    given_fail = torch.where(fail > 0, (D * W * (1 - W)).sum(-1) / safe, nan)
+    identity = torch.where(fail > 0, (p - mean_s2) / safe, nan)
+    return {"p": p, "mean_s": mean_s, "mean_s2": mean_s2, "given_fail": given_fail, "identity": identity}
+
+
 def prefix_success(W: torch.Tensor, extras: dict[str, torch.Tensor], rows: torch.Tensor,
                    prefix_len: torch.Tensor) -> torch.Tensor:
     """``[N]`` exact P(success | prefix) of one continuation of main-rollout ``rows`` ``[N]`` cut
@@ -91,6 +143,11 @@ class ExactOracle:
     def mean_pass_k(self, k: int = 1) -> float:
         """Exact expected pass@k over the whole problem set (uniform over problems)."""
         return float(self.pass_k(k).mean())
+
+    def status_distribution(self) -> torch.Tensor:
+        """``[n, T + 1, 2]`` exact P(status after t steps) under the current policy."""
+        with torch.no_grad():
+            return status_distribution(self.problems, self.policy.correct_probs())
 
     def success_given_prefix(self, problem: torch.Tensor, prefix: torch.Tensor,
                              prefix_len: torch.Tensor) -> torch.Tensor:

@@ -312,3 +312,37 @@ def test_success_table_closed_forms():
     # fatal: success from the root = product of on-track correctness of every step
     assert torch.allclose(W[:, 0, ON_TRACK], q[:, :, ON_TRACK].prod(1))
     assert torch.allclose(exact_pass_at_k(torch.tensor([0.0, 0.5, 1.0]), 3), torch.tensor([0.0, 0.875, 1.0]))
+
+
+@pytest.mark.parametrize("spec", [
+    TokenTreeSpec(n_problems=6, n_heldout=0, depth=8, recovery="fatal", seed=3),
+    TokenTreeSpec(n_problems=6, n_heldout=0, depth=10, min_depth=6, recovery="constant", recovery_prob=0.4,
+                  ability_mean=2.0, seed=4),
+], ids=["fatal", "constant-variable-length"])
+def test_failed_chains_states_are_never_more_recoverable_than_the_root(spec):
+    """E[s(X_k) | fail] = (p - E[s(X_k)^2]) / (1 - p) <= p at every depth k, exactly (oracle), and
+    as measured on sampled failed chains (Monte Carlo, same policy)."""
+    from sims.oracle import failed_state_recoverability
+    problems = spec.build()
+    policy = TokenTreePolicy(problems)
+    oracle = ExactOracle(problems, policy)
+    W, D = oracle.table(), oracle.status_distribution()
+    r = failed_state_recoverability(W, D)
+    ok = torch.isfinite(r["given_fail"])
+    assert ok.any()
+    assert torch.allclose(r["given_fail"][ok], r["identity"][ok], atol=1e-12)  # the identity, exactly
+    assert torch.allclose(r["mean_s"], r["p"], atol=1e-12)  # s(X_k) is a martingale: E[s(X_k)] = p
+    assert (r["given_fail"][ok] <= r["p"][ok] + 1e-12).all()
+    assert torch.allclose(D.sum(-1), torch.ones_like(D.sum(-1)), atol=1e-12)
+    # Monte Carlo: failed chains of problem 0 visit states whose mean exact recoverability is the identity's
+    n = 40_000
+    with torch.no_grad():
+        chains = sample_chains(problems, policy.log_probs(), torch.zeros(n, dtype=torch.long),
+                               torch.Generator().manual_seed(0))
+    failed = chains.rewards == 0
+    assert 100 < int(failed.sum()) < n - 100
+    L = int(problems.lengths[0])
+    for k in range(L + 1):
+        s_k = W[0, k][chains.status[failed, k]]  # [F] exact s at the state each failed chain reached
+        se = float(s_k.std()) / np.sqrt(len(s_k)) + 1e-9
+        assert abs(float(s_k.mean()) - float(r["identity"][0, k])) < 5 * se + 1e-9, k
