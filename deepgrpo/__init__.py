@@ -12,16 +12,21 @@ __version__ = "0.1.0"
 from deepgrpo.advantages import group_advantages, nonzero_advantage
 from deepgrpo.batch import AUX, MAIN, Backend, Batch, Rollouts, SampleRequest
 from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches
-from deepgrpo.config import (AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig,
-                             LossConfig)
-from deepgrpo.estimators import (CANDIDATE_FEATURES, LogisticEstimator, PositionLogistic,
-                                 RecoverabilityEstimator, StateLogistic, make_estimator)
+from deepgrpo.config import AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig, LossConfig
+from deepgrpo.estimators import (
+                             CANDIDATE_FEATURES,
+                             LogisticEstimator,
+                             PositionLogistic,
+                             RecoverabilityEstimator,
+                             StateLogistic,
+                             make_estimator,
+)
 from deepgrpo.explore import ExploreResult, explore
-from deepgrpo.step import STEP_COLUMNS, initial_record, step_record, update_policy
 from deepgrpo.ledger import BudgetLedger, StepBudget
 from deepgrpo.losses import aggregate, clipped_surrogate, dual_stream_loss, kl_penalty
 from deepgrpo.methods import METHODS, method_config
 from deepgrpo.pivots import candidate_depths, pivot_utility
+from deepgrpo.step import STEP_COLUMNS, initial_record, step_record, update_policy
 
 __all__ = [
     "AUX", "MAIN", "AdvantageConfig", "AlgoConfig", "Backend", "Batch", "BranchPlan", "BudgetLedger",

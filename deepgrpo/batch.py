@@ -8,8 +8,9 @@ simulator, token ids in the LLM backend) and are referenced by ``prompt_index`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -124,7 +125,7 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "Batch":
+    def select(self, rows: torch.Tensor) -> Batch:
         """A new batch with only ``rows`` (``BoolTensor [B]`` or ``LongTensor [B']``)."""
         if rows.dtype == torch.bool:
             rows = rows.nonzero().flatten()
@@ -140,7 +141,7 @@ class Batch:
             extras={k: v[rows] for k, v in self.extras.items()},
         )
 
-    def chunks(self, size: int) -> list["Batch"]:
+    def chunks(self, size: int) -> list[Batch]:
         """Split into consecutive micro-batches of at most ``size`` rows."""
         if size < 1:
             raise ValueError(f"micro-batch size must be >= 1, got {size}")

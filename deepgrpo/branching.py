@@ -9,6 +9,8 @@ continuations per failed trajectory, ``n_pivots · K``, so they compare at equal
 ``deep``                  DEEP-GRPO: ``n_pivots`` points ∝ P̂(r_i)·r_i^γ, K continuations each
 ``depth-only``            as ``deep`` with P̂ = 1 (utility r_i^γ)
 ``random-pivot``          ``n_pivots`` points uniformly at random, K continuations each
+``informative``           the ``n_pivots`` points with the highest chance of a mixed K-group per
+                          generated token, (1 - P̂^K - (1 - P̂)^K) / suffix tokens (ties at random)
 ``root-only``            the root only (paper's "root-only" ablation: K extra root samples in
                           their own aux group per failed chain)
 ``max-surprisal``         TreeRL-like: M points whose *next* segment holds the highest-surprisal
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from deepgrpo.config import DENSE_STRATEGIES, DISPERSED_STRATEGIES, ExploreConfig
-from deepgrpo.pivots import gumbel_top_k, pivot_utility, split_evenly, utility_scores
+from deepgrpo.pivots import gumbel_top_k, informative_utility, pivot_utility, split_evenly, utility_scores
 
 DENSE = DENSE_STRATEGIES
 DISPERSED = DISPERSED_STRATEGIES
@@ -96,7 +98,7 @@ class BranchPlan:
         return int(self.n.sum())
 
     @classmethod
-    def from_candidates(cls, cands: CandidateSet, rows: np.ndarray, n: np.ndarray) -> "BranchPlan":
+    def from_candidates(cls, cands: CandidateSet, rows: np.ndarray, n: np.ndarray) -> BranchPlan:
         """Plan of candidate ``rows`` ``[P]`` with ``n`` ``[P]`` continuations each (points with n = 0 dropped)."""
         rows = np.asarray(rows, dtype=np.int64)
         n = np.asarray(n, dtype=np.int64)
@@ -129,7 +131,7 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
     Args:
         cands: candidate set of N candidates.
         config: :class:`ExploreConfig` (strategy, K, gamma, n_pivots, n_cut_points).
-        p_hat: ``[N]`` estimated recoverability (used by ``deep`` only; None = all ones).
+        p_hat: ``[N]`` estimated recoverability (used by ``deep`` and ``informative``; None = all ones).
         rng: numpy Generator; the only source of randomness.
 
     Returns: :class:`BranchPlan`.
@@ -148,6 +150,10 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
             scores = utility_scores(pivot_utility(np.ones_like(r), r, config.gamma))
         elif s == "root-only":
             scores = np.where(cands.index == 0, 0.0, -1e6)
+        elif s == "informative":  # argmax: log-utilities scaled so the Gumbel noise only breaks ties
+            p = np.ones(len(cands)) if p_hat is None else np.asarray(p_hat, dtype=np.float64)
+            u = informative_utility(p, config.K, cands.features["remaining_tokens"])
+            scores = 1e6 * utility_scores(u)
         else:  # random-pivot
             scores = np.zeros_like(r)
         mat, valid, cand_row = _padded(cands, scores, -np.inf)

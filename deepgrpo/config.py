@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -72,15 +73,18 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
         raise invalid(owner, name, value, f"one of {', '.join(map(str, choices))}")
 
 
-BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-only",
+BRANCHING_STRATEGIES = ("root", "deep", "random-pivot", "depth-only", "root-only", "informative",
                         "max-surprisal", "low-prob", "uniform")
 """Names accepted by :attr:`ExploreConfig.strategy` (see :mod:`deepgrpo.branching`)."""
 
-DENSE_STRATEGIES = ("deep", "random-pivot", "depth-only", "root-only")
+DENSE_STRATEGIES = ("deep", "random-pivot", "depth-only", "root-only", "informative")
 """Strategies that spend K continuations at each chosen pivot (one advantage group per pivot)."""
 
 DISPERSED_STRATEGIES = ("max-surprisal", "low-prob", "uniform")
 """Tree-style strategies that split n_pivots·K continuations over ``n_cut_points`` points."""
+
+ESTIMATOR_KINDS = ("position", "state", "oracle")
+"""Names accepted by :attr:`EstimatorConfig.kind` (see :func:`deepgrpo.estimators.make_estimator`)."""
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -99,8 +103,12 @@ class ExploreConfig:
         strategy: how branch points are chosen in failed trajectories; one of
             :data:`BRANCHING_STRATEGIES`. ``deep`` is DEEP-GRPO's utility
             Q(i) ∝ P̂(success | r_i) · r_i^γ; ``depth-only`` drops P̂; ``random-pivot`` is uniform
-            over candidates; ``root-only`` always branches at the root (the paper's
-            root-only ablation: K extra root samples per failed chain, in their own group); ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
+            over candidates; ``informative`` picks the candidate that maximises the chance of a
+            mixed (informative) K-group per generated token, (1 - P̂^K - (1 - P̂)^K) / (suffix
+            tokens), the decomposition ladder's top rung with the oracle estimator;
+            ``root-only`` always branches at the root (the paper's
+            root-only ablation: K extra root samples per failed chain, in their own group);
+            ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
             baselines (TreeRL-, FR3E-like and uniform) that spread the same continuations over
             ``n_cut_points`` points.
         K: continuations per pivot (paper: K = 8); at least 2 for every branching strategy (an
@@ -245,9 +253,11 @@ class LossConfig:
 class EstimatorConfig:
     """Online recoverability estimator P̂(success | candidate) (paper §3.2).
 
-    kind: ``position`` (logistic regression on relative depth r, the paper's choice) or
+    kind: ``position`` (logistic regression on relative depth r, the paper's choice),
         ``state`` (logistic regression on r plus state features; see
-        :class:`deepgrpo.estimators.StateLogistic`).
+        :class:`deepgrpo.estimators.StateLogistic`) or ``oracle`` (the candidate feature
+        ``oracle_success``, the exact P(success | prefix), which only a backend that knows it
+        supplies: the simulator).
     buffer_size: FIFO buffer of (features, label) pairs (paper: 10,000).
     min_per_class: the model is fitted only once the buffer holds more than this many points
         of each class; before that it predicts 1 (paper: 10).
@@ -261,7 +271,7 @@ class EstimatorConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        check_choice(o, "kind", self.kind, ("position", "state"))
+        check_choice(o, "kind", self.kind, ESTIMATOR_KINDS)
         check_range(o, "buffer_size", self.buffer_size, 1, None, integer=True)
         check_range(o, "min_per_class", self.min_per_class, 0, None, integer=True)
         check_range(o, "l2", self.l2, 0.0, None)
@@ -281,7 +291,7 @@ class AlgoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AlgoConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> AlgoConfig:
         """Inverse of :meth:`to_dict` through the typed path (:func:`deepgrpo.overrides.from_dict`):
         missing sections/fields take defaults, unknown ones raise :class:`ConfigError`."""
         from deepgrpo.overrides import from_dict

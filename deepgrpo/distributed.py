@@ -14,7 +14,8 @@ All functions are no-ops when torch.distributed is not initialised or the world 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -14,7 +14,8 @@ The exploration step (:mod:`deepgrpo.explore`) computes every feature in
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,8 +29,14 @@ CANDIDATE_FEATURES = {
     "next_surprisal": "-log p of the first token after the cut (the token a branch resamples)",
     "group_success_rate": "fraction of the prompt's G main chains that succeeded",
     "prompt_index": "index of the prompt within the step's batch (for per-prompt effects)",
+    "remaining_tokens": "tokens of the failed chain after the cut (what a branch regenerates, about)",
 }
-"""Per-candidate features the exploration step provides (name -> meaning)."""
+"""Per-candidate features the exploration step provides (name -> meaning). A backend may add
+its own through :data:`deepgrpo.explore.CANDIDATE_EXTRA_PREFIX` (the simulator adds
+``oracle_success``, the exact P(success | prefix))."""
+
+ORACLE_FEATURE = "oracle_success"
+"""The candidate feature the ``oracle`` estimator reads: exact P(success | prefix)."""
 
 
 @runtime_checkable
@@ -210,7 +217,47 @@ class StateLogistic(LogisticEstimator):
         super().__init__(feature_names, config)
 
 
-def make_estimator(config: EstimatorConfig | None = None) -> LogisticEstimator:
-    """The estimator named by ``config.kind`` (``position`` or ``state``)."""
+class FeatureEstimator:
+    """P̂ = a candidate feature supplied by the backend, clipped to [0, 1]; learns nothing.
+
+    With ``oracle_success`` (the simulator's exact P(success | prefix)) it is the decomposition
+    ladder's oracle pivot: DEEP-GRPO's utility with the true recoverability in place of P̂.
+    """
+
+    def __init__(self, feature: str = ORACLE_FEATURE) -> None:
+        self.feature = feature
+
+    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[N]`` the feature's values; a :class:`ConfigError` if the backend did not supply it."""
+        if self.feature not in features:
+            raise ConfigError(f"EstimatorConfig.kind = 'oracle' is invalid here: this backend does not supply the "
+                              f"candidate feature {self.feature!r} (the simulator does)", owner="EstimatorConfig",
+                              field="kind", value="oracle", allowed="position or state")
+        return np.clip(np.asarray(features[self.feature], dtype=np.float64), 0.0, 1.0)
+
+    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+        """Nothing to learn."""
+
+    def coefficients(self) -> dict[str, float]:
+        """No coefficients."""
+        return {}
+
+    @property
+    def buffer_len(self) -> int:
+        """Always 0: no buffer."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+def make_estimator(config: EstimatorConfig | None = None) -> LogisticEstimator | FeatureEstimator:
+    """The estimator named by ``config.kind`` (``position``, ``state`` or ``oracle``)."""
     cfg = config or EstimatorConfig()
+    if cfg.kind == "oracle":
+        return FeatureEstimator(ORACLE_FEATURE)
     return PositionLogistic(cfg) if cfg.kind == "position" else StateLogistic(cfg)

@@ -48,9 +48,16 @@ class ExploreResult:
     stats: dict[str, float]
 
 
+CANDIDATE_EXTRA_PREFIX = "cand_"
+"""A main-rollout extra named ``cand_NAME`` of shape ``[B, >= T + 1]`` (a value per prefix
+length) becomes the candidate feature ``NAME``: how a backend hands the core what only it knows
+(the simulator: ``cand_oracle_success``, the exact P(success | prefix))."""
+
+
 def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.ndarray,
                      group_success_rate: np.ndarray) -> CandidateSet:
-    """Candidate pivots of the ``failed_rows`` of ``main`` with all standard features.
+    """Candidate pivots of the ``failed_rows`` of ``main`` with all standard features, plus
+    the backend's own (:data:`CANDIDATE_EXTRA_PREFIX`).
 
     Args:
         main: main-chain rollouts (B rows).
@@ -61,7 +68,7 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
     lp_all = main.logprobs.detach().double().numpy()  # [B, T]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "traj", "index", "n_candidates", "prefix_len", "rel_depth", "prefix_logprob",
-        "next_surprisal", "prev_surprisal")}
+        "next_surprisal", "prev_surprisal", "remaining")}
     for b in failed_rows.tolist():
         ends = main.segment_ends[b].numpy().astype(np.int64)  # [L]
         L = ends.shape[0]
@@ -80,6 +87,7 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
         parts["prefix_logprob"].append(cum[starts])
         parts["next_surprisal"].append(seg_max)
         parts["prev_surprisal"].append(np.concatenate([[-np.inf], seg_max[:-1]]))
+        parts["remaining"].append(length - starts)
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     traj = cat["traj"].astype(np.int64)
     prefix_len = cat["prefix_len"].astype(np.int64)
@@ -93,7 +101,12 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
         "prev_surprisal": cat["prev_surprisal"],
         "group_success_rate": group_success_rate[prompt] if traj.size else np.zeros(0),
         "prompt_index": prompt.astype(np.float64),
+        "remaining_tokens": cat["remaining"].astype(np.float64),
     }
+    for key, value in main.extras.items():
+        if key.startswith(CANDIDATE_EXTRA_PREFIX):  # [B, >= T+1]: the value at each candidate's prefix length
+            v = value.detach().double().numpy()
+            features[key[len(CANDIDATE_EXTRA_PREFIX):]] = v[traj, prefix_len] if traj.size else np.zeros(0)
     return CandidateSet(traj=traj, index=cat["index"].astype(np.int64),
                         n_candidates=cat["n_candidates"].astype(np.int64), prefix_len=prefix_len,
                         prompt=prompt.astype(np.int64), features=features)
@@ -214,7 +227,7 @@ def plan_exploration(main: Rollouts, n_prompts: int, config: AlgoConfig,
     cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
                              np.repeat(np.arange(P), G), group_success)
     p_hat = None
-    if ec.strategy == "deep" and estimator is not None and len(cands):
+    if ec.strategy in ("deep", "informative") and estimator is not None and len(cands):
         p_hat = np.asarray(estimator.predict(cands.features), dtype=np.float64)
     plan = cap_plan(plan_branches(cands, ec, p_hat, rng), ec.aux_budget, rng)
     return ExplorationPlan(cands, plan, p_hat, group_success, failed_rows)

@@ -15,13 +15,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from deepgrpo.config import ConfigError
-from deepgrpo.overrides import (Leaf, apply_overrides, coerce, flatten_mapping, leaves, parse_assignments,
-                                resolve_key, short_names, type_name)
+from deepgrpo.overrides import (
+    Leaf,
+    apply_overrides,
+    coerce,
+    flatten_mapping,
+    leaves,
+    parse_assignments,
+    resolve_key,
+    short_names,
+    type_name,
+)
 
 _DEST = "cfg:"
 

@@ -12,7 +12,6 @@ import torch
 from deepgrpo.batch import AUX, MAIN, Batch
 from deepgrpo.config import LossConfig
 
-
 LOG_RATIO_CLAMP = 20.0
 """The log-ratio log π - log π_old is clamped to [-20, 20] before ``exp`` (verl's bound)."""
 KL_CLAMP = 10.0

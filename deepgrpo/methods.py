@@ -6,7 +6,8 @@ with a few overrides; callers may override further (e.g. GRPO's N via ``G``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
 from deepgrpo.overrides import apply_overrides, leaves
@@ -25,6 +26,11 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     # the paper's root-only ablation: K extra root samples per failed chain, in their own group
     "root-only": {"explore": {"strategy": "root-only"}},
     "deep-state": {"explore": {"strategy": "deep"}, "estimator": {"kind": "state"}},
+    # the decomposition ladder's top rungs (simulator only: the backend must supply the exact
+    # P(success | prefix) as the candidate feature oracle_success): the paper's utility with the
+    # true recoverability, and the candidate most likely to give a mixed K-group per token
+    "oracle-pivot": {"explore": {"strategy": "deep"}, "estimator": {"kind": "oracle"}},
+    "oracle-informative": {"explore": {"strategy": "informative"}, "estimator": {"kind": "oracle"}},
     # dispersed tree-style baselines at DEEP-GRPO's budget (n_pivots·K spread over M points)
     "tree-surprisal": {"explore": {"strategy": "max-surprisal"}},
     "tree-lowprob": {"explore": {"strategy": "low-prob"}},

@@ -28,8 +28,9 @@ import numbers
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 from deepgrpo.config import ConfigError, invalid
 
@@ -41,7 +42,7 @@ NONE_WORDS = ("none", "null")
 """Text accepted as None by an optional field."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """``{field name: resolved annotation}`` of dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
@@ -216,7 +217,7 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[Leaf]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: description}`` read from the class docstring's ``name: text`` (or
     ``a, b: text``) lines, the style of every config dataclass of the project."""

@@ -40,6 +40,15 @@ def pivot_utility(p_hat: np.ndarray, rel_depth: np.ndarray, gamma: float = 2.0) 
     return p * np.power(np.asarray(rel_depth, dtype=np.float64), gamma)
 
 
+def informative_utility(p_hat: np.ndarray, K: int, suffix_tokens: np.ndarray) -> np.ndarray:
+    """Chance that K continuations from a candidate form a *mixed* group (some succeed, some
+    fail: the only groups with non-zero advantages), per generated token:
+    (1 - P̂^K - (1 - P̂)^K) / max(suffix tokens, 1). ``[N]`` from ``[N]`` inputs."""
+    p = np.clip(np.asarray(p_hat, dtype=np.float64), 0.0, 1.0)
+    mixed = 1.0 - p ** K - (1.0 - p) ** K
+    return np.clip(mixed, 0.0, 1.0) / np.maximum(np.asarray(suffix_tokens, dtype=np.float64), 1.0)
+
+
 def utility_scores(utility: np.ndarray) -> np.ndarray:
     """Log-utilities for :func:`gumbel_top_k`: ``log Q`` where Q > 0, and a score far below any
     positive candidate (but still ordered at random) where Q = 0."""

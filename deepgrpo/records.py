@@ -7,9 +7,9 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any
 
 FAILPOINT_ENV = "DEEPGRPO_FAILPOINT"
 """Environment variable naming a :func:`failpoint` at which the process kills itself (SIGKILL),

@@ -32,7 +32,8 @@ zero budget and NaN everywhere else (:func:`initial_record`).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,8 +13,9 @@ Prompts handed to the core are :class:`~llm.tasks.Prompt` objects (problem + tok
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,7 +167,8 @@ class LLMBackend:
         ids[:, Lp:] = torch.where(response_mask, tokens, torch.full_like(tokens, pad))
         attn[:, Lp:] = response_mask.long()
         position = (attn.cumsum(-1) - 1).clamp(min=0)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 and dev.type == "cpu" else contextlib.nullcontext()
+        bf16_cpu = self.bf16 and dev.type == "cpu"
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_cpu else contextlib.nullcontext()
         with ctx:
             out = net(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=position.to(dev),
                       use_cache=False)

@@ -19,9 +19,10 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
 from deepgrpo.flags import OptionSet, load_config_file
@@ -101,7 +102,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="tiny-arith: built-in arithmetic task; --model defaults to an SFT run in OUT/init")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (only --steps, --budget, --threads, --checkpoint-every, "
+                   help="continue the run in --out from its checkpoint (only --steps, --budget, --threads, "
+                        "--checkpoint-every, "
                         "--eval-every and --tensorboard may change; they are recorded)")
     TRAIN_OPTIONS.add_arguments(t)
 

@@ -5,9 +5,10 @@ Used by the trainer (periodic evaluation), by SFT, and by ``deepgrpo llm eval``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

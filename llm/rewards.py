@@ -12,7 +12,8 @@ import math
 import re
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MAX_CHARS = 20_000
 """Longer responses are scored on their last MAX_CHARS characters (bounds regex/parse cost)."""

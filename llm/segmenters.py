@@ -18,7 +18,8 @@ token id), so the token index of each boundary is exact even for byte-level BPE 
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 

@@ -7,8 +7,9 @@ right and wrong answers (non-zero GRPO advantages), as a pre-trained start would
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -30,19 +30,34 @@ import torch
 import torch.distributed as dist
 
 from deepgrpo import BudgetLedger, explore, make_estimator, method_config, step_record, update_policy
+from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.distributed import GatheredEstimator, shard, world
 from deepgrpo.ledger import BUDGET_UNITS, budget_spent
-from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from llm.backend import LLMBackend, SamplingConfig
-from llm.checkpoint import (check_checkpoint, load_trainer_state, recover_interrupted, restore_rng_states,
-                            rng_states, save_checkpoint)
+from llm.checkpoint import (
+    check_checkpoint,
+    load_trainer_state,
+    recover_interrupted,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
 from llm.evaluate import EvalConfig, evaluate
 from llm.hf_engine import HFEngine
 from llm.models import load_causal_lm, load_tokenizer
 from llm.segmenters import SEGMENTERS, TASK_DEFAULT_SEGMENTER, make_segmenter
-from llm.tasks import (TASKS, ArithmeticConfig, ArithmeticStream, FileStream, Prompt, arithmetic_heldout,
-                       load_problems, make_prompts, split_heldout)
+from llm.tasks import (
+    TASKS,
+    ArithmeticConfig,
+    ArithmeticStream,
+    FileStream,
+    Prompt,
+    arithmetic_heldout,
+    load_problems,
+    make_prompts,
+    split_heldout,
+)
 
 PRESETS = ("tiny-arith",)
 ENGINES = ("hf", "vllm")
@@ -181,7 +196,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict` through the typed path: values converted by their
         annotations, an unknown key is a :class:`ConfigError` naming it."""
         return dataclass_from_dict(cls, d)
@@ -259,7 +274,8 @@ class Trainer:
         else:
             self.engine = HFEngine(self.policy, stops, self.tokenizer.pad_token_id)
         self.backend = LLMBackend(self.policy, self.reference, self.tokenizer, self.engine, self.segmenter,
-                                  config.sampling, seed=config.seed + 1 + 1000 * self.rank, logprob_chunk_size=config.logprob_chunk_size,
+                                  config.sampling, seed=config.seed + 1 + 1000 * self.rank,
+                                  logprob_chunk_size=config.logprob_chunk_size,
                                   bf16=config.bf16)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps,

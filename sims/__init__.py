@@ -10,7 +10,8 @@ protocol), :mod:`~sims.runner` (training loop on the core), :mod:`~sims.env` (gy
 (``deepgrpo sim run|compare``).
 """
 
-from sims.env import ENV_ID, register as _register_env
+from sims.env import ENV_ID
+from sims.env import register as _register_env
 
 _register_env()
 

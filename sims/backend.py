@@ -17,11 +17,12 @@ problem (full-chain coordinates, last = L_p).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from deepgrpo.batch import Batch, Rollouts, SampleRequest
+from sims.oracle import success_table
 from sims.policy import TokenTreePolicy
 from sims.sampler import replay_status, sample_chains, suffixes, token_logprobs
 from sims.spec import ProblemSet
@@ -75,10 +76,17 @@ class SimBackend:
             mask = torch.arange(T).unsqueeze(0) < length.unsqueeze(1)  # [B, T]
             start_status = chains.status[:, 0]
         ends = self.problems.segment_ends
+        extras = {"problem": problem, "first_error": chains.first_error, "on_track": chains.on_track,
+                  "start_status": start_status}
+        if not bool((plen_req > 0).any()):
+            # main chains: the exact P(success | the first t tokens) under the sampling policy, for
+            # every prefix length t (the core turns it into the candidate feature oracle_success)
+            with torch.no_grad():
+                W = success_table(self.problems, self.policy.correct_probs())  # [n, T+1, 2]
+            t = torch.arange(T + 1).unsqueeze(0).expand(len(problem), -1)  # [B, T+1]
+            extras["cand_oracle_success"] = W[problem.unsqueeze(1), t, chains.status]  # [B, T+1]
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=chains.rewards,
-                        segment_ends=[ends[p] for p in problem.tolist()],
-                        extras={"problem": problem, "first_error": chains.first_error,
-                                "on_track": chains.on_track, "start_status": start_status})
+                        segment_ends=[ends[p] for p in problem.tolist()], extras=extras)
 
     def logprobs(self, batch: Batch, model: str = "policy") -> torch.Tensor:
         """``[B, W]`` log-probs of ``batch.tokens`` (full chains) under the policy (with

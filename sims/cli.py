@@ -16,9 +16,10 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
 from deepgrpo.flags import OptionSet, load_config_file

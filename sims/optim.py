@@ -18,7 +18,7 @@ two methods the core's :func:`deepgrpo.update_policy` calls: ``zero_grad`` and `
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

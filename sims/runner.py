@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,15 +50,14 @@ import torch
 from deepgrpo.config import AlgoConfig, check_choice, check_range, invalid
 from deepgrpo.estimators import make_estimator
 from deepgrpo.explore import explore
-from deepgrpo.step import initial_record, step_record, update_policy
 from deepgrpo.ledger import BUDGET_UNITS, BudgetLedger, budget_left
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
+from deepgrpo.step import initial_record, step_record, update_policy
 from sims.backend import SimBackend
 from sims.optim import OPTIMIZERS, make_optimizer
 from sims.oracle import exact_pass_at_k, prefix_success, success_table
 from sims.policy import POLICY_CLASSES, TokenTreePolicy
 from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
-
 
 MAX_FEATURE_ENTRIES = 1 << 27
 """Largest features table (entries of φ, float32: 512 MB) the ``features`` policy may build."""

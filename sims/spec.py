@@ -40,8 +40,9 @@ the run seed (:meth:`TokenTreeSpec.problem_set_seed`), so each run seed trains o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class TokenTreeSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TokenTreeSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TokenTreeSpec:
         """Inverse of :meth:`to_dict` through the typed path (unknown keys are errors)."""
         return dataclass_from_dict(cls, d)
 
@@ -179,7 +180,7 @@ class TokenTreeSpec:
             return int(self.seed)
         return derived_problem_set_seed(run_seed)
 
-    def build(self, run_seed: int = 0) -> "ProblemSet":
+    def build(self, run_seed: int = 0) -> ProblemSet:
         """Draw the problem set of a run with ``run_seed`` (deterministic in
         :meth:`problem_set_seed`; a pinned ``seed`` ignores ``run_seed``)."""
         return ProblemSet.from_spec(self, self.problem_set_seed(run_seed))
@@ -259,7 +260,7 @@ class ProblemSet:
         return torch.arange(self.T).unsqueeze(0) < self.lengths.unsqueeze(1)
 
     @classmethod
-    def from_spec(cls, spec: TokenTreeSpec, seed: int) -> "ProblemSet":
+    def from_spec(cls, spec: TokenTreeSpec, seed: int) -> ProblemSet:
         """Draw the problem set of ``spec`` from problem-set seed ``seed``: the training problems
         from ``default_rng(seed)``, the held-out ones from an independent stream
         ``default_rng([seed, 1])`` (so the training problems do not depend on ``n_heldout``)."""

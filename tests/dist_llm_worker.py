@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from llm.evaluate import EvalConfig
 from llm.backend import SamplingConfig
+from llm.evaluate import EvalConfig
 from llm.trainer import TrainConfig, Trainer
 
 

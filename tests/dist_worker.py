@@ -21,8 +21,8 @@ from toy_backend import ToyBackend  # noqa: E402
 from deepgrpo.distributed import GatheredEstimator, shard, world  # noqa: E402
 from deepgrpo.estimators import PositionLogistic  # noqa: E402
 from deepgrpo.explore import explore
-from deepgrpo.step import update_policy  # noqa: E402
 from deepgrpo.methods import method_config  # noqa: E402
+from deepgrpo.step import update_policy  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -29,7 +29,8 @@ def test_core_never_imports_a_backend():
     pat = re.compile(r"^\s*(from|import)\s+(sims|llm|analysis)(\.|\s|$)", re.M)
     offenders = [p.name for p in root.glob("*.py") if p.name != "cli.py" and pat.search(p.read_text())]
     assert offenders == []
-    code = "import sys, deepgrpo, deepgrpo.explore; print(sorted(m for m in ('sims','llm','analysis','transformers') if m in sys.modules))"
+    code = ("import sys, deepgrpo, deepgrpo.explore; "
+            "print(sorted(m for m in ('sims','llm','analysis','transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

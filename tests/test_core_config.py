@@ -1,7 +1,6 @@
 import pytest
 
-from deepgrpo.config import (AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig,
-                             LossConfig)
+from deepgrpo.config import AdvantageConfig, AlgoConfig, ConfigError, EstimatorConfig, ExploreConfig, LossConfig
 from deepgrpo.methods import METHODS, method_config
 
 
@@ -27,7 +26,7 @@ def test_reference_defaults():
     (LossConfig, "kl_estimator", "k4", "k3"),
     (LossConfig, "lam", float("nan"), "[0.0, inf)"),
     (EstimatorConfig, "buffer_size", 0, "[1, inf)"),
-    (EstimatorConfig, "kind", "oracle", "position"),
+    (EstimatorConfig, "kind", "crystal-ball", "position"),
     (AdvantageConfig, "std_eps", 0.0, "(0.0, inf)"),
 ])
 def test_invalid_values_name_field_value_and_range(cls, field, value, fragment):

@@ -1,15 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from toy_backend import ToyBackend
 
 from deepgrpo.batch import AUX, MAIN
 from deepgrpo.estimators import PositionLogistic
 from deepgrpo.explore import explore
-from deepgrpo.step import update_policy
-from deepgrpo.ledger import (BudgetLedger, aux_cap_for_budget, expected_rollouts_per_prompt,
-                             grpo_group_size_for_budget)
+from deepgrpo.ledger import BudgetLedger, aux_cap_for_budget, expected_rollouts_per_prompt, grpo_group_size_for_budget
 from deepgrpo.methods import method_config
-from toy_backend import ToyBackend
+from deepgrpo.step import update_policy
 
 PROMPTS = [0, 1, 2, 3]
 
@@ -115,7 +114,9 @@ def test_training_through_the_core_raises_reward(method):
     cfg = method_config(method, kl_coef=0.0)
     est, rng = PositionLogistic(), np.random.default_rng(1)
     opt = torch.optim.Adam([be.logits], lr=0.05)
-    exact = lambda: float(torch.softmax(be.logits.detach(), -1).gather(2, be.correct[..., None]).squeeze(-1).prod(1).mean())  # noqa: E731
+
+    def exact() -> float:
+        return float(torch.softmax(be.logits.detach(), -1).gather(2, be.correct[..., None]).squeeze(-1).prod(1).mean())
     before = exact()
     for _ in range(15):
         res = explore(be, PROMPTS, cfg, est, rng)

@@ -6,8 +6,14 @@ from scipy import stats
 
 from deepgrpo.branching import CandidateSet, cap_plan, plan_branches
 from deepgrpo.config import ExploreConfig
-from deepgrpo.pivots import (candidate_depths, candidate_prefix_lengths, gumbel_top_k, pivot_utility, split_evenly,
-                             utility_scores)
+from deepgrpo.pivots import (
+    candidate_depths,
+    candidate_prefix_lengths,
+    gumbel_top_k,
+    pivot_utility,
+    split_evenly,
+    utility_scores,
+)
 
 
 def sample_pivots(utility, n, rng):
@@ -150,3 +156,19 @@ def test_second_draw_follows_successive_sampling_without_replacement():
     observed = np.array([np.sum((picks[:, 0] == i) & (picks[:, 1] == j)) for i, j in cells])
     expected = np.array([q[i] / S * q[j] / (S - q[i]) for i, j in cells]) * n
     assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_informative_utility_hand_computed_and_the_plan_takes_its_argmax():
+    from deepgrpo.pivots import informative_utility
+    # K = 2: P(mixed) = 1 - p^2 - (1-p)^2 = 2p(1-p); per suffix token
+    u = informative_utility(np.array([0.5, 0.1, 1.0, 0.0, 0.5]), 2, np.array([4, 1, 3, 3, 0]))
+    np.testing.assert_allclose(u, [0.5 / 4, 0.18 / 1, 0.0, 0.0, 0.5 / 1])
+    # one failed trajectory, 4 candidates: the plan picks the best utility every time
+    cands = CandidateSet(traj=np.zeros(4, np.int64), index=np.arange(4), n_candidates=np.full(4, 4),
+                         prefix_len=np.arange(4), prompt=np.zeros(4, np.int64),
+                         features={"rel_depth": candidate_depths(4), "remaining_tokens": np.array([8., 6., 4., 2.])})
+    p_hat = np.array([0.9, 0.5, 0.5, 0.02])  # utilities (K=8): 0.57/8, 0.99/6, 0.99/4, 0.15/2
+    cfg = ExploreConfig(strategy="informative", K=8)
+    for seed in range(20):
+        plan = plan_branches(cands, cfg, p_hat, np.random.default_rng(seed))
+        assert plan.candidate.tolist() == [2] and plan.n.tolist() == [8]

@@ -13,7 +13,6 @@ from llm.tasks import DATA_DIR, load_problems, make_prompts
 from llm.testing import memorize, micro_model
 
 
-
 @pytest.fixture(scope="module")
 def problems():
     return load_problems(DATA_DIR / "arith_sample.jsonl")

@@ -22,7 +22,6 @@ from llm.tasks import DATA_DIR, load_problems, make_prompts
 from llm.testing import memorize, micro_model
 
 
-
 @pytest.fixture(scope="module")
 def problems():
     return load_problems(DATA_DIR / "arith_sample.jsonl")
@@ -84,7 +83,8 @@ def test_continuations_are_exactly_prefix_plus_suffix(trained, problems):
         assert pf + c.token_ids == g.token_ids
         assert c.finished == g.finished
     # sampled continuations of arbitrary (even unlikely) prefixes
-    odd = [[int(t) for t in torch.randint(4, 18, (k,), generator=torch.Generator().manual_seed(k))] for k in range(1, 9)]
+    odd = [[int(t) for t in torch.randint(4, 18, (k,), generator=torch.Generator().manual_seed(k))]
+           for k in range(1, 9)]
     samples = engine.generate([list(p.ids) for p in prompts], 3, max_new_tokens=20, temperature=1.0,
                               prefixes=odd, seed=7)
     assert len(samples) == 24
@@ -336,7 +336,8 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
 def test_cli_eval_writes_results(model_dir, tmp_path, capsys):
     out = tmp_path / "ev.json"
     code, cap = _cli(["eval", "--checkpoint", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
-                      "--samples", "4", "--pass-k", "2", "--max-response-tokens", "40", "--threads", "1", "--out", str(out)],
+                      "--samples", "4", "--pass-k", "2", "--max-response-tokens", "40", "--threads", "1",
+                      "--out", str(out)],
                      capsys)
     assert code == 0
     res = json.loads(out.read_text())

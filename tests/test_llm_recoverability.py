@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from analysis.llm_recoverability import (
     ESTIMATORS,

@@ -15,9 +15,22 @@ from deepgrpo.config import ConfigError
 from llm.models import build_char_tokenizer
 from llm.rewards import arithmetic_reward, gsm8k_reward, math_reward, score
 from llm.segmenters import FixedTokenSegmenter, TextBoundarySegmenter, make_segmenter
-from llm.tasks import (DATA_DIR, GSM8K_INSTRUCTION, MATH_INSTRUCTION, ArithmeticConfig, ArithmeticStream,
-                       FileStream, arithmetic_heldout, arithmetic_problem, encode_prompt, gsm8k_final_answer,
-                       is_heldout, last_boxed, load_problems, prompt_text)
+from llm.tasks import (
+    DATA_DIR,
+    GSM8K_INSTRUCTION,
+    MATH_INSTRUCTION,
+    ArithmeticConfig,
+    ArithmeticStream,
+    FileStream,
+    arithmetic_heldout,
+    arithmetic_problem,
+    encode_prompt,
+    gsm8k_final_answer,
+    is_heldout,
+    last_boxed,
+    load_problems,
+    prompt_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +138,8 @@ def test_prompt_templates(tok):
     ids = encode_prompt(a, tok)
     assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == "1+2+3="
     tok2 = build_char_tokenizer()
-    tok2.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}=={% endif %}"
+    tok2.chat_template = ("{% for m in messages %}({{ m['content'] }}){% endfor %}"
+                          "{% if add_generation_prompt %}=={% endif %}")
     ids = encode_prompt(a, tok2)
     assert tok2.decode(ids, skip_special_tokens=True) == "(1+2+3=)=="
     assert encode_prompt(a, tok2, use_chat_template=False) == encode_prompt(a, tok)

@@ -346,3 +346,36 @@ def test_failed_chains_states_are_never_more_recoverable_than_the_root(spec):
         s_k = W[0, k][chains.status[failed, k]]  # [F] exact s at the state each failed chain reached
         se = float(s_k.std()) / np.sqrt(len(s_k)) + 1e-9
         assert abs(float(s_k.mean()) - float(r["identity"][0, k])) < 5 * se + 1e-9, k
+
+
+def test_oracle_estimator_reads_the_exact_prefix_success_the_simulator_supplies():
+    """The ladder's oracle rung: the simulator hands the core P(success | prefix) as the candidate
+    feature oracle_success; the oracle estimator's P̂ is exactly the oracle's value."""
+    from deepgrpo.estimators import FeatureEstimator
+    from deepgrpo.explore import build_candidates
+    from sims.oracle import prefix_success
+    problems = TokenTreeSpec(n_problems=6, n_heldout=0, depth=8, recovery="constant", recovery_prob=0.3,
+                             seed=2).build()
+    policy = TokenTreePolicy(problems)
+    be = SimBackend(problems, policy, torch.Generator().manual_seed(0))
+    main = be.sample([SampleRequest(p, None, 8) for p in range(6)])
+    failed = np.flatnonzero(main.rewards.numpy() == 0)
+    cands = build_candidates(main, failed, np.repeat(np.arange(6), 8), np.zeros(6))
+    assert len(cands) > 10
+    W = ExactOracle(problems, policy).table()
+    exact = prefix_success(W, main.extras, torch.from_numpy(cands.traj), torch.from_numpy(cands.prefix_len))
+    p_hat = FeatureEstimator().predict(cands.features)
+    np.testing.assert_allclose(p_hat, exact.numpy(), atol=1e-12)
+    assert (p_hat[cands.index == 0] == W[cands.prompt[cands.index == 0], 0, ON_TRACK].numpy()).all()
+    # and a backend without it gets a clear error, not a silent P̂
+    with pytest.raises(ConfigError, match="oracle_success"):
+        FeatureEstimator().predict({"rel_depth": np.ones(3)})
+
+
+@pytest.mark.parametrize("method", ["oracle-pivot", "oracle-informative"])
+def test_oracle_ladder_methods_train_in_the_simulator(method, one_torch_thread):
+    from sims.runner import RunnerConfig, train
+    hist = train(TokenTreeSpec(n_problems=8, depth=8), method_config(method), RunnerConfig(steps=3, batch_problems=8),
+                 seed=0).history
+    assert hist[-1]["pivots"] > 0 and hist[-1]["rollouts_aux"] > 0
+    assert 0 <= hist[-1]["pivot_oracle_success"] <= 1

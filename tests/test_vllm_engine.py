@@ -13,12 +13,10 @@ pytest.importorskip("vllm")
 from deepgrpo import BudgetLedger, explore, make_estimator, method_config, update_policy  # noqa: E402
 from llm.backend import LLMBackend, SamplingConfig  # noqa: E402
 from llm.engine import RolloutEngine  # noqa: E402
-from llm.models import (TinyModelConfig, build_char_tokenizer, build_tiny_model, load_causal_lm,  # noqa: E402
-                        save_pretrained_dir)
+from llm.models import TinyModelConfig, build_char_tokenizer, build_tiny_model, load_causal_lm, save_pretrained_dir  # noqa: E402
 from llm.segmenters import make_segmenter  # noqa: E402
 from llm.tasks import ArithmeticStream, make_prompts  # noqa: E402
-from llm.vllm_engine import (VLLMEngine, VLLMEngineConfig, measure_logprob_mismatch,  # noqa: E402
-                             trainer_token_logprobs)
+from llm.vllm_engine import VLLMEngine, VLLMEngineConfig, measure_logprob_mismatch, trainer_token_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -44,7 +44,9 @@ class ToyBackend:
                     n = self.T - P0
                     mask = torch.arange(self.T) < n
                     full = torch.cat([prefix, toks[:n]])
-                    rows_tok.append(toks); rows_lp.append(lps); rows_mask.append(mask)
+                    rows_tok.append(toks)
+                    rows_lp.append(lps)
+                    rows_mask.append(mask)
                     rewards.append(float((full == self.correct[r.prompt]).all()))
                     ends.append(torch.arange(1, self.T + 1))
         return Rollouts(tokens=torch.stack(rows_tok), logprobs=torch.stack(rows_lp), mask=torch.stack(rows_mask),
