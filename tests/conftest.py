@@ -29,9 +29,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def _one_torch_thread_per_test():
     """Every test starts and ends with one torch thread, whatever the code under test set
     (the trainer sets its configured thread count; the simulator's CLI sets one)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for module-scoped fixtures that train (the per-test reset covers tests)."""
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
