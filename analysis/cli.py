@@ -4,23 +4,40 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
 
 from deepgrpo.config import ConfigError
+from deepgrpo.records import Interrupted
 
 
 def _study_parser(prog: str) -> argparse.ArgumentParser:
     from analysis.studies import STUDIES
-    p = argparse.ArgumentParser(prog=prog, description="Run a study in the simulator (resumable: finished "
-                                "runs in --out are skipped).")
+    p = argparse.ArgumentParser(prog=prog, description="Run a study in the simulator at equal total budget: "
+                                "each variant's learning rate is tuned first on tuning seeds (1000, 1001, ...), then "
+                                "every variant runs on the evaluation seeds until it has spent the budget. "
+                                "Resumable: finished runs in --out are skipped; Ctrl-C keeps them.")
     p.add_argument("name", choices=[*STUDIES, "all"], help="the study, or 'all' for every study in turn")
-    p.add_argument("--seeds", type=int, default=5, help="paired seeds per variant (default 5)")
+    p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per variant, each with its own "
+                   "problem set (default 5)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="reduced size (every study in under a minute in total)")
-    size.add_argument("--smoke", action="store_true", help="a pipeline check: two variants per study, 4 short "
-                      "steps (a second or two per study)")
+    size.add_argument("--quick", action="store_true", help="reduced size: a fifth of the budget, 3 rates on 1 "
+                      "tuning seed (every study in about a minute on 2 cores)")
+    size.add_argument("--smoke", action="store_true", help="a pipeline check: two variants per study, a small "
+                      "budget, 2 rates on 1 tuning seed (a few seconds per study)")
+    p.add_argument("--budget-unit", choices=["tokens", "rollouts"], default="tokens",
+                   help="what stops every run: its total generated tokens (default) or rollouts")
+    p.add_argument("--budget", type=int, default=None, help="total budget per run in --budget-unit (default: the "
+                   "size's: full 100,000 tokens / 15,000 rollouts)")
+    p.add_argument("--policy", choices=["tabular", "features"], default=None,
+                   help="the simulator's policy class for every run (default: the simulator's, tabular)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
+                   help="the simulator's optimizer for every run (default: the simulator's, adam)")
+    p.add_argument("--lr-grid", default=None, metavar="LR,LR,...",
+                   help="learning rates tried for every variant (default: the size's multiples of the "
+                   "simulator's default rate)")
     p.add_argument("--out", default="results", help="results directory (default ./results)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -59,18 +76,39 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
         from analysis.llm_recoverability import main as llm_recoverability_main
         return llm_recoverability_main(argv[1:], prog=f"{prog} llm-recoverability")
     args = _study_parser(prog).parse_args(argv)
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds = {args.seeds} is invalid: expected an integer in [1, inf)")
+    from analysis.protocol import TUNING_SEED_BASE
+    if not 1 <= args.seeds <= TUNING_SEED_BASE:
+        raise ConfigError(f"--seeds = {args.seeds} is invalid: expected an integer in [1, {TUNING_SEED_BASE}] "
+                          f"(evaluation seeds stay below the tuning seeds {TUNING_SEED_BASE}, ...)")
+    if args.budget is not None and args.budget < 1:
+        raise ConfigError(f"--budget = {args.budget} is invalid: expected an integer in [1, inf)")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers = {args.workers} is invalid: expected an integer in [1, inf)")
     from analysis.studies import STUDIES, run_study
     names = list(STUDIES) if args.name == "all" else [args.name]
     t0 = time.perf_counter()
+    runner = {k: v for k, v in (("policy", args.policy), ("optimizer", args.optimizer)) if v is not None}
+    rates = None
+    if args.lr_grid is not None:
+        bad = ConfigError(f"--lr-grid = {args.lr_grid!r} is invalid: expected comma-separated numbers > 0")
+        try:
+            rates = [float(x) for x in args.lr_grid.split(",")]
+        except ValueError:
+            raise bad from None
+        if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+            raise bad
+    done: list[str] = []
     for name in names:
         t = time.perf_counter()
         size = "quick" if args.quick else "smoke" if args.smoke else "full"
-        d = run_study(name, args.out, seeds=args.seeds, size=size, workers=args.workers,
-                      progress=not args.no_progress)
-        print(f"{name}: {d} ({time.perf_counter() - t:.1f} s)")
+        try:
+            d = run_study(name, args.out, seeds=args.seeds, size=size, workers=args.workers,
+                          progress=not args.no_progress, budget_unit=args.budget_unit, budget=args.budget,
+                          runner=runner, rates=rates)
+        except Interrupted as e:
+            before = f"finished studies kept: {', '.join(done)}; " if done else ""
+            raise Interrupted(f"{before}{e}") from None
+        done.append(name)
+        print(f"{name}: {d} ({time.perf_counter() - t:.1f} s)", flush=True)
     print(f"total wall time: {time.perf_counter() - t0:.1f} s")
     return 0

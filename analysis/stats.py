@@ -97,3 +97,162 @@ def paired_by_seed(frame: pd.DataFrame, column: str, value: str, a, b, seed: str
     """Paired difference of ``value`` between rows with ``column == a`` and ``column == b``,
     matched on ``seed`` (one row per (column, seed) expected)."""
     return paired_rows(frame[frame[column] == a], frame[frame[column] == b], value, seed)
+
+
+# ------------------------------------------------------------------------------------------
+# families of paired comparisons: Holm correction and equivalence tests
+
+ALPHA = 0.05
+"""Family-wise error rate of every finding (95 % intervals)."""
+
+EQUIVALENCE_MARGIN = 0.02
+"""Margin δ of the equivalence test (TOST) on pass@1-scale values (pass@1 at the budget, or
+its area over the budget range, both in [0, 1]): two methods are called equivalent only if
+their paired difference is shown to lie within (-δ, +δ)."""
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-adjusted p-values of a family (step-down: the i-th smallest of m p-values is
+    multiplied by m - i + 1 (i = 1..m), then made non-decreasing and capped at 1). NaN entries
+    stay NaN and are not counted in m."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    q = p[ok]
+    m = q.size
+    if m == 0:
+        return out
+    order = np.argsort(q, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+    res = np.empty(m)
+    res[order] = adj
+    out[ok] = res
+    return out
+
+
+def holm_confidence(pvalues, alpha: float = ALPHA) -> np.ndarray:
+    """Confidence level of each comparison's interval under Holm: the i-th smallest of m
+    p-values is tested at level alpha / (m - i + 1), so its interval has confidence
+    1 - alpha / (m - i + 1) (it excludes 0 exactly when that test rejects). NaN p-values get
+    the Bonferroni level 1 - alpha / m."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = max(int(np.isfinite(p).sum()), 1)
+    out = np.full(p.shape, 1.0 - alpha / m)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    out[order] = 1.0 - alpha / (m - np.arange(order.size))
+    return out
+
+
+def _paired_diffs(a, b) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples need equal shapes, got {a.shape} and {b.shape}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    return a[ok] - b[ok]
+
+
+def paired_pvalue(a, b) -> float:
+    """Two-sided p-value of the paired t-test of mean(a - b) = 0 (``scipy.stats.ttest_rel``);
+    NaN with fewer than two pairs; 1 or 0 when every difference is equal (0 or not)."""
+    d = _paired_diffs(a, b)
+    if d.size < 2:
+        return float("nan")
+    if np.all(d == d[0]):
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def tost_pvalue(a, b, margin: float) -> float:
+    """p-value of the paired two-one-sided-tests equivalence test (TOST) of
+    H0: |mean(a - b)| >= margin against H1: |mean(a - b)| < margin: the larger of the p-values
+    of the one-sided t-tests of mean > -margin and mean < +margin (n - 1 degrees of freedom).
+    Equivalence is shown at level alpha when it is below alpha (equivalently, when the
+    1 - 2·alpha interval lies within (-margin, +margin)). NaN with fewer than two pairs."""
+    if not margin > 0:
+        raise ValueError(f"margin = {margin} is invalid: expected a number > 0")
+    d = _paired_diffs(a, b)
+    n = d.size
+    if n < 2:
+        return float("nan")
+    m = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    if se == 0:
+        return 0.0 if abs(m) < margin else 1.0
+    p_low = stats.t.sf((m + margin) / se, n - 1)  # H0: mean <= -margin
+    p_high = stats.t.cdf((m - margin) / se, n - 1)  # H0: mean >= +margin
+    return float(max(p_low, p_high))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison of a family, after Holm correction.
+
+    name: what the reference is compared with; diff: mean of (reference - other) over paired
+    seeds with its Holm interval (confidence ``diff.confidence``, see :func:`holm_confidence`);
+    p: raw two-sided p-value; p_holm: Holm-adjusted; p_tost_holm: Holm-adjusted TOST p-value
+    (equivalence within ``margin``); alpha: family-wise level.
+    """
+
+    name: str
+    diff: Estimate
+    p: float
+    p_holm: float
+    p_tost_holm: float
+    margin: float
+    alpha: float = ALPHA
+
+    @property
+    def verdict(self) -> str:
+        """``higher`` / ``lower`` (Holm-significant difference), ``equivalent`` (TOST shows
+        |difference| < margin after Holm), else ``inconclusive`` (also with fewer than 2 seeds)."""
+        if np.isfinite(self.p_holm) and self.p_holm < self.alpha:
+            return "higher" if self.diff.mean > 0 else "lower"
+        if np.isfinite(self.p_tost_holm) and self.p_tost_holm < self.alpha:
+            return "equivalent"
+        return "inconclusive"
+
+    def fmt(self, digits: int = 3) -> str:
+        """``name: +0.023 [+0.004, +0.042], higher (Holm p = 0.012)``; an equivalence names its
+        margin; an interval that cannot be computed (one seed) is left out."""
+        d = self.diff
+        iv = (f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]" if np.isfinite(d.low) else "")
+        v = self.verdict
+        if v in ("higher", "lower"):
+            why = f"{v} (Holm p = {self.p_holm:.3g})"
+        elif v == "equivalent":
+            why = f"equivalent within ±{self.margin:g} (TOST Holm p = {self.p_tost_holm:.3g})"
+        elif not np.isfinite(self.p):
+            why = f"inconclusive (n = {d.n} paired seeds)"
+        else:
+            why = f"inconclusive (Holm p = {self.p_holm:.3g}; equivalence within ±{self.margin:g} not shown)"
+        return f"{self.name}: {d.mean:+.{digits}f}{iv}, {why}"
+
+
+def compare_pairs(pairs: list[tuple[str, pd.DataFrame, pd.DataFrame]], value: str,
+                  margin: float = EQUIVALENCE_MARGIN, alpha: float = ALPHA, seed: str = "seed") -> list[Comparison]:
+    """One family of paired comparisons: for each ``(name, a, b)`` (frames with one row per
+    seed), the mean of ``a[value] - b[value]`` over the seeds both hold; p-values and TOST
+    p-values Holm-corrected over the family, each difference with its Holm interval
+    (:func:`holm_confidence`)."""
+    arrays = []
+    for name, a, b in pairs:
+        sa, sb = a.set_index(seed)[value], b.set_index(seed)[value]
+        if not (sa.index.is_unique and sb.index.is_unique):
+            raise ValueError(f"comparison {name!r} needs one row per {seed} on each side")
+        common = sa.index.intersection(sb.index)
+        arrays.append((name, sa.loc[common].to_numpy(np.float64), sb.loc[common].to_numpy(np.float64)))
+    p = np.array([paired_pvalue(a, b) for _, a, b in arrays])
+    p_tost = np.array([tost_pvalue(a, b, margin) for _, a, b in arrays])
+    p_holm, p_tost_holm, conf = holm(p), holm(p_tost), holm_confidence(p, alpha)
+    return [Comparison(name, paired_difference(a, b, float(conf[i])), float(p[i]), float(p_holm[i]),
+                       float(p_tost_holm[i]), margin, alpha) for i, (name, a, b) in enumerate(arrays)]
+
+
+def compare_family(reference: pd.DataFrame, others: list[tuple[str, pd.DataFrame]], value: str,
+                   margin: float = EQUIVALENCE_MARGIN, alpha: float = ALPHA, seed: str = "seed") -> list[Comparison]:
+    """Paired comparisons of ``reference`` (one row per seed) against each frame in ``others``
+    (``(name, frame)``, one row per seed) on column ``value``, as one Holm family
+    (:func:`compare_pairs`). Seeds missing from either side of a pair are dropped from that pair."""
+    return compare_pairs([(name, reference, frame) for name, frame in others], value, margin, alpha, seed)

@@ -9,6 +9,11 @@ of the whole sweep, ``DIR/<name>.csv``, is rebuilt from the cell files at the en
 Table layout: ``study``, ``variant`` (a display label, never parsed), the cell's columns (e.g.
 ``N``, ``recovery``, ``gamma``), then the worker's row columns (``seed``, ``step``, ...).
 Analyses select and group by the columns.
+
+Processes: pool workers ignore Ctrl-C (SIGINT) and die with their parent (``PR_SET_PDEATHSIG``
+on Linux, and a watchdog thread everywhere), so neither Ctrl-C nor ``kill -9`` of a sweep
+leaves workers running. Ctrl-C stops the sweep at once (no queued cell starts; running cells
+are abandoned) and raises :class:`deepgrpo.records.Interrupted` saying what was kept.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -24,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from deepgrpo.records import write_csv_atomic
+from deepgrpo.records import Interrupted, write_csv_atomic
 
 RESERVED_COLUMNS = ("study", "variant", "seed")
 """Columns every sweep table has besides the cells' own (``seed`` comes from the cell if the
@@ -68,6 +76,46 @@ class Cell:
 
 def _cell_path(out_dir: Path, cell: Cell) -> Path:
     return out_dir / "cells" / f"{cell.key}.csv"
+
+
+WATCHDOG_INTERVAL_S = 0.2
+"""How often a pool worker checks that the sweep process that started it is still alive."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this process end when ``parent_pid`` (the sweep's process) ends: the kernel's
+    parent-death signal on Linux (immediate), and a daemon thread that exits the process when
+    its parent changes or ``parent_pid`` is gone (any platform, and any start method)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    first_parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != first_parent:
+                os._exit(1)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            threading.Event().wait(WATCHDOG_INTERVAL_S)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker set-up: Ctrl-C is the parent's to handle (it terminates the workers), and the
+    worker dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
 
 
 def _run_one(worker: Callable[[Cell], list[dict[str, Any]]], cell: Cell, path: str) -> int:
@@ -118,24 +166,59 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
         import torch
         threads = torch.get_num_threads()
         try:
-            for c in todo:
-                _run_one(worker, c, str(_cell_path(out, c)))
-                if bar:
-                    bar.update()
-        finally:
-            torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
+            try:
+                for c in todo:
+                    _run_one(worker, c, str(_cell_path(out, c)))
+                    if bar:
+                        bar.update()
+            finally:
+                torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
+        except KeyboardInterrupt:
+            _close(bar)
+            raise Interrupted(_kept(cells, out)) from None
     elif todo:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+        try:
             futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]
             for f in as_completed(futures):
                 f.result()
                 if bar:
                     bar.update()
-    if bar:
-        bar.close()
+        except KeyboardInterrupt:
+            _stop_pool(pool)
+            _close(bar)
+            raise Interrupted(_kept(cells, out)) from None
+        except BaseException:
+            _stop_pool(pool)
+            raise
+        pool.shutdown(wait=True)
+    _close(bar)
     table = pd.concat([pd.read_csv(_cell_path(out, c)) for c in cells], ignore_index=True) if cells else pd.DataFrame()
     write_csv_atomic(out / f"{name}.csv", table)
     return table
+
+
+def _close(bar) -> None:
+    """Close the progress bar (if any), so that a message after it starts on its own line."""
+    if bar is not None:
+        bar.close()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` now: cancel queued cells and kill running workers (an abandoned cell
+    leaves no file: cells are written atomically)."""
+    procs = list(getattr(pool, "_processes", {}).values())  # no public API to kill workers before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(5)
+
+
+def _kept(cells: Sequence[Cell], out: Path) -> str:
+    """What an interrupted sweep kept, in one line."""
+    return (f"{cells_done(cells, out)} of {len(cells)} runs are finished and kept in {out / 'cells'}; "
+            f"rerun the same command to resume")
 
 
 def cells_done(cells: Sequence[Cell], out_dir: str | os.PathLike) -> int:

@@ -110,3 +110,158 @@ def test_sweep_writes_cell_parameters_as_columns(tmp_path):
     for bad in ({"seed": 1}, {"variant": "x"}, {"M": [1, 2]}):
         with pytest.raises(ValueError, match="Cell column"):
             Cell("s", "v", 0, {}, bad)
+
+
+# -- Holm, TOST and families: hand-computed numbers ----------------------------------------------
+
+from analysis.stats import Comparison, compare_family, holm, holm_confidence, paired_pvalue, tost_pvalue  # noqa: E402
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # NaN is not counted: m = 2; 0.001 x 2 = 0.002, 0.5 x 1 = 0.5
+    out = holm([0.5, 0.001, float("nan")])
+    assert out[:2] == pytest.approx([0.5, 0.002]) and np.isnan(out[2])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    # interval levels: the i-th smallest p is tested at alpha / (m - i + 1)
+    assert holm_confidence([0.01, 0.04, 0.03], 0.05) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+
+
+def test_paired_t_and_tost_by_hand():
+    """d = a - b = (0.01, 0.02, 0.03): mean 0.02, sd 0.01, se 0.01/sqrt(3), 2 degrees of freedom,
+    where Student's t has the closed form F(t) = 1/2 + t / (2 sqrt(2 + t^2))."""
+    a, b = [0.51, 0.52, 0.53], [0.5, 0.5, 0.5]
+    F = lambda t: 0.5 + t / (2 * np.sqrt(2 + t * t))  # noqa: E731
+    t0 = 0.02 / (0.01 / np.sqrt(3))  # 2 sqrt(3)
+    assert paired_pvalue(a, b) == pytest.approx(2 * (1 - F(t0)), abs=1e-9)
+    assert paired_pvalue(a, b) == pytest.approx(0.0741799, abs=1e-6)
+    # margin 0.03: upper test t = (0.02 - 0.03) / se = -sqrt(3) -> p = F(-sqrt 3) = 0.1127017 (not shown)
+    assert tost_pvalue(a, b, 0.03) == pytest.approx(0.1127017, abs=1e-6)
+    # margin 0.05: t = -3 sqrt(3) -> 0.0175485 (lower test: t = 7 sqrt(3) -> 0.0033671): equivalent at 5 %
+    assert tost_pvalue(a, b, 0.05) == pytest.approx(0.0175485, abs=1e-6)
+    assert np.isnan(tost_pvalue([0.1], [0.2], 0.05)) and np.isnan(paired_pvalue([0.1], [0.2]))
+    assert tost_pvalue([0.1, 0.1], [0.1, 0.1], 0.01) == 0.0 and paired_pvalue([0.1, 0.1], [0.1, 0.1]) == 1.0
+    with pytest.raises(ValueError, match="margin"):
+        tost_pvalue(a, b, 0.0)
+
+
+def test_compare_family_verdicts_and_holm_intervals():
+    seeds = [0, 1, 2]
+    ref = pd.DataFrame({"seed": seeds, "v": [0.51, 0.52, 0.53]})
+    same = pd.DataFrame({"seed": seeds[::-1], "v": [0.5, 0.5, 0.5]})  # row order does not matter
+    low = pd.DataFrame({"seed": seeds, "v": [0.11, 0.10, 0.12]})
+    [c] = compare_family(ref, [("same", same)], "v", margin=0.05)
+    assert c.verdict == "equivalent" and c.p_tost_holm == pytest.approx(0.0175485, abs=1e-6)
+    assert c.diff.confidence == 0.95 and c.diff.mean == pytest.approx(0.02)
+    assert "equivalent within ±0.05" in c.fmt()
+    [c] = compare_family(ref, [("same", same)], "v", margin=0.03)
+    assert c.verdict == "inconclusive" and "not shown" in c.fmt()
+    fam = compare_family(ref, [("same", same), ("low", low)], "v", margin=0.03)
+    assert [c.verdict for c in fam] == ["inconclusive", "higher"]
+    # two comparisons: raw p-values Holm-adjusted, the smaller one's interval at 97.5 %
+    assert fam[1].p < fam[0].p and fam[1].p_holm == pytest.approx(2 * fam[1].p)
+    assert fam[0].p_holm == pytest.approx(max(fam[0].p, 2 * fam[1].p))
+    assert fam[1].diff.confidence == pytest.approx(0.975) and fam[0].diff.confidence == pytest.approx(0.95)
+    d = np.array([0.40, 0.42, 0.41])
+    half = stats.t.ppf(1 - 0.025 / 2, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert (fam[1].diff.low, fam[1].diff.high) == pytest.approx((d.mean() - half, d.mean() + half))
+    one = compare_family(ref.iloc[:1], [("low", low)], "v")[0]
+    assert one.verdict == "inconclusive" and "n = 1" in one.fmt()
+    assert isinstance(one, Comparison)
+
+
+# -- the equal-budget protocol --------------------------------------------------------------------
+
+from analysis.protocol import budget_table, choose_rates, common_end, value_and_auc  # noqa: E402
+
+
+def test_value_at_budget_and_auc_by_hand():
+    spend, value = np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 1.0])
+    # at 15: value 1; area = triangle 0-10 (5) + rectangle 10-15 (5) = 10, / 15
+    assert value_and_auc(spend, value, 15.0) == pytest.approx((1.0, 10 / 15))
+    # at 5: value 0.5; area = 0.5 * 5 * 0.5 = 1.25, / 5
+    assert value_and_auc(spend, value, 5.0) == pytest.approx((0.5, 0.25))
+    assert value_and_auc(spend, value, 20.0) == pytest.approx((1.0, 0.75))
+
+
+def _toy_runs(lr_b: float = 0.2) -> pd.DataFrame:
+    """Two variants, two seeds: a cheap one (10 tokens, 1 rollout per step) and a dear one (25
+    tokens, 5 rollouts per step), both stopped at a 50-token budget."""
+    rows = []
+    for variant, tok, ro, gain, lr in (("cheap", 10, 1, 0.1, 0.1), ("dear", 25, 5, 0.3, lr_b)):
+        for seed in (0, 1):
+            steps = int(np.ceil(50 / tok))
+            for t in range(steps + 1):
+                rows.append({"variant": variant, "seed": seed, "step": t, "tokens": tok * t, "rollouts": ro * t,
+                             "pass1": 0.1 + gain * t + 0.01 * seed, "lr": lr, "budget": 50, "budget_unit": "tokens"})
+    return pd.DataFrame(rows)
+
+
+def test_budget_table_on_the_common_grid():
+    runs = _toy_runs()
+    # tokens (the stopping unit): every run reached 50; rollouts: the cheap runs end at 5, the dear ones at 15
+    assert common_end(runs, "tokens") == 50 and common_end(runs, "rollouts") == 5
+    t = budget_table(runs).set_index(["variant", "seed"])
+    assert t.loc[("cheap", 0), "steps"] == 5 and t.loc[("dear", 0), "steps"] == 2
+    assert t.reached_budget.all()
+    # cheap, seed 0: pass1 = 0.1 + 0.1 * tokens / 10 -> 0.6 at 50 tokens; mean over 0-50 = 0.35
+    assert t.loc[("cheap", 0), "pass1_at_tokens"] == pytest.approx(0.6)
+    assert t.loc[("cheap", 0), "pass1_auc_tokens"] == pytest.approx(0.35)
+    # dear, seed 1: 0.11 + 0.3 * tokens / 25 -> 0.71 at 50; over rollouts 0-5 (1 step): 0.41 at 5, mean 0.26
+    assert t.loc[("dear", 1), "pass1_at_tokens"] == pytest.approx(0.71)
+    assert t.loc[("dear", 1), "pass1_at_rollouts"] == pytest.approx(0.41)
+    assert t.loc[("dear", 1), "pass1_auc_rollouts"] == pytest.approx(0.26)
+    # stopped at 4 rollouts instead: the common rollout range ends at the budget, not at 5
+    by_rollouts = runs.assign(budget=4, budget_unit="rollouts")
+    assert common_end(by_rollouts, "rollouts") == 4 and common_end(by_rollouts, "tokens") == 50
+    t = budget_table(by_rollouts).set_index(["variant", "seed"])
+    assert t.loc[("cheap", 0), "pass1_at_rollouts"] == pytest.approx(0.5)  # 0.1 + 0.1 * 4
+    assert t.reached_budget.all()
+
+
+def test_choose_rates_takes_the_best_criterion_and_flags_the_grid_edge():
+    runs = pd.concat([_toy_runs(0.2), _toy_runs(0.4).query("variant == 'dear'").assign(
+        pass1=lambda f: f.pass1 + 0.05)], ignore_index=True)
+    table = choose_rates(runs)
+    assert list(table.variant) == ["cheap", "dear", "dear"] and list(table.lr) == [0.1, 0.2, 0.4]
+    chosen = table[table.chosen]
+    assert dict(zip(chosen.variant, chosen.lr)) == {"cheap": 0.1, "dear": 0.4}
+    # criterion = mean over seeds of the tokens AUC: dear at 0.2: 0.1 + 0.3 * 1 + 0.005 = 0.405
+    dear = table.set_index(["variant", "lr"]).criterion
+    assert dear["dear", 0.2] == pytest.approx(0.405) and dear["dear", 0.4] == pytest.approx(0.455)
+    assert table.set_index(["variant", "lr"]).loc[("dear", 0.4), "edge"]
+    assert not table.set_index(["variant", "lr"]).loc[("cheap", 0.1), "edge"]  # a grid of one has no edge
+
+
+CALLS_BEFORE_STOP = []
+
+
+def interrupting_worker(cell: Cell):
+    if cell.seed == 2:
+        raise KeyboardInterrupt
+    CALLS_BEFORE_STOP.append(cell.seed)
+    return [{"step": 0, "value": 1.0}]
+
+
+def test_ctrl_c_in_a_sweep_keeps_finished_cells_and_says_so(tmp_path):
+    from deepgrpo.records import Interrupted
+    cells = [Cell("s", "v", seed, {}) for seed in range(4)]
+    with pytest.raises(Interrupted, match=r"2 of 4 runs are finished and kept in .*cells; rerun the same command"):
+        run_sweep(cells, interrupting_worker, tmp_path, "runs", workers=1, progress=False)
+    assert CALLS_BEFORE_STOP == [0, 1] and cells_done(cells, tmp_path) == 2
+    assert not (tmp_path / "runs.csv").exists()
+
+
+def test_extend_grids_moves_past_an_end_where_the_best_rate_lies_up_to_the_limits():
+    from analysis.protocol import extend_grids
+    table = pd.DataFrame({"variant": ["a", "a", "b", "b", "c", "c", "c"], "lr": [0.1, 0.2, 0.1, 0.2, 0.1, 0.2, 0.4],
+                          "chosen": [False, True, True, False, False, True, False]})
+    grids = {"a": [0.1, 0.2], "b": [0.1, 0.2], "c": [0.1, 0.2, 0.4]}
+    assert extend_grids(table, grids, 0.05, 0.4)
+    # a: best at the top -> 0.4; b: best at the bottom -> 0.05; c: best inside -> unchanged
+    assert grids == {"a": [0.1, 0.2, 0.4], "b": [0.1, 0.2, 0.05], "c": [0.1, 0.2, 0.4]}
+    at_limits = pd.DataFrame({"variant": ["a", "a", "b", "b"], "lr": [0.2, 0.4, 0.05, 0.1],
+                              "chosen": [False, True, True, False]})
+    grids = {"a": [0.2, 0.4], "b": [0.05, 0.1]}
+    assert not extend_grids(at_limits, grids, 0.05, 0.4) and grids == {"a": [0.2, 0.4], "b": [0.05, 0.1]}

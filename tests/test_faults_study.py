@@ -1,0 +1,149 @@
+"""Fault injection for ``deepgrpo study`` (``pytest -m faults``): SIGKILL of the study process at
+random moments and in the middle of a save, and Ctrl-C.
+
+What must hold: no pool worker outlives its study process; a rerun of the same command finishes
+the study with tables byte-identical to an uninterrupted run's; Ctrl-C ends the command promptly
+with exit code 130 and one line saying what was kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.faults
+
+STUDY = "lambda-k"
+TABLES = ("runs.csv", "summary.csv", "tuned_lr.csv", "tuning/runs.csv")
+"""The study's tables (the figure and study.json carry wall times and are not compared)."""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEEPGRPO_FAILPOINT"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _args(out: Path, workers: int = 2) -> list[str]:
+    return [sys.executable, "-m", "deepgrpo.cli", "study", STUDY, "--smoke", "--seeds", "2", "--workers", str(workers),
+            "--no-progress", "--out", str(out)]
+
+
+def _start(out: Path, workers: int = 2, **env: str) -> subprocess.Popen:
+    """The study in its own session (so that its workers can be found, and a Ctrl-C can be sent
+    to its whole process group as a terminal would)."""
+    return subprocess.Popen(_args(out, workers), env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _session_alive(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``."""
+    alive = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            alive.append(int(d.name))
+    return alive
+
+
+def _assert_session_ends(sid: int, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while _session_alive(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _session_alive(sid) == [], f"processes of the killed study survive: {_session_alive(sid)}"
+
+
+def _tables(out: Path) -> dict[str, bytes]:
+    return {t: (out / STUDY / t).read_bytes() for t in TABLES}
+
+
+def _half_written(out: Path) -> list[Path]:
+    """Visible files that a user may load but are empty (temporary files are dot-prefixed)."""
+    return [p for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0
+            and not any(part.startswith(".") for part in p.relative_to(out).parts)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("reference")
+    p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return _tables(out)
+
+
+def _wait_for_cells(p: subprocess.Popen, out: Path, timeout_s: float = 60.0) -> None:
+    """Wait until the study is running its cells (its pool exists)."""
+    deadline = time.monotonic() + timeout_s
+    while not (out / STUDY / "tuning" / "cells").is_dir():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_study_killed_at_random_moments_leaves_no_worker_and_reruns_identically(reference, tmp_path):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "killed"
+    kills = 0
+    for delay in rng.uniform(0.0, 2.5, size=4):
+        p = _start(out)
+        _wait_for_cells(p, out)
+        time.sleep(delay)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)  # the study process only, as `kill -9 PID` does
+            kills += 1
+        p.communicate()
+        _assert_session_ends(p.pid)
+        assert _half_written(out) == []
+    assert kills >= 2
+    p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _tables(out) == reference
+
+
+def test_study_killed_while_saving_reruns_identically(reference, tmp_path):
+    out = tmp_path / "failpoint"
+    # one worker: the study process itself writes every cell; die in the middle of its 5th save
+    p = _start(out, workers=1, DEEPGRPO_FAILPOINT="atomic-write:5")
+    p.communicate(timeout=600)
+    assert p.returncode == -signal.SIGKILL
+    assert _half_written(out) == [] and list(out.rglob(".*.tmp"))  # the half-written file stayed hidden
+    p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _tables(out) == reference
+
+
+def test_ctrl_c_stops_the_study_promptly_in_one_line_and_a_rerun_resumes(reference, tmp_path):
+    out = tmp_path / "ctrl-c"
+    p = _start(out)
+    _wait_for_cells(p, out)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
+    stdout, stderr = p.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 130, stderr
+    assert elapsed < 5.0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"deepgrpo study: interrupted; study {STUDY}")
+    assert "finished and kept in" in lines[0] and "rerun the same command to resume" in lines[0]
+    _assert_session_ends(p.pid)
+    cells = sorted((out / STUDY).rglob("cells/*.csv"))
+    time.sleep(0.5)
+    assert sorted((out / STUDY).rglob("cells/*.csv")) == cells  # nothing queued started after Ctrl-C
+    p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _tables(out) == reference
