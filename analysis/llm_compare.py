@@ -22,14 +22,16 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from deepgrpo.config import ConfigError, check_range
+from deepgrpo.flags import OptionSet, load_config_file
 from deepgrpo.records import write_csv_atomic, write_text_atomic
 
 DEFAULT_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -43,7 +45,8 @@ DEFAULT_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 """(label, method, overrides) compared by default: GRPO at three group sizes, the paper's
 root-only ablation and DEEP-GRPO with the position-only and the state-aware estimator."""
 
-def metrics(cfg: "LLMCompareConfig") -> tuple[str, str, str]:
+
+def metrics(cfg: LLMCompareConfig) -> tuple[str, str, str]:
     """Held-out metrics compared (the trainer's ``eval/`` columns): greedy and sampled mean@1
     and pass@k with k = ``eval_samples``."""
     return ("greedy_mean@1", "sampled_mean@1", f"pass@{cfg.eval_samples}")
@@ -58,11 +61,13 @@ class LLMCompareConfig:
         boundary past it).
     seeds: training seeds 0..seeds-1 (data order and sampling; the held-out set is the same).
     prompts_per_step: prompts per step (paper: 64).
-    lr: AdamW learning rate; lr_warmup_steps: its linear warm-up.
-    eval_problems: held-out problems; eval_samples: sampled responses per problem (pass@k with
-        k = eval_samples).
+    lr: AdamW learning rate (one for every method).
+    lr_warmup_steps: its linear warm-up.
+    eval_problems: held-out problems.
+    eval_samples: sampled responses per problem (pass@k with k = eval_samples).
     threads: torch CPU threads.
     steps_cap: the most steps any run may take (a safety cap; the budget binds first).
+    methods: (label, method, overrides) compared (default :data:`DEFAULT_METHODS`).
     """
 
     model: str
@@ -180,16 +185,17 @@ def comparison_markdown(cfg: LLMCompareConfig, final: pd.DataFrame, comp: pd.Dat
              "t-interval over seeds, in points; Δ is the paired difference to GRPO N=8.", "",
              f"| method | steps | rollouts | tokens | greedy | sampled | {pk} | Δ sampled vs N=8 | Δ {pk} vs N=8 |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def cell(r: pd.Series, key: str) -> str:
+        v, pm = r.get(key, np.nan), r.get(f"{key}_pm", np.nan)
+        if not np.isfinite(v):
+            return "—"
+        pm_text = f" ± {pm:.1f}" if np.isfinite(pm) else ""
+        return f"{v:+.1f}{pm_text}" if " - " in key else f"{v:.1f}{pm_text}"
+
     for _, r in comp.iterrows():
-        def cell(key: str) -> str:
-            v, pm = r.get(key, np.nan), r.get(f"{key}_pm", np.nan)
-            if not np.isfinite(v):
-                return "—"
-            pm_text = f" ± {pm:.1f}" if np.isfinite(pm) else ""
-            return f"{v:+.1f}{pm_text}" if " - " in key else f"{v:.1f}{pm_text}"
         lines.append(f"| {r['label']} | {r['steps']:.0f} | {r['rollouts']:,.0f} | {r['tokens']:,.0f} | "
-                     f"{cell(g)} | {cell(smp)} | {cell(pk)} | "
-                     f"{cell(f'{smp} - GRPO N=8')} | {cell(f'{pk} - GRPO N=8')} |")
+                     f"{cell(r, g)} | {cell(r, smp)} | {cell(r, pk)} | "
+                     f"{cell(r, f'{smp} - GRPO N=8')} | {cell(r, f'{pk} - GRPO N=8')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,26 +211,38 @@ def write_comparison(cfg: LLMCompareConfig, out: str | Path, dirs: Sequence[Path
     return write_text_atomic(out / "COMPARISON.md", comparison_markdown(cfg, final, comp))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analysis.llm_compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
-    p = argparse.ArgumentParser(prog="deepgrpo study llm-compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="SFT start (deepgrpo llm sft output)")
+@dataclass
+class LLMCompareSettings:
+    """Everything ``deepgrpo study llm-compare`` can set.
+
+    compare: the comparison (model, budget, seeds, loop, evaluation).
+    """
+
+    compare: LLMCompareConfig = field(default_factory=lambda: LLMCompareConfig(model=""))
+
+
+OPTIONS = OptionSet(LLMCompareSettings, reserved=("out", "quick", "shard", "config", "set", "help"),
+                    hidden=("compare.methods",))
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-compare") -> int:
+    """``deepgrpo study llm-compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
-    for f in dataclasses.fields(LLMCompareConfig):
-        if f.name not in ("model", "methods"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     p.add_argument("--quick", action="store_true", help="two methods, one seed, a tiny budget (tests)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="train only runs I, I+N, ... (N processes share the runs); the tables are written by "
                         "the process that finds every run finished")
+    OPTIONS.add_arguments(p)
     a = p.parse_args(argv)
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(LLMCompareConfig)
-          if f.name not in ("model", "methods") and getattr(a, f.name) is not None}
-    if a.quick:
-        kw = {"budget": 3000, "seeds": 1, "prompts_per_step": 4, "eval_problems": 8, "eval_samples": 2, **kw}
-        kw["methods"] = [DEFAULT_METHODS[0], DEFAULT_METHODS[4]]
     try:
-        cfg = LLMCompareConfig(model=a.model, **kw)
+        quick = {"budget": 3000, "seeds": 1, "prompts_per_step": 4, "eval_problems": 8, "eval_samples": 2,
+                 "methods": [DEFAULT_METHODS[0], DEFAULT_METHODS[4]]} if a.quick else {}
+        base = LLMCompareSettings(compare=dataclasses.replace(LLMCompareConfig(model=""), **quick))
+        file_layer = OPTIONS.file_values(load_config_file(a.config))[0] if a.config else {}
+        cfg = OPTIONS.build(base, file_layer, OPTIONS.flag_values(a), OPTIONS.set_values(a.set)).compare
+        if not cfg.model:
+            raise ConfigError("--model is required: the SFT start of every run", owner="--model")
         i, _, n = a.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise ConfigError(f"--shard = {a.shard!r} is invalid: expected I/N with 0 <= I < N", owner="--shard")
@@ -234,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         path = write_comparison(cfg, a.out, dirs)
     except ConfigError as e:
-        print(f"deepgrpo study llm-compare: error: {e}", file=sys.stderr)
+        option = OPTIONS.option_of(e)
+        where = f"{option}: " if option and not str(e).startswith(option) else ""
+        print(f"{prog}: error: {where}{e}", file=sys.stderr)
         return 2
     print(path.read_text())
     return 0

@@ -120,6 +120,11 @@ def build_report(results: str | Path) -> str:
         lines += ["**Findings**", ""] + [f"- {f}" for f in study.findings(runs)] + [""]
         summary = study.summary(runs)
         lines += [markdown_table(summary), ""]
+    from analysis.llm_recoverability import report_section as llm_recoverability_section
+    llm = llm_recoverability_section(root)  # the LLM study, from the same directory if it was run there
+    if llm is not None:
+        found += 1
+        lines += llm + [""]
     if found == 0:
         raise FileNotFoundError(f"no study results under {root}: run `deepgrpo study NAME --out {root}` first")
     return "\n".join(lines)
