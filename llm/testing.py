@@ -48,9 +48,11 @@ def memorize(model: Any, tokenizer: Any, problems: Sequence[Problem], steps: int
     return losses
 
 
-def save_micro_model(path: str | Path, problems: Sequence[Problem] = (), steps: int = 60, seed: int = 0) -> Path:
-    """Build a micro model, optionally :func:`memorize` ``problems``, and save it to ``path``."""
-    model, tok = micro_model(seed)
+def save_micro_model(path: str | Path, problems: Sequence[Problem] = (), steps: int = 60, seed: int = 0,
+                     config: TinyModelConfig = MICRO) -> Path:
+    """Build a micro model (shape ``config``), optionally :func:`memorize` ``problems``, and save
+    it to ``path``."""
+    model, tok = micro_model(seed, config)
     if problems:
         memorize(model, tok, problems, steps=steps, seed=seed)
     return save_pretrained_dir(model, tok, path)

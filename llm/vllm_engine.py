@@ -178,7 +178,11 @@ class VLLMEngine:
         kwargs: dict[str, Any] = dict(
             model=str(Path(model_dir)), dtype=c.dtype, seed=c.seed, enable_prefix_caching=c.enable_prefix_caching,
             enforce_eager=c.enforce_eager, gpu_memory_utilization=c.gpu_memory_utilization,
-            logprobs_mode="processed_logprobs", max_model_len=c.max_model_len)
+            logprobs_mode="processed_logprobs", max_model_len=c.max_model_len,
+            # a request whose prompt is split over two steps has its first sampled token discarded,
+            # and vLLM then rewinds that request's seeded generator, which CPU generators cannot do
+            # ("CPU Generator does not use offset"): every row here is seeded, so no chunking
+            enable_chunked_prefill=False)
         kv_gib = c.kv_cache_gib if c.kv_cache_gib is not None or self.on_gpu else CPU_KV_CACHE_GIB
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)

