@@ -167,3 +167,13 @@ def test_groups_of_one_are_rejected_not_silently_wasted():
             method_config("deep-grpo", **kw)
         assert e.value.field == field and "[2, inf)" in str(e.value)
     assert method_config("grpo", G=2).explore.G == 2
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", float("inf")])
+def test_non_finite_rates_are_rejected_in_the_backends_configs_too(value):
+    from llm.trainer import TrainConfig
+    from sims.runner import RunnerConfig
+    for cls, field in ((TrainConfig, "lr"), (RunnerConfig, "lr"), (TrainConfig, "max_grad_norm")):
+        with pytest.raises(ConfigError) as e:
+            from_dict(cls, {field: value})
+        assert e.value.field == field

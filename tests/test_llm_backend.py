@@ -408,6 +408,12 @@ def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path,
     rec = json.loads((out / "config.json").read_text())
     assert rec["train"]["steps"] == 3 and rec["resumes"] == [{"at_step": 2, "changed": {"steps": 3}}]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    # the README's `llm eval --checkpoint RUN_DIR`: a run directory's config.json is the run's, its model
+    # is in checkpoint/ (this used to crash on the run's config.json)
+    code, cap = _cli(["eval", "--checkpoint", str(out), "--n-problems", "2", "--samples", "0", "--threads", "1",
+                      "--out", str(tmp_path / "ev.json")], capsys)
+    assert code == 0, cap.err
+    assert json.loads((tmp_path / "ev.json").read_text())["checkpoint"] == str(out / "checkpoint")
 
 
 def test_simulator_and_llm_records_share_the_cores_columns(model_dir, tmp_path):

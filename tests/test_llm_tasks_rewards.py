@@ -292,3 +292,27 @@ def test_math_reward_works_from_a_worker_thread_with_a_timeout_that_holds():
     assert not th.is_alive()
     assert (out["right"], out["wrong"], out["slow"], out["after"]) == (1.0, 0.0, 0.0, 1.0)
     assert out["slow_s"] < 8.0
+
+
+def test_task_detection_reads_the_whole_file_and_dropped_rows_are_counted(tmp_path):
+    """A GSM8K file whose *first* answer lacks '####' used to be taken for the arithmetic task
+    (every reward 0, exit 0); rows without '####' were dropped without a word."""
+    import json
+    import warnings
+
+    from deepgrpo.config import ConfigError
+    rows = [{"question": "q0", "answer": "some reasoning without a final line"}]
+    rows += [{"question": f"q{i}", "answer": f"reasoning\n#### {i}"} for i in range(1, 12)]
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        problems = load_problems(f)
+    assert {p.task for p in problems} == {"gsm8k"} and len(problems) == 11
+    assert any("dropped 1 of 12 rows" in str(w.message) for w in caught)
+    f.write_text("\n".join(json.dumps(r) for r in rows[:1] + rows[1:3]))  # 1 of 3 dropped: above the limit
+    with pytest.raises(ConfigError, match="1 of 3 rows have no question or no reference answer"):
+        load_problems(f)
+    f.write_text(json.dumps({"question": "q", "answer": "free text"}))  # neither GSM8K nor arith
+    with pytest.raises(ConfigError, match="cannot tell the task; pass --task"):
+        load_problems(f)
