@@ -19,9 +19,10 @@ def _study_parser(prog: str) -> argparse.ArgumentParser:
                                 "each variant's learning rate is tuned first on tuning seeds (1000, 1001, ...), then "
                                 "every variant runs on the evaluation seeds until it has spent the budget. "
                                 "Resumable: finished runs in --out are skipped; Ctrl-C keeps them.")
-    p.add_argument("name", choices=[*STUDIES, "all"], help="the study, or 'all' for every simulator study in turn; "
-                   "the LLM studies `llm-recoverability` and `llm-compare` take their own options (see "
-                   "`deepgrpo study llm-recoverability --help`)")
+    p.add_argument("name", choices=[*STUDIES, "all"],
+                   help="the study, or 'all' for every simulator study in turn; `theory` (exact oracle curves) and "
+                        "the LLM studies `llm-recoverability` and `llm-compare` take their own options (see "
+                        "`deepgrpo study llm-recoverability --help`)")
     p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per variant, each with its own "
                    "problem set (default 5)")
     size = p.add_mutually_exclusive_group()
@@ -77,6 +78,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
     if argv[:1] == ["llm-recoverability"]:  # an LLM study with its own options (analysis/llm_recoverability.py)
         from analysis.llm_recoverability import main as llm_recoverability_main
         return llm_recoverability_main(argv[1:], prog=f"{prog} llm-recoverability")
+    if argv[:1] == ["theory"]:  # exact curves from the oracle, no training (analysis/theory.py)
+        from analysis.theory import main as theory_main
+        return theory_main(argv[1:], prog=f"{prog} theory")
     if argv[:1] == ["llm-compare"]:  # methods on a real LM at equal generated tokens (analysis/llm_compare.py)
         from analysis.llm_compare import main as llm_compare_main
         return llm_compare_main(argv[1:], prog=f"{prog} llm-compare")
