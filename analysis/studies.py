@@ -810,7 +810,9 @@ LADDER = {"grpo N=8": ("grpo", {"G": 8}, "root sampling only"),
           "deep-depth-only": ("deep-depth-only", {}, "pivots by depth alone (r^γ)"),
           "deep-grpo": ("deep-grpo", {}, "the position-only P̂ (DEEP-GRPO)"),
           "deep-state": ("deep-state", {}, "a state-aware P̂"),
-          "oracle-pivot": ("oracle-pivot", {}, "the exact P(success | prefix) (simulator truth)")}
+          "oracle-pivot": ("oracle-pivot", {}, "the exact P(success | prefix) (simulator truth)"),
+          "oracle-informative": ("oracle-informative", {}, "the pivot most likely to give a mixed K-group per "
+                                                          "generated token (simulator truth)")}
 """The ladder of DEEP-GRPO's ingredients (DESIGN.md), in order: variant -> (method, overrides,
 what this rung adds to the previous one). Every rung has G = 8 main chains."""
 LADDER_PARAMS = ("rung", "method")
