@@ -120,6 +120,9 @@ def build_report(results: str | Path) -> str:
         lines += ["**Findings**", ""] + [f"- {f}" for f in study.findings(runs)] + [""]
         summary = study.summary(runs)
         lines += [markdown_table(summary), ""]
+    theory = root / "theory" / "section.md"  # the exact oracle curves (`deepgrpo study theory`), if run here
+    if theory.is_file():
+        lines += theory.read_text().splitlines() + [""]
     from analysis.llm_recoverability import report_section as llm_recoverability_section
     llm = llm_recoverability_section(root)  # the LLM study, from the same directory if it was run there
     if llm is not None:
