@@ -13,7 +13,6 @@ and every value goes through :mod:`deepgrpo.overrides` (typed by the field's ann
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -183,8 +182,3 @@ def _metavar(leaf: Leaf) -> str:
         if word in name:
             return meta + ("|none" if name.endswith("or none") else "")
     return "VALUE"
-
-
-def resolved_dict(config: Any) -> dict[str, Any]:
-    """The fully resolved config as a JSON-ready nested dict (what a run writes next to its results)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=list))

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
-from deepgrpo.overrides import apply_overrides, leaves
+from deepgrpo.overrides import apply_overrides, leaf_values
 
 METHODS: dict[str, dict[str, dict[str, Any]]] = {
     # plain GRPO: root sampling only, otherwise identical to deep-grpo (advantages and loss), so
@@ -57,12 +57,5 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None, **flat:
 def preset_overrides(name: str, config: AlgoConfig) -> dict[str, Any]:
     """``{dotted key: value}`` of the fields where ``config`` differs from method ``name``'s
     preset (what a run must record to rebuild ``config`` from the method's name)."""
-    base = method_config(name)
-    out = {}
-    for leaf in leaves(AlgoConfig):
-        a, b = base, config
-        for part in leaf.path:
-            a, b = getattr(a, part), getattr(b, part)
-        if a != b:
-            out[leaf.key] = b
-    return out
+    base = leaf_values(method_config(name))
+    return {k: v for k, v in leaf_values(config).items() if base[k] != v}

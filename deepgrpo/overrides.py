@@ -171,9 +171,16 @@ def from_dict(cls: type, d: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Nested plain dict (JSON-ready) of a config dataclass; tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+def leaf_values(config: Any) -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf of dataclass ``config`` (see :func:`leaves`): what
+    two configs are compared by (a method's preset, a resumed run)."""
+    out = {}
+    for leaf in leaves(type(config)):
+        value = config
+        for part in leaf.path:
+            value = getattr(value, part)
+        out[leaf.key] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------

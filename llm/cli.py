@@ -238,7 +238,7 @@ def cmd_sft(a: argparse.Namespace) -> int:
 
 def _resume_config(a: argparse.Namespace, out: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The config of a resumed run and the changes it applies (only :data:`RESUMABLE_CHANGES`)."""
-    from deepgrpo.flags import resolved_dict
+    from deepgrpo.overrides import leaf_values
     cfg_file = out / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"--resume is invalid: {str(cfg_file)!r} does not exist", owner="--resume")
@@ -248,7 +248,7 @@ def _resume_config(a: argparse.Namespace, out: Path) -> tuple[TrainConfig, dict[
         raise ConfigError(f"--resume is invalid: {str(cfg_file)!r} is not a run config ({e})",
                           owner="--resume") from None
     cfg = resolve_train(a, saved)
-    old, new = _flat(resolved_dict(saved)), _flat(resolved_dict(cfg))
+    old, new = leaf_values(saved), leaf_values(cfg)
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     refused = [k for k in changed if "train." + k not in RESUMABLE_CHANGES]
     if refused:
@@ -256,16 +256,6 @@ def _resume_config(a: argparse.Namespace, out: Path) -> tuple[TrainConfig, dict[
                           + ", ".join(f"{k} = {changed[k][0]!r}" for k in refused)
                           + "); start a new run in another --out", owner="--resume", field=refused[0])
     return cfg, {k: v for k, (_, v) in changed.items()}
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "vllm"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def cmd_train(a: argparse.Namespace) -> int:
