@@ -265,3 +265,22 @@ def test_extend_grids_moves_past_an_end_where_the_best_rate_lies_up_to_the_limit
                               "chosen": [False, True, True, False]})
     grids = {"a": [0.2, 0.4], "b": [0.05, 0.1]}
     assert not extend_grids(at_limits, grids, 0.05, 0.4) and grids == {"a": [0.2, 0.4], "b": [0.05, 0.1]}
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+def test_fast_t_functions_equal_scipy_stats(n):
+    """The intervals and p-values go through scipy.special's t ufuncs for speed; they must equal
+    scipy.stats' t-interval, ttest_rel and the one-sided t tails."""
+    from scipy import stats as st
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    e = mean_ci(a)
+    assert np.allclose([e.low, e.high], st.t.interval(0.95, df=n - 1, loc=a.mean(), scale=st.sem(a)), rtol=1e-12)
+    d = paired_difference(a, b, 0.99)
+    ci = st.ttest_rel(a, b).confidence_interval(0.99)
+    assert np.allclose([d.low, d.high], [ci.low, ci.high], rtol=1e-12)
+    assert np.isclose(paired_pvalue(a, b), st.ttest_rel(a, b).pvalue, rtol=1e-12)
+    diff = a - b
+    m, se = diff.mean(), diff.std(ddof=1) / np.sqrt(n)
+    ref = max(st.t.sf((m + 0.3) / se, n - 1), st.t.cdf((m - 0.3) / se, n - 1))
+    assert np.isclose(tost_pvalue(a, b, 0.3), ref, rtol=1e-12)
