@@ -99,8 +99,9 @@ def value_and_auc(spend: np.ndarray, value: np.ndarray, end: float) -> tuple[flo
     return float(ys[-1]), area / end
 
 
-def budget_table(runs: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """One row per run (``variant``, ``seed``) on the common budget grid of ``runs``.
+def budget_table(runs: pd.DataFrame, keep: tuple[str, ...] = (), ends: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per run (``variant``, ``seed``) on the common budget grid of ``runs``, or at the
+    given ``ends`` (``{unit: budget}``; default: :func:`common_end` of every unit).
 
     Columns: ``variant``, ``seed``, the ``keep`` columns and :data:`PROTOCOL_COLUMNS` (constant
     within a run), ``steps`` (steps taken), final ``rollouts`` and ``tokens``, ``pass1_start``
@@ -109,7 +110,7 @@ def budget_table(runs: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFrame
     the common range in u) and ``m_auc_u`` (mean value over it).
     """
     unit, budget = stopping(runs)
-    ends = {u: common_end(runs, u) for u in BUDGET_UNITS}
+    ends = {u: common_end(runs, u) for u in BUDGET_UNITS} if ends is None else ends
     metrics = curve_metrics(runs)
     rows = []
     cols = list(dict.fromkeys([*keep, *PROTOCOL_COLUMNS]))
@@ -176,14 +177,15 @@ def extend_grids(table: pd.DataFrame, grids: dict[str, list[float]], lowest: flo
     return grown
 
 
-def choose_rates(tuning_runs: pd.DataFrame) -> pd.DataFrame:
+def choose_rates(tuning_runs: pd.DataFrame, unit: str | None = None,
+                 ends: dict[str, float] | None = None) -> pd.DataFrame:
     """The tuning table: one row per (variant, lr) with ``criterion`` (:data:`TUNING_CRITERION`:
     mean over tuning seeds of the AUC of training pass@1 over the common range of the stopping
-    unit), ``criterion_sd`` (over seeds), ``n`` (seeds), ``chosen`` (the variant's best rate;
-    ties go to the smaller rate) and ``edge`` (the chosen rate is the smallest or largest of the
-    grid: the best rate may lie outside it)."""
-    unit, _ = stopping(tuning_runs)
-    per = budget_table(tuning_runs)
+    unit, or of ``unit`` over [0, ``ends[unit]``] when given), ``criterion_sd`` (over seeds),
+    ``n`` (seeds), ``chosen`` (the variant's best rate; ties go to the smaller rate) and ``edge``
+    (the chosen rate is the smallest or largest of the grid: the best rate may lie outside it)."""
+    unit = stopping(tuning_runs)[0] if unit is None else unit
+    per = budget_table(tuning_runs, ends=ends)
     crit = f"pass1_auc_{unit}"
     out = (per.groupby(["variant", "lr"], sort=False)[crit]
            .agg(criterion="mean", criterion_sd="std", n="count").reset_index())

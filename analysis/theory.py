@@ -85,19 +85,21 @@ def regime_curves(spec_overrides: dict[str, Any], K: int = 8, seed: int = 0) -> 
     return out
 
 
-def theory_table(K: int = 8, seed: int = 0) -> pd.DataFrame:
-    """The curves of every regime (``recovery`` and ``heterogeneity`` columns)."""
+def theory_table(K: int = 8, seed: int = 0, spec: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The curves of every regime (``recovery`` and ``heterogeneity`` columns), on problem sets
+    of ``spec`` (TokenTreeSpec overrides; default: the simulator's default spec)."""
     frames = []
     for rec, over in RECOVERY_MODELS.items():
         for h in HETEROGENEITY:
-            c = regime_curves({**over, "heterogeneity": h}, K=K, seed=seed)
+            c = regime_curves({**(spec or {}), **over, "heterogeneity": h}, K=K, seed=seed)
             c.insert(0, "heterogeneity", h)
             c.insert(0, "recovery", rec)
             frames.append(c)
     return pd.concat(frames, ignore_index=True)
 
 
-def _figure(table: pd.DataFrame, path: Path) -> None:
+def figure(table: pd.DataFrame, path: Path) -> None:
+    """The three panels of :func:`theory_table`'s curves, one line per regime, saved to ``path``."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -120,12 +122,12 @@ def _figure(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def section(table: pd.DataFrame, K: int) -> list[str]:
-    """Findings computed from the curves (markdown lines)."""
-    lines = [f"## {STUDY}", "", "Exact curves from the oracle for the pre-trained policy (no sampling): "
+def section(table: pd.DataFrame, K: int, heading: str = f"## {STUDY}", image: str = "theory/theory.png") -> list[str]:
+    """Findings computed from the curves (markdown lines) under ``heading``, showing ``image``."""
+    lines = [heading, "", "Exact curves from the oracle for the pre-trained policy (no sampling): "
              f"E[s(X_k) | fail] against the root's p, the chance of a mixed K = {K} group, and both per generated "
              "token (a branch from depth k generates only the remaining tokens).", "",
-             "![theory](theory/theory.png)", ""]
+             f"![theory]({image})", ""]
     for (rec, h), g in table.groupby(["recovery", "heterogeneity"], sort=False):
         inner = g[(g.k > 0) & (g.k < g.k.max())]
         gap = float((inner.identity - inner.s_fail).abs().max())
@@ -147,7 +149,7 @@ def run(out: str | Path, K: int = 8, seed: int = 0) -> Path:
     table = theory_table(K=K, seed=seed)
     d.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(d / "curves.csv", table)
-    _figure(table, d / "theory.png")
+    figure(table, d / "theory.png")
     write_text_atomic(d / "section.md", "\n".join(section(table, K)) + "\n")
     return d
 

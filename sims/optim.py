@@ -25,6 +25,11 @@ import torch
 OPTIMIZERS = ("adam", "sgd")
 """Names accepted by ``RunnerConfig.optimizer``."""
 
+DEFAULT_LR = {"adam": 0.2, "sgd": 100.0}
+"""A working learning rate per optimizer on the simulator's policies with the default gradient
+clipping (Adam moves each logit by about lr per step; SGD's step scales with the gradient's
+size, so it needs a far larger rate). Studies tune around it."""
+
 
 class _Optimizer:
     """The part both optimizers share: their parameters and ``zero_grad``."""
