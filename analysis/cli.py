@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from deepgrpo.config import ConfigError
 from deepgrpo.records import Interrupted
@@ -20,7 +21,8 @@ def _study_parser(prog: str) -> argparse.ArgumentParser:
                                 "every variant runs on the evaluation seeds until it has spent the budget. "
                                 "Resumable: finished runs in --out are skipped; Ctrl-C keeps them.")
     p.add_argument("name", choices=[*STUDIES, "all"],
-                   help="the study, or 'all' for every simulator study in turn; `theory` (exact oracle curves) and "
+                   help="the study, or 'all' for every simulator study in turn; `regime-map` (where DEEP-GRPO wins, "
+                        "its own options), `theory` (exact oracle curves) and "
                         "the LLM studies `llm-recoverability` and `llm-compare` take their own options (see "
                         "`deepgrpo study llm-recoverability --help`)")
     p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per variant, each with its own "
@@ -59,7 +61,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
                          "(grouped by method and seed)")
         p.add_argument("--out", help="output directory of --llm-runs (runs.csv, curves.csv, summary.csv, PNGs, "
                        "REPORT.md)")
+        p.add_argument("--readme", metavar="README.md", help="with --results: also rewrite the README's simulator "
+                       "results (between its regime-map markers) from the regime map in DIR")
         args = p.parse_args(argv)
+        if args.readme and not args.results:
+            raise ConfigError("--readme goes with --results DIR (the regime map's results)", owner="--readme")
         if args.llm_runs:
             if not args.out:
                 raise ConfigError("--llm-runs needs --out OUTDIR", owner="--out")
@@ -73,6 +79,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
                 path = write_report(args.results)
             except FileNotFoundError as e:
                 raise ConfigError(str(e), owner="--results", value=args.results) from None
+            if args.readme:
+                from analysis.regime_map import STUDY, update_readme
+                if not (Path(args.results) / STUDY / "per_run.csv").is_file():
+                    raise ConfigError(f"--readme needs the regime map in {args.results}: run `deepgrpo study "
+                                      f"regime-map --out {args.results}` first", owner="--readme")
+                print(f"wrote {update_readme(args.readme, args.results)}")
         print(f"wrote {path}")
         return 0
     if argv[:1] == ["llm-recoverability"]:  # an LLM study with its own options (analysis/llm_recoverability.py)
@@ -81,6 +93,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
     if argv[:1] == ["theory"]:  # exact curves from the oracle, no training (analysis/theory.py)
         from analysis.theory import main as theory_main
         return theory_main(argv[1:], prog=f"{prog} theory")
+    if argv[:1] == ["regime-map"]:  # the regime map and gain decomposition (analysis/regime_map.py)
+        from analysis.regime_map import main as regime_map_main
+        return regime_map_main(argv[1:], prog=f"{prog} regime-map")
     if argv[:1] == ["llm-compare"]:  # methods on a real LM at equal generated tokens (analysis/llm_compare.py)
         from analysis.llm_compare import main as llm_compare_main
         return llm_compare_main(argv[1:], prog=f"{prog} llm-compare")

@@ -96,12 +96,13 @@ def build_report(results: str | Path) -> str:
              f"±{EQUIVALENCE_MARGIN:g} in pass@1) shows it after Holm correction, and *inconclusive* otherwise.",
              ""]
     found = 0
+    missing = []
     for name, study in STUDIES.items():
         d = root / name
-        lines += [f"## {name}", "", f"*Question:* {study.question}", ""]
         if not (d / "runs.csv").exists():
-            lines += [f"Not run in this directory: `deepgrpo study {name} --out {root}` produces it.", ""]
+            missing.append(name)
             continue
+        lines += [f"## {name}", "", f"*Question:* {study.question}", ""]
         found += 1
         runs = pd.read_csv(d / "runs.csv")
         meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
@@ -120,6 +121,11 @@ def build_report(results: str | Path) -> str:
         lines += ["**Findings**", ""] + [f"- {f}" for f in study.findings(runs)] + [""]
         summary = study.summary(runs)
         lines += [markdown_table(summary), ""]
+    from analysis.regime_map import report_section as regime_map_section
+    regime = regime_map_section(root)  # the regime map and the paper's claims, if run here
+    if regime is not None:
+        found += 1
+        lines += regime + [""]
     theory = root / "theory" / "section.md"  # the exact oracle curves (`deepgrpo study theory`), if run here
     if theory.is_file():
         lines += theory.read_text().splitlines() + [""]
@@ -128,6 +134,9 @@ def build_report(results: str | Path) -> str:
     if llm is not None:
         found += 1
         lines += llm + [""]
+    if missing and found:
+        lines += [f"Not run in this directory: {', '.join(missing)} (`deepgrpo study NAME --out {root}` produces "
+                  "one).", ""]
     if found == 0:
         raise FileNotFoundError(f"no study results under {root}: run `deepgrpo study NAME --out {root}` first")
     return "\n".join(lines)

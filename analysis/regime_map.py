@@ -1,0 +1,917 @@
+"""``deepgrpo study regime-map``: in which regime DEEP-GRPO wins, and which of its ingredients
+does the work.
+
+**Regimes** (the map's axes; a *regime* is one combination of the first three, a *cell* is a
+regime read in one budget unit):
+
+* ``spread``: how much the problems' difficulties differ (``TokenTreeSpec.heterogeneity`` h: 0,
+  every problem has the same crux steps, the case where the position-only P̂(r) is exact; 1,
+  independent cruxes per problem, the simulator's default);
+* ``recovery``: how a derailed chain can recover (``fatal``, ``constant``, ``decay``; the
+  settings of the depth-bias study and of the theory panel);
+* ``learner``: policy class x optimizer (``tabular`` or shared ``features``; ``adam`` or ``sgd``,
+  each tuned around :data:`sims.optim.DEFAULT_LR`);
+* ``unit``: the budget unit the methods are compared in (``tokens`` or ``rollouts``).
+
+**Methods** (:data:`METHODS`): GRPO at N = 4 ... 64 roots, the decomposition ladder
+(:data:`LADDER`: best GRPO-N → root-only → random pivot → depth-only → DEEP-GRPO with the
+position-only P̂ → state-aware P̂ → oracle pivot → oracle informative pivot, each rung adding one
+ingredient), and the variants the paper's claims need (γ, λ, dispersed branching).
+
+**Protocol** (DESIGN.md, :mod:`analysis.protocol`): every run stops once it has generated
+``B`` tokens; since a rollout generates at most ``depth`` tokens, every run has then also spent
+at least ``B // depth`` rollouts, the rollout budget (GRPO and root-only, which generate whole
+chains, reach both at the same step; suffix-only branches reach the rollout budget earlier).
+A run's values are read at each budget (linear interpolation of its curve), so one run serves
+both units *with the same learning rate*. The learning rate of every (regime, method) is tuned
+per unit on tuning seeds 1000+ (criterion: mean AUC of training pass@1 over [0, budget] in that
+unit; grids extended by 2x past an end up to a limit), so a method may be evaluated at two
+rates, one per unit. The *best GRPO-N* of a cell is the N with the best tuning criterion (chosen
+on the tuning seeds, never on the evaluation seeds). Evaluation seeds 0..n-1 each draw their own
+problem set; differences are paired over seeds with Holm-corrected 95 % intervals
+(:mod:`analysis.stats`).
+
+**Per cell**: the winner among GRPO-N and the ladder (highest mean pass@1 at the budget, with the
+number of methods not significantly below it, Holm over the comparisons with it), DEEP-GRPO
+minus the best GRPO-N and minus root-only (Holm over the two within the cell, and over every
+cell of the unit map-wide), each ladder step, and the families of the paper's claims
+(:data:`CLAIMS`).
+
+Outputs in ``OUT/regime-map/`` (atomic writes; resumable like every sweep): ``tuning/`` (the
+tuning runs), ``tuned_lr.csv`` (per regime, method, unit and rate: criterion, chosen, edge),
+``runs.csv`` (evaluation step histories), ``per_run.csv`` (one row per run and unit: the values at
+the budget; every later table, figure and finding is computed from it), ``map.csv`` (one row per
+cell and method: mean and 95 % CI over seeds), ``effects.csv`` (one row per cell and
+comparison), ``cells.csv`` (one row per cell: winner, best GRPO-N, the two headline
+differences), ``heatmap.png``, ``waterfall_tokens.png``, ``waterfall_rollouts.png``,
+``theory/`` (the exact oracle curves of every spread x recovery on the map's problem sets) and
+``study.json``. ``deepgrpo report --results OUT`` adds the map and the paper's claims to
+``REPORT.md``; ``--readme README.md`` rewrites the README's simulator results from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.protocol import (
+    TUNING_SEED_BASE,
+    budget_table,
+    choose_rates,
+    extend_grids,
+    tuning_cells,
+    with_protocol,
+)
+from analysis.stats import ALPHA, EQUIVALENCE_MARGIN, Comparison, compare_arrays, holm, mean_ci
+from analysis.sweep import Cell, run_sweep
+from analysis.theory import HETEROGENEITY, RECOVERY_MODELS
+from deepgrpo.config import ConfigError
+from deepgrpo.ledger import BUDGET_UNITS
+from deepgrpo.records import Interrupted, atomic_write, versions, write_csv_atomic, write_json_atomic, write_text_atomic
+
+STUDY = "regime-map"
+
+# ------------------------------------------------------------------------------------------
+# the axes
+
+SPREADS: dict[str, dict[str, Any]] = {f"h={h:g}": {"heterogeneity": float(h)} for h in HETEROGENEITY}
+"""Spread of per-problem difficulty -> TokenTreeSpec overrides."""
+RECOVERY: dict[str, dict[str, Any]] = dict(RECOVERY_MODELS)
+"""Recovery model -> TokenTreeSpec overrides (the theory panel's)."""
+LEARNERS: dict[str, dict[str, str]] = {f"{p}/{o}": {"policy": p, "optimizer": o}
+                                       for p in ("tabular", "features") for o in ("adam", "sgd")}
+"""Policy class x optimizer -> RunnerConfig overrides."""
+REGIME = ("spread", "recovery", "learner")
+"""The columns that name a regime."""
+CELL = (*REGIME, "unit")
+"""The columns that name a cell of the map."""
+
+
+@dataclass(frozen=True)
+class MapMethod:
+    """One method of the map: ``name`` (display label), ``method`` (a name of
+    :data:`deepgrpo.methods.METHODS`), ``algo`` (its overrides), ``family`` (``grpo``, ``ladder``,
+    ``gamma``, ``lambda`` or ``dispersed``) and what it adds (``what``)."""
+
+    name: str
+    method: str
+    algo: dict[str, Any]
+    family: str
+    what: str
+
+
+GRPO_NS = (4, 8, 16, 32, 64)
+"""Root group sizes of GRPO; the best of them (on tuning seeds) is the ladder's first rung."""
+DEEP = "deep-grpo"
+ROOT_ONLY = "root-only"
+BEST_GRPO = "best GRPO-N"
+LADDER: dict[str, str] = {
+    BEST_GRPO: "root sampling only, at the N that tuned best",
+    ROOT_ONLY: "extra samples on failed prompts (K root samples per failed chain, own group)",
+    "deep-random": "branching from a random pivot (suffix-only cost, masked prefix, sibling baseline)",
+    "deep-depth-only": "pivots by depth alone (r^γ)",
+    DEEP: "the position-only P̂ (DEEP-GRPO)",
+    "deep-state": "a state-aware P̂",
+    "oracle-pivot": "the exact P(success | prefix) in the paper's utility (simulator truth)",
+    "oracle-informative": "the pivot most likely to give a mixed K-group per generated token (simulator truth)",
+}
+"""The decomposition ladder (DESIGN.md): rung -> the ingredient it adds to the rung before."""
+
+METHODS: tuple[MapMethod, ...] = (
+    *(MapMethod(f"grpo N={n}", "grpo", {"G": n}, "grpo", f"GRPO with N = {n} roots") for n in GRPO_NS),
+    *(MapMethod(name, name, {}, "ladder", what) for name, what in LADDER.items() if name != BEST_GRPO),
+    *(MapMethod(f"deep γ={g:g}", DEEP, {"gamma": g}, "gamma", f"DEEP-GRPO with depth exponent γ = {g:g}")
+      for g in (0.0, 1.0, 4.0)),
+    *(MapMethod(f"deep λ={x:g}", DEEP, {"lam": x}, "lambda", f"DEEP-GRPO with aux weight λ = {x:g}")
+      for x in (0.0, 0.5, 2.0)),
+    MapMethod("uniform M=2", "tree-uniform", {"n_cut_points": 2}, "dispersed",
+              "K = 8 continuations split over 2 uniform cut points (group advantages)"),
+    MapMethod("TreeRL M=2", "tree-surprisal", {"n_cut_points": 2, "tree": True}, "dispersed",
+              "K = 8 continuations split over 2 max-surprisal cut points with TreeRL's tree advantages"),
+)
+"""Every method of every regime (DEEP-GRPO's defaults: G = K = 8, γ = 2, λ = 1)."""
+METHOD_NAMES = tuple(m.name for m in METHODS)
+WINNER_POOL = tuple(m.name for m in METHODS if m.family in ("grpo", "ladder"))
+"""The methods a cell's winner is chosen from: GRPO at every N and the ladder."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper tested in every cell: ``reference`` minus each of ``others`` (one
+    Holm family per cell). ``rule``: ``beats`` (holds when ``reference`` is higher than every
+    other) or ``saturates`` (holds when ``reference`` is lower than or equivalent to the other)."""
+
+    key: str
+    title: str
+    paper: str
+    reference: str
+    others: tuple[str, ...]
+    rule: str = "beats"
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("a", "root saturation", "more roots per prompt stop paying: GRPO N = 64 is no better than N = 32",
+          "grpo N=64", ("grpo N=32",), "saturates"),
+    Claim("b", "DEEP-GRPO beats GRPO N = 64 at equal budget", "DEEP-GRPO (G = K = 8) beats GRPO with N = 64",
+          DEEP, ("grpo N=64",)),
+    Claim("c", "a γ sweet spot near 2", "γ = 2 beats both no depth bias (γ = 0) and a stronger one (γ = 4)",
+          DEEP, ("deep γ=0", "deep γ=4")),
+    Claim("d", "dense beats dispersed branching", "K continuations at one pivot beat K split over M = 2 points "
+          "(uniform, and TreeRL-like max-surprisal with tree advantages)", DEEP, ("uniform M=2", "TreeRL M=2")),
+    Claim("e", "λ = 1 best", "λ = 1 beats λ = 0 (no aux stream), 0.5 and 2", DEEP, ("deep λ=0", "deep λ=0.5",
+                                                                                       "deep λ=2")),
+)
+"""The paper's claims (arXiv 2602.14169): (a) root saturation, (b) DEEP-GRPO beats GRPO N = 64 at
+equal budget, (c) γ ≈ 2, (d) dense over dispersed, (e) λ = 1."""
+VERDICTS = ("holds", "partly", "fails", "inconclusive")
+CEILING = 0.95
+"""A cell is *at the ceiling* when every method of GRPO-N and the ladder ends with mean pass@1 at
+least this (the report lists them: no method can show a gain there)."""
+
+
+def claim_verdict(rule: str, verdicts: Sequence[str]) -> str:
+    """The verdict of a claim in one cell from its comparisons' verdicts (``higher``, ``lower``,
+    ``equivalent``, ``inconclusive``; :attr:`analysis.stats.Comparison.verdict`).
+
+    ``saturates``: holds if the one comparison is lower or equivalent, fails if higher.
+    ``beats``: holds if every comparison is higher; fails if any is lower or all are
+    equivalent; partly if none is lower and some but not all are higher; else inconclusive.
+    """
+    v = list(verdicts)
+    if not v:
+        return "inconclusive"
+    if rule == "saturates":
+        if any(x == "higher" for x in v):
+            return "fails"
+        return "holds" if all(x in ("lower", "equivalent") for x in v) else "inconclusive"
+    if rule != "beats":
+        raise ValueError(f"rule = {rule!r} is invalid: expected 'beats' or 'saturates'")
+    if all(x == "higher" for x in v):
+        return "holds"
+    if any(x == "lower" for x in v) or all(x == "equivalent" for x in v):
+        return "fails"
+    return "partly" if any(x == "higher" for x in v) else "inconclusive"
+
+
+# ------------------------------------------------------------------------------------------
+# sizes
+
+
+@dataclass(frozen=True)
+class MapSize:
+    """How big a regime map is: ``spec`` (TokenTreeSpec overrides), ``batch_problems``,
+    ``tokens`` (the token budget of every run; the rollout budget is ``tokens // depth``),
+    ``max_steps`` (a cap), ``lr_factors`` (the tuning grid as multiples of the optimizer's
+    :data:`~sims.optim.DEFAULT_LR`), ``tuning_seeds`` and ``max_extensions`` (doublings past
+    either end of a grid)."""
+
+    spec: dict[str, Any]
+    batch_problems: int
+    tokens: int
+    max_steps: int
+    lr_factors: tuple[float, ...]
+    tuning_seeds: int
+    max_extensions: int
+
+
+FULL = MapSize(spec={}, batch_problems=16, tokens=100_000, max_steps=2000, lr_factors=(1.0, 4.0, 16.0),
+               tuning_seeds=1, max_extensions=1)
+"""The default spec (32 training and 16 held-out problems of 12 steps), 16 problems per step,
+100,000 tokens (8,333 rollouts) per run, three rates 4x apart (1x, 4x, 16x the optimizer's
+default: at this budget almost every method tuned to 2x or more of it on a 0.5x-2x grid, and
+tabular runs to 8x and beyond), extended once by 2x past an end, on one tuning seed (rates are
+compared on the same problem set, so the choice is paired). Sized for the 20-minute limit on 2
+cores: two tuning seeds took 21.6 minutes."""
+QUICK = MapSize(spec={"n_problems": 8, "n_heldout": 4}, batch_problems=4, tokens=2_000, max_steps=200,
+                lr_factors=(1.0, 4.0), tuning_seeds=1, max_extensions=0)
+"""``--quick`` (the tests' size): 8 problems, 4 per step, 2,000 tokens, two rates on one tuning seed."""
+SIZES = {"full": FULL, "quick": QUICK}
+
+
+def budgets(size: MapSize) -> dict[str, int]:
+    """``{unit: budget}``: the size's tokens, and as many rollouts as whole chains of the
+    longest length fit in them (every run reaches both)."""
+    from sims.spec import TokenTreeSpec
+    depth = TokenTreeSpec(**size.spec).depth
+    return {"tokens": int(size.tokens), "rollouts": int(size.tokens // depth)}
+
+
+# ------------------------------------------------------------------------------------------
+# the grid
+
+
+def regimes() -> list[dict[str, str]]:
+    """Every regime as ``{"spread": ..., "recovery": ..., "learner": ...}`` in map order."""
+    return [{"spread": s, "recovery": r, "learner": learner} for s in SPREADS for r in RECOVERY for learner in LEARNERS]
+
+
+def _variant(regime: dict[str, str], name: str) -> str:
+    return f"{regime['spread']} | {regime['recovery']} | {regime['learner']} | {name}"
+
+
+def base_cells(size: MapSize) -> list[Cell]:
+    """One cell per (regime, method) before the protocol (seed 0; no rate or budget yet)."""
+    cells = []
+    for reg in regimes():
+        spec = {**size.spec, **SPREADS[reg["spread"]], **RECOVERY[reg["recovery"]]}
+        runner = {"batch_problems": size.batch_problems, **LEARNERS[reg["learner"]]}
+        for m in METHODS:
+            cells.append(Cell(STUDY, _variant(reg, m.name), 0,
+                              {"method": m.method, "algo": dict(m.algo), "spec": spec, "runner": runner, "probes": []},
+                              {**reg, "name": m.name, "family": m.family}))
+    return cells
+
+
+def _optimizer(cell: Cell) -> str:
+    return LEARNERS[cell.columns["learner"]]["optimizer"]
+
+
+# ------------------------------------------------------------------------------------------
+# tables
+
+
+def _steps_to(g: pd.DataFrame, unit: str, end: float) -> float:
+    """The first step at which run ``g`` (sorted by step) had spent at least ``end`` in ``unit``."""
+    hit = g.step[g[unit].to_numpy() >= end - 1e-9]
+    return float(hit.iloc[0]) if len(hit) else float("nan")
+
+
+def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int]) -> pd.DataFrame:
+    """One row per (evaluation run, unit) at that unit's chosen rate: the cell and method
+    columns, ``seed``, ``problem_set_seed``, ``lr``, ``lr_edge``, ``budget`` (the unit's),
+    ``reached`` (the run spent it), ``steps`` (steps taken to reach it), ``pass1_start``,
+    ``pass1_at`` / ``pass1_auc`` (training exact pass@1 at the budget / mean over [0, budget]),
+    ``heldout_pass1_at`` / ``heldout_pass1_auc`` and ``pivot_oracle_success`` (mean exact
+    P(success | branch prefix) over the run's steps; NaN for root sampling)."""
+    keep = (*REGIME, "name", "family")
+    table = budget_table(runs, keep=keep, ends={u: float(e) for u, e in ends.items()})
+    extra = {}
+    for key, g in runs.groupby(["variant", "lr", "seed"], sort=False):
+        g = g.sort_values("step")
+        extra[key] = {"problem_set_seed": int(g.problem_set_seed.iloc[0]),
+                      "pivot_oracle_success": float(g.pivot_oracle_success.mean()),
+                      **{f"steps_{u}": _steps_to(g, u, ends[u]) for u in BUDGET_UNITS}}
+    chosen = tuned[tuned.chosen.astype(bool)]
+    frames = []
+    for u in BUDGET_UNITS:
+        rate = chosen[chosen.unit == u].set_index("variant")[["lr", "edge"]]
+        sel = table[np.isclose(table.lr.to_numpy(), rate.lr.reindex(table.variant).to_numpy(), rtol=1e-9, atol=0)]
+        f = pd.DataFrame({
+            **{c: sel[c].to_numpy() for c in ("variant", *keep)}, "unit": u, "seed": sel.seed.to_numpy(),
+            "lr": sel.lr.to_numpy(), "lr_edge": rate.edge.reindex(sel.variant).astype(bool).to_numpy(),
+            "budget": ends[u], "reached": (sel[u] >= ends[u]).to_numpy(), "pass1_start": sel.pass1_start.to_numpy(),
+            "pass1_at": sel[f"pass1_at_{u}"].to_numpy(), "pass1_auc": sel[f"pass1_auc_{u}"].to_numpy()})
+        if f"heldout_pass1_at_{u}" in sel:
+            f["heldout_pass1_at"] = sel[f"heldout_pass1_at_{u}"].to_numpy()
+            f["heldout_pass1_auc"] = sel[f"heldout_pass1_auc_{u}"].to_numpy()
+        keys = list(zip(sel.variant, sel.lr, sel.seed))
+        for col in ("problem_set_seed", "pivot_oracle_success"):
+            f[col] = [extra[k][col] for k in keys]
+        f["steps"] = [extra[k][f"steps_{u}"] for k in keys]
+        frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values([*CELL, "name", "seed"], key=_map_order, kind="stable").reset_index(drop=True)
+
+
+def _map_order(col: pd.Series) -> pd.Series:
+    """Sort key: the map's own order of every axis and of the methods."""
+    orders = {"spread": list(SPREADS), "recovery": list(RECOVERY), "learner": list(LEARNERS),
+              "unit": list(BUDGET_UNITS), "name": list(METHOD_NAMES)}
+    if col.name in orders:
+        return col.map({v: i for i, v in enumerate(orders[col.name])})
+    return col
+
+
+def _cells(per: pd.DataFrame):
+    """``(cell dict, frame)`` for every cell of ``per`` in map order."""
+    for key, g in per.groupby(list(CELL), sort=False):
+        yield dict(zip(CELL, key)), g
+
+
+def best_grpo(tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per cell (regime x unit), the GRPO N with the best tuning criterion at its chosen rate
+    (``best_N``; chosen on the tuning seeds)."""
+    t = tuned[tuned.chosen.astype(bool) & (tuned.family == "grpo")]
+    rows = []
+    for key, g in t.groupby(list(CELL), sort=False):
+        best = g.loc[g.criterion.idxmax()]
+        rows.append({**dict(zip(CELL, key)), "best_N": int(str(best["name"]).split("=")[1])})
+    return pd.DataFrame(rows)
+
+
+def _frame(g: pd.DataFrame, name: str) -> pd.DataFrame:
+    return g[g.name == name]
+
+
+def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_at") -> pd.DataFrame:
+    """One row per (cell, comparison) on ``metric``: ``family`` (``headline``: DEEP-GRPO minus the
+    best GRPO-N and minus root-only; ``ladder``: each rung minus the one below; ``winner``: the
+    cell's top method minus each other of :data:`WINNER_POOL`; ``claim a`` ... ``claim e``),
+    ``comparison``, ``reference``, ``other``, ``diff``, ``low``, ``high`` (the Holm interval
+    within the cell's family), ``confidence``, ``p``, ``p_holm``, ``p_tost_holm``, ``verdict``,
+    ``n`` (paired seeds). Headline rows also get ``p_holm_map`` and ``verdict_map``: Holm over
+    every headline comparison of the unit (the whole map)."""
+    best = best_grpo(tuned).set_index(list(CELL)).best_N
+    rows = []
+    for cell, g in _cells(per):
+        n_best = int(best.loc[tuple(cell[c] for c in CELL)])
+        wide = g.pivot(index="seed", columns="name", values=metric)  # [seeds, methods]: paired by seed
+        cols = {name: wide[name].to_numpy(np.float64) for name in METHOD_NAMES}
+        cols[BEST_GRPO] = cols[f"grpo N={n_best}"]
+        fams: list[tuple[str, list[tuple[str, str, str]]]] = [
+            ("headline", [(f"{DEEP} minus {BEST_GRPO} (N={n_best})", DEEP, BEST_GRPO),
+                          (f"{DEEP} minus {ROOT_ONLY}", DEEP, ROOT_ONLY)]),
+            ("ladder", [(f"{b} minus {a}", b, a) for a, b in zip(LADDER, list(LADDER)[1:])])]
+        means = {n: float(np.nanmean(cols[n])) for n in WINNER_POOL}
+        top = max(means, key=lambda n: (means[n], -WINNER_POOL.index(n)))
+        fams.append(("winner", [(f"{top} minus {o}", top, o) for o in WINNER_POOL if o != top]))
+        fams += [(f"claim {c.key}", [(f"{c.reference} minus {o}", c.reference, o) for o in c.others]) for c in CLAIMS]
+        for family, comps in fams:
+            res = compare_arrays([(name, cols[a], cols[b]) for name, a, b in comps])
+            for (name, a, b), r in zip(comps, res):
+                rows.append({**cell, "metric": metric, "family": family, "comparison": name,
+                             "reference": f"grpo N={n_best}" if a == BEST_GRPO else a,
+                             "other": f"grpo N={n_best}" if b == BEST_GRPO else b, **_comparison_row(r)})
+    out = pd.DataFrame(rows)
+    out["p_holm_map"] = np.nan
+    out["verdict_map"] = ""
+    for u in BUDGET_UNITS:
+        sel = (out.family == "headline") & (out.unit == u)
+        adj = holm(out.loc[sel, "p"].to_numpy())
+        out.loc[sel, "p_holm_map"] = adj
+        out.loc[sel, "verdict_map"] = [("higher" if d > 0 else "lower") if q < ALPHA else "not significant"
+                                       for d, q in zip(out.loc[sel, "diff"], adj)]
+    return out
+
+
+def _comparison_row(r: Comparison) -> dict[str, Any]:
+    return {"diff": r.diff.mean, "low": r.diff.low, "high": r.diff.high, "confidence": r.diff.confidence,
+            "p": r.p, "p_holm": r.p_holm, "p_tost_holm": r.p_tost_holm, "verdict": r.verdict, "n": r.diff.n}
+
+
+def map_table(per: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, method): the cell's columns, ``name``, ``family``, ``lr`` (chosen for
+    the unit), ``lr_edge``, ``budget``, ``seeds``, ``steps`` (mean steps to the budget), and
+    mean with 95 % t-interval over seeds (``*_low``, ``*_high``) of training and held-out
+    pass@1 at the budget and of the training AUC."""
+    rows = []
+    values = [v for v in ("pass1_at", "heldout_pass1_at", "pass1_auc") if v in per]
+    for key, g in per.groupby([*CELL, "name"], sort=False):
+        row = {**dict(zip([*CELL, "name"], key)), "family": g.family.iloc[0], "lr": float(g.lr.iloc[0]),
+               "lr_edge": bool(g.lr_edge.iloc[0]), "budget": int(g.budget.iloc[0]), "seeds": int(g.seed.nunique()),
+               "steps": float(g.steps.mean())}
+        for v in values:
+            e = mean_ci(g[v])
+            row.update({v: e.mean, f"{v}_low": e.low, f"{v}_high": e.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cells_table(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: the winner (highest mean pass@1 at the budget among
+    :data:`WINNER_POOL`) and ``tied`` (other methods not significantly below it, Holm), its mean,
+    ``best_N``, and DEEP-GRPO minus the best GRPO-N and minus root-only (difference, Holm interval
+    within the cell, verdict, map-wide verdict)."""
+    best = best_grpo(tuned).set_index(list(CELL)).best_N
+    e = effects[effects.metric == "pass1_at"]
+    rows = []
+    for cell, g in _cells(per):
+        key = tuple(cell[c] for c in CELL)
+        here = e[np.logical_and.reduce([e[c] == cell[c] for c in CELL])]
+        win = here[here.family == "winner"]
+        top = str(win.reference.iloc[0]) if len(win) else ""
+        row = {**cell, "budget": int(g.budget.iloc[0]), "winner": top,
+               "winner_pass1": float(_frame(g, top).pass1_at.mean()) if top else np.nan,
+               "tied": int((win.verdict != "higher").sum()), "best_N": int(best.loc[key])}
+        for tag, other in (("best_grpo", "grpo N="), ("root_only", ROOT_ONLY)):
+            h = here[(here.family == "headline") & here.other.str.startswith(other)].iloc[0]
+            row.update({f"deep_minus_{tag}": h["diff"], f"deep_minus_{tag}_low": h["low"],
+                        f"deep_minus_{tag}_high": h["high"], f"deep_minus_{tag}_verdict": h["verdict"],
+                        f"deep_minus_{tag}_map": h["verdict_map"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# figures
+
+
+def _mark(verdict: str, verdict_map: str) -> str:
+    """``**`` significant over the whole map, ``*`` within the cell (Holm), ``=`` equivalent."""
+    if verdict_map in ("higher", "lower"):
+        return "**"
+    return {"higher": "*", "lower": "*", "equivalent": "="}.get(verdict, "")
+
+
+def _regime_label(spread: str, recovery: str) -> str:
+    return f"{recovery}, {spread}"
+
+
+def heatmaps(cells: pd.DataFrame, path: Path) -> None:
+    """Per budget unit (rows): DEEP-GRPO minus the best GRPO-N and minus root-only (columns of
+    panels) as heatmaps over (spread x recovery) x learner, with the significance marks of
+    :func:`_mark` and, in the first panel, each cell's winner."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    units = [u for u in BUDGET_UNITS if u in set(cells.unit)]
+    fig, axes = plt.subplots(len(units), 2, figsize=(15, 4.4 * len(units)), squeeze=False)
+    lim = float(np.nanmax(np.abs(cells[["deep_minus_best_grpo", "deep_minus_root_only"]].to_numpy())))
+    lim = lim if np.isfinite(lim) and lim > 0 else 0.1
+    for i, u in enumerate(units):
+        c = cells[cells.unit == u].assign(regime=lambda f: [_regime_label(s, r) for s, r in zip(f.spread, f.recovery)])
+        rows = list(dict.fromkeys(c.regime))
+        for j, (tag, title) in enumerate((("best_grpo", "DEEP-GRPO minus best GRPO-N"),
+                                          ("root_only", "DEEP-GRPO minus root-only"))):
+            val = c.pivot(index="regime", columns="learner", values=f"deep_minus_{tag}").reindex(
+                index=rows, columns=list(LEARNERS))
+            text = c.assign(t=[f"{d:+.3f}{_mark(v, m)}" + (f"\nwin: {w}\nN*={n}" if j == 0 else "")
+                               for d, v, m, w, n in zip(c[f"deep_minus_{tag}"], c[f"deep_minus_{tag}_verdict"],
+                                                        c[f"deep_minus_{tag}_map"], c.winner, c.best_N)])
+            annot = text.pivot(index="regime", columns="learner", values="t").reindex(index=rows,
+                                                                                   columns=list(LEARNERS))
+            sns.heatmap(val, annot=annot.to_numpy(), fmt="", cmap="RdBu", center=0, vmin=-lim, vmax=lim,
+                        ax=axes[i, j], annot_kws={"fontsize": 7}, cbar_kws={"label": "difference in pass@1"})
+            axes[i, j].set(title=f"{title}, pass@1 at {int(c.budget.iloc[0]):,} {u}",
+                           xlabel="policy / optimizer", ylabel="recovery, spread")
+    fig.suptitle("Regime map: * Holm-significant within the cell, ** over the whole map, = equivalent (±"
+                 f"{EQUIVALENCE_MARGIN:g}); first panel: the cell's winner among GRPO-N and the ladder, and N* the "
+                 "best GRPO-N (tuning seeds)", fontsize=9)
+    _save(fig, path)
+
+
+def waterfalls(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame, unit: str, path: Path) -> None:
+    """The ladder as a waterfall in every regime (one panel per regime) in ``unit``: the best
+    GRPO-N's mean pass@1 at the budget, then each rung's step (mean paired difference with its
+    Holm interval within the cell), ending at the oracle rungs."""
+    import matplotlib.pyplot as plt
+    best = best_grpo(tuned).set_index(list(CELL)).best_N
+    e = effects[(effects.metric == "pass1_at") & (effects.family == "ladder") & (effects.unit == unit)]
+    regs = [r for r in regimes() if ((per.spread == r["spread"]) & (per.recovery == r["recovery"])
+                                     & (per.learner == r["learner"])).any()]
+    nrow = len(SPREADS) * len(RECOVERY)
+    ncol = len(LEARNERS)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.5 * nrow), squeeze=False, sharey=True)
+    short = ["GRPO-N*", "root-only", "random", "depth", "DEEP", "state", "oracle", "orac-inf"]
+    for r in regs:
+        i = list(SPREADS).index(r["spread"]) * len(RECOVERY) + list(RECOVERY).index(r["recovery"])
+        j = list(LEARNERS).index(r["learner"])
+        ax = axes[i, j]
+        key = (r["spread"], r["recovery"], r["learner"], unit)
+        g = per[(per.spread == r["spread"]) & (per.recovery == r["recovery"]) & (per.learner == r["learner"])
+                & (per.unit == unit)]
+        start = float(_frame(g, f"grpo N={int(best.loc[key])}").pass1_at.mean())
+        steps = e[(e.spread == r["spread"]) & (e.recovery == r["recovery"]) & (e.learner == r["learner"])]
+        ax.bar(0, start, color="0.6")
+        level = start
+        for k, s in enumerate(steps.itertuples(), start=1):
+            color = "C2" if s.diff >= 0 else "C3"
+            ax.bar(k, s.diff, bottom=level, color=color, alpha=0.9 if s.verdict in ("higher", "lower") else 0.4)
+            if np.isfinite(s.low):
+                ax.errorbar(k, level + s.diff, yerr=[[s.diff - s.low], [s.high - s.diff]], color="k", lw=0.8,
+                            capsize=2)
+            level += s.diff
+        ax.set_title(f"{r['recovery']}, {r['spread']}, {r['learner']}", fontsize=8)
+        ax.set_xticks(range(len(short)), short if i == nrow - 1 else [], rotation=60, fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        if j == 0:
+            ax.set_ylabel(f"pass@1 at {int(g.budget.iloc[0]):,} {unit}", fontsize=7)
+    fig.suptitle(f"Decomposition ladder per regime ({unit}): the best GRPO-N (grey), then each rung's step "
+                 "(green up, red down; solid = Holm-significant within the cell; bars: Holm 95 % intervals)",
+                 fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# running the map
+
+
+def _tuned_table(tables: dict[str, pd.DataFrame], base: list[Cell]) -> pd.DataFrame:
+    """The per-unit tuning tables as one, with each variant's cell columns."""
+    cols = pd.DataFrame([{"variant": c.variant, **c.columns} for c in base])
+    out = pd.concat([t.assign(unit=u) for u, t in tables.items()], ignore_index=True).merge(cols, on="variant")
+    return out[["variant", *CELL, "name", "family", "lr", "criterion", "criterion_sd", "n", "chosen", "edge"]]
+
+
+def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers: int | None = None,
+                   progress: bool = True) -> Path:
+    """Run the regime map (tuning, then evaluation; resumable) and write its tables and figures to
+    ``out/regime-map`` (see the module docstring); returns that directory."""
+    if size not in SIZES:
+        raise ConfigError(f"size = {size!r} is invalid: expected one of {', '.join(SIZES)}")
+    if not 2 <= seeds <= TUNING_SEED_BASE:
+        raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
+                          "intervals need two seeds; evaluation seeds stay below the tuning seeds)")
+    from analysis.studies import run_sim_cell
+    from analysis.sweep import cells_done
+    from sims.optim import DEFAULT_LR
+    sz = SIZES[size]
+    ends = budgets(sz)
+    d = Path(out) / STUDY
+    t0 = time.perf_counter()
+    ran = 0  # runs this invocation ran (the rest were finished by an earlier one)
+    base = base_cells(sz)
+    grids = {c.variant: [DEFAULT_LR[_optimizer(c)] * f for f in sz.lr_factors] for c in base}
+    limits = {o: (lr * min(sz.lr_factors) / 2 ** sz.max_extensions, lr * max(sz.lr_factors) * 2 ** sz.max_extensions)
+              for o, lr in DEFAULT_LR.items()}
+    tune = tuning_cells(base, grids, sz.tuning_seeds, ends["tokens"], "tokens", sz.max_steps)
+    stage = "learning-rate tuning"
+    try:
+        while True:
+            ran += len(tune) - cells_done(tune, d / "tuning")
+            tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress)
+            tables = {u: choose_rates(tuning_runs, unit=u, ends={k: float(v) for k, v in ends.items()})
+                      for u in BUDGET_UNITS}
+            grown = False
+            for opt, (lo, hi) in limits.items():
+                mine = {c.variant for c in base if _optimizer(c) == opt}
+                for t in tables.values():
+                    grown |= extend_grids(t[t.variant.isin(mine)], grids, lo, hi)
+            if not grown:
+                break
+            tune = tuning_cells(base, grids, sz.tuning_seeds, ends["tokens"], "tokens", sz.max_steps)
+        stage = "choosing the learning rates"
+        tuned = _tuned_table(tables, base)
+        write_csv_atomic(d / "tuned_lr.csv", tuned)
+        rates = tuned[tuned.chosen.astype(bool)].groupby("variant").lr.unique()
+        evaluation = [with_protocol(c, float(lr), ends["tokens"], "tokens", sz.max_steps, seed=s)
+                      for c in base for lr in sorted(rates[c.variant]) for s in range(seeds)]
+        stage = "evaluation"
+        ran += len(evaluation) - cells_done(evaluation, d)
+        runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress)
+        stage = "writing the tables and figures"
+        per = per_run_table(runs, tuned, ends)
+        write_csv_atomic(d / "per_run.csv", per)
+        write_outputs(d, per, tuned)
+        stage = "the theory panel"
+        from analysis.theory import figure, theory_table
+        curves = theory_table(K=8, seed=0, spec=sz.spec)
+        write_csv_atomic(d / "theory" / "curves.csv", curves)
+        figure(curves, d / "theory" / "theory.png")
+    except KeyboardInterrupt:  # also the sweeps' Interrupted
+        raise Interrupted(f"study {STUDY}, during {stage}: finished runs are kept in {d}; rerun the same command "
+                          "to resume") from None
+    previous = json.loads((d / "study.json").read_text()).get("invocations", []) if (d / "study.json").is_file() else []
+    invocations = [*previous, {"runs": ran, "wall_time_s": time.perf_counter() - t0, "workers": workers}]
+    write_json_atomic(d / "study.json", {
+        "study": STUDY, "seeds": seeds, "evaluation_seeds": list(range(seeds)), "size": size,
+        "size_config": vars(sz), "budgets": ends, "axes": {"spread": SPREADS, "recovery": RECOVERY,
+                                                           "learner": LEARNERS, "unit": list(BUDGET_UNITS)},
+        "methods": {m.name: {"method": m.method, "algo": m.algo, "family": m.family, "what": m.what} for m in METHODS},
+        "protocol": {"tuning_seeds": [TUNING_SEED_BASE + i for i in range(sz.tuning_seeds)],
+                     "default_lr": DEFAULT_LR, "lr_limits": limits, "alpha": ALPHA,
+                     "equivalence_margin": EQUIVALENCE_MARGIN},
+        "tuning_runs": len(tune), "evaluation_runs": len(evaluation), "invocations": invocations,
+        "wall_time_s": sum(i["wall_time_s"] for i in invocations), "versions": versions()})
+    return d
+
+
+def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame) -> None:
+    """``map.csv``, ``effects.csv``, ``cells.csv`` and the figures, from ``per_run.csv``'s table."""
+    effects = pd.concat([effects_table(per, tuned, m) for m in ("pass1_at", "heldout_pass1_at", "pass1_auc")
+                         if m in per], ignore_index=True)
+    cells = cells_table(per, effects, tuned)
+    write_csv_atomic(d / "map.csv", map_table(per))
+    write_csv_atomic(d / "effects.csv", effects)
+    write_csv_atomic(d / "cells.csv", cells)
+    heatmaps(cells, d / "heatmap.png")
+    for u in BUDGET_UNITS:
+        waterfalls(per, effects, tuned, u, d / f"waterfall_{u}.png")
+
+
+def load(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``(per_run, tuned_lr, study.json)`` of the map under results directory ``root``."""
+    d = Path(root) / STUDY
+    meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
+    return pd.read_csv(d / "per_run.csv"), pd.read_csv(d / "tuned_lr.csv"), meta
+
+
+# ------------------------------------------------------------------------------------------
+# the report
+
+
+def _count(frame: pd.DataFrame, column: str, values: Sequence[str]) -> str:
+    n = len(frame)
+    return ", ".join(f"{column_value} in {int((frame[column] == column_value).sum())}/{n}" for column_value in values
+                     if (frame[column] == column_value).any())
+
+
+def _axis_breakdown(frame: pd.DataFrame, column: str, value: str) -> str:
+    """``fatal 2/8, constant 5/8, ...`` per level of each axis: the cells where ``column == value``."""
+    parts = []
+    levels = {"spread": list(SPREADS), "recovery": list(RECOVERY), "learner": list(LEARNERS),
+              "unit": list(BUDGET_UNITS)}
+    for axis, lv in levels.items():
+        parts.append(", ".join(f"{x} {int(((frame[axis] == x) & (frame[column] == value)).sum())}/"
+                               f"{int((frame[axis] == x).sum())}" for x in lv if (frame[axis] == x).any()))
+    return "; ".join(parts)
+
+
+def _where(frame: pd.DataFrame, mask: pd.Series, limit: int = 12) -> str:
+    sel = frame[mask]
+    items = [f"{r.recovery}/{r.spread}/{r.learner}/{r.unit}" for r in sel.itertuples()]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return (", ".join(items[:limit]) + more) if items else "none"
+
+
+def at_ceiling(per: pd.DataFrame, cells: pd.DataFrame) -> pd.Series:
+    """Per row of ``cells``: every method of :data:`WINNER_POOL` has mean pass@1 at the budget of
+    at least :data:`CEILING`."""
+    low = per[per.name.isin(WINNER_POOL)].groupby([*CELL, "name"], sort=False).pass1_at.mean().groupby(
+        list(CELL), sort=False).min()
+    return pd.Series(low.reindex(pd.MultiIndex.from_frame(cells[list(CELL)])).to_numpy() >= CEILING,
+                     index=cells.index)
+
+
+def claim_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """One row per (claim, cell): the comparisons (difference [Holm interval] verdict), the
+    claim's verdict (:func:`claim_verdict`) and, when it fails, ``why``: ``reversed`` (a
+    comparison goes the other way) or ``no difference`` (every comparison is equivalent)."""
+    e = effects[effects.metric == "pass1_at"]
+    rows = []
+    for c in CLAIMS:
+        fam = e[e.family == f"claim {c.key}"]
+        for key, g in fam.groupby(list(CELL), sort=False):
+            verdict = claim_verdict(c.rule, list(g.verdict))
+            why = ("" if verdict != "fails" else "reversed" if any(
+                v == ("higher" if c.rule == "saturates" else "lower") for v in g.verdict) else "no difference")
+            rows.append({"claim": c.key, **dict(zip(CELL, key)), "verdict": verdict, "why": why,
+                         "comparisons": "; ".join(f"{o}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}" for o, d, lo, hi, v in
+                                                  zip(g.other, g["diff"], g.low, g.high, g.verdict))})
+    return pd.DataFrame(rows)
+
+
+def report_section(root: str | Path) -> list[str] | None:
+    """The regime map's part of ``REPORT.md`` (markdown lines; None if the map was not run in
+    ``root``): protocol, where DEEP-GRPO wins, which ladder step pays, the per-cell table, the
+    theory panel, and one section per claim of the paper, all computed from ``per_run.csv`` and
+    ``tuned_lr.csv``."""
+    from analysis.tables import markdown_table
+    d = Path(root) / STUDY
+    if not (d / "per_run.csv").is_file():
+        return None
+    per, tuned, meta = load(root)
+    effects = effects_table(per, tuned)
+    cells = cells_table(per, effects, tuned)
+    n_cells = len(cells)
+    seeds = int(per.seed.nunique())
+    ends = per.groupby("unit").budget.first()
+    edge = tuned[tuned.chosen.astype(bool) & tuned.edge.astype(bool)]
+    start = per[(per.unit == "tokens")].groupby(["spread", "recovery", "seed"], sort=False).pass1_start.first()
+    ext = meta.get("size_config", {}).get("max_extensions", 0)
+    tuning_seeds = ", ".join(map(str, meta.get("protocol", {}).get("tuning_seeds", [])))
+    grid = (f"grids are extended by 2x past an end up to {2 ** ext}x beyond the base grid; beyond that the best rate "
+            "may lie outside" if ext else "grids are not extended at this size: the best rate may lie outside")
+    lines = [f"## {STUDY}", "",
+             "*Question:* in which regime (spread of problem difficulty x recovery model x policy class and optimizer "
+             "x budget unit) does DEEP-GRPO win, and which of its ingredients does the work?", "",
+             f"{len(per) // 2 if len(BUDGET_UNITS) == 2 else len(per)} evaluation readings per unit: "
+             f"{per.groupby(list(REGIME)).ngroups} regimes x {per.name.nunique()} methods x {seeds} seeds"
+             + (f" ({meta.get('size', 'full')} size" + (f", {meta['wall_time_s']:.0f} s wall" if 'wall_time_s' in meta
+                                                        else "") + f", {meta.get('tuning_runs', '?')} tuning runs and "
+                f"{meta.get('evaluation_runs', '?')} evaluation runs)" if meta else "") + ".", "",
+             "**Protocol**", "",
+             f"- *Budgets:* every run stops at {int(ends['tokens']):,} generated tokens; it has then spent at least "
+             f"{int(ends['rollouts']):,} rollouts (a rollout generates at most a whole chain), the rollout budget. "
+             "Values are read at each budget from the run's curve; GRPO and root-only reach both budgets at the same "
+             "step, suffix-only branching reaches the rollout budget earlier. "
+             f"{int(per.reached.sum())} of {len(per)} readings reached their budget.",
+             f"- *Seeds:* evaluation seeds {', '.join(map(str, sorted(per.seed.unique())))}, each with its own problem "
+             f"set ({per.problem_set_seed.nunique()} distinct sets over the map); initial exact pass@1 of the training "
+             "problems, mean (range) over seeds: " + "; ".join(
+                 f"{r}, {sp}: {g.mean():.3f} ({g.min():.3f}-{g.max():.3f})"
+                 for (sp, r), g in start.groupby(level=["spread", "recovery"], sort=False)) + ".",
+             f"- *Learning rates:* tuned per regime, method and unit (criterion: mean AUC of training pass@1 over "
+             f"[0, budget] in the unit) on tuning seeds {tuning_seeds}"
+             f"; {len(edge)} of {int(tuned.chosen.astype(bool).sum())} chosen rates lie at the end of their grid "
+             f"({grid}). The best GRPO-N of a cell is the N that tuned best (tuning seeds), so that its choice does "
+             "not use the evaluation seeds.",
+             f"- *Statistics:* paired differences over {seeds} seeds; within a cell, the two headline comparisons "
+             "(DEEP-GRPO minus best GRPO-N and minus root-only) are one Holm family; `**` marks those also "
+             f"significant under Holm over all {int((effects.family == 'headline').sum() // 2)} headline comparisons "
+             f"of a unit (the whole map); *equivalent* needs TOST within ±{EQUIVALENCE_MARGIN:g}.", "",
+             "![regime map](regime-map/heatmap.png)", ""]
+    # where DEEP-GRPO wins
+    lines += ["**Where DEEP-GRPO wins** (training exact pass@1 at the budget)", ""]
+    for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
+        col = f"deep_minus_{tag}_verdict"
+        lines.append(f"- DEEP-GRPO minus {what}: "
+                     + _count(cells, col, ("higher", "lower", "equivalent", "inconclusive"))
+                     + f" cells; higher in: {_where(cells, cells[col] == 'higher')}; lower in: "
+                       f"{_where(cells, cells[col] == 'lower')}. Higher by axis level: "
+                     + _axis_breakdown(cells, col, "higher") + ". Lower by axis level: "
+                     + _axis_breakdown(cells, col, "lower") + ". Map-wide Holm keeps "
+                     + f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())} of them.")
+    for metric, what in (("heldout_pass1_at", "held-out exact pass@1 at the budget"),
+                         ("pass1_auc", "mean training pass@1 over [0, budget] (AUC)")):
+        if metric in per:
+            h = effects_table(per, tuned, metric)
+            h = h[h.family == "headline"]
+            parts = (("the best GRPO-N", h[h.other.str.startswith("grpo N=")]), ("root-only", h[h.other == ROOT_ONLY]))
+            lines.append(f"- On {what}: " + "; ".join(
+                f"DEEP-GRPO minus {name} higher in {int((g.verdict == 'higher').sum())}/{len(g)}, lower in "
+                f"{int((g.verdict == 'lower').sum())}/{len(g)}" for name, g in parts) + ".")
+    ceiling = at_ceiling(per, cells)
+    lines.append(f"- At the ceiling (every method of GRPO-N and the ladder has mean pass@1 >= {CEILING:g} at the "
+                 f"budget, so no method can show a gain): {int(ceiling.sum())}/{n_cells} cells: "
+                 f"{_where(cells, ceiling)}.")
+    wins = cells.winner.value_counts()
+    lines.append("- Winner among GRPO-N and the ladder (highest mean; ties = methods not significantly below it): "
+                 + ", ".join(f"{w} in {n}/{n_cells}" for w, n in wins.items())
+                 + f"; the winner is significantly above every other method in {int((cells.tied == 0).sum())}/{n_cells}"
+                   " cells.")
+    lad = effects[(effects.metric == "pass1_at") & (effects.family == "ladder")]
+    lines += ["", "**Which ladder step pays** (each rung minus the one below, Holm over the 7 steps within a cell)", ""]
+    for name, g in lad.groupby("comparison", sort=False):
+        rung = name.split(" minus ")[0]
+        lines.append(f"- {name} (adds {LADDER[rung]}): higher in {int((g.verdict == 'higher').sum())}/{len(g)}, "
+                     f"lower in {int((g.verdict == 'lower').sum())}/{len(g)}; mean step {g['diff'].mean():+.3f} "
+                     f"(range {g['diff'].min():+.3f} to {g['diff'].max():+.3f}); higher where: "
+                     f"{_where(g, g.verdict == 'higher', 6)} (by axis level: "
+                     f"{_axis_breakdown(g, 'verdict', 'higher')}).")
+    land = per[per.unit == "tokens"].groupby("name").pivot_oracle_success.mean()
+    ladder_land = [(n, land.get(n, np.nan)) for n in LADDER if n != BEST_GRPO]
+    lines.append("- Exact P(success | branch prefix) of the branch points, mean over the map (tokens): "
+                 + "; ".join(f"{n} {x:.3f}" for n, x in ladder_land if np.isfinite(x)) + ".")
+    lines += ["", "![ladder, tokens](regime-map/waterfall_tokens.png)", "",
+              "![ladder, rollouts](regime-map/waterfall_rollouts.png)", "", "**Cells**", ""]
+    show = cells.assign(**{
+        "DEEP − best GRPO-N": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}{'**' if m in ('higher', 'lower') else ''}"
+                               for d, lo, hi, v, m in zip(cells.deep_minus_best_grpo, cells.deep_minus_best_grpo_low,
+                                                          cells.deep_minus_best_grpo_high,
+                                                          cells.deep_minus_best_grpo_verdict,
+                                                          cells.deep_minus_best_grpo_map)],
+        "DEEP − root-only": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}{'**' if m in ('higher', 'lower') else ''}"
+                             for d, lo, hi, v, m in zip(cells.deep_minus_root_only, cells.deep_minus_root_only_low,
+                                                        cells.deep_minus_root_only_high,
+                                                        cells.deep_minus_root_only_verdict,
+                                                        cells.deep_minus_root_only_map)]})
+    lines += [markdown_table(show[[*CELL, "winner", "winner_pass1", "tied", "best_N", "DEEP − best GRPO-N",
+                                   "DEEP − root-only"]]), ""]
+    theory = d / "theory" / "curves.csv"
+    if theory.is_file():
+        from analysis.theory import section
+        lines += section(pd.read_csv(theory), 8, heading="### Theory panel (exact, pre-trained policy, evaluation "
+                         "seed 0's problem set of each spread x recovery)", image="regime-map/theory/theory.png")
+    lines += claims_section(effects)
+    return lines
+
+
+def claims_section(effects: pd.DataFrame) -> list[str]:
+    """One section per claim of the paper: the rule, where it holds and fails (counts, by axis
+    level, and every cell)."""
+    from analysis.tables import markdown_table
+    table = claim_table(effects)
+    lines = ["### The paper's claims, regime by regime", "",
+             "Each claim is a family of paired comparisons per cell (training pass@1 at the budget, Holm within the "
+             "family). *holds*: every comparison is higher (for (a): N = 64 is lower than or equivalent to N = 32); "
+             "*fails*: one is lower, or all are equivalent (for (a): N = 64 is higher); *partly*: some higher, none "
+             "lower; *inconclusive*: otherwise.", ""]
+    for c in CLAIMS:
+        t = table[table.claim == c.key]
+        lines += [f"#### ({c.key}) {c.title}", "", f"*Tested:* {c.paper}.", "",
+                  f"- {_count(t, 'verdict', VERDICTS)} cells.",
+                  f"- Holds in: {_where(t, t.verdict == 'holds')}. By axis level: "
+                  f"{_axis_breakdown(t, 'verdict', 'holds')}.",
+                  f"- Fails, reversed (a comparison goes the other way), in: {_where(t, t.why == 'reversed')}. By axis "
+                  f"level: {_axis_breakdown(t, 'why', 'reversed')}.",
+                  f"- Fails, no difference (every comparison equivalent within ±{EQUIVALENCE_MARGIN:g}), in: "
+                  f"{_where(t, t.why == 'no difference')}.",
+                  "", markdown_table(t[[*CELL, "verdict", "why", "comparisons"]]), ""]
+    return lines
+
+
+def readme_block(root: str | Path) -> str:
+    """The README's simulator results (markdown), computed from the map in ``root``."""
+    per, tuned, meta = load(root)
+    effects = effects_table(per, tuned)
+    cells = cells_table(per, effects, tuned)
+    table = claim_table(effects)
+    n = len(cells)
+    ends = per.groupby("unit").budget.first()
+    out = [f"Regime map ({per.groupby(list(REGIME)).ngroups} regimes x 2 budget units = {n} cells; "
+           f"{per.name.nunique()} methods, {per.seed.nunique()} seeds with their own problem sets, rates tuned per "
+           f"cell; {int(ends['tokens']):,} tokens / {int(ends['rollouts']):,} rollouts per run"
+           + (f"; {meta['wall_time_s'] / 60:.1f} min of wall time in all" if 'wall_time_s' in meta else "") + "):", ""]
+    for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
+        col = f"deep_minus_{tag}_verdict"
+        out.append(f"- DEEP-GRPO vs {what}: higher in {int((cells[col] == 'higher').sum())}/{n} cells, lower in "
+                   f"{int((cells[col] == 'lower').sum())}/{n}, equivalent in {int((cells[col] == 'equivalent').sum())}"
+                   f"/{n} (Holm within each cell; map-wide Holm keeps "
+                   f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())}). Higher by level: "
+                   + _axis_breakdown(cells, col, "higher") + ".")
+    wins = cells.winner.value_counts()
+    out.append("- Winner (highest mean among GRPO-N and the ladder): "
+               + ", ".join(f"{w} {k}/{n}" for w, k in wins.items())
+               + f"; {int(at_ceiling(per, cells).sum())}/{n} cells are at the ceiling (every one of those methods "
+               f">= {CEILING:g}).")
+    lad = effects[(effects.metric == "pass1_at") & (effects.family == "ladder")]
+    out.append("- Ladder steps significantly up / down (of " + str(n) + " cells): "
+               + "; ".join(f"{name.split(' minus ')[0]} {int((g.verdict == 'higher').sum())}/"
+                           f"{int((g.verdict == 'lower').sum())}" for name, g in lad.groupby("comparison", sort=False))
+               + ".")
+    for c in CLAIMS:
+        t = table[table.claim == c.key]
+        out.append(f"- ({c.key}) {c.title}: " + _count(t, "verdict", VERDICTS) + " cells (fails: "
+                   f"{int((t.why == 'reversed').sum())} reversed, {int((t.why == 'no difference').sum())} no "
+                   "difference); holds by level: " + _axis_breakdown(t, "verdict", "holds") + ".")
+    return "\n".join(out)
+
+
+README_BEGIN = "<!-- regime-map:begin (generated by `deepgrpo report --results DIR --readme README.md`) -->"
+README_END = "<!-- regime-map:end -->"
+
+
+def update_readme(readme: str | Path, root: str | Path) -> Path:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with
+    :func:`readme_block` of ``root`` (atomic)."""
+    path = Path(readme)
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ConfigError(f"--readme {path}: expected one line '{README_BEGIN}' and one '{README_END}'",
+                          owner="--readme", value=str(path))
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    write_text_atomic(path, f"{head}{README_BEGIN}\n{readme_block(root)}\n{README_END}{tail}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
+    """Entry point of ``deepgrpo study regime-map``."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per method (default 5)")
+    p.add_argument("--quick", action="store_true", help="the tests' size: 8 problems, 2,000 tokens per run, two rates "
+                   "on one tuning seed (under a minute on 2 cores)")
+    p.add_argument("--out", default="results", help="results directory (default ./results)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    a = p.parse_args(list(argv))
+    if a.workers is not None and a.workers < 1:
+        raise ConfigError(f"--workers = {a.workers} is invalid: expected an integer in [1, inf)", owner="--workers")
+    from deepgrpo.records import check_writable_dir
+    check_writable_dir(a.out)
+    t0 = time.perf_counter()
+    d = run_regime_map(a.out, seeds=a.seeds, size="quick" if a.quick else "full", workers=a.workers,
+                       progress=not a.no_progress)
+    print(f"{STUDY}: {d} ({time.perf_counter() - t0:.1f} s); `deepgrpo report --results {a.out}` writes the report",
+          file=sys.stdout)
+    return 0

@@ -1,0 +1,199 @@
+"""The regime map (analysis/regime_map.py): the quick map in the default tier (its tables, the
+protocol they imply, rerun without repeated work, the report and the README block), the claim
+rule, and the README's simulator results against the committed full map."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import regime_map as rm
+from analysis.stats import holm
+from deepgrpo.cli import main as deepgrpo_main
+from deepgrpo.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "reports" / "sim-regime-map"
+PNG = b"\x89PNG\r\n\x1a\n"
+SEEDS = 2
+
+
+@pytest.mark.parametrize("rule, verdicts, expected", [
+    ("beats", ["higher", "higher"], "holds"),
+    ("beats", ["higher", "inconclusive"], "partly"),
+    ("beats", ["higher", "equivalent"], "partly"),
+    ("beats", ["higher", "lower"], "fails"),
+    ("beats", ["equivalent", "equivalent"], "fails"),
+    ("beats", ["equivalent", "inconclusive"], "inconclusive"),
+    ("beats", ["inconclusive"], "inconclusive"),
+    ("saturates", ["lower"], "holds"),
+    ("saturates", ["equivalent"], "holds"),
+    ("saturates", ["higher"], "fails"),
+    ("saturates", ["inconclusive"], "inconclusive"),
+])
+def test_claim_verdict_rules(rule, verdicts, expected):
+    assert rm.claim_verdict(rule, verdicts) == expected
+
+
+def test_claim_verdict_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="rule"):
+        rm.claim_verdict("wins", ["higher"])
+
+
+def test_the_grid_is_the_product_of_the_axes_and_every_claim_names_map_methods():
+    cells = rm.base_cells(rm.QUICK)
+    assert len(cells) == len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.LEARNERS) * len(rm.METHODS)
+    assert len({c.variant for c in cells}) == len(cells)
+    names = set(rm.METHOD_NAMES)
+    for c in rm.CLAIMS:
+        assert {c.reference, *c.others} <= names
+    assert set(rm.LADDER) - {rm.BEST_GRPO} <= names
+    # the spread axis is the spec's heterogeneity, the learner axis the runner's policy and optimizer
+    c = next(c for c in cells if c.columns["spread"] == "h=0" and c.columns["learner"] == "features/sgd")
+    assert c.params["spec"]["heterogeneity"] == 0.0
+    assert c.params["runner"]["policy"] == "features" and c.params["runner"]["optimizer"] == "sgd"
+    assert rm.budgets(rm.FULL) == {"tokens": 100_000, "rollouts": 100_000 // 12}
+
+
+@pytest.fixture(scope="module")
+def quick_map(tmp_path_factory):
+    out = tmp_path_factory.mktemp("map")
+    assert deepgrpo_main(["study", "regime-map", "--quick", "--seeds", str(SEEDS), "--out", str(out),
+                          "--no-progress"]) == 0
+    return out
+
+
+def _read(root, name):
+    return pd.read_csv(root / rm.STUDY / name)
+
+
+def test_quick_map_has_one_row_per_cell_and_method_with_unit_seeds_and_intervals(quick_map):
+    table = _read(quick_map, "map.csv")
+    n_regimes = len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.LEARNERS)
+    assert len(table) == n_regimes * 2 * len(rm.METHODS)
+    assert not table.duplicated([*rm.CELL, "name"]).any()
+    assert set(table.unit) == {"tokens", "rollouts"}
+    assert (table.seeds == SEEDS).all()
+    ends = rm.budgets(rm.QUICK)
+    assert (table.budget == table.unit.map(ends)).all()
+    for v in ("pass1_at", "heldout_pass1_at", "pass1_auc"):
+        assert table[v].between(0, 1).all()
+        assert np.isfinite(table[f"{v}_low"]).all() and (table[f"{v}_low"] <= table[v] + 1e-12).all()
+        assert (table[f"{v}_high"] >= table[v] - 1e-12).all()
+    cells = _read(quick_map, "cells.csv")
+    assert len(cells) == n_regimes * 2 and set(cells.winner) <= set(rm.WINNER_POOL)
+    for f in ("heatmap.png", "waterfall_tokens.png", "waterfall_rollouts.png", "theory/theory.png"):
+        data = (quick_map / rm.STUDY / f).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, f
+
+
+def test_quick_map_equal_budget_in_both_units_at_the_rates_tuned_per_unit(quick_map):
+    per = _read(quick_map, "per_run.csv")
+    tuned = _read(quick_map, "tuned_lr.csv")
+    ends = rm.budgets(rm.QUICK)
+    assert per.reached.all() and (per.budget == per.unit.map(ends)).all()
+    # whole-chain methods reach both budgets at the same step; suffix-only branching reaches rollouts first
+    wide = per.pivot_table(index=["variant", "seed"], columns="unit", values="steps")
+    fam = per.groupby("variant").family.first().reindex(wide.index.get_level_values(0)).to_numpy()
+    name = per.groupby("variant").name.first().reindex(wide.index.get_level_values(0)).to_numpy()
+    whole = (fam == "grpo") | (name == rm.ROOT_ONLY)
+    assert (wide.rollouts[whole] == wide.tokens[whole]).all()
+    assert (wide.rollouts <= wide.tokens).all() and (wide.rollouts[~whole] < wide.tokens[~whole]).any()
+    # each reading uses the rate chosen for its unit on the tuning seeds, and the tuning grid is the
+    # optimizer's default times the size's factors
+    chosen = tuned[tuned.chosen].set_index(["variant", "unit"]).lr
+    assert np.allclose(per.lr, chosen.reindex(pd.MultiIndex.from_frame(per[["variant", "unit"]])).to_numpy())
+    from sims.optim import DEFAULT_LR
+    for (learner, variant), g in tuned.groupby(["learner", "variant"]):
+        base = DEFAULT_LR[learner.split("/")[1]]
+        assert sorted(set(g.lr)) == pytest.approx(sorted(base * f for f in rm.QUICK.lr_factors)), variant
+    # every seed trains on its own problem set, the same one for every method of the seed
+    sets = per.groupby("seed").problem_set_seed.nunique()
+    assert (sets == 1).all() and per.groupby("problem_set_seed").seed.nunique().max() == 1
+    # root sampling has no branch points; the oracle rungs branch from states with a known chance
+    roots = per[per.family == "grpo"]
+    assert roots.pivot_oracle_success.isna().all()
+    assert per[per.name == "oracle-pivot"].pivot_oracle_success.between(0, 1).all()
+
+
+def test_quick_map_best_grpo_and_holm_come_from_their_definitions(quick_map):
+    tuned = _read(quick_map, "tuned_lr.csv")
+    per = _read(quick_map, "per_run.csv")
+    effects = _read(quick_map, "effects.csv")
+    cells = _read(quick_map, "cells.csv")
+    # best GRPO-N: the N with the best tuning criterion at its chosen rate (tuning seeds only)
+    grpo = tuned[tuned.chosen & (tuned.family == "grpo")]
+    for key, g in grpo.groupby(list(rm.CELL)):
+        best = int(g.loc[g.criterion.idxmax(), "name"].split("=")[1])
+        row = cells[np.logical_and.reduce([cells[c] == v for c, v in zip(rm.CELL, key)])]
+        assert int(row.best_N.iloc[0]) == best
+    e = effects[effects.metric == "pass1_at"]
+    head = e[e.family == "headline"]
+    assert len(head) == 2 * len(cells)
+    # within a cell the two headline p-values are one Holm family; map-wide, all of a unit's
+    for _, g in head.groupby(list(rm.CELL)):
+        assert np.allclose(g.p_holm, holm(g.p.to_numpy()), equal_nan=True)
+    for _, g in head.groupby("unit"):
+        assert np.allclose(g.p_holm_map, holm(g.p.to_numpy()), equal_nan=True)
+    # a difference is the paired mean over seeds of the two methods' readings
+    r = head.iloc[0]
+    sel = per[np.logical_and.reduce([per[c] == r[c] for c in rm.CELL])]
+    a = sel[sel.name == r.reference].set_index("seed").pass1_at
+    b = sel[sel.name == r.other].set_index("seed").pass1_at
+    assert r["diff"] == pytest.approx(float((a - b).mean()))
+    # the ladder family has one step per rung in every cell, and the claims their own families
+    assert (e[e.family == "ladder"].groupby(list(rm.CELL)).size() == len(rm.LADDER) - 1).all()
+    for c in rm.CLAIMS:
+        assert (e[e.family == f"claim {c.key}"].groupby(list(rm.CELL)).size() == len(c.others)).all()
+
+
+@pytest.mark.slow
+def test_quick_map_rerun_does_no_repeated_work(quick_map, tmp_path):
+    """A second run in the same directory runs nothing and rewrites the same per-run table (slow
+    tier: the rerun rebuilds every table and figure, about 25 s)."""
+    d = quick_map / rm.STUDY
+
+    def files():
+        return sorted(p.name for sub in (d / "cells", d / "tuning" / "cells") for p in sub.iterdir())
+
+    before = files()
+    per = (d / "per_run.csv").read_bytes()
+    rm.run_regime_map(quick_map, seeds=SEEDS, size="quick", progress=False)
+    after = files()
+    assert before == after and (d / "per_run.csv").read_bytes() == per
+
+
+def test_quick_map_report_and_readme_block(quick_map, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{rm.README_BEGIN}\nold text\n{rm.README_END}\nafter\n")
+    assert deepgrpo_main(["report", "--results", str(quick_map), "--readme", str(readme)]) == 0
+    report = (quick_map / "REPORT.md").read_text()
+    assert "## regime-map" in report and "![regime map](regime-map/heatmap.png)" in report
+    for c in rm.CLAIMS:
+        assert f"#### ({c.key}) {c.title}" in report
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert rm.readme_block(quick_map) in text
+    assert "(a) root saturation" in text and "DEEP-GRPO vs the best GRPO-N" in text
+    bad = tmp_path / "BAD.md"
+    bad.write_text("no markers\n")
+    assert deepgrpo_main(["report", "--results", str(quick_map), "--readme", str(bad)]) == 2
+    assert "--readme" in capsys.readouterr().err and bad.read_text() == "no markers\n"
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    assert deepgrpo_main(["study", "regime-map", "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert deepgrpo_main(["study", "regime-map", "--workers", "0", "--out", str(tmp_path)]) == 2
+    assert "--workers" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="size"):
+        rm.run_regime_map(tmp_path, size="huge")
+
+
+def test_readme_simulator_results_are_the_committed_maps():
+    """The README's simulator results are generated from the committed full map
+    (``deepgrpo report --results docs/reports/sim-regime-map --readme README.md``)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(rm.README_BEGIN)[1].split(rm.README_END)[0].strip()
+    assert block == rm.readme_block(COMMITTED).strip()
