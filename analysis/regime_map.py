@@ -224,13 +224,14 @@ class MapSize:
 
 
 FULL = MapSize(spec={}, batch_problems=16, tokens=100_000, max_steps=2000, lr_factors=(1.0, 4.0, 16.0),
-               tuning_seeds=1, max_extensions=1)
+               tuning_seeds=1, max_extensions=3)
 """The default spec (32 training and 16 held-out problems of 12 steps), 16 problems per step,
 100,000 tokens (8,333 rollouts) per run, three rates 4x apart (1x, 4x, 16x the optimizer's
 default: at this budget almost every method tuned to 2x or more of it on a 0.5x-2x grid, and
-tabular runs to 8x and beyond), extended once by 2x past an end, on one tuning seed (rates are
-compared on the same problem set, so the choice is paired). Sized for the 20-minute limit on 2
-cores: two tuning seeds took 21.6 minutes."""
+tabular runs to 8x and beyond), extended by 2x past an end up to three times (to 128x: with a
+single extension most tabular and some SGD runs still chose the highest rate, GRPO more often than
+DEEP-GRPO), on one tuning seed (rates are compared on the same problem set, so the choice is
+paired). Sized for the 20-minute limit on 2 cores: two tuning seeds took 21.6 minutes."""
 QUICK = MapSize(spec={"n_problems": 8, "n_heldout": 4}, batch_problems=4, tokens=2_000, max_steps=200,
                 lr_factors=(1.0, 4.0), tuning_seeds=1, max_extensions=0)
 """``--quick`` (the tests' size): 8 problems, 4 per step, 2,000 tokens, two rates on one tuning seed."""
@@ -343,6 +344,8 @@ def best_grpo(tuned: pd.DataFrame) -> pd.DataFrame:
     t = tuned[tuned.chosen.astype(bool) & (tuned.family == "grpo")]
     rows = []
     for key, g in t.groupby(list(CELL), sort=False):
+        if not g.criterion.notna().any():
+            raise ValueError(f"cell {dict(zip(CELL, key))}: no GRPO run has a finite tuning criterion")
         best = g.loc[g.criterion.idxmax()]
         rows.append({**dict(zip(CELL, key)), "best_N": int(str(best["name"]).split("=")[1])})
     return pd.DataFrame(rows)
@@ -364,15 +367,15 @@ def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_a
     rows = []
     for cell, g in _cells(per):
         n_best = int(best.loc[tuple(cell[c] for c in CELL)])
-        wide = g.pivot(index="seed", columns="name", values=metric)  # [seeds, methods]: paired by seed
+        wide = g.pivot(index="seed", columns="name", values=metric).reindex(columns=list(METHOD_NAMES))  # [seeds, M]
         cols = {name: wide[name].to_numpy(np.float64) for name in METHOD_NAMES}
         cols[BEST_GRPO] = cols[f"grpo N={n_best}"]
         fams: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("headline", [(f"{DEEP} minus {BEST_GRPO} (N={n_best})", DEEP, BEST_GRPO),
                           (f"{DEEP} minus {ROOT_ONLY}", DEEP, ROOT_ONLY)]),
             ("ladder", [(f"{b} minus {a}", b, a) for a, b in zip(LADDER, list(LADDER)[1:])])]
-        means = {n: float(np.nanmean(cols[n])) for n in WINNER_POOL}
-        top = max(means, key=lambda n: (means[n], -WINNER_POOL.index(n)))
+        means = {n: float(np.nanmean(cols[n])) if np.isfinite(cols[n]).any() else -np.inf for n in WINNER_POOL}
+        top = max(means, key=lambda n: (means[n], -WINNER_POOL.index(n)))  # ties: the earlier method
         fams.append(("winner", [(f"{top} minus {o}", top, o) for o in WINNER_POOL if o != top]))
         fams += [(f"claim {c.key}", [(f"{c.reference} minus {o}", c.reference, o) for o in c.others]) for c in CLAIMS]
         for family, comps in fams:
@@ -420,7 +423,8 @@ def cells_table(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame) -
     """One row per cell: the winner (highest mean pass@1 at the budget among
     :data:`WINNER_POOL`) and ``tied`` (other methods not significantly below it, Holm), its mean,
     ``best_N``, and DEEP-GRPO minus the best GRPO-N and minus root-only (difference, Holm interval
-    within the cell, verdict, map-wide verdict)."""
+    within the cell, verdict, map-wide verdict, and ``*_material``: significant and at least the
+    equivalence margin in size)."""
     best = best_grpo(tuned).set_index(list(CELL)).best_N
     e = effects[effects.metric == "pass1_at"]
     rows = []
@@ -436,7 +440,9 @@ def cells_table(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame) -
             h = here[(here.family == "headline") & here.other.str.startswith(other)].iloc[0]
             row.update({f"deep_minus_{tag}": h["diff"], f"deep_minus_{tag}_low": h["low"],
                         f"deep_minus_{tag}_high": h["high"], f"deep_minus_{tag}_verdict": h["verdict"],
-                        f"deep_minus_{tag}_map": h["verdict_map"]})
+                        f"deep_minus_{tag}_map": h["verdict_map"],
+                        f"deep_minus_{tag}_material": h["verdict"] in ("higher", "lower")
+                        and abs(h["diff"]) >= EQUIVALENCE_MARGIN})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -638,7 +644,21 @@ def load(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``(per_run, tuned_lr, study.json)`` of the map under results directory ``root``."""
     d = Path(root) / STUDY
     meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
-    return pd.read_csv(d / "per_run.csv"), pd.read_csv(d / "tuned_lr.csv"), meta
+    per, tuned = pd.read_csv(d / "per_run.csv"), pd.read_csv(d / "tuned_lr.csv")
+    for frame, cols in ((per, ("reached", "lr_edge")), (tuned, ("chosen", "edge"))):
+        for c in cols:
+            frame[c] = _as_bool(frame[c], c)
+    return per, tuned, meta
+
+
+def _as_bool(col: pd.Series, name: str) -> pd.Series:
+    """A CSV column of booleans as bool (also when it reads back as the strings True/False)."""
+    if col.dtype == bool:
+        return col
+    mapped = col.map({True: True, False: False, "True": True, "False": False, "true": True, "false": False})
+    if mapped.isna().any():
+        raise ValueError(f"column {name!r} holds values other than True/False: {sorted(set(col[mapped.isna()]))[:3]}")
+    return mapped.astype(bool)
 
 
 # ------------------------------------------------------------------------------------------
@@ -667,6 +687,15 @@ def _where(frame: pd.DataFrame, mask: pd.Series, limit: int = 12) -> str:
     items = [f"{r.recovery}/{r.spread}/{r.learner}/{r.unit}" for r in sel.itertuples()]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return (", ".join(items[:limit]) + more) if items else "none"
+
+
+def _material(cells: pd.DataFrame, tag: str, ceiling: pd.Series) -> str:
+    """``higher by >= 0.02 in 5, lower by >= 0.02 in 9; 2 of the significant ones at the ceiling``."""
+    v, mat = cells[f"deep_minus_{tag}_verdict"], cells[f"deep_minus_{tag}_material"].astype(bool)
+    sig = v.isin(["higher", "lower"])
+    return (f"higher by at least the ±{EQUIVALENCE_MARGIN:g} margin in {int(((v == 'higher') & mat).sum())}, lower by "
+            f"at least it in {int(((v == 'lower') & mat).sum())}; {int((sig & ceiling).sum())} of the significant "
+            "ones are cells at the ceiling")
 
 
 def at_ceiling(per: pd.DataFrame, cells: pd.DataFrame) -> pd.Series:
@@ -711,7 +740,8 @@ def report_section(root: str | Path) -> list[str] | None:
     n_cells = len(cells)
     seeds = int(per.seed.nunique())
     ends = per.groupby("unit").budget.first()
-    edge = tuned[tuned.chosen.astype(bool) & tuned.edge.astype(bool)]
+    chosen = tuned[tuned.chosen.astype(bool)]
+    edge = chosen[chosen.edge.astype(bool)]
     start = per[(per.unit == "tokens")].groupby(["spread", "recovery", "seed"], sort=False).pass1_start.first()
     ext = meta.get("size_config", {}).get("max_extensions", 0)
     tuning_seeds = ", ".join(map(str, meta.get("protocol", {}).get("tuning_seeds", [])))
@@ -739,20 +769,29 @@ def report_section(root: str | Path) -> list[str] | None:
              f"- *Learning rates:* tuned per regime, method and unit (criterion: mean AUC of training pass@1 over "
              f"[0, budget] in the unit) on tuning seeds {tuning_seeds}"
              f"; {len(edge)} of {int(tuned.chosen.astype(bool).sum())} chosen rates lie at the end of their grid "
-             f"({grid}). The best GRPO-N of a cell is the N that tuned best (tuning seeds), so that its choice does "
-             "not use the evaluation seeds.",
+             f"({grid}); by learner: " + ", ".join(
+                 f"{lr} {int((edge.learner == lr).sum())}/{int((chosen.learner == lr).sum())}" for lr in LEARNERS)
+             + "; by method family: " + ", ".join(
+                 f"{f} {int((edge.family == f).sum())}/{int((chosen.family == f).sum())}"
+                 for f in dict.fromkeys(m.family for m in METHODS))
+             + ". The best GRPO-N of a cell is the N that tuned best (tuning seeds), so that its choice does not use "
+             "the evaluation seeds.",
              f"- *Statistics:* paired differences over {seeds} seeds; within a cell, the two headline comparisons "
              "(DEEP-GRPO minus best GRPO-N and minus root-only) are one Holm family; `**` marks those also "
              f"significant under Holm over all {int((effects.family == 'headline').sum() // 2)} headline comparisons "
-             f"of a unit (the whole map); *equivalent* needs TOST within ±{EQUIVALENCE_MARGIN:g}.", "",
+             f"of a unit (the whole map); *equivalent* needs TOST within ±{EQUIVALENCE_MARGIN:g} (its 90 % interval "
+             "inside the margin, after Holm), so an equivalent difference's printed (Holm) interval may reach past it. "
+             "Values: training exact pass@1 at the budget, and its AUC over [0, budget] in the cell's unit.", "",
              "![regime map](regime-map/heatmap.png)", ""]
     # where DEEP-GRPO wins
     lines += ["**Where DEEP-GRPO wins** (training exact pass@1 at the budget)", ""]
+    ceiling = at_ceiling(per, cells)
     for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
         col = f"deep_minus_{tag}_verdict"
         lines.append(f"- DEEP-GRPO minus {what}: "
                      + _count(cells, col, ("higher", "lower", "equivalent", "inconclusive"))
-                     + f" cells; higher in: {_where(cells, cells[col] == 'higher')}; lower in: "
+                     + f" cells ({_material(cells, tag, ceiling)}); higher in: "
+                       f"{_where(cells, cells[col] == 'higher')}; lower in: "
                        f"{_where(cells, cells[col] == 'lower')}. Higher by axis level: "
                      + _axis_breakdown(cells, col, "higher") + ". Lower by axis level: "
                      + _axis_breakdown(cells, col, "lower") + ". Map-wide Holm keeps "
@@ -766,12 +805,13 @@ def report_section(root: str | Path) -> list[str] | None:
             lines.append(f"- On {what}: " + "; ".join(
                 f"DEEP-GRPO minus {name} higher in {int((g.verdict == 'higher').sum())}/{len(g)}, lower in "
                 f"{int((g.verdict == 'lower').sum())}/{len(g)}" for name, g in parts) + ".")
-    ceiling = at_ceiling(per, cells)
     lines.append(f"- At the ceiling (every method of GRPO-N and the ladder has mean pass@1 >= {CEILING:g} at the "
                  f"budget, so no method can show a gain): {int(ceiling.sum())}/{n_cells} cells: "
                  f"{_where(cells, ceiling)}.")
     wins = cells.winner.value_counts()
-    lines.append("- Winner among GRPO-N and the ladder (highest mean; ties = methods not significantly below it): "
+    lines.append("- Winner among GRPO-N and the ladder (highest mean on the evaluation seeds, then tested against the "
+                 "others on the same seeds, so 'significantly above' is optimistic; ties = methods not significantly "
+                 "below it): "
                  + ", ".join(f"{w} in {n}/{n_cells}" for w, n in wins.items())
                  + f"; the winner is significantly above every other method in {int((cells.tied == 0).sum())}/{n_cells}"
                    " cells.")
@@ -848,17 +888,19 @@ def readme_block(root: str | Path) -> str:
            f"{per.name.nunique()} methods, {per.seed.nunique()} seeds with their own problem sets, rates tuned per "
            f"cell; {int(ends['tokens']):,} tokens / {int(ends['rollouts']):,} rollouts per run"
            + (f"; {meta['wall_time_s'] / 60:.1f} min of wall time in all" if 'wall_time_s' in meta else "") + "):", ""]
+    ceiling = at_ceiling(per, cells)
     for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
         col = f"deep_minus_{tag}_verdict"
         out.append(f"- DEEP-GRPO vs {what}: higher in {int((cells[col] == 'higher').sum())}/{n} cells, lower in "
                    f"{int((cells[col] == 'lower').sum())}/{n}, equivalent in {int((cells[col] == 'equivalent').sum())}"
                    f"/{n} (Holm within each cell; map-wide Holm keeps "
-                   f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())}). Higher by level: "
+                   f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())}; "
+                   f"{_material(cells, tag, ceiling)}). Higher by level: "
                    + _axis_breakdown(cells, col, "higher") + ".")
     wins = cells.winner.value_counts()
     out.append("- Winner (highest mean among GRPO-N and the ladder): "
                + ", ".join(f"{w} {k}/{n}" for w, k in wins.items())
-               + f"; {int(at_ceiling(per, cells).sum())}/{n} cells are at the ceiling (every one of those methods "
+               + f"; {int(ceiling.sum())}/{n} cells are at the ceiling (every one of those methods "
                f">= {CEILING:g}).")
     lad = effects[(effects.metric == "pass1_at") & (effects.family == "ladder")]
     out.append("- Ladder steps significantly up / down (of " + str(n) + " cells): "

@@ -142,14 +142,20 @@ def holm(pvalues) -> np.ndarray:
 def holm_confidence(pvalues, alpha: float = ALPHA) -> np.ndarray:
     """Confidence level of each comparison's interval under Holm: the i-th smallest of m
     p-values is tested at level alpha / (m - i + 1), so its interval has confidence
-    1 - alpha / (m - i + 1) (it excludes 0 exactly when that test rejects). NaN p-values get
-    the Bonferroni level 1 - alpha / m."""
+    1 - alpha / (m - i + 1) (it excludes 0 exactly when that test rejects). Holm stops at the
+    first p-value it does not reject (rank j): that one and every larger one get rank j's level,
+    so their intervals include 0, as their verdicts say. NaN p-values get the Bonferroni level
+    1 - alpha / m."""
     p = np.asarray(pvalues, dtype=np.float64)
     m = max(int(np.isfinite(p).sum()), 1)
     out = np.full(p.shape, 1.0 - alpha / m)
     ok = np.flatnonzero(np.isfinite(p))
     order = ok[np.argsort(p[ok], kind="stable")]
-    out[order] = 1.0 - alpha / (m - np.arange(order.size))
+    levels = alpha / (m - np.arange(order.size))  # the step-down thresholds, rank 1..m
+    stop = np.flatnonzero(p[order] >= levels)  # ranks Holm does not reject
+    if stop.size:
+        levels[stop[0]:] = levels[stop[0]]
+    out[order] = 1.0 - levels
     return out
 
 

@@ -41,6 +41,13 @@ def test_claim_verdict_rejects_an_unknown_rule():
         rm.claim_verdict("wins", ["higher"])
 
 
+def test_boolean_columns_read_back_from_text():
+    col = pd.Series(["True", "False", True])
+    assert rm._as_bool(col, "chosen").tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="'edge'"):
+        rm._as_bool(pd.Series(["True", "maybe"]), "edge")
+
+
 def test_the_grid_is_the_product_of_the_axes_and_every_claim_names_map_methods():
     cells = rm.base_cells(rm.QUICK)
     assert len(cells) == len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.LEARNERS) * len(rm.METHODS)
@@ -142,6 +149,12 @@ def test_quick_map_best_grpo_and_holm_come_from_their_definitions(quick_map):
     a = sel[sel.name == r.reference].set_index("seed").pass1_at
     b = sel[sel.name == r.other].set_index("seed").pass1_at
     assert r["diff"] == pytest.approx(float((a - b).mean()))
+    # a material difference is a significant one at least the equivalence margin in size
+    from analysis.stats import EQUIVALENCE_MARGIN
+    for tag in ("best_grpo", "root_only"):
+        sig = cells[f"deep_minus_{tag}_verdict"].isin(["higher", "lower"])
+        big = cells[f"deep_minus_{tag}"].abs() >= EQUIVALENCE_MARGIN
+        assert (cells[f"deep_minus_{tag}_material"] == (sig & big)).all()
     # the ladder family has one step per rung in every cell, and the claims their own families
     assert (e[e.family == "ladder"].groupby(list(rm.CELL)).size() == len(rm.LADDER) - 1).all()
     for c in rm.CLAIMS:

@@ -124,8 +124,23 @@ def test_holm_by_hand():
     out = holm([0.5, 0.001, float("nan")])
     assert out[:2] == pytest.approx([0.5, 0.002]) and np.isnan(out[2])
     assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
-    # interval levels: the i-th smallest p is tested at alpha / (m - i + 1)
-    assert holm_confidence([0.01, 0.04, 0.03], 0.05) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+    # interval levels: the i-th smallest p is tested at alpha / (m - i + 1) until Holm stops:
+    # 0.01 < 0.05/3 is rejected, 0.03 >= 0.05/2 is not, so 0.04 keeps the level of 0.03
+    assert holm_confidence([0.01, 0.04, 0.03], 0.05) == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 1 - 0.05 / 2])
+    # all rejected: every rank its own level
+    assert holm_confidence([0.001, 0.02, 0.01], 0.05) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2])
+
+
+def test_holm_intervals_agree_with_holm_verdicts():
+    """An interval excludes 0 exactly when Holm rejects (also past Holm's first non-rejection)."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        m, n = int(rng.integers(1, 6)), int(rng.integers(3, 8))
+        ref = pd.DataFrame({"seed": range(n), "v": rng.normal(0, 1, n)})
+        others = [(f"o{i}", pd.DataFrame({"seed": range(n), "v": ref.v - rng.normal(rng.normal(0, 1), 0.7, n)}))
+                  for i in range(m)]
+        for c in compare_family(ref, others, "v"):
+            assert (c.diff.low > 0 or c.diff.high < 0) == (c.p_holm < 0.05), c
 
 
 def test_paired_t_and_tost_by_hand():
