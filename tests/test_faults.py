@@ -260,6 +260,7 @@ def test_ctrl_c_stops_training_promptly_with_one_line_saying_what_was_saved(micr
     args = _train_args(micro_dir, out)
     args[args.index("--steps") + 1] = "500"
     p = subprocess.Popen([sys.executable, "-m", "deepgrpo.cli", *args], cwd=tmp_path, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint").is_dir() and time.time() < deadline:

@@ -40,7 +40,14 @@ def _start(out: Path, workers: int = 2, **env: str) -> subprocess.Popen:
     """The study in its own session (so that its workers can be found, and a Ctrl-C can be sent
     to its whole process group as a terminal would)."""
     return subprocess.Popen(_args(out, workers), env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default, as in a terminal (a shell that starts a
+    job in the background without job control, e.g. ``cmd &`` in a script, hands it SIGINT
+    ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _session_alive(sid: int) -> list[int]:
