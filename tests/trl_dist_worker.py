@@ -104,6 +104,10 @@ def main(out: Path) -> None:
         (out / "result.json").write_text(json.dumps({
             "aux_rows": [p["aux_rows"] for p in parts], "max_param_diff_between_ranks": between,
             "max_diff_to_single_process_step": max(diffs), "param_change": change}))
+    # tear gloo down before the interpreter does: left to exit, its threads sometimes abort the
+    # process ("terminate called without an active exception", exit -6) after the work is done
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
