@@ -136,7 +136,12 @@ def test_ctrl_c_stops_the_study_promptly_in_one_line_and_a_rerun_resumes(referen
     out = tmp_path / "ctrl-c"
     p = _start(out)
     _wait_for_cells(p, out)
-    time.sleep(0.5)
+    # as soon as a pool worker runs (the whole smoke study takes about 2 s, so a fixed wait could
+    # let it finish first): the Ctrl-C must find the study mid-sweep
+    deadline = time.monotonic() + 5.0
+    while len(_session_alive(p.pid)) < 2 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "the study ended before the Ctrl-C could be sent"
     t0 = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
     stdout, stderr = p.communicate(timeout=30)
