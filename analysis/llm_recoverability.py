@@ -25,8 +25,9 @@ for a policy checkpoint, the study
 4. for the arithmetic task, finds where each failed chain first goes wrong (the first wrong step,
    :func:`llm.tasks.arithmetic_first_error`) and where each strategy's pivots land
    (:func:`deepgrpo.branching.plan_branches` with ``deep`` (position-only P̂), ``deep-state``,
-   ``depth-only``, ``random-pivot``; ``last-clean`` (the state just before the first error) and
-   ``root`` as references);
+   ``depth-only``, ``random-pivot``; ``last-clean`` (the state just before the first error, for
+   chains whose first error starts at a candidate: :func:`last_clean_candidates`) and ``root`` as
+   references);
 5. checks the martingale fact every depth study must face: the mean recoverability of a failed
    chain's state after k segments is E[s(X_k) | fail] = (p − E[s(X_k)²]) / (1 − p) <= p (a
    chain that has ended counts with s = its reward, 0), per prompt, with t-intervals over
@@ -439,6 +440,28 @@ def reliability_bins(p: np.ndarray, target: np.ndarray) -> pd.DataFrame:
 # 4. first error vs pivots
 
 
+def last_clean_candidates(probes: pd.DataFrame) -> np.ndarray:
+    """The ``last-clean`` reference pivot: 1.0 on the candidate holding the state just before each
+    failed chain's first error, 0.0 elsewhere. Returns ``[N]`` for the ``N`` rows of ``probes``
+    (columns ``chain``, ``index``, ``prefix_steps``, ``first_error``).
+
+    That state is the deepest candidate whose prefix holds only correct steps
+    (``prefix_steps <= first_error``), and it is the state just before the first error only if the
+    error starts inside the candidates' reach: some candidate ends exactly where it begins
+    (``prefix_steps == first_error``). A chain whose first error lies past its last candidate has
+    no such candidate and no last-clean pivot: the final segment end is never a candidate, so a
+    chain truncated or cut at a step boundary (every written step correct, the rest missing) or
+    one wrong only in its last segment is left out of the ``last-clean`` row, instead of being
+    counted one or more steps early. Chains with no known first error get none either.
+    """
+    steps = probes["prefix_steps"].to_numpy(dtype=np.float64)  # [N]
+    fe = probes["first_error"].to_numpy(dtype=np.float64)  # [N]; NaN = no known error
+    at_error = pd.Series(steps == fe).groupby(probes["chain"].to_numpy()).transform("any").to_numpy()  # [N]
+    clean = steps <= fe  # [N] (False when fe is NaN)
+    deepest = probes["index"].where(clean).groupby(probes["chain"]).transform("max")  # [N] chain's last clean index
+    return ((probes["index"] == deepest).to_numpy() & at_error).astype(np.float64)
+
+
 def pivot_table(data: ProbeData, preds: dict[str, np.ndarray], K: int, draws: int, seed: int
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Where each strategy's pivots land.
@@ -470,10 +493,7 @@ def pivot_table(data: ProbeData, preds: dict[str, np.ndarray], K: int, draws: in
             np.add.at(w, plan.candidate, 1.0 / draws)
         weights[name] = w
     fe = probes["first_error"].to_numpy()
-    before_error = probes["prefix_steps"].to_numpy() <= np.nan_to_num(fe, nan=-1.0)  # [N] (False: no known error)
-    last = probes[before_error].groupby("chain")["index"].max()  # chain -> its last correct candidate
-    last_clean = (probes["index"] == probes["chain"].map(last)).to_numpy(dtype=np.float64)  # [N]
-    weights["last-clean"] = last_clean
+    weights["last-clean"] = last_clean_candidates(probes)
     weights["root"] = (probes["index"].to_numpy() == 0).astype(float)
     cols = {"clean": probes["clean"].to_numpy(), "offset": (probes["prefix_steps"] - probes["first_error"]).to_numpy(),
             "rel_depth": probes["rel_depth"].to_numpy(), "s": probes["s"].to_numpy(),
@@ -731,7 +751,9 @@ def report_section(results_dir: str | Path) -> list[str] | None:
                                                  "brier_low", "brier_high", "brier_labels", "auc", "auc_low",
                                                  "auc_high"]]), "",
               "**Pivots by strategy** (`clean` = share before the first error, `offset` = pivot step − first-error "
-              "step, `s`/`target` = Monte Carlo P(success) / P(>= 1 of K) at the pivot)", "",
+              "step, `s`/`target` = Monte Carlo P(success) / P(>= 1 of K) at the pivot; `last-clean` counts only "
+              "the chains whose first error starts at a candidate: a chain cut at a step boundary or wrong only "
+              "in its last segment has no candidate just before it)", "",
               markdown_table(piv), ""]
     return lines
 

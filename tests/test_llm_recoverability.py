@@ -17,6 +17,7 @@ from analysis.llm_recoverability import (
     STUDY,
     auc_score,
     calibration_metrics,
+    last_clean_candidates,
     report_section,
     unbiased_pass_at_k,
 )
@@ -24,6 +25,28 @@ from deepgrpo.cli import main as deepgrpo_main
 from llm.tasks import DATA_DIR, arithmetic_first_error, load_problems
 
 SAMPLE = DATA_DIR / "arith_sample.jsonl"
+
+
+def test_last_clean_is_the_candidate_just_before_the_first_error():
+    """Constructed chains (step segmenter: candidate i = i steps, the final segment end is never a
+    candidate). Chain 0 goes wrong at step 2; chain 1 is every step right but cut at a step
+    boundary (first error = its missing step 3, past candidates 0-2); chain 2 is wrong only in its
+    last segment (step 2, candidates 0-1); chain 3 has no known first error."""
+    question = "55+45+1+2+3="
+    cut = "55+45=100,100+1=101,101+2=103,"  # the reference solution cut after its third step
+    assert arithmetic_first_error(question, cut) == 3
+    assert arithmetic_first_error(question, "55+45=100,100+1=102,") == 1
+    probes = pd.DataFrame({
+        "chain":        [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3],
+        "index":        [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1],
+        "prefix_steps": [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1],
+        "first_error":  [2, 2, 2, 2, 3, 3, 3, 2, 2, np.nan, np.nan],
+    })
+    w = last_clean_candidates(probes)
+    assert w.tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    # shuffled rows give the same answer row by row
+    order = np.random.default_rng(0).permutation(len(probes))
+    assert last_clean_candidates(probes.iloc[order].reset_index(drop=True)).tolist() == w[order].tolist()
 
 
 
