@@ -3,7 +3,8 @@ and deterministic problem streams (position -> problem) for resumable training.
 
 Task names: ``arith`` (built in, chain-of-thought addition chains), ``gsm8k`` (``question``,
 ``answer`` ending in ``#### N``), ``math`` (``problem``, ``solution`` with ``\\boxed{}``).
-Files are local JSONL or parquet, read through HF ``datasets``.
+Files are local JSONL or parquet, read through HF ``datasets``. Reference answers are read by the
+same rules as model responses (:mod:`llm.rewards`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from deepgrpo.config import ConfigError, check_choice, check_range
+from llm.rewards import gsm8k_extract, gsm8k_value, math_final_answer
+from llm.rewards import last_boxed as last_boxed  # re-exported: the package's one box reader
 
 TASKS = ("arith", "gsm8k", "math")
 
@@ -136,9 +139,18 @@ def arithmetic_first_error(question: str, response: str) -> int | None:
     return None if len(got) == len(ref) else len(ref)
 
 
+def question_key(question: str) -> str:
+    """The identity of a question: its text with every run of whitespace (spaces, tabs, line
+    ends of any style) made one space and the ends trimmed. Two questions with the same key are
+    the same question (:func:`load_problems` keeps one; :func:`split_heldout` keeps them on one
+    side)."""
+    return " ".join(question.split())
+
+
 def is_heldout(question: str, mod: int) -> bool:
-    """The held-out rule: crc32 of the question text modulo ``mod`` is 0 (deterministic, disjoint)."""
-    return zlib.crc32(question.encode("utf-8")) % mod == 0
+    """The held-out rule: crc32 of the question's key (:func:`question_key`) modulo ``mod`` is 0
+    (deterministic; whitespace variants of a question fall on the same side)."""
+    return zlib.crc32(question_key(question).encode("utf-8")) % mod == 0
 
 
 def draw_arithmetic(rng: np.random.Generator, config: ArithmeticConfig) -> Problem:
@@ -186,34 +198,16 @@ def arithmetic_heldout(n: int, config: ArithmeticConfig | None = None, seed: int
 # ----------------------------------------------------------------------------------------------
 
 def gsm8k_final_answer(answer: str) -> str:
-    """The number after the last ``####`` of a GSM8K answer, commas removed ('' if none)."""
-    m = re.findall(r"####\s*(-?[0-9.,]+)", answer)
-    if not m:
-        return ""
-    return m[-1].replace(",", "").rstrip(".")
+    """The reference number of a GSM8K answer, '' if it has none.
 
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text`` with balanced
-    braces, or None. Never raises."""
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    j = i
-    while j < len(text):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-        j += 1
-    return None
+    As GSM8K's own grader (grade-school-math, lm-eval-harness, verl): the number after the last
+    ``####``, with commas and ``$`` removed (``#### $1,000`` -> ``1000``). It is read whole by the
+    reward's own rule (:func:`llm.rewards.gsm8k_extract`), so ``#### 1/2`` is the fraction
+    ``1/2``, ``#### 0`` is ``0``, and ``#### 1.5e3`` (GSM8K never writes scientific notation) is
+    no answer rather than ``1.5``.
+    """
+    number = gsm8k_extract(answer)
+    return number if number is not None and gsm8k_value(number) is not None else ""
 
 
 MAX_DROPPED_FRACTION = 0.1
@@ -288,15 +282,30 @@ def detect_task(rows: Sequence[Mapping[str, Any]]) -> str:
                       "or problem/solution (MATH)", owner="--data")
 
 
+_ANSWER_RULES = {
+    "gsm8k": "GSM8K: a number after '####', e.g. '#### 1,000' or '#### 1/2'",
+    "math": "MATH: an 'answer' column or a \\boxed{} answer in the solution",
+    "arith": "arith: an 'answer' column",
+}
+
+
+def _present(value: Any) -> bool:
+    """A cell holds a value (``0`` does; None and blank text do not)."""
+    return value is not None and str(value).strip() != ""
+
+
 def load_problems(path: str | os.PathLike, task: str | None = None, option: str = "--data") -> list[Problem]:
     """Problems of a local JSONL/parquet file in GSM8K, MATH or arithmetic format.
 
-    GSM8K rows: ``question``, ``answer`` (reasoning then ``#### N``). MATH rows: ``problem``,
-    ``solution`` (with ``\\boxed{}``; an ``answer`` column, if present, wins). Arithmetic rows:
-    ``question`` (e.g. ``12+5=``), ``answer`` (the number), optional ``solution``.
+    GSM8K rows: ``question``, ``answer`` (reasoning then ``#### N``; :func:`gsm8k_final_answer`).
+    MATH rows: ``problem``, ``solution`` (with ``\\boxed{}``; an ``answer`` column, if present,
+    wins; :func:`llm.rewards.math_final_answer`). Arithmetic rows: ``question`` (e.g. ``12+5=``),
+    ``answer`` (the number), optional ``solution``.
     The task is detected from the whole file (:func:`detect_task`) unless given. Rows without a
     question or reference answer are dropped with a warning that counts them; more than
-    :data:`MAX_DROPPED_FRACTION` of the file is an error.
+    :data:`MAX_DROPPED_FRACTION` of the file is an error. A row whose question repeats an earlier
+    row's (same :func:`question_key`: whitespace differences do not count) is dropped too, with
+    a warning that counts them; the first row of each question is kept.
     """
     p = Path(path)
     if not p.is_file():
@@ -305,29 +314,45 @@ def load_problems(path: str | os.PathLike, task: str | None = None, option: str 
     if task is None:
         task = detect_task(rows)
     check_choice("data", "task", task, TASKS)
-    out = []
+    out: list[Problem] = []
+    first: dict[str, Problem] = {}  # question key -> the problem kept for it
+    repeats = conflicting = 0
     for i, r in enumerate(rows):
         rid = str(r.get("id", r.get("unique_id", i)))
         if task == "gsm8k":
             ans = gsm8k_final_answer(str(r.get("answer", "")))
             q, sol = r.get("question"), r.get("answer")
         elif task == "math":
-            ans = r.get("answer") or last_boxed(str(r.get("solution", ""))) or ""
+            given = r.get("answer")
+            ans = str(given) if _present(given) else math_final_answer(str(r.get("solution", ""))) or ""
             q, sol = r.get("problem"), r.get("solution")
         else:
-            ans = str(r.get("answer", "") or "").strip()
+            given = r.get("answer")
+            ans = str(given) if _present(given) else ""
             q, sol = r.get("question"), r.get("solution")
-        if not q or not str(ans).strip():
+        if not _present(q) or not ans.strip():
             continue
-        out.append(Problem(id=rid, question=str(q), answer=str(ans).strip(), task=task,
-                           solution=None if sol is None else str(sol)))
-    dropped = len(rows) - len(out)
+        problem = Problem(id=rid, question=str(q), answer=ans.strip(), task=task,
+                          solution=None if sol is None else str(sol))
+        key = question_key(problem.question)
+        if key in first:
+            repeats += 1
+            conflicting += first[key].answer != problem.answer
+            continue
+        first[key] = problem
+        out.append(problem)
+    dropped = len(rows) - len(out) - repeats
     if not out or dropped > MAX_DROPPED_FRACTION * len(rows):
         raise _bad_file(option, p, f"{dropped} of {len(rows)} rows have no question or no reference answer for "
-                                   f"task {task!r} (more than {MAX_DROPPED_FRACTION:.0%}): wrong format or task?")
+                                   f"task {task!r} (more than {MAX_DROPPED_FRACTION:.0%}): wrong format or task? "
+                                   f"({_ANSWER_RULES[task]})")
     if dropped:
         warnings.warn(f"{option} = {str(p)!r}: dropped {dropped} of {len(rows)} rows without a question or "
-                      f"reference answer", stacklevel=2)
+                      f"reference answer ({_ANSWER_RULES[task]})", stacklevel=2)
+    if repeats:
+        differ = f", {conflicting} of them with a different reference answer" if conflicting else ""
+        warnings.warn(f"{option} = {str(p)!r}: dropped {repeats} of {len(rows)} rows that repeat an earlier row's "
+                      f"question (whitespace ignored{differ}); the first row of each question is kept", stacklevel=2)
     return out
 
 
@@ -351,12 +376,22 @@ class FileStream:
 
 
 def split_heldout(problems: Sequence[Problem], mod: int = 10) -> tuple[list[Problem], list[Problem]]:
-    """(train, held-out) by the crc32 rule of :func:`is_heldout` on the question; if that leaves
-    either side empty, the last problem alone is held out."""
-    train = [p for p in problems if not is_heldout(p.question, mod)]
-    held = [p for p in problems if is_heldout(p.question, mod)]
+    """(train, held-out), disjoint by question: no held-out question (compared by
+    :func:`question_key`, so whitespace variants are the same question) is ever trained on.
+
+    A problem is held out by the crc32 rule of :func:`is_heldout`; if that leaves either side
+    empty, the last problem's question alone (every copy of it) is held out. Fewer than two
+    distinct questions cannot be split: a :class:`ConfigError` (pass a separate evaluation file).
+    """
+    keys = [question_key(p.question) for p in problems]
+    held_keys = {k for k in keys if is_heldout(k, mod)}
+    if not held_keys or held_keys == set(keys):
+        held_keys = set(keys[-1:])
+    train = [p for p, k in zip(problems, keys) if k not in held_keys]
+    held = [p for p, k in zip(problems, keys) if k in held_keys]
     if not train or not held:
-        return list(problems[:-1]) or list(problems), list(problems[-1:])
+        raise ConfigError(f"cannot hold out part of the training problems: they have {len(set(keys))} distinct "
+                          "question(s), expected at least 2; pass --eval-data", owner="--data")
     return train, held
 
 

@@ -316,3 +316,198 @@ def test_task_detection_reads_the_whole_file_and_dropped_rows_are_counted(tmp_pa
     f.write_text(json.dumps({"question": "q", "answer": "free text"}))  # neither GSM8K nor arith
     with pytest.raises(ConfigError, match="cannot tell the task; pass --task"):
         load_problems(f)
+
+
+# -- GSM8K answers: one rule for references and responses, exact comparison ---------------------
+
+@pytest.mark.parametrize("solution,reference", [
+    ("half of it\n#### 1/2", "1/2"),  # a fraction is read whole (it used to become 1)
+    ("#### 1.5e3", ""),  # GSM8K never writes scientific notation: no answer (it used to become 1.5)
+    ("#### 1,000", "1000"),
+    ("#### $5", "5"),  # it used to be no answer
+    ("#### 0", "0"),
+    ("#### -7", "-7"),
+    ("#### -$1,234.5.", "-1234.5"),
+    ("#### 2.25", "2.25"),
+    ("#### 12 eggs", "12"),
+    ("#### 11\nno wait\n#### 13", "13"),
+    ("#### 1/0", ""),
+    ("#### 1/2/3", ""),
+    ("no marker 5", ""),
+])
+def test_gsm8k_reference_answer_is_the_number_after_the_last_marker(solution, reference):
+    assert gsm8k_final_answer(solution) == reference
+
+
+@pytest.mark.parametrize("response,reference,expected", [
+    ("#### 1/2", "1/2", 1.0), ("#### 0.5", "1/2", 1.0), ("#### 2/4", "0.5", 1.0), ("#### 1", "1/2", 0.0),
+    ("#### 1.5e3", "1.5", 0.0), ("#### 1.5e3", "1500", 0.0),  # never truncated to 1.5
+    ("#### 1,000", "1000", 1.0), ("#### 1000", "1,000", 1.0),
+    ("#### $5", "5", 1.0), ("#### 5", "$5", 1.0), ("#### 5.0", "5", 1.0), ("#### 5.", "5", 1.0),
+    ("#### 0", "0", 1.0), ("#### 0.0", "0", 1.0), ("#### 00", "0", 1.0), ("#### 1", "0", 0.0), ("#### 0", "1", 0.0),
+    ("#### -3", "-3", 1.0), ("#### -$3", "-3", 1.0), ("#### $-3", "-3", 1.0), ("#### 3", "-3", 0.0),
+    ("#### 0.10", "0.1", 1.0), ("#### 0.1000000000000000001", "0.1", 0.0),  # exact, not floats
+    ("#### 12345678901234567891", "12345678901234567890", 0.0),
+    ("#### 12", "1.5e3", 0.0), ("#### 1", "", 0.0), ("#### 1", "one", 0.0),
+])
+def test_gsm8k_reward_compares_exact_values(response, reference, expected):
+    assert gsm8k_reward(response, reference) == expected
+
+
+def test_gsm8k_flexible_mode_reads_numbers_whole():
+    assert gsm8k_reward("so she has 1/2 of it", "0.5", mode="flexible") == 1.0
+    assert gsm8k_reward("it is 1.5e3", "3", mode="flexible") == 0.0  # the last number is 1.5e3, not 3
+    assert gsm8k_reward("it is 1.5e3", "1.5", mode="flexible") == 0.0
+    assert gsm8k_reward("costs $1,000.", "1000", mode="flexible") == 1.0
+    assert gsm8k_reward("nothing left: 0", "0", mode="flexible") == 1.0
+
+
+def _write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_gsm8k_loader_reads_every_answer_form_and_the_reference_solution_scores_1(tmp_path):
+    import warnings
+
+    finals = ["1/2", "1.5e3", "1,000", "$5", "0", "-7", "2.25", "-$1,234.5", "12", "3,000", "40"]
+    rows = [{"question": f"question {i}", "answer": f"work\n#### {a}"} for i, a in enumerate(finals)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probs = load_problems(_write_rows(tmp_path / "g.jsonl", rows))
+    assert [p.answer for p in probs] == ["1/2", "1000", "5", "0", "-7", "2.25", "-1234.5", "12", "3000", "40"]
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [
+        "dropped 1 of 11 rows without a question or reference answer "
+        "(GSM8K: a number after '####', e.g. '#### 1,000' or '#### 1/2')"]
+    for p in probs:
+        assert gsm8k_reward(p.solution, p.answer) == 1.0
+    assert gsm8k_reward("#### 1", probs[0].answer) == 0.0 and gsm8k_reward("#### 0.5", probs[0].answer) == 1.0
+
+
+def test_a_zero_answer_cell_is_an_answer(tmp_path):
+    arith = load_problems(_write_rows(tmp_path / "a.jsonl", [{"question": "0+0=", "answer": 0},
+                                                             {"question": "1+2=", "answer": 3}]))
+    assert [(p.question, p.answer) for p in arith] == [("0+0=", "0"), ("1+2=", "3")]
+    math = load_problems(_write_rows(tmp_path / "m.jsonl", [
+        {"problem": "What is 1-1?", "solution": "It is $\\boxed{1-1}$.", "answer": 0},
+        {"problem": "What is 2-1?", "solution": "It is $\\boxed{1}$.", "answer": None}]))
+    assert [p.answer for p in math] == ["0", "1"]  # the answer column wins, also when it is 0
+
+
+# -- MATH answers: the last top-level box ---------------------------------------------------------
+
+LAST_BOX_CASES = [
+    ("$\\boxed{\\frac{1}{\\boxed{2}}}$", "\\frac{1}{\\boxed{2}}", "\\frac{1}{2}"),  # not the inner box
+    ("\\boxed{1} wait \\boxed{\\sqrt{\\boxed{4}}} done", "\\sqrt{\\boxed{4}}", "\\sqrt{4}"),
+    ("so it is $\\boxed 5$.", "5", "5"),
+    ("so it is \\boxed 5\nnext line", "5", "5"),
+    ("\\fbox{7}", "7", "7"),
+    ("\\boxed {4}", "4", "4"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}", "\\{1,2\\}"),  # escaped braces are not structure
+    ("\\boxed{\\left\\{ x \\right.}", "\\left\\{ x \\right.", "\\left\\{ x \\right."),
+    ("\\boxed{3} then \\boxed{cut off {", None, None),  # the last box never closes
+    ("\\boxedx{3}", None, None),
+    ("no box", None, None),
+]
+"""(text, content of its last top-level box, that content with nested boxes unwrapped)."""
+
+
+@pytest.mark.parametrize("text,content,answer", LAST_BOX_CASES)
+def test_last_top_level_box(text, content, answer):
+    assert last_boxed(text) == content
+
+
+@pytest.mark.parametrize("text,content,answer", LAST_BOX_CASES)
+def test_math_final_answer_unwraps_boxes_inside_the_last_box(text, content, answer):
+    from llm.rewards import math_final_answer
+    assert math_final_answer(text) == answer
+
+
+@pytest.mark.parametrize("response,reference,expected", [
+    ("$\\boxed{\\frac{1}{\\boxed{2}}}$", "\\frac{1}{2}", 1.0),
+    ("$\\boxed{\\frac{1}{\\boxed{2}}}$", "2", 0.0),  # the inner box is not the answer
+    ("\\boxed{1} wait \\boxed{\\sqrt{\\boxed{4}}}", "2", 1.0),
+    ("\\boxed{1} wait \\boxed{\\sqrt{\\boxed{4}}}", "1", 0.0),
+    ("so it is $\\boxed 5$.", "5", 1.0),
+    ("\\fbox{7}", "7", 1.0), ("\\fbox{7}", "8", 0.0),
+    ("\\boxed{\\frac12}", "\\frac{1}{\\boxed{2}}", 1.0),  # a boxed reference reads the same way
+    ("\\boxed{3} then \\boxed{cut off", "3", 0.0),
+    ("\\boxed{0}", "0", 1.0),
+])
+def test_math_reward_scores_the_last_top_level_box(response, reference, expected):
+    assert math_reward(response, reference) == expected
+
+
+def test_deeply_nested_boxes_cost_little_and_never_raise():
+    import time
+
+    from llm.rewards import math_final_answer
+    t = time.perf_counter()
+    assert math_final_answer("\\boxed{" * 6000 + "1" + "}" * 6000) == "1"
+    assert math_final_answer("\\boxed{" * 6000 + "1") is None
+    assert math_reward("\\boxed{" * 6000 + "1" + "}" * 6000, "1") in (0.0, 1.0)
+    assert time.perf_counter() - t < 10.0
+
+
+def test_math_loader_takes_the_outer_box_of_a_nested_solution(tmp_path):
+    rows = [{"problem": "Half?", "solution": "It is $\\boxed{\\frac{1}{\\boxed{2}}}$."},
+            {"problem": "Seven?", "solution": "\\fbox{7}"}]
+    probs = load_problems(_write_rows(tmp_path / "m.jsonl", rows))
+    assert [p.answer for p in probs] == ["\\frac{1}{2}", "7"]
+    assert math_reward(rows[0]["solution"], probs[0].answer) == 1.0
+
+
+# -- repeated questions and a disjoint held-out split --------------------------------------------
+
+def test_repeated_questions_are_dropped_and_counted(tmp_path):
+    import warnings
+
+    rows = [{"question": "How many apples?", "answer": "#### 3"},
+            {"question": "  How   many\r\napples? ", "answer": "#### 3"},  # whitespace variants
+            {"question": "How\tmany\napples?", "answer": "#### 4"},  # ... with another answer
+            {"question": "How many pears?", "answer": "#### 5"},
+            {"question": "How many pears?", "answer": "#### 5"}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probs = load_problems(_write_rows(tmp_path / "g.jsonl", rows))
+    assert [(p.question, p.answer) for p in probs] == [("How many apples?", "3"), ("How many pears?", "5")]
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [
+        "dropped 3 of 5 rows that repeat an earlier row's question (whitespace ignored, 1 of them with a "
+        "different reference answer); the first row of each question is kept"]
+
+
+def _problem(question, i):
+    from llm.tasks import Problem
+    return Problem(id=str(i), question=question, answer=str(i), task="gsm8k")
+
+
+def test_held_out_split_is_disjoint_by_question():
+    from llm.tasks import split_heldout
+    a, b, c = (f"How many apples does Ann have {i}?" for i in range(3))
+    a_variant = "  How\r\n many apples does Ann have 0? "
+    assert a_variant.split() == a.split()
+    assert is_heldout(a, 10) and not is_heldout(b, 10) and not is_heldout(c, 10)  # the crc32 rule
+    # by the rule: the variant of the held-out question is held out too (its raw text's crc is not 0)
+    train, held = split_heldout([_problem(q, i) for i, q in enumerate([a, b, a_variant, c])])
+    assert [p.id for p in train] == ["1", "3"] and [p.id for p in held] == ["0", "2"]
+    # the fallback (the rule holds out nothing): every copy of the last question is held out
+    train, held = split_heldout([_problem(q, i) for i, q in enumerate([b, c + " ", b, c])])
+    assert [p.id for p in train] == ["0", "2"] and [p.id for p in held] == ["1", "3"]
+    # one distinct question cannot be split without training on the held-out one
+    with pytest.raises(ConfigError, match="1 distinct question"):
+        split_heldout([_problem(q, i) for i, q in enumerate([b, b + "\n"])])
+
+
+def test_loaded_file_splits_without_overlap(tmp_path):
+    from llm.tasks import split_heldout
+
+    def question_key(q):
+        return " ".join(q.split())
+
+    rows = [{"question": f"How many apples does Ann have {i}?", "answer": f"#### {i}"} for i in range(30)]
+    rows += [{"question": f"How many  apples does Ann have {i}? ", "answer": f"#### {i}"} for i in range(0, 30, 3)]
+    with pytest.warns(UserWarning, match="dropped 10 of 40 rows that repeat"):
+        problems = load_problems(_write_rows(tmp_path / "g.jsonl", rows))
+    train, held = split_heldout(problems)
+    assert (len(train), len(held)) == (27, 3)  # held by the rule: questions 0, 8 and 28
+    assert not {question_key(p.question) for p in train} & {question_key(p.question) for p in held}
