@@ -19,7 +19,13 @@ from collections.abc import Sequence
 
 from deepgrpo import __version__
 from deepgrpo.config import ConfigError
-from deepgrpo.records import Interrupted
+from deepgrpo.records import (
+    Interrupted,
+    describe_os_error,
+    exit_code_of_interrupt,
+    release_output_locks,
+    terminate_like_ctrl_c,
+)
 
 COMMANDS = {
     "sim": ("sims.cli", "simulator backend: `sim run`, `sim compare`"),
@@ -56,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS and cmd != "methods":
         parser.error(f"unknown command {cmd!r}: expected one of {', '.join([*COMMANDS, 'methods'])}")
+    terminate_like_ctrl_c()  # a scheduler's SIGTERM stops a command the way Ctrl-C does
     try:
         if cmd == "methods":
             from deepgrpo.methods import METHODS
@@ -68,19 +75,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepgrpo {cmd}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"deepgrpo {cmd}: interrupted; {e}", file=sys.stderr)
-        return 130
+        print(f"deepgrpo {cmd}: {_stopped_by()}; {e}", file=sys.stderr)
+        return exit_code_of_interrupt()
     except KeyboardInterrupt:
-        print(f"deepgrpo {cmd}: interrupted; results are written only when complete, so nothing was left "
+        print(f"deepgrpo {cmd}: {_stopped_by()}; results are written only when complete, so nothing was left "
               "half-written", file=sys.stderr)
-        return 130
+        return exit_code_of_interrupt()
+    except OSError as e:  # disk full, read-only or vanished paths: one line, and the directory stays resumable
+        print(f"deepgrpo {cmd}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"deepgrpo {cmd}: error: out of memory; choose smaller sizes", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         if e.name in ("transformers", "tokenizers", "datasets", "math_verify", "vllm", "trl"):
             print(f"deepgrpo {cmd}: error: missing optional dependency {e.name!r}; "
                   f"install it with: pip install -e '.[llm]'", file=sys.stderr)
             return 2
         raise
+    finally:
+        release_output_locks()
 
+
+def _stopped_by() -> str:
+    return "terminated (SIGTERM)" if exit_code_of_interrupt() == 143 else "interrupted"
 
 if __name__ == "__main__":
     sys.exit(main())

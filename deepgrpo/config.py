@@ -38,8 +38,18 @@ class ConfigError(ValueError):
 def invalid(owner: str, name: str, value: Any, allowed: str) -> ConfigError:
     """The :class:`ConfigError` for ``owner.name = value`` with ``allowed`` (one message format
     for every check of the project)."""
-    return ConfigError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}",
+    return ConfigError(f"{owner}.{name} = {short_repr(value)} is invalid: expected {allowed}",
                        owner=owner, field=name, value=value, allowed=allowed)
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, built without walking all of a huge
+    or deeply shared value (an error message must never cost more than the error)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,

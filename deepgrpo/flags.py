@@ -42,11 +42,14 @@ def load_config_file(path: str | Path, option: str = "--config") -> dict[str, An
     if not p.is_file():
         raise ConfigError(f"{option} = {str(path)!r} is invalid: no such file", owner=option, value=str(path),
                           allowed="an existing JSON or YAML file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: {p.stat().st_size:,} bytes, more than a settings "
+                          f"file holds (at most {MAX_CONFIG_BYTES:,})", owner=option, value=str(path),
+                          allowed=f"a JSON or YAML file of at most {MAX_CONFIG_BYTES:,} bytes")
     text = p.read_text(errors="replace")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - JSON and YAML raise different types; both mean "not parsable"
@@ -57,6 +60,47 @@ def load_config_file(path: str | Path, option: str = "--config") -> dict[str, An
         raise ConfigError(f"{option} = {str(path)!r} is invalid: expected a mapping at the top level, got "
                           f"{type(data).__name__}", owner=option, value=str(path), allowed="a mapping")
     return dict(data)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest settings file read (1 MiB)."""
+MAX_YAML_ALIASES = 100
+"""Most YAML aliases (``*name``) a settings file may use: a few anchors shorten a file, while
+nested aliases ("billion laughs") would expand to more values than memory holds."""
+MAX_CONFIG_VALUES = 100_000
+"""Most values a YAML settings file may hold once its aliases are expanded."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` that refuses more than :data:`MAX_YAML_ALIASES` aliases."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+            return super().compose_node(parent, index)
+
+    loader = BoundedLoader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    sizes: dict[int, int] = {}
+
+    def expanded(x: Any) -> int:  # values the data holds with every alias expanded (memoised on shared ones)
+        if id(x) not in sizes:
+            items = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+            sizes[id(x)] = 1 + sum(expanded(v) for v in items)
+        return sizes[id(x)]
+
+    if expanded(data) > MAX_CONFIG_VALUES:
+        raise yaml.YAMLError(f"its aliases expand to more than {MAX_CONFIG_VALUES:,} values")
+    return data
 
 
 @dataclass

@@ -21,6 +21,7 @@ owner, the field, the value and what is allowed as attributes.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import json
 import math
@@ -100,8 +101,16 @@ def coerce(owner: str, name: str, tp: Any, value: Any) -> Any:
             raise bad
         if isinstance(value, numbers.Integral):
             return int(value)
-        number = _number(text) if text is not None else (float(value) if isinstance(value, numbers.Real) else None)
-        if number is None or not math.isfinite(number) or not float(number).is_integer():
+        if text is not None:  # exact: an integer of any size ("12345678901234567891", "8", "8.0", "1e3")
+            try:
+                exact = decimal.Decimal(text)
+            except decimal.InvalidOperation:
+                raise bad from None
+            if not exact.is_finite() or exact.adjusted() > 60 or exact != exact.to_integral_value():
+                raise bad  # past 60 digits it is no setting (and int() of 1e400000000 would not end)
+            return int(exact)
+        number = float(value) if isinstance(value, numbers.Real) else None
+        if number is None or not math.isfinite(number) or not number.is_integer():
             raise bad
         return int(number)
     if tp is float:
