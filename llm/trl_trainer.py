@@ -27,15 +27,28 @@ Row counts differ between processes (each has its own number of aux rows): every
 its batch with loss-free rows to the same multiple of ``steps_per_generation``, so TRL's even
 split into micro-batches never drops a row and every process runs the same number of forward
 passes (as ZeRO-3 and FSDP require).
+
+Checkpoints are TRL's plus one JSON file per process (``deepgrpo_state_<rank>.json``: estimator,
+branch RNG, budget ledgers), written before TRL's files; TRL writes ``trainer_state.json`` last,
+so only a finished save has it. ``train(resume_from_checkpoint=True)`` takes the newest finished
+checkpoint, and a checkpoint without its DEEP-GRPO state is refused (see
+:attr:`DeepGRPOConfig.resume_without_deep_state`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
+import json
+import os
+import re
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +65,7 @@ from deepgrpo.config import (
     LossConfig,
     check_choice,
     check_range,
+    invalid,
 )
 from deepgrpo.distributed import GatheredEstimator
 from deepgrpo.estimators import make_estimator
@@ -65,6 +79,7 @@ try:
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("llm.trl_trainer needs TRL: pip install -e '.[llm,trl]'") from e
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 _EXPLORE = ExploreConfig()
 _LOSS = LossConfig()
@@ -84,6 +99,28 @@ STREAM_MEAN_COLUMNS = {"reward_main": "step_rollouts_main", "reward_aux": "step_
 """Exploration columns averaged over processes, weighted by the column they are a mean over."""
 LOSS_COLUMNS = ("loss", "pg_main", "pg_aux", "kl_main", "kl_aux")
 """Loss parts logged per optimizer step (sums over micro-batches and processes = global values)."""
+CUMULATIVE_COLUMNS = ("rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux", "rollouts", "tokens")
+"""Running totals of the run: each log line carries the latest value, never a mean over the window."""
+LATEST_PREFIXES = ("est_",)
+"""Columns that describe the current state (the estimator's coefficients): latest value, like
+:data:`CUMULATIVE_COLUMNS`. Every other column is a mean over the logging window (e.g. ``step_*``,
+``pivots``: the mean per generation step of the steps since the previous log line)."""
+CORE_FIELD_OPTIONS = {("ExploreConfig", "G"): "num_generations", ("ExploreConfig", "K"): "K",
+                      ("ExploreConfig", "strategy"): "strategy", ("ExploreConfig", "gamma"): "gamma",
+                      ("ExploreConfig", "n_pivots"): "n_pivots", ("ExploreConfig", "n_cut_points"): "n_cut_points",
+                      ("ExploreConfig", "aux_budget"): "aux_budget",
+                      ("ExploreConfig", "failure_threshold"): "failure_threshold",
+                      ("LossConfig", "lam"): "lam", ("LossConfig", "dual_clip"): "dual_clip",
+                      ("LossConfig", "kl_coef"): "beta", ("LossConfig", "clip_low"): "epsilon",
+                      ("EstimatorConfig", "kind"): "estimator", ("EstimatorConfig", "buffer_size"):
+                      "estimator_buffer_size", ("EstimatorConfig", "min_per_class"): "estimator_min_per_class"}
+"""The core's (config, field) -> the DeepGRPOConfig option holding the same value, so that an invalid
+value is reported under the name the user set."""
+TRAINER_STATE_FILE = "trainer_state.json"
+"""TRL's (transformers') last file of a checkpoint; with the DEEP-GRPO state files written before it,
+its presence marks a complete checkpoint."""
+STATE_FILE = "deepgrpo_state_{rank}.json"
+"""Per-process file in each checkpoint: estimator, branch RNG and budget ledgers (JSON: data, never code)."""
 
 
 @dataclass
@@ -133,6 +170,22 @@ class DeepGRPOConfig(GRPOConfig):
         kl_weighted_by_lambda (`bool`): multiply the aux stream's KL by λ too (authors: no).
         drop_zero_advantage (`bool`): drop rows with |A| < 1e-8 (they carry no signal).
         G (`int` or `None`): the paper's name for ``num_generations``; if given it must equal it.
+
+    Parameters > Checkpoints
+        resume_without_deep_state (`bool`): what resuming from a checkpoint without this process's
+            DEEP-GRPO state file (``deepgrpo_state_<rank>.json``: estimator, branch RNG, budget
+            ledgers; e.g. a checkpoint of a plain ``GRPOTrainer``) does. ``False`` (default): fail
+            with a ``ConfigError`` naming the file. ``True``: continue from TRL's checkpoint with a
+            fresh estimator, branch RNG and ledgers (the logged budget then restarts at 0).
+
+    Mixture-of-experts models: ``router_aux_loss_coef`` (TRL's; None = the model config's value,
+    >= 0) weights the router's load-balancing loss, added to the core's loss as TRL adds it (its mean
+    over the micro-batches and processes of a step), and logged as ``router_aux_loss``; 0 turns it off.
+
+    Logging: with ``logging_steps`` > 1 the running totals (``rollouts_main``, ``rollouts_aux``,
+    ``tokens_main``, ``tokens_aux``, ``rollouts``, ``tokens``) and the estimator's ``est_*``
+    coefficients are logged at their latest value; every other column (``step_*``, ``pivots``,
+    losses, ...) is the mean per step over the steps since the previous log line, as in TRL.
     """
 
     strategy: str = field(default=_EXPLORE.strategy, metadata={"help": "Branching strategy (deep = DEEP-GRPO)."})
@@ -162,8 +215,13 @@ class DeepGRPOConfig(GRPOConfig):
     # TRL fields whose defaults change to the paper's
     beta: float = field(default=_LOSS.kl_coef, metadata={"help": "KL coefficient β (k3 estimator)."})
     scale_rewards: str = field(default="none", metadata={"help": "Advantage std scaling: none or group."})
+    resume_without_deep_state: bool = field(
+        default=False, metadata={"help": "Resume from a checkpoint without a DEEP-GRPO state file with a fresh "
+                                         "estimator, branch RNG and budget ledgers (default: refuse it)."})
 
     def __post_init__(self) -> None:
+        if self.generation_batch_size is None:  # checked before TRL's own, less specific check of the same
+            self._check_whole_groups(self.steps_per_generation or self.gradient_accumulation_steps)
         super().__post_init__()
         o = "DeepGRPOConfig"
         check_choice(o, "segmenter", self.segmenter, SEGMENTERS)
@@ -184,7 +242,6 @@ class DeepGRPOConfig(GRPOConfig):
             "use_adaptive_entropy": (False, "the core's loss has no entropy bonus"),
             "mask_truncated_completions": (False, "truncated completions get reward 0 in the core, not a mask"),
             "vllm_enable_sleep_mode": (False, "branches are generated after the main chains in the same step"),
-            "router_aux_loss_coef": (None, "MoE auxiliary losses are not part of the core's loss"),
         }
         for name, (ok, why) in unsupported.items():
             value = getattr(self, name, ok)
@@ -213,18 +270,31 @@ class DeepGRPOConfig(GRPOConfig):
                               f"{self.gradient_accumulation_steps} (one optimizer step per generation batch: the "
                               "loss denominators are those of the whole generation batch)", owner=o,
                               field="steps_per_generation", value=self.steps_per_generation)
-        rows = self.per_device_train_batch_size * self.steps_per_generation
-        if rows % self.num_generations:
+        self._check_whole_groups(self.steps_per_generation)
+        if self.eval_strategy != "no":
+            raise ConfigError(f"{o}.eval_strategy = {self.eval_strategy!r} is not supported by DeepGRPOTrainer: "
+                              "expected 'no' (evaluate checkpoints with `deepgrpo llm eval`)", owner=o,
+                              field="eval_strategy", value=self.eval_strategy)
+        if self.router_aux_loss_coef is not None:
+            check_range(o, "router_aux_loss_coef", self.router_aux_loss_coef, 0.0, None)
+        try:
+            self.algo_config()  # the core's validation and messages
+        except ConfigError as e:
+            option = CORE_FIELD_OPTIONS.get((e.owner or "", e.field or ""))
+            if option is None or e.allowed is None:
+                raise
+            raise invalid(o, option, getattr(self, option), e.allowed) from None
+
+    def _check_whole_groups(self, steps_per_generation: int) -> None:
+        """Each process's generation batch must be whole groups of G (``num_generations``) rows."""
+        rows = self.per_device_train_batch_size * steps_per_generation
+        if isinstance(self.num_generations, int) and self.num_generations > 0 and rows % self.num_generations:
+            o = "DeepGRPOConfig"
             raise ConfigError(f"{o}.per_device_train_batch_size = {self.per_device_train_batch_size!r} is invalid: "
                               f"per_device_train_batch_size x steps_per_generation = {rows} must be a multiple of "
                               f"num_generations = {self.num_generations} (each process must hold whole groups to "
                               "branch from its own failed completions)", owner=o,
                               field="per_device_train_batch_size", value=self.per_device_train_batch_size)
-        if self.eval_strategy != "no":
-            raise ConfigError(f"{o}.eval_strategy = {self.eval_strategy!r} is not supported by DeepGRPOTrainer: "
-                              "expected 'no' (evaluate checkpoints with `deepgrpo llm eval`)", owner=o,
-                              field="eval_strategy", value=self.eval_strategy)
-        self.algo_config()  # the core's validation and messages
 
     def algo_config(self) -> AlgoConfig:
         """The core's :class:`~deepgrpo.config.AlgoConfig` of these settings (validates them)."""
@@ -317,9 +387,6 @@ class DeepGRPOTrainer(GRPOTrainer):
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes,
                          callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
                          peft_config=peft_config)
-        if self.aux_loss_enabled:
-            raise ConfigError("DeepGRPOTrainer does not support MoE router auxiliary losses: set "
-                              "router_aux_loss_coef=0.0", field="router_aux_loss_coef")
         if getattr(self._tokenizer, "padding_side", "left") != "left":
             self._tokenizer.padding_side = "left"
         self.algo = args.algo_config()
@@ -330,7 +397,8 @@ class DeepGRPOTrainer(GRPOTrainer):
         self._global_ledger = BudgetLedger()  # all processes' (logged)
         self.last_exploration: ExploreResult | None = None
         self._main_rewards_per_func: torch.Tensor | None = None
-        self._loss_sums = torch.zeros(len(LOSS_COLUMNS) + 3, dtype=torch.float64)
+        # LOSS_COLUMNS, clipped tokens, dual-clipped tokens, trainable tokens, router loss
+        self._loss_sums = torch.zeros(len(LOSS_COLUMNS) + 4, dtype=torch.float64)
         self._micro_steps = 0
 
     # -- TRL hooks ---------------------------------------------------------------------------------
@@ -376,17 +444,24 @@ class DeepGRPOTrainer(GRPOTrainer):
         return self._loss_inputs(batch, prompt_ids, prompt_mask, device)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """The core's dual-stream loss of one micro-batch (global per-stream denominators)."""
+        """The core's dual-stream loss of one micro-batch (global per-stream denominators), plus
+        the weighted router load-balancing loss of a mixture-of-experts model if it is enabled."""
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         W = inputs["completion_ids"].shape[1]
-        lp, _, _ = self._get_per_token_logps_and_entropies(model, ids, attn, W)  # [b, W]
+        lp, _, router_loss = self._get_per_token_logps_and_entropies(  # lp: [b, W]; router_loss: 0-dim or None
+            model, ids, attn, W, compute_aux_loss=self.aux_loss_enabled)
         batch = batch_from_inputs(inputs, lp)
         den = {MAIN: float(inputs["den_main"]), AUX: float(inputs["den_aux"])}
         out = dual_stream_loss(batch, lp, inputs.get("ref_per_token_logps"), self.algo.loss, den)
-        self._accumulate_loss_metrics(out.metrics)
+        self._accumulate_loss_metrics(out.metrics, None if router_loss is None else float(router_loss.detach()))
         # DDP/ZeRO/FSDP average gradients over processes; the global loss is their sum
-        return out.loss * self.accelerator.num_processes
+        loss = out.loss * self.accelerator.num_processes
+        if router_loss is not None:
+            # as TRL adds it: the mean over the micro-batches of the step (and, by the gradient
+            # average, over processes); padding rows' prompt tokens count in the router statistics
+            loss = loss + self.router_aux_loss_coef * router_loss / self.args.gradient_accumulation_steps
+        return loss
 
     # -- exploration pieces ------------------------------------------------------------------------
     def _needs_logprob_features(self) -> bool:
@@ -557,8 +632,7 @@ class DeepGRPOTrainer(GRPOTrainer):
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    STATE_FILE = "deepgrpo_state_{rank}.json"
-    """Per-process file in each checkpoint: estimator, branch RNG and budget ledgers."""
+    STATE_FILE = STATE_FILE  # the module's name of the per-process state file, kept as a class attribute too
 
     def deep_state(self) -> dict[str, Any]:
         """What a resumed run needs besides TRL's own checkpoint (JSON-ready)."""
@@ -574,27 +648,67 @@ class DeepGRPOTrainer(GRPOTrainer):
         self.ledger.steps = [StepBudget(**s) for s in state["ledger"]]
         self._global_ledger.steps = [StepBudget(**s) for s in state["global_ledger"]]
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """TRL's ``train``. ``resume_from_checkpoint=True`` resumes from the newest *complete*
+        checkpoint of ``output_dir`` (a save cut short by a kill or a full disk is skipped); a
+        checkpoint without this process's DEEP-GRPO state file is refused unless
+        ``args.resume_without_deep_state`` (see :class:`DeepGRPOConfig`)."""
+        checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
+        """The checkpoint directory ``train`` resumes from (None: a new run), checked complete."""
+        if requested is None or requested is False:
+            return None
+        rank = self.accelerator.process_index
+        with_state = not self.args.resume_without_deep_state
+        if requested is True:
+            found = last_complete_checkpoint(self.args.output_dir, rank, with_state)
+            step = -1 if found is None else checkpoint_step(found)
+            # every process resumes from the same step: the oldest of the processes' newest
+            step = -int(self.accelerator.reduce(torch.tensor([-step], device=self.accelerator.device),
+                                                reduction="max").item())
+            if step < 0:
+                raise ConfigError(f"resume_from_checkpoint = True is invalid: {self.args.output_dir!r} holds no "
+                                  f"complete checkpoint ({PREFIX_CHECKPOINT_DIR}-N with {TRAINER_STATE_FILE}"
+                                  + (f" and {STATE_FILE.format(rank=rank)}" if with_state else "")
+                                  + "); start without it", field="resume_from_checkpoint", value=True)
+            requested = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        check_checkpoint(requested, rank, with_state)
+        return str(requested)
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """TRL's checkpoint, with every process's DEEP-GRPO state written *before* it: TRL writes
+        ``trainer_state.json`` last, so a checkpoint that has it has the state files too, and a
+        save cut short (kill, full disk) has no ``trainer_state.json`` and is never resumed from."""
+        from deepgrpo.records import failpoint, write_json_atomic
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:  # an older save of this step must not look complete while this one is written
+            (folder / TRAINER_STATE_FILE).unlink(missing_ok=True)
+        write_json_atomic(folder / STATE_FILE.format(rank=self.accelerator.process_index), self.deep_state())
+        failpoint("trl-checkpoint-state-written")
+        self.accelerator.wait_for_everyone()  # all state files are on disk before TRL's last file
         super()._save_checkpoint(model, trial)
-        import os
-
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        from deepgrpo.records import write_json_atomic
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        write_json_atomic(os.path.join(folder, self.STATE_FILE.format(rank=self.accelerator.process_index)),
-                          self.deep_state())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """TRL's, then this process's DEEP-GRPO state (JSON; never unpickled)."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        import json
-        import os
-        path = os.path.join(checkpoint, self.STATE_FILE.format(rank=self.accelerator.process_index))
-        if os.path.exists(path):
-            with open(path) as f:
-                self.load_deep_state(json.load(f))
+        rank = self.accelerator.process_index
+        path = Path(checkpoint) / STATE_FILE.format(rank=rank)
+        if not path.is_file():
+            check_checkpoint(checkpoint, rank, not self.args.resume_without_deep_state)  # raises if it must
+            warnings.warn(f"{str(path)!r} does not exist: continuing with a fresh estimator, branch RNG and budget "
+                          "ledgers (resume_without_deep_state=True)", stacklevel=2)
+            return
+        state = read_deep_state(path)
+        try:
+            self.load_deep_state(state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"resume_from_checkpoint = {str(checkpoint)!r} is invalid: {str(path)!r} is not a "
+                              f"DEEP-GRPO state of this configuration ({type(e).__name__}: {e})",
+                              field="resume_from_checkpoint", value=str(checkpoint)) from None
 
     # -- logging -------------------------------------------------------------------------------------
     def _log_exploration(self, local: dict[str, float]) -> None:
@@ -624,13 +738,14 @@ class DeepGRPOTrainer(GRPOTrainer):
         for k, v in row.items():
             self._metrics["train"][k].append(float(v))
 
-    def _accumulate_loss_metrics(self, metrics: dict[str, float]) -> None:
+    def _accumulate_loss_metrics(self, metrics: dict[str, float], router_loss: float | None = None) -> None:
         """Sum loss parts and clip counts over the micro-batches of an optimizer step; log the
-        global values (summed over processes) at its last micro-batch."""
+        global values (summed over processes) at its last micro-batch. ``router_loss``: the
+        micro-batch's unweighted MoE load-balancing loss (logged as its mean over the step)."""
         n = metrics["trainable_tokens_main"] + metrics["trainable_tokens_aux"]
         self._loss_sums += torch.tensor([metrics[k] for k in LOSS_COLUMNS]
-                                        + [metrics["clip_fraction"] * n, metrics["dual_clip_fraction"] * n, n],
-                                        dtype=torch.float64)
+                                        + [metrics["clip_fraction"] * n, metrics["dual_clip_fraction"] * n, n,
+                                           router_loss or 0.0], dtype=torch.float64)
         self._micro_steps += 1
         if self._micro_steps % self.args.gradient_accumulation_steps:
             return
@@ -638,9 +753,86 @@ class DeepGRPOTrainer(GRPOTrainer):
         self._loss_sums.zero_()
         for k, v in zip(LOSS_COLUMNS, t):
             self._metrics["train"][k].append(v)
-        tokens = max(t[-1], 1.0)
-        self._metrics["train"]["clip_fraction"].append(t[-3] / tokens)
-        self._metrics["train"]["dual_clip_fraction"].append(t[-2] / tokens)
+        clipped, dual_clipped, tokens, router = t[len(LOSS_COLUMNS):]
+        tokens = max(tokens, 1.0)
+        self._metrics["train"]["clip_fraction"].append(clipped / tokens)
+        self._metrics["train"]["dual_clip_fraction"].append(dual_clipped / tokens)
+        if router_loss is not None:
+            micro_batches = self.args.gradient_accumulation_steps * self.accelerator.num_processes
+            self._metrics["train"]["router_aux_loss"].append(router / micro_batches)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log, except that running totals (:data:`CUMULATIVE_COLUMNS`) and the estimator's
+        coefficients are logged at their latest value instead of their mean over the window."""
+        for key, values in self._metrics["train"].items():
+            if values and (key in CUMULATIVE_COLUMNS or key.startswith(LATEST_PREFIXES)):
+                del values[:-1]
+        super().log(logs, start_time)
+
+
+# -- checkpoints on disk ----------------------------------------------------------------------------------
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """N of a ``checkpoint-N`` directory (-1 for any other name)."""
+    m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoint_is_complete(path: str | os.PathLike, rank: int = 0, with_state: bool = True) -> bool:
+    """True if ``path`` is a checkpoint TRL finished (its last file, ``trainer_state.json``, exists)
+    holding process ``rank``'s DEEP-GRPO state file (unless ``with_state`` is False)."""
+    p = Path(path)
+    return (p / TRAINER_STATE_FILE).is_file() and (not with_state or (p / STATE_FILE.format(rank=rank)).is_file())
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, rank: int = 0, with_state: bool = True) -> Path | None:
+    """The ``checkpoint-N`` directory of ``output_dir`` with the largest N that is complete
+    (:func:`checkpoint_is_complete`); None if there is none."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) >= 0
+             and checkpoint_is_complete(p, rank, with_state)]
+    return max(found, key=checkpoint_step, default=None)
+
+
+def check_checkpoint(path: str | os.PathLike, rank: int = 0, with_state: bool = True) -> Path:
+    """``Path(path)`` if it is a complete checkpoint to resume process ``rank`` from, else a
+    :class:`~deepgrpo.config.ConfigError` naming ``resume_from_checkpoint`` and what is missing."""
+    p = Path(path)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"resume_from_checkpoint = {str(path)!r} is invalid: {why}", field="resume_from_checkpoint",
+                           value=str(path), allowed="a complete checkpoint directory")
+
+    if not p.is_dir():
+        raise bad("no such directory")
+    if not (p / TRAINER_STATE_FILE).is_file():
+        raise bad(f"not a complete checkpoint: it has no {TRAINER_STATE_FILE} (a save cut short by a kill or a full "
+                  f"disk, or not a {PREFIX_CHECKPOINT_DIR}-N directory); pass an earlier checkpoint, or true for the "
+                  "newest complete one")
+    state = STATE_FILE.format(rank=rank)
+    if with_state and not (p / state).is_file():
+        raise bad(f"it has no DEEP-GRPO state file {state} (estimator, branch RNG, budget ledgers of process {rank}): "
+                  "a checkpoint of another trainer, or of a run with fewer processes; set resume_without_deep_state "
+                  "to true to continue with a fresh estimator, branch RNG and ledgers")
+    return p
+
+
+def read_deep_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The DEEP-GRPO state in JSON file ``path`` (data only: nothing is unpickled); a file that is
+    not one is a :class:`~deepgrpo.config.ConfigError` naming it."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"resume_from_checkpoint = {str(Path(path).parent)!r} is invalid: {str(path)!r} {why}",
+                           field="resume_from_checkpoint", value=str(Path(path).parent))
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"is not a JSON DEEP-GRPO state ({str(e).splitlines()[0][:120]})") from None
+    keys = ("estimator", "branch_rng", "ledger", "global_ledger")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise bad(f"is not a DEEP-GRPO state (expected a JSON object with {', '.join(keys)})")
+    return state
 
 
 def batch_from_inputs(inputs: dict[str, Any], logprobs: torch.Tensor) -> Batch:
@@ -686,33 +878,141 @@ def task_reward(completions: list[Any], answer: list[str], task: list[str], **_:
 class ScriptArguments:
     """Inputs of ``python -m llm.trl_trainer`` (the training options are DeepGRPOConfig's).
 
-    model: local causal-LM directory (nothing is downloaded).
+    model: local causal-LM directory (nothing is downloaded: anything else is refused).
     data: local JSONL/parquet file in the GSM8K or MATH format (``llm.tasks.load_problems``).
     task: ``gsm8k`` | ``math`` | ``arith`` (None: detected from the file's columns).
     """
 
-    model: str = field(metadata={"help": "Local model directory."})
+    model: str = field(metadata={"help": "Local model directory (nothing is downloaded)."})
     data: str = field(metadata={"help": "Local JSONL/parquet file (GSM8K or MATH format)."})
     task: str | None = field(default=None, metadata={"help": "gsm8k, math or arith (default: detected)."})
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``[accelerate launch ...] python -m llm.trl_trainer --model DIR --data FILE --output_dir OUT
-    [any DeepGRPOConfig / GRPOConfig option]``: DEEP-GRPO with TRL on a local model and dataset."""
-    from transformers import AutoTokenizer, HfArgumentParser
+PROG = "python -m llm.trl_trainer"
+"""Name of the command in its messages."""
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``[accelerate launch ...] python -m llm.trl_trainer --model DIR --data FILE --output_dir OUT
+    [any DeepGRPOConfig / GRPOConfig option]``: DEEP-GRPO with TRL on a local model and dataset.
+
+    ``--resume_from_checkpoint DIR`` continues from checkpoint directory DIR, ``--resume_from_checkpoint
+    true`` from the newest complete checkpoint in OUT. Returns the exit code: 0 when done; 2 with one
+    line on stderr for bad input (naming the option) or a full disk; 130 after Ctrl-C and 143 after
+    SIGTERM, with one line naming the last complete checkpoint (checkpoints are never left looking
+    complete when they are not).
+    """
+    import errno
+    import signal
+    import threading
+
+    from deepgrpo.records import Terminated, terminate_like_ctrl_c
+    argv = list(sys.argv[1:] if argv is None else argv)
+    output_dir: str | None = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    terminate_like_ctrl_c()  # a scheduler's SIGTERM stops the run the way Ctrl-C does
+    try:
+        script, args = _parse_arguments(argv)
+        output_dir = args.output_dir
+        _run(script, args)
+        return 0
+    except ConfigError as e:
+        print(f"{PROG}: error: {_error_line(e)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); {_saved_note(output_dir)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {_saved_note(output_dir)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        where = e.filename if e.filename is not None else f"under {output_dir}"
+        print(f"{PROG}: error: {what}: {where}; {_saved_note(output_dir)}", file=sys.stderr)
+        return 2
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, DeepGRPOConfig]:
+    """The command's two dataclasses; any problem (unknown option, bad value, an invalid
+    DeepGRPOConfig or GRPOConfig) is a :class:`~deepgrpo.config.ConfigError` with a one-line message."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> Any:  # argparse prints the whole usage; one line instead
+            raise ConfigError(message.splitlines()[0] if message else "invalid arguments")
+
+    parser = Parser((ScriptArguments, DeepGRPOConfig), prog=PROG)
+    try:
+        script, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except ValueError as e:  # TRL's and transformers' own checks of their options
+        raise ConfigError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    if unknown:
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)} (see {PROG} --help)")
+    return script, args
+
+
+def _run(script: ScriptArguments, args: DeepGRPOConfig) -> None:
+    """Check the inputs (before anything is loaded or written), train, save the final model."""
+    from deepgrpo.records import check_writable_dir
+    from llm.models import check_model_dir, load_tokenizer
     from llm.tasks import load_problems
-    script, args = HfArgumentParser((ScriptArguments, DeepGRPOConfig)).parse_args_into_dataclasses(argv)
-    tokenizer = AutoTokenizer.from_pretrained(script.model, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if args.trust_remote_code or (args.model_init_kwargs or {}).get("trust_remote_code"):
+        raise ConfigError("--trust_remote_code = True is not supported: files are data, never code (a model "
+                          "directory's Python files are not run)", field="trust_remote_code", value=True)
+    model_dir = check_model_dir(script.model, "--model")  # a hub name is not a directory: refused, not fetched
     problems = load_problems(script.data, script.task)
+    check_writable_dir(args.output_dir, "--output_dir")
+    resume = _resume_argument(args.resume_from_checkpoint)
+    with_state = not args.resume_without_deep_state
+    if isinstance(resume, str):
+        check_checkpoint(resume, args.process_index, with_state)
+    elif resume and last_complete_checkpoint(args.output_dir, args.process_index, with_state) is None:
+        raise ConfigError(f"--resume_from_checkpoint = true is invalid: --output_dir = {args.output_dir!r} holds no "
+                          "complete checkpoint; start without it", field="resume_from_checkpoint", value=True)
+    tokenizer = load_tokenizer(model_dir, "--model")
     dataset = task_dataset(problems, conversational=bool(getattr(tokenizer, "chat_template", None)))
-    trainer = DeepGRPOTrainer(model=script.model, reward_funcs=task_reward, args=args, train_dataset=dataset,
+    trainer = DeepGRPOTrainer(model=str(model_dir), reward_funcs=task_reward, args=args, train_dataset=dataset,
                               processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
 
 
+def _resume_argument(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint directory, ``true`` (the newest complete one in
+    ``--output_dir``) or ``false``/unset (a new run)."""
+    if value is None or str(value).strip().lower() in ("", "false", "none"):
+        return None
+    if str(value).strip().lower() == "true":
+        return True
+    return str(value)
+
+
+def _error_line(e: ConfigError) -> str:
+    """One line for ``e``, led by the option's flag when the message does not already name it."""
+    text = " ".join(str(e).split())
+    options = {f.name for cls in (ScriptArguments, DeepGRPOConfig) for f in dataclasses.fields(cls)}
+    if e.field in options and text.startswith(f"{e.field} ="):
+        text = f"--{text}"
+    elif e.field in options and not text.startswith(f"--{e.field}"):
+        text = f"--{e.field}: {text}"
+    return text
+
+
+def _saved_note(output_dir: str | None) -> str:
+    """What is kept: the last complete checkpoint and how to continue from it."""
+    last = None if output_dir is None else last_complete_checkpoint(output_dir)
+    if last is None:
+        return "no checkpoint was saved yet: start the run again"
+    return f"the last complete checkpoint is {last}: continue with --resume_from_checkpoint {last}"
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -263,7 +263,7 @@ def test_checkpoint_state_round_trips_through_json(scripted, tmp_path):
     (dict(gamma=-1.0), "gamma"),
     (dict(lam=-0.5), "lam"),
     (dict(strategy="nope"), "strategy"),
-    (dict(estimator="tree"), "kind"),
+    (dict(estimator="tree"), "estimator"),  # the core's EstimatorConfig.kind, reported under the option's name
     (dict(segmenter="words"), "segmenter"),
     (dict(G=6), "G"),
     (dict(use_vllm=True, vllm_mode="server"), "vllm_mode"),
@@ -327,6 +327,272 @@ def test_command_line_trains_on_a_local_model_and_dataset(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
+# -- checkpoints, logging, MoE ------------------------------------------------------------------------------
+
+def real_trainer(model: Path, tmp_path: Path, **kw) -> DeepGRPOTrainer:
+    """A DeepGRPOTrainer on scripted rollouts (2 prompts x G = 4 per step, K = 2), a checkpoint after
+    every step, one log line every 2 steps, an estimator fitted from the first labels."""
+    from datasets import Dataset
+    base = dict(save_strategy="steps", save_steps=1, max_steps=2, logging_steps=2, K=2, segmenter="step",
+                max_completion_length=16, per_device_train_batch_size=8, disable_tqdm=True,
+                estimator_min_per_class=1, learning_rate=1e-3)
+    base.update(kw)
+    tok = build_char_tokenizer()
+    ds = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
+    trainer = DeepGRPOTrainer(model=str(model), reward_funcs=arith_reward, args=config(tmp_path, **base),
+                              train_dataset=ds, processing_class=tok)
+    trainer._generate_single_turn = scripted_generator(tok, [])
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """(trainer, model dir, output dir) of a finished 2-step run with checkpoint-1 and checkpoint-2."""
+    root = tmp_path_factory.mktemp("two_steps")
+    model = micro_dir(root / "model")
+    trainer = real_trainer(model, root, output_dir=str(root / "out"))
+    trainer.train()
+    return trainer, model, root / "out"
+
+
+def copy_run(out: Path, to: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(out, to))
+
+
+def saved_ledger(checkpoint: Path) -> list[dict]:
+    import json
+    return json.loads((checkpoint / "deepgrpo_state_0.json").read_text())["ledger"]
+
+
+def test_logging_steps_2_logs_the_running_budget_at_its_latest_value(two_steps):
+    """With one log line per 2 steps, rollouts_*/tokens_* are the run's totals at the logged step
+    (not the mean of the two steps' totals) and step_* the mean per step of the window."""
+    trainer = two_steps[0]
+    lines = [h for h in trainer.state.log_history if "rollouts_main" in h]
+    assert [h["step"] for h in lines] == [2]
+    steps = trainer._global_ledger.steps
+    assert len(steps) == 2 and steps[0].rollouts_aux > 0
+    for name in ("rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux"):
+        per_step = [getattr(s, name) for s in steps]
+        assert lines[0][name] == sum(per_step), name  # the total after step 2
+        assert lines[0][f"step_{name}"] == pytest.approx(np.mean(per_step)), name
+    totals = trainer._global_ledger.totals()
+    assert lines[0]["rollouts"] == totals["rollouts"] and lines[0]["tokens"] == totals["tokens"]
+    coef = trainer.estimator.inner.coefficients()  # the estimator's state after step 2
+    assert lines[0]["est_rel_depth"] == pytest.approx(float(coef["rel_depth"]))
+    assert lines[0]["est_intercept"] == pytest.approx(float(coef["intercept"]))
+
+
+def test_checkpoint_state_is_json_written_before_trl_marks_the_checkpoint_complete(two_steps):
+    """Each checkpoint holds the DEEP-GRPO state as JSON, written before TRL's last file
+    (trainer_state.json), so a save cut short between them never looks complete."""
+    import json
+    out = two_steps[2]
+    for step in (1, 2):
+        ck = out / f"checkpoint-{step}"
+        state = json.loads((ck / "deepgrpo_state_0.json").read_text())
+        assert len(state["ledger"]) == step
+        assert (ck / "deepgrpo_state_0.json").stat().st_mtime_ns < (ck / "trainer_state.json").stat().st_mtime_ns
+
+
+@pytest.mark.parametrize("cut_short", ["trainer_state.json", "deepgrpo_state_0.json"])
+def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(two_steps, tmp_path, cut_short):
+    """checkpoint-2 lacks TRL's last file (killed inside TRL's save) or the DEEP-GRPO state (killed
+    between TRL's save and the state write, in the old order): resume_from_checkpoint=True takes
+    checkpoint-1, its estimator and ledgers, and trains step 2 again."""
+    from llm.trl_trainer import last_complete_checkpoint
+    _, model, out = two_steps
+    run = copy_run(out, tmp_path / "out")
+    (run / "checkpoint-2" / cut_short).unlink()
+    assert last_complete_checkpoint(run) == run / "checkpoint-1"
+    trainer = real_trainer(model, tmp_path, output_dir=str(run))
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+    assert len(trainer.ledger.steps) == 2  # step 1 restored from checkpoint-1, step 2 trained again
+    assert vars(trainer.ledger.steps[0]) == saved_ledger(out / "checkpoint-1")[0]
+
+
+def test_resume_refuses_a_checkpoint_without_its_deep_state_unless_asked_to_start_fresh(two_steps, tmp_path):
+    _, model, out = two_steps
+    run = copy_run(out, tmp_path / "out")
+    (run / "checkpoint-2" / "deepgrpo_state_0.json").unlink()
+    trainer = real_trainer(model, tmp_path, output_dir=str(run), max_steps=3)
+    with pytest.raises(ConfigError, match="deepgrpo_state_0.json.*resume_without_deep_state") as err:
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert err.value.field == "resume_from_checkpoint"
+    assert trainer.state.global_step == 0 and not trainer.ledger.steps  # refused before anything ran
+    # the explicit option: TRL's checkpoint with a fresh estimator and ledgers
+    trainer = real_trainer(model, tmp_path, output_dir=str(run), max_steps=3, resume_without_deep_state=True)
+    with pytest.warns(UserWarning, match="fresh estimator"):
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert trainer.state.global_step == 3 and len(trainer.ledger.steps) == 1
+    # nothing complete to resume from
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        real_trainer(model, tmp_path, output_dir=str(empty)).train(resume_from_checkpoint=True)
+
+
+def test_resume_reads_the_state_as_data_and_refuses_a_pickle_without_running_it(two_steps, tmp_path):
+    import pickle
+    _, model, out = two_steps
+    run = copy_run(out, tmp_path / "out")
+    marker = tmp_path / "code-was-run"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+    (run / "checkpoint-1" / "deepgrpo_state_0.json").write_bytes(pickle.dumps(Payload()))
+    trainer = real_trainer(model, tmp_path, output_dir=str(run))
+    with pytest.raises(ConfigError, match="deepgrpo_state_0.json.* is not a JSON DEEP-GRPO state"):
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-1"))
+    assert not marker.exists()
+
+
+def micro_moe_dir(path: Path, router_aux_loss_coef: float = 0.02, seed: int = 0) -> Path:
+    """A 1-layer Mixtral (4 experts, 2 per token) with the character tokenizer, built from a config."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    tok = build_char_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=96, tie_word_embeddings=True,
+                        router_aux_loss_coef=router_aux_loss_coef, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return save_pretrained_dir(AutoModelForCausalLM.from_config(cfg).float(), tok, path)
+
+
+def test_moe_model_trains_with_its_router_load_balancing_loss(tmp_path):
+    """A micro Mixtral trains: the loss is the core's plus coef x the router loss / accumulation
+    steps (coef = the model config's 0.02), the router moves, router_aux_loss is logged; with
+    router_aux_loss_coef = 0.0 the term is off."""
+    from datasets import Dataset
+    tok = build_char_tokenizer()
+    path = micro_moe_dir(tmp_path / "moe")
+    ds = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
+    args = config(tmp_path, gradient_accumulation_steps=2, K=3, max_steps=1, segmenter="step", disable_tqdm=True)
+    trainer = DeepGRPOTrainer(model=str(path), reward_funcs=arith_reward, args=args, train_dataset=ds,
+                              processing_class=tok)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02
+    trainer._generate_single_turn = scripted_generator(tok, [])
+    gate = dict(trainer.model.named_parameters())["model.layers.0.mlp.gate.weight"]
+    before = gate.detach().clone()
+    trainer.train()
+    assert not torch.equal(gate.detach(), before)
+    logged = [h["router_aux_loss"] for h in trainer.state.log_history if "router_aux_loss" in h]
+    assert len(logged) == 1 and logged[0] > 0
+    # the loss of each micro-batch of the next generation, with and without the router term
+    rows = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ANSWERS) for _ in range(4)]
+    trainer._prepare_inputs(rows)
+    for chunk in list(trainer._buffered_inputs):
+        with torch.no_grad():
+            with_router = float(trainer.compute_loss(trainer.model, chunk))
+            trainer.aux_loss_enabled = False
+            without = float(trainer.compute_loss(trainer.model, chunk))
+            trainer.aux_loss_enabled = True
+            ids = torch.cat([chunk["prompt_ids"], chunk["completion_ids"]], dim=1)
+            attn = torch.cat([chunk["prompt_mask"], chunk["completion_mask"]], dim=1)
+            router = float(trainer.model(input_ids=ids, attention_mask=attn, output_router_logits=True).aux_loss)
+        assert router > 0
+        assert with_router - without == pytest.approx(0.02 * router / 2, abs=1e-6)
+    off = DeepGRPOTrainer(model=str(path), reward_funcs=arith_reward, train_dataset=ds, processing_class=tok,
+                          args=config(tmp_path, router_aux_loss_coef=0.0, max_steps=1))
+    assert not off.aux_loss_enabled
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+def cli(tmp_path: Path, model: Path | str, *extra: str, data: Path | str | None = None) -> list[str]:
+    from llm.tasks import DATA_DIR
+    return ["--model", str(model), "--data", str(data or DATA_DIR / "arith_sample.jsonl"),
+            "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "16", "--segmenter", "step",
+            "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true", *extra]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of ``python -m llm.trl_trainer ARGV`` (run in this process)."""
+    from llm.trl_trainer import main
+    capsys.readouterr()  # what the test printed before
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_command_line_refuses_a_model_that_is_not_a_local_directory(tmp_path, capsys):
+    """A hub name is refused before anything is loaded (nothing is downloaded)."""
+    code, err = run_main(cli(tmp_path, "some-org/some-model"), capsys)
+    assert code == 2
+    assert err == ["python -m llm.trl_trainer: error: --model = 'some-org/some-model' is invalid: no such directory"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("K", ["--K", "0"], "--K: DeepGRPOConfig.K = 0 is invalid: expected an integer in [2, inf)"),
+    ("groups", ["--per_device_train_batch_size", "6"],
+     "--per_device_train_batch_size: DeepGRPOConfig.per_device_train_batch_size = 6 is invalid"),
+    ("loss_type", ["--loss_type", "cispo"], "--loss_type: DeepGRPOConfig.loss_type = 'cispo' is invalid"),
+    ("empty data", [], "--data = '{empty}' is invalid: the file is empty"),
+    ("missing model", [], "--model = '{missing}' is invalid: no such directory"),
+    ("missing data", [], "--data = '{missing}' is invalid: no such file"),
+    ("unknown option", ["--nonsense", "1"], "unrecognized arguments: --nonsense 1"),
+    ("bad value", ["--gamma", "x"], "argument --gamma: invalid float value: 'x'"),
+    ("resume", ["--resume_from_checkpoint", "{missing}"],
+     "--resume_from_checkpoint = '{missing}' is invalid: no such directory"),
+    ("resume true", ["--resume_from_checkpoint", "true"],
+     "--resume_from_checkpoint = true is invalid: --output_dir = '{run}' holds no complete checkpoint"),
+    ("remote code", ["--trust_remote_code", "true"], "--trust_remote_code = True is not supported"),
+])
+def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, extra, message):
+    model, empty, missing = micro_dir(tmp_path / "model"), tmp_path / "empty.jsonl", tmp_path / "missing"
+    empty.write_text("")
+    argv = cli(tmp_path, missing if case == "missing model" else model,
+               *[x.format(missing=missing) for x in extra],
+               data=empty if case == "empty data" else missing if case == "missing data" else None)
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("python -m llm.trl_trainer: error: "), err
+    assert message.format(empty=empty, missing=missing, run=tmp_path / "run") in err[0]
+
+
+def test_command_line_resumes_from_a_checkpoint(two_steps, tmp_path, capsys):
+    """--resume_from_checkpoint DIR (or true: the newest complete one in --output_dir) continues
+    that run: with nothing left to train, the saved model is the checkpoint's, not --model's."""
+    from safetensors.torch import load_file
+    _, _, out = two_steps
+    other = micro_dir(tmp_path / "other", seed=1)  # different weights than the run's
+    run = copy_run(out, tmp_path / "run")
+    weights = {k: load_file(str(d / "model.safetensors")) for k, d in (("other", other), ("ck", out / "checkpoint-2"))}
+    assert any(not torch.equal(v, weights["ck"][n]) for n, v in weights["other"].items())
+    for resume in (str(out / "checkpoint-2"), "true"):
+        code, err = run_main(cli(tmp_path, other, "--max_steps", "2", "--resume_from_checkpoint", resume), capsys)
+        assert code == 0, err
+        final = load_file(str(run / "model.safetensors"))
+        assert all(torch.equal(v, final[n]) for n, v in weights["ck"].items()), resume
+
+
+def test_command_line_disk_full_is_one_line_exit_2_and_the_run_stays_resumable(tmp_path, capsys):
+    """ENOSPC while checkpoint-2 is written (its config.json is /dev/full): one line naming the
+    error and the output directory, exit 2; checkpoint-2 does not look complete."""
+    from llm.trl_trainer import last_complete_checkpoint
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "config.json").symlink_to("/dev/full")
+    argv = cli(tmp_path, micro_dir(tmp_path / "model"), "--max_steps", "2", "--save_strategy", "steps",
+               "--save_steps", "1")
+    code, err = run_main(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1:] == [f"python -m llm.trl_trainer: error: no space left on device: under {run}; the last complete "
+                   f"checkpoint is {run / 'checkpoint-1'}: continue with --resume_from_checkpoint "
+                   f"{run / 'checkpoint-1'}"]
+    assert last_complete_checkpoint(run) == run / "checkpoint-1"
+    assert not (run / "checkpoint-2" / "trainer_state.json").exists()
+
+
 # -- a short real run ----------------------------------------------------------------------------------
 
 def sampled_accuracy(model, tok, problems, n: int = 16, max_new_tokens: int = 24, seed: int = 0) -> float:
@@ -385,7 +651,8 @@ def test_short_run_on_arithmetic_raises_training_reward(tmp_path):
 def test_two_processes_take_the_single_process_step(tmp_path):
     """accelerate launch, 2 CPU processes (gloo): the ranks branch different numbers of rows,
     end with identical parameters, and those equal the single-process step on the global batch
-    (checked inside the worker)."""
+    (checked inside the worker); the checkpoint holds both ranks' DEEP-GRPO state files, written
+    before TRL's trainer_state.json."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -407,3 +674,5 @@ def test_two_processes_take_the_single_process_step(tmp_path):
     assert result["max_param_diff_between_ranks"] == 0.0
     assert result["max_diff_to_single_process_step"] < 1e-6
     assert result["param_change"] > 1e-4
+    # the checkpoint of the step: each rank's DEEP-GRPO state, on disk before TRL marked it complete
+    assert result["state_ledgers"] == [1, 1] and result["states_written_before_trainer_state"]

@@ -7,7 +7,9 @@ rank trains one DeepGRPOTrainer step (SGD, no clipping) on scripted rollouts: ra
 fail more often than rank 1's, so the ranks branch different numbers of aux rows. Every rank
 then rebuilds the *single-process* step on the union of both ranks' batches with the core alone
 (``dual_stream_loss`` on one concatenated batch, gradients of a fresh copy of the initial
-model) and compares parameters. Rank 0 writes ``OUT_DIR/result.json``.
+model) and compares parameters. The step is saved as a checkpoint: both ranks' DEEP-GRPO state
+files must be on disk before TRL's ``trainer_state.json`` (which marks the checkpoint complete).
+Rank 0 writes ``OUT_DIR/result.json``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def main(out: Path) -> None:
     ds = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
     args = config(out / "run", gradient_accumulation_steps=2, beta=0.05, K=3, max_steps=1, segmenter="step",
                   optim="sgd", learning_rate=LR, max_grad_norm=0.0, lr_scheduler_type="constant",
-                  shuffle_dataset=False, disable_tqdm=True)
+                  shuffle_dataset=False, disable_tqdm=True, save_strategy="steps", save_steps=1)
     rank = args.process_index
     path = out / "model"
     with args.main_process_first():  # rank 0 writes the micro model, then rank 1 reads it
@@ -101,9 +103,14 @@ def main(out: Path) -> None:
     diffs = [None, None]
     dist.all_gather_object(diffs, diff)
     if rank == 0:
+        ck = Path(args.output_dir) / "checkpoint-1"
+        marked = (ck / "trainer_state.json").stat().st_mtime_ns
+        states = [ck / f"deepgrpo_state_{r}.json" for r in range(2)]
         (out / "result.json").write_text(json.dumps({
             "aux_rows": [p["aux_rows"] for p in parts], "max_param_diff_between_ranks": between,
-            "max_diff_to_single_process_step": max(diffs), "param_change": change}))
+            "max_diff_to_single_process_step": max(diffs), "param_change": change,
+            "state_ledgers": [len(json.loads(f.read_text())["ledger"]) for f in states],
+            "states_written_before_trainer_state": all(f.stat().st_mtime_ns < marked for f in states)}))
     # tear gloo down before the interpreter does: left to exit, its threads sometimes abort the
     # process ("terminate called without an active exception", exit -6) after the work is done
     dist.barrier()
