@@ -906,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    from deepgrpo.records import Terminated, terminate_like_ctrl_c
+    from deepgrpo.records import Terminated, release_output_locks, terminate_like_ctrl_c
     argv = list(sys.argv[1:] if argv is None else argv)
     output_dir: str | None = None
     main_thread = threading.current_thread() is threading.main_thread()
@@ -934,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {what}: {where}; {_saved_note(output_dir)}", file=sys.stderr)
         return 2
     finally:
+        release_output_locks()
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -961,7 +962,7 @@ def _parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, DeepGRPOConf
 
 def _run(script: ScriptArguments, args: DeepGRPOConfig) -> None:
     """Check the inputs (before anything is loaded or written), train, save the final model."""
-    from deepgrpo.records import check_writable_dir
+    from deepgrpo.records import check_writable_dir, lock_output
     from llm.models import check_model_dir, load_tokenizer
     from llm.tasks import load_problems
     if args.trust_remote_code or (args.model_init_kwargs or {}).get("trust_remote_code"):
@@ -970,6 +971,8 @@ def _run(script: ScriptArguments, args: DeepGRPOConfig) -> None:
     model_dir = check_model_dir(script.model, "--model")  # a hub name is not a directory: refused, not fetched
     problems = load_problems(script.data, script.task)
     check_writable_dir(args.output_dir, "--output_dir")
+    if os.environ.get("RANK", "0") == "0":  # one writer per directory: the main process holds it for all ranks
+        lock_output(args.output_dir, "--output_dir")
     resume = _resume_argument(args.resume_from_checkpoint)
     with_state = not args.resume_without_deep_state
     if isinstance(resume, str):

@@ -556,6 +556,24 @@ def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, e
     assert message.format(empty=empty, missing=missing, run=tmp_path / "run") in err[0]
 
 
+def test_command_line_refuses_an_output_dir_another_process_writes(tmp_path, capsys):
+    """One writer per directory: while another process holds --output_dir, the command exits 2
+    in one line before loading or writing anything."""
+    import subprocess
+    import sys
+    hold = ("import sys, time; from deepgrpo.records import lock_output; lock_output(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        code, err = run_main(cli(tmp_path, micro_dir(tmp_path / "model")), capsys)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2 and len(err) == 1 and f"is in use by process {proc.pid}" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_line_resumes_from_a_checkpoint(two_steps, tmp_path, capsys):
     """--resume_from_checkpoint DIR (or true: the newest complete one in --output_dir) continues
     that run: with nothing left to train, the saved model is the checkpoint's, not --model's."""
