@@ -1,5 +1,10 @@
 """``deepgrpo study NAME``, ``deepgrpo report --results DIR`` and
-``deepgrpo report --llm-runs DIR [DIR ...] --out OUTDIR``."""
+``deepgrpo report --llm-runs DIR [DIR ...] --out OUTDIR``.
+
+Every command here checks its arguments first (a bad one is one line, ``prog: error: ...``, and
+exit code 2: :class:`OneLineParser`), then claims its output directory (:func:`claim_output`:
+writable, and one writer at a time), and only then starts work.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deepgrpo.config import ConfigError
-from deepgrpo.records import Interrupted
+from deepgrpo.records import Interrupted, claim_output
+
+
+class UsageError(ConfigError):
+    """A command-line argument error (a :class:`ConfigError`, so ``deepgrpo`` prints it as one
+    line ``deepgrpo CMD: error: ...`` and exits 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2 (raised as :class:`UsageError`)
+    instead of a usage block; ``--help`` is unchanged."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
 
 def _study_parser(prog: str) -> argparse.ArgumentParser:
     from analysis.studies import STUDIES
-    p = argparse.ArgumentParser(prog=prog, description="Run a study in the simulator at equal total budget: "
-                                "each variant's learning rate is tuned first on tuning seeds (1000, 1001, ...), then "
-                                "every variant runs on the evaluation seeds until it has spent the budget. "
-                                "Resumable: finished runs in --out are skipped; Ctrl-C keeps them.")
+    p = OneLineParser(prog=prog, description="Run a study in the simulator at equal total budget: "
+                      "each variant's learning rate is tuned first on tuning seeds (1000, 1001, ...), then "
+                      "every variant runs on the evaluation seeds until it has spent the budget. "
+                      "Resumable: finished runs in --out are skipped; Ctrl-C keeps them.")
     p.add_argument("name", choices=[*STUDIES, "all"],
                    help="the study, or 'all' for every simulator study in turn; `regime-map` (where DEEP-GRPO wins, "
                         "its own options), `theory` (exact oracle curves) and "
@@ -44,7 +62,8 @@ def _study_parser(prog: str) -> argparse.ArgumentParser:
                    help="learning rates tried for every variant (default: the size's multiples of the "
                    "simulator's default rate)")
     p.add_argument("--out", default="results", help="results directory (default ./results)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default and at most: the CPUs this "
+                   "process may use)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -53,8 +72,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
     """Entry point of ``deepgrpo study`` and ``deepgrpo report``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if command == "report":
-        p = argparse.ArgumentParser(prog=prog, description="Write DIR/REPORT.md from the studies in DIR, or "
-                                    "curves and a report of LLM training runs (--llm-runs ... --out OUTDIR).")
+        p = OneLineParser(prog=prog, description="Write DIR/REPORT.md from the studies in DIR, or "
+                          "curves and a report of LLM training runs (--llm-runs ... --out OUTDIR).")
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--results", help="results directory of `deepgrpo study`")
         src.add_argument("--llm-runs", nargs="+", metavar="DIR", help="run directories of `deepgrpo llm train` "
@@ -69,12 +88,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
         if args.llm_runs:
             if not args.out:
                 raise ConfigError("--llm-runs needs --out OUTDIR", owner="--out")
+            from deepgrpo.records import check_writable_dir
+            check_writable_dir(args.out, "--out")  # locked once the runs are read (write_llm_report)
             from analysis.llm_runs import write_llm_report
             path = write_llm_report(args.llm_runs, args.out)
         else:
             if args.out:
                 raise ConfigError("--out goes with --llm-runs; --results writes DIR/REPORT.md", owner="--out")
             from analysis.report import write_report
+            if Path(args.results).exists():  # a missing directory is "no study results" below
+                claim_output(args.results, "--results")
             try:
                 path = write_report(args.results)
             except FileNotFoundError as e:
@@ -101,6 +124,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
         return llm_compare_main(argv[1:], prog=f"{prog} llm-compare")
     args = _study_parser(prog).parse_args(argv)
     from analysis.protocol import TUNING_SEED_BASE
+    from analysis.sweep import cap_workers
     if not 1 <= args.seeds <= TUNING_SEED_BASE:
         raise ConfigError(f"--seeds = {args.seeds} is invalid: expected an integer in [1, {TUNING_SEED_BASE}] "
                           f"(evaluation seeds stay below the tuning seeds {TUNING_SEED_BASE}, ...)")
@@ -121,12 +145,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study", comman
             raise bad from None
         if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
             raise bad
+    claim_output(args.out)
+    workers = cap_workers(args.workers, prog)
     done: list[str] = []
     for name in names:
         t = time.perf_counter()
         size = "quick" if args.quick else "smoke" if args.smoke else "full"
         try:
-            d = run_study(name, args.out, seeds=args.seeds, size=size, workers=args.workers,
+            d = run_study(name, args.out, seeds=args.seeds, size=size, workers=workers,
                           progress=not args.no_progress, budget_unit=args.budget_unit, budget=args.budget,
                           runner=runner, rates=rates)
         except Interrupted as e:

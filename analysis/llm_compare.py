@@ -4,20 +4,25 @@ Every method trains from the same SFT start until the same total of generated to
 aux; :attr:`llm.trainer.TrainConfig.budget`), so cheaper methods take more steps; each (method,
 seed) pair is one run directory under ``OUT/runs``. Runs already finished are skipped and
 unfinished ones resumed from their checkpoint, so the command can be interrupted and rerun.
-The outputs, in ``OUT``:
+A rerun must use the same settings: they are recorded in ``OUT/settings.json`` (and each run's
+in its ``config.json``), and a change other than ``--threads`` is refused in one line rather
+than resuming runs under settings they did not start with. One process trains a run at a time
+(each run directory is locked while it is trained; ``--shard`` splits the runs between
+processes). The outputs, in ``OUT``:
 
 - ``report/``: the curves of every run against rollouts and tokens
   (:func:`analysis.llm_runs.write_llm_report`);
 - ``final.csv``: one row per run: held-out greedy and sampled accuracy and pass@k before and
-  after, steps, rollouts and tokens spent;
+  after, steps, rollouts and tokens spent, and the settings the run used (read from its own
+  ``config.json``: learning rate, warm-up, budget, prompts per step, evaluation sizes);
 - ``comparison.csv``: per method, the mean final value and its 95 % interval over seeds, and
   the paired difference to every GRPO-N (same seeds: same data order and evaluation set);
-- ``COMPARISON.md``: the table the README shows, with its budget unit.
+- ``COMPARISON.md``: the table the README shows, with its budget unit and the settings the
+  runs used (from their ``config.json``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -97,6 +102,76 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
 
 
+def run_dir(out: str | Path, label: str, seed: int) -> Path:
+    """The run directory of (method label, seed) under ``out``."""
+    return Path(out) / "runs" / f"{_slug(label)}-s{seed}"
+
+
+SETTINGS_FILE = "settings.json"
+"""The comparison's settings, recorded in its output directory when it starts."""
+RESUMABLE_CHANGES = ("threads",)
+"""Settings a rerun may change (they do not change what a run computes)."""
+RUN_SETTINGS = ("model", "method", "overrides", "prompts_per_step", "steps", "budget", "budget_unit", "lr",
+                "lr_warmup_steps", "seed")
+"""The fields of a run's :class:`~llm.trainer.TrainConfig` the comparison sets (besides the
+evaluation sizes), compared with the run's ``config.json`` on a rerun."""
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as JSON would give it back (tuples as lists), for comparing with a recorded value."""
+    from deepgrpo.records import json_line
+    return json.loads(json_line(x))
+
+
+def _flag(field_name: str) -> str:
+    """The flag of an :class:`LLMCompareConfig` field (``--lr``, ``--steps-cap``)."""
+    return "the methods compared (--quick or --set methods)" if field_name == "methods" else \
+        "--" + field_name.replace("_", "-")
+
+
+def check_settings(cfg: LLMCompareConfig, out: str | Path) -> None:
+    """Refuse to continue the comparison in ``out`` under other settings than it started with
+    (:data:`SETTINGS_FILE`, and for directories made before that file, each existing run's
+    ``config.json``): a :class:`ConfigError` naming the option, its recorded and its new value.
+    Only :data:`RESUMABLE_CHANGES` may change. Then record the settings."""
+    from deepgrpo.records import write_json_atomic
+    out = Path(out)
+    now = _plain({**dataclasses.asdict(cfg), "model": str(Path(cfg.model).resolve())})
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())["compare"]
+            if not isinstance(before, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--out = {str(out)!r} is invalid: {str(path)!r} is damaged ({type(e).__name__}); "
+                              "restore it or choose another --out", owner="--out", value=str(out)) from None
+        for name, value in now.items():
+            if name not in RESUMABLE_CHANGES and before.get(name) != value:
+                raise ConfigError(
+                    f"{_flag(name)} = {value!r} is invalid: the comparison in {str(out)!r} was started with "
+                    f"{name} = {before.get(name)!r} ({SETTINGS_FILE}); rerun with its settings to resume it, or choose "
+                    f"another --out (only {', '.join('--' + c for c in RESUMABLE_CHANGES)} may change)",
+                    owner="--out", field=name, value=value)
+    for label, seed, tc in run_configs(cfg):  # runs of a directory made before settings.json
+        record = run_dir(out, label, seed) / "config.json"
+        if not record.is_file():
+            continue
+        try:
+            used = json.loads(record.read_text())["train"]
+        except (ValueError, KeyError, TypeError):
+            continue  # the trainer reports a damaged run record itself
+        planned = _plain(tc.to_dict())
+        pairs = [(k, used.get(k), planned[k]) for k in RUN_SETTINGS]
+        pairs += [(f"eval.{k}", (used.get("eval") or {}).get(k), planned["eval"][k]) for k in ("n_problems", "samples")]
+        for name, was, will in pairs:
+            if was != will:
+                raise ConfigError(f"--out = {str(out)!r} is invalid: run {str(record.parent)!r} was started with "
+                                  f"{name} = {was!r}, these settings would resume it with {will!r}; rerun with the "
+                                  "settings it started with, or choose another --out", owner="--out", value=str(out))
+    write_json_atomic(path, {"kind": "llm-compare", "compare": now})
+
+
 def run_configs(cfg: LLMCompareConfig) -> list[tuple[str, int, Any]]:
     """``(label, seed, TrainConfig)`` of every run of the comparison."""
     from llm.evaluate import EvalConfig
@@ -117,30 +192,58 @@ def run_all(cfg: LLMCompareConfig, out: str | Path, progress: bool = True, shard
             ) -> list[Path]:
     """Train every run not finished yet (resuming interrupted ones); returns every run directory.
     ``shard = (i, n)`` trains only runs i, i + n, i + 2n, ... (n processes share the work)."""
-    from llm.checkpoint import has_checkpoint
+    from deepgrpo.records import lock_output
+    from llm.checkpoint import has_checkpoint, recover_interrupted
     from llm.models import check_model_dir
     from llm.trainer import Trainer
     check_model_dir(cfg.model, "--model")
     dirs = []
     for index, (label, seed, tc) in enumerate(run_configs(cfg)):
-        d = Path(out) / "runs" / f"{_slug(label)}-s{seed}"
+        d = run_dir(out, label, seed)
         dirs.append(d)
         if (d / "summary.json").is_file() or index % shard[1] != shard[0]:
             continue
+        lock_output(d, "--out")  # one process per run, held until the command ends
+        if (d / "summary.json").is_file():  # finished by the process that held it
+            continue
         t0 = time.time()
+        recover_interrupted(d / "checkpoint")  # a save cut short between its renames: put the checkpoint back
         resume = has_checkpoint(d / "checkpoint")
         Trainer(tc, d, resume=resume, progress=progress).run()
         print(f"llm-compare: {label} seed {seed} done in {time.time() - t0:.0f} s -> {d}", flush=True)
     return dirs
 
 
+USED_SETTINGS = (("lr", ("lr",)), ("lr_warmup_steps", ("lr_warmup_steps",)), ("budget", ("budget",)),
+                 ("budget_unit", ("budget_unit",)), ("prompts_per_step", ("prompts_per_step",)),
+                 ("eval_problems", ("eval", "n_problems")), ("eval_samples", ("eval", "samples")))
+"""``final.csv`` columns of the settings a run used, and where its ``config.json`` (``train``) holds them."""
+
+
+def used_settings(d: Path) -> dict[str, Any]:
+    """The settings run directory ``d`` was trained with (:data:`USED_SETTINGS`), from its own
+    ``config.json``; a value it does not record is None."""
+    try:
+        train = json.loads((d / "config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        train = {}
+    out = {}
+    for column, path in USED_SETTINGS:
+        value: Any = train
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        out[column] = value
+    return out
+
+
 def final_table(cfg: LLMCompareConfig, dirs: Sequence[Path]) -> pd.DataFrame:
-    """One row per run: label, method, seed, held-out metrics before/after, budget spent."""
+    """One row per run: label, method, seed, held-out metrics before/after, budget spent, and
+    the settings the run used (:func:`used_settings`)."""
     rows = []
     for (label, seed, tc), d in zip(run_configs(cfg), dirs):
         s = json.loads((d / "summary.json").read_text())
         row = {"label": label, "method": tc.method, "seed": seed, "steps": s["steps"],
-               "rollouts": s["budget"]["rollouts"], "tokens": s["budget"]["tokens"]}
+               "rollouts": s["budget"]["rollouts"], "tokens": s["budget"]["tokens"], **used_settings(d)}
         for m in metrics(cfg):
             row[f"{m}_before"] = s["before"].get(m, np.nan)
             row[f"{m}_after"] = s["after"].get(m, np.nan)
@@ -173,13 +276,37 @@ def comparison_table(final: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _used(final: pd.DataFrame, column: str, fmt: str = "") -> str:
+    """The value of setting ``column`` that the runs of ``final`` used, in words: one value, or
+    each value with the runs that used it (``1e-04 (GRPO N=8 s0, s1); 2e-04 (...)``)."""
+    if column not in final:
+        return "unknown"
+    values = final[column].astype(object).where(final[column].notna(), None)
+
+    def text(v: Any) -> str:
+        return "unknown" if v is None else format(v, fmt) if fmt else str(v)
+
+    kinds = list(dict.fromkeys(text(v) for v in values))
+    if len(kinds) == 1:
+        return kinds[0]
+    by = {k: [f"{r.label} s{r.seed}" for r, v in zip(final.itertuples(), values) if text(v) == k] for k in kinds}
+    return "; ".join(f"{k} ({', '.join(runs)})" for k, runs in by.items())
+
+
 def comparison_markdown(cfg: LLMCompareConfig, final: pd.DataFrame, comp: pd.DataFrame) -> str:
-    """The README's table: final held-out metrics (points) at the common token budget."""
+    """The README's table: final held-out metrics (points) at the common token budget. The
+    settings it states are those the runs used (``final``'s columns, from each run's
+    ``config.json``), which differ from ``cfg`` only if the runs were made under other ones."""
     start = final.iloc[0]
     g, smp, pk = metrics(cfg)
-    lines = [f"Equal budget: every run generated {cfg.budget:,} tokens (main + aux; it stops at the first step "
-             f"past it). {cfg.seeds} training seeds, {cfg.prompts_per_step} prompts/step, AdamW lr {cfg.lr:g} "
-             f"({cfg.lr_warmup_steps}-step warm-up); {cfg.eval_problems} held-out problems, {cfg.eval_samples} "
+    seeds = int(final.groupby("label").seed.nunique().max()) if len(final) else 0
+    budget = _used(final, "budget", ",")
+    unit = _used(final, "budget_unit")
+    spent = "generated " + budget + " tokens" if unit == "tokens" else f"spent {budget} {unit}"
+    lines = [f"Equal budget: every run {spent} (main + aux; it stops at the first step "
+             f"past it). {seeds} training seeds, {_used(final, 'prompts_per_step')} prompts/step, AdamW lr "
+             f"{_used(final, 'lr', 'g')} ({_used(final, 'lr_warmup_steps')}-step warm-up); "
+             f"{_used(final, 'eval_problems')} held-out problems, {_used(final, 'eval_samples')} "
              f"samples each at T = 1. Start (SFT): greedy {100 * start[f'{g}_before']:.1f}, sampled "
              f"{100 * start[f'{smp}_before']:.1f}, {pk} {100 * start[f'{pk}_before']:.1f}. Mean ± 95 % "
              "t-interval over seeds, in points; Δ is the paired difference to GRPO N=8.", "",
@@ -227,15 +354,17 @@ OPTIONS = OptionSet(LLMCompareSettings, reserved=("out", "quick", "shard", "conf
 
 def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-compare") -> int:
     """``deepgrpo study llm-compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    from analysis.cli import OneLineParser
+    from deepgrpo.records import check_writable_dir
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="two methods, one seed, a tiny budget (tests)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="train only runs I, I+N, ... (N processes share the runs); the tables are written by "
                         "the process that finds every run finished")
     OPTIONS.add_arguments(p)
-    a = p.parse_args(argv)
     try:
+        a = p.parse_args(argv)
         quick = {"budget": 3000, "seeds": 1, "prompts_per_step": 4, "eval_problems": 8, "eval_samples": 2,
                  "methods": [DEFAULT_METHODS[0], DEFAULT_METHODS[4]]} if a.quick else {}
         base = LLMCompareSettings(compare=dataclasses.replace(LLMCompareConfig(model=""), **quick))
@@ -246,6 +375,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-comp
         i, _, n = a.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise ConfigError(f"--shard = {a.shard!r} is invalid: expected I/N with 0 <= I < N", owner="--shard")
+        from llm.models import check_model_dir
+        check_model_dir(cfg.model, "--model")
+        check_writable_dir(a.out, "--out")
+        check_settings(cfg, a.out)
         dirs = run_all(cfg, a.out, shard=(int(i), int(n)))
         if not all((d / "summary.json").is_file() for d in dirs):
             print(f"llm-compare: shard {a.shard} done; the tables are written once every run is finished")

@@ -791,8 +791,9 @@ def run_study(cfg: LLMRecoverabilityConfig, out: str | Path, quick: bool = False
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from analysis.cli import OneLineParser
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="policy checkpoint: a model directory or a training run directory")
     p.add_argument("--data", default="arith", help="'arith' (built-in held-out problems) or a JSONL/parquet file")
     p.add_argument("--task", default=None, help="arith, gsm8k or math (default: detected from --data)")
@@ -833,8 +834,10 @@ def config_from_args(a: argparse.Namespace) -> LLMRecoverabilityConfig:
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study llm-recoverability``."""
+    from deepgrpo.records import claim_output
     a = build_parser(prog).parse_args(list(argv))
     cfg = config_from_args(a)
+    claim_output(a.out)
     t = time.perf_counter()
     d = run_study(cfg, a.out, quick=a.quick, progress=not a.no_progress)
     print(f"{STUDY}: {d} ({time.perf_counter() - t:.1f} s)")

@@ -417,6 +417,8 @@ def write_llm_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory", owner="--out", value=str(out))
+    from deepgrpo.records import claim_output
+    claim_output(out)  # one writer at a time, taken once every input was read
     write_csv_atomic(out / "runs.csv", table)
     write_csv_atomic(out / "curves.csv", curves)
     write_csv_atomic(out / "summary.csv", summary)

@@ -51,7 +51,6 @@ differences), ``heatmap.png``, ``waterfall_tokens.png``, ``waterfall_rollouts.pn
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -563,7 +562,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
     if not 2 <= seeds <= TUNING_SEED_BASE:
         raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
                           "intervals need two seeds; evaluation seeds stay below the tuning seeds)")
-    from analysis.studies import run_sim_cell
+    from analysis.studies import run_sim_cell, sim_run_complete
     from analysis.sweep import cells_done
     from sims.optim import DEFAULT_LR
     sz = SIZES[size]
@@ -579,8 +578,9 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
     stage = "learning-rate tuning"
     try:
         while True:
-            ran += len(tune) - cells_done(tune, d / "tuning")
-            tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress)
+            ran += len(tune) - cells_done(tune, d / "tuning", sim_run_complete)
+            tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
+                                    complete=sim_run_complete)
             tables = {u: choose_rates(tuning_runs, unit=u, ends={k: float(v) for k, v in ends.items()})
                       for u in BUDGET_UNITS}
             grown = False
@@ -598,8 +598,9 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         evaluation = [with_protocol(c, float(lr), ends["tokens"], "tokens", sz.max_steps, seed=s)
                       for c in base for lr in sorted(rates[c.variant]) for s in range(seeds)]
         stage = "evaluation"
-        ran += len(evaluation) - cells_done(evaluation, d)
-        runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress)
+        ran += len(evaluation) - cells_done(evaluation, d, sim_run_complete)
+        runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
+                         complete=sim_run_complete)
         stage = "writing the tables and figures"
         per = per_run_table(runs, tuned, ends)
         write_csv_atomic(d / "per_run.csv", per)
@@ -939,20 +940,27 @@ def update_readme(readme: str | Path, root: str | Path) -> Path:
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study regime-map``."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
+    from analysis.cli import OneLineParser
+    from analysis.sweep import cap_workers
+    from deepgrpo.records import claim_output
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per method (default 5)")
     p.add_argument("--quick", action="store_true", help="the tests' size: 8 problems, 2,000 tokens per run, two rates "
                    "on one tuning seed (under a minute on 2 cores)")
     p.add_argument("--out", default="results", help="results directory (default ./results)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default and at most: the CPUs this process "
+                   "may use)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     a = p.parse_args(list(argv))
     if a.workers is not None and a.workers < 1:
         raise ConfigError(f"--workers = {a.workers} is invalid: expected an integer in [1, inf)", owner="--workers")
-    from deepgrpo.records import check_writable_dir
-    check_writable_dir(a.out)
+    if not 2 <= a.seeds <= TUNING_SEED_BASE:
+        raise ConfigError(f"--seeds = {a.seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
+                          "intervals need two seeds; evaluation seeds stay below the tuning seeds)", owner="--seeds")
+    claim_output(a.out)
+    workers = cap_workers(a.workers, prog)
     t0 = time.perf_counter()
-    d = run_regime_map(a.out, seeds=a.seeds, size="quick" if a.quick else "full", workers=a.workers,
+    d = run_regime_map(a.out, seeds=a.seeds, size="quick" if a.quick else "full", workers=workers,
                        progress=not a.no_progress)
     print(f"{STUDY}: {d} ({time.perf_counter() - t0:.1f} s); `deepgrpo report --results {a.out}` writes the report",
           file=sys.stdout)

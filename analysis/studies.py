@@ -126,6 +126,23 @@ def run_sim_cell(cell: Cell) -> list[dict[str, Any]]:
     return train(spec, algo, runner, seed=cell.seed, method=p["method"], probes=probes).history
 
 
+def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
+    """Whether ``frame`` (a cell file's table) is the whole history of the simulator run of
+    ``cell``: steps 0, 1, ..., k in order, ending where the run stops (its step cap, or the
+    first step at which it had spent its budget). A table cut at a line boundary fails this."""
+    from sims.runner import RunnerConfig
+    runner = RunnerConfig(**cell.params.get("runner", {}))
+    if "step" not in frame or "pass1" not in frame or frame["pass1"].isna().any():
+        return False
+    steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy()
+    if not np.array_equal(steps, np.arange(len(frame))):
+        return False
+    last = frame.iloc[-1]
+    if runner.budget is not None and runner.budget_unit in frame:
+        return bool(last[runner.budget_unit] >= runner.budget) or int(last["step"]) == runner.steps
+    return int(last["step"]) == runner.steps
+
+
 def _cell(study: str, variant: str, seed: int, size: Size, method: str, algo: dict | None = None,
           spec: dict | None = None, probes: tuple[str, ...] = (), **columns: Any) -> Cell:
     """A simulator cell before the protocol (budget, rate: :func:`analysis.protocol.with_protocol`);
@@ -905,12 +922,16 @@ def lr_grid(size: Size) -> list[float]:
     return [float(f * lr) for f in size.lr_factors]
 
 
-def _kept(d: Path, tune: list[Cell]) -> str:
-    """What an interrupted study kept, in one line."""
+def _kept(d: Path, tune: list[Cell], evaluation: list[Cell]) -> str:
+    """What an interrupted study kept, in one line (``evaluation``: the evaluation cells, empty
+    while the rates are being tuned: then the evaluation files an earlier run left are counted)."""
     from analysis.sweep import cells_done
-    evaluated = len(list((d / "cells").glob("*.csv"))) if (d / "cells").is_dir() else 0
-    return (f"{cells_done(tune, d / 'tuning')} of {len(tune)} tuning runs and {evaluated} evaluation runs are "
-            f"finished and kept in {d}; rerun the same command to resume")
+    if evaluation:
+        evaluated = cells_done(evaluation, d, sim_run_complete)
+    else:
+        evaluated = len(list((d / "cells").glob("*.csv"))) if (d / "cells").is_dir() else 0
+    return (f"{cells_done(tune, d / 'tuning', sim_run_complete)} of {len(tune)} tuning runs and {evaluated} "
+            f"evaluation runs are finished and kept in {d}; rerun the same command to resume")
 
 
 def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", workers: int | None = None,
@@ -963,9 +984,11 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
     limits = (rates[0] / 2 ** sz.max_extensions, rates[-1] * 2 ** sz.max_extensions)
     tune = tuning_cells(base, grids, sz.tuning_seeds, total, budget_unit, sz.max_steps)
     stage = "learning-rate tuning"
+    evaluation: list[Cell] = []
     try:
         while True:  # extend a variant's grid past an end where its best rate lies, up to the limits
-            tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress)
+            tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
+                                    complete=sim_run_complete)
             table = choose_rates(tuning_runs)
             if not extend_grids(table, grids, *limits):
                 break
@@ -975,12 +998,13 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
         chosen = chosen_rates(table)
         evaluation = [with_protocol(c, chosen[c.variant], total, budget_unit, sz.max_steps) for c in cells]
         stage = "evaluation"
-        runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress)
+        runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
+                         complete=sim_run_complete)
         stage = "writing the summary and figure"
         write_csv_atomic(d / "summary.csv", study.summary(runs))
         study.plot(runs, d / f"{name}.png")
     except KeyboardInterrupt:  # also the sweeps' Interrupted: say what this study kept
-        raise Interrupted(f"study {name}, during {stage}: {_kept(d, tune)}") from None
+        raise Interrupted(f"study {name}, during {stage}: {_kept(d, tune, evaluation)}") from None
     from sims.runner import RunnerConfig
     write_json_atomic(d / "study.json", {
         "study": name, "question": study.question, "seeds": seeds, "evaluation_seeds": list(range(seeds)),

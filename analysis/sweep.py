@@ -3,28 +3,37 @@
 A :class:`Cell` is one run (study, variant label, seed, JSON-able run parameters and the study
 parameters that define it, as named scalar *columns*). Its result is a list of tidy rows (one
 per step), stored with the cell's columns as ``DIR/cells/<key>.csv`` the moment the cell
-finishes (atomic write), so a re-run in the same directory skips every finished cell. The table
-of the whole sweep, ``DIR/<name>.csv``, is rebuilt from the cell files at the end.
+finishes (atomic write), so a re-run in the same directory skips every finished cell. A cell
+counts as finished only if its file is whole: it parses, ends with a full line, has the
+columns of the cell and at least one row, every row names the cell's study, variant and seed,
+and the sweep's own check (``complete``, e.g. "the run reached its budget") accepts it; any
+other file (empty, cut short, damaged) is computed again. The table of the whole sweep,
+``DIR/<name>.csv``, is rebuilt from the cell files at the end.
 
 Table layout: ``study``, ``variant`` (a display label, never parsed), the cell's columns (e.g.
 ``N``, ``recovery``, ``gamma``), then the worker's row columns (``seed``, ``step``, ...).
 Analyses select and group by the columns.
 
-Processes: pool workers ignore Ctrl-C (SIGINT) and die with their parent (``PR_SET_PDEATHSIG``
-on Linux, and a watchdog thread everywhere), so neither Ctrl-C nor ``kill -9`` of a sweep
-leaves workers running. Ctrl-C stops the sweep at once (no queued cell starts; running cells
+Processes: at most one worker per CPU this process may run on (:func:`usable_cpus`). Pool
+workers ignore Ctrl-C (SIGINT) and SIGTERM — the sweep's process is in charge: a terminal's
+Ctrl-C and a scheduler's SIGTERM reach the whole process group, and the parent alone decides to
+stop and kills its workers — and die with their parent (``PR_SET_PDEATHSIG`` on Linux, and a
+watchdog thread everywhere), so neither Ctrl-C, SIGTERM nor ``kill -9`` of a sweep leaves
+workers running. Ctrl-C (or SIGTERM, which :func:`deepgrpo.records.terminate_like_ctrl_c`
+turns into the same exception) stops the sweep at once (no queued cell starts; running cells
 are abandoned) and raises :class:`deepgrpo.records.Interrupted` saying what was kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,10 +121,59 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_init(parent_pid: int) -> None:
-    """Pool worker set-up: Ctrl-C is the parent's to handle (it terminates the workers), and the
-    worker dies with its parent."""
+    """Pool worker set-up: Ctrl-C and SIGTERM are the parent's to handle (it kills the workers
+    when it stops), and the worker dies with its parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals :func:`_signals_held` holds back."""
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while the pool forks its workers, then deliver one that
+    arrived to the handler it was meant for. An exception raised while Python runs its fork
+    hooks is printed and dropped ("Exception ignored"), so a Ctrl-C landing in a fork would be
+    lost and the sweep would go on; held back, it stops the sweep right after the fork."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            s, handler = caught[0], previous[caught[0]]
+            if callable(handler):
+                handler(s, None)  # Ctrl-C: KeyboardInterrupt; SIGTERM under `deepgrpo`: Terminated
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; the machine's count where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_workers(workers: int | None, prog: str = "deepgrpo study") -> int | None:
+    """``workers`` capped at :func:`usable_cpus` (None stays None: all of them), with a one-line
+    note on stderr when the cap applies (more workers than CPUs only add memory: each runs a
+    whole simulator)."""
+    cpus = usable_cpus()
+    if workers is not None and workers > cpus:
+        print(f"{prog}: note: --workers {workers} is more than the {cpus} CPUs this process may use; using {cpus}",
+              file=sys.stderr, flush=True)
+        return cpus
+    return workers
 
 
 def _run_one(worker: Callable[[Cell], list[dict[str, Any]]], cell: Cell, path: str) -> int:
@@ -142,12 +200,47 @@ def cell_frame(cell: Cell, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+CellCheck = Callable[[Cell, pd.DataFrame], bool]
+"""A sweep's own test that a cell's table is its whole result (e.g. the run reached its budget)."""
+
+
+def load_cell(out_dir: str | os.PathLike, cell: Cell, complete: CellCheck | None = None) -> pd.DataFrame | None:
+    """The table of ``cell`` from its file in ``out_dir`` if the file holds the cell's whole
+    result (see the module docstring), else None (missing, empty, cut short or damaged: the
+    cell is to be computed again)."""
+    path = _cell_path(Path(out_dir), cell)
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return None
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # cut in the middle of a line
+                return None
+        frame = pd.read_csv(path, dtype={"study": str, "variant": str})
+    except (OSError, ValueError, UnicodeDecodeError):  # missing, unreadable or not a table (pandas: ValueError)
+        return None
+    needed = {"study", "variant", "seed", *cell.columns}
+    if len(frame) == 0 or not needed <= set(frame.columns):
+        return None
+    seeds = pd.to_numeric(frame["seed"], errors="coerce")
+    if not ((frame["study"] == cell.study).all() and (frame["variant"] == cell.variant).all()
+            and (seeds == cell.seed).all()):
+        return None
+    if complete is not None and not complete(cell, frame):
+        return None
+    return frame
+
+
 def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any]]], out_dir: str | os.PathLike,
-              name: str, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+              name: str, workers: int | None = None, progress: bool = True,
+              complete: CellCheck | None = None) -> pd.DataFrame:
     """Run every unfinished cell with ``worker`` (a picklable module-level function) in a
-    process pool of ``workers`` processes (default: all cores), then write and return the
-    tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, the cells'
-    columns and ``seed``; see :func:`cell_frame`).
+    process pool of ``workers`` processes (default and at most: the usable CPUs), then write and
+    return the tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, the
+    cells' columns and ``seed``; see :func:`cell_frame`). A cell is finished when
+    :func:`load_cell` accepts its file (with the sweep's own check ``complete``); any other
+    cell file is computed again.
 
     Returns the table of *all* ``cells`` (finished earlier or now).
     """
@@ -156,8 +249,13 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate cells in sweep")
-    todo = [c for c in cells if not _cell_path(out, c).exists()]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    done = {c.key: frame for c in cells if (frame := load_cell(out, c, complete)) is not None}
+    todo = [c for c in cells if c.key not in done]
+    damaged = sum(_cell_path(out, c).exists() for c in todo)
+    if damaged:
+        print(f"{name}: {damaged} cell file(s) in {out / 'cells'} are empty, cut short or damaged; computing them "
+              "again", file=sys.stderr, flush=True)
+    workers = max(1, min(workers or usable_cpus(), usable_cpus(), len(todo) or 1))
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -175,11 +273,12 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
                 torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
         except KeyboardInterrupt:
             _close(bar)
-            raise Interrupted(_kept(cells, out)) from None
+            raise Interrupted(_kept(cells, out, complete)) from None
     elif todo:
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
         try:
-            futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]
+            with _signals_held():  # the first submit forks every worker
+                futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]
             for f in as_completed(futures):
                 f.result()
                 if bar:
@@ -187,13 +286,15 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
         except KeyboardInterrupt:
             _stop_pool(pool)
             _close(bar)
-            raise Interrupted(_kept(cells, out)) from None
+            raise Interrupted(_kept(cells, out, complete)) from None
         except BaseException:
             _stop_pool(pool)
             raise
         pool.shutdown(wait=True)
     _close(bar)
-    table = pd.concat([pd.read_csv(_cell_path(out, c)) for c in cells], ignore_index=True) if cells else pd.DataFrame()
+    frames = [done[c.key] if c.key in done else pd.read_csv(_cell_path(out, c), dtype={"study": str, "variant": str})
+              for c in cells]
+    table = pd.concat(frames, ignore_index=True) if cells else pd.DataFrame()
     write_csv_atomic(out / f"{name}.csv", table)
     return table
 
@@ -215,12 +316,13 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         p.join(5)
 
 
-def _kept(cells: Sequence[Cell], out: Path) -> str:
+def _kept(cells: Sequence[Cell], out: Path, complete: CellCheck | None = None) -> str:
     """What an interrupted sweep kept, in one line."""
-    return (f"{cells_done(cells, out)} of {len(cells)} runs are finished and kept in {out / 'cells'}; "
+    return (f"{cells_done(cells, out, complete)} of {len(cells)} runs are finished and kept in {out / 'cells'}; "
             f"rerun the same command to resume")
 
 
-def cells_done(cells: Sequence[Cell], out_dir: str | os.PathLike) -> int:
-    """How many of ``cells`` already have a result file in ``out_dir``."""
-    return sum(_cell_path(Path(out_dir), c).exists() for c in cells)
+def cells_done(cells: Sequence[Cell], out_dir: str | os.PathLike, complete: CellCheck | None = None) -> int:
+    """How many of ``cells`` are finished in ``out_dir`` (their file holds their whole result:
+    :func:`load_cell`)."""
+    return sum(load_cell(out_dir, c, complete) is not None for c in cells)

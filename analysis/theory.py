@@ -20,7 +20,6 @@ regime and depth), ``theory.png``, ``section.md`` (atomic writes).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,7 +155,9 @@ def run(out: str | Path, K: int = 8, seed: int = 0) -> Path:
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study theory``."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    from analysis.cli import OneLineParser
+    from deepgrpo.records import claim_output
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--K", default="8", help="continuations per pivot (default 8)")
     p.add_argument("--seed", default="0", help="problem-set seed (default 0)")
     p.add_argument("--out", default="results", help="results directory (default ./results)")
@@ -169,6 +170,7 @@ def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    claim_output(a.out)
     d = run(a.out, K=K, seed=seed)
     print(f"{STUDY}: {d}")
     return 0

@@ -107,13 +107,26 @@ def lock_output(path: str | os.PathLike, option: str = "--out") -> Path:
         raise ConfigError(f"{option} = {str(path)!r} is in use by {holder}: one process writes to a directory "
                           f"at a time; wait for it to finish or choose another {option}", owner=option,
                           value=str(path), allowed="a directory no other process is writing to") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()} ({' '.join(sys.argv[:3])[:120]})\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:3])[:120]})\n")
+        f.flush()
+    except OSError as e:  # e.g. a full disk refuses the holder's line: name the lock file
+        f.close()
+        raise OSError(e.errno, e.strerror, str(lock)) from e
     _LOCKS[p] = f
     remove_stale_temps(p)
     return p
+
+
+def claim_output(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Make ``path`` this process's output directory before any work is done: it must be (or be
+    able to become) a writable directory (:func:`check_writable_dir`) that no other process is
+    writing to (:func:`lock_output`, held until the command ends). Returns ``Path(path)``."""
+    check_writable_dir(path, option)
+    lock_output(path, option)
+    return Path(path)
 
 
 def release_output_locks() -> None:

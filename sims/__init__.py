@@ -6,7 +6,8 @@ Modules: :mod:`~sims.spec` (``TokenTreeSpec``, the drawn ``ProblemSet``), :mod:`
 P(success | prefix), pass@k), :mod:`~sims.backend` (``SimBackend``, the core's Backend
 protocol), :mod:`~sims.runner` (training loop on the core), :mod:`~sims.env` (gymnasium
 ``deepgrpo/TokenTree-v0``, registered on import of ``sims``), :mod:`~sims.compare`
-(equal-budget comparison), :mod:`~sims.figure` (its SVG figure), :mod:`~sims.cli`
+(equal-budget comparison), :mod:`~sims.figure` (its SVG figure), :mod:`~sims.memory` (the
+memory a run needs, checked before anything is allocated), :mod:`~sims.cli`
 (``deepgrpo sim run|compare``).
 """
 

@@ -7,7 +7,11 @@ Every field of :class:`~sims.spec.TokenTreeSpec`, :class:`~sims.runner.RunnerCon
 ``run``) the method's :class:`~deepgrpo.config.AlgoConfig` is a flag generated from the
 dataclasses (:mod:`deepgrpo.flags`); sources are layered as defaults < method preset <
 ``--config FILE`` < flags < ``--set``. Invalid values stop with one line naming the option and
-exit code 2, before anything is written.
+exit code 2, before anything is written; so do sizes that cannot fit in memory
+(:mod:`sims.memory`), an ``--out`` that cannot be written, and an ``--out`` another process is
+writing to (one writer per directory: :func:`deepgrpo.records.lock_output`). ``sim run`` never
+replaces a finished run (a directory holding ``run.json``, which it writes last) unless given
+``--force``; a directory a killed run left without ``run.json`` is simply reused.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class SimCompareSettings:
     runner: RunnerConfig = field(default_factory=_compare_runner)
 
 
-RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quiet", "config", "set"))
+RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quiet", "force", "config", "set"))
 COMPARE_OPTIONS = OptionSet(SimCompareSettings, reserved=("seed", "out", "no_figure", "config", "set"))
 
 
@@ -80,8 +84,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                          description="Train one method; write DIR/history.csv (one row per step) and DIR/run.json.")
     run.add_argument("--method", default=None, help="a method name (see `deepgrpo methods`); may come from --config")
     run.add_argument("--seed", default=None, help="run seed (default: 0)")
-    run.add_argument("--out", type=Path, default=None, help="output directory (default: runs/sim-METHOD-seedS)")
+    run.add_argument("--out", type=_out_path, default=None, help="output directory (default: runs/sim-METHOD-seedS)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true", help="replace a finished run in --out (by default a directory "
+                                                          "holding one is refused)")
     RUN_OPTIONS.add_arguments(run)
     cmp_ = sub.add_parser("compare", help="GRPO N=8..64, root-only, a tree baseline, DEEP-GRPO at equal budget -> "
                                           "table, CSV, SVG",
@@ -89,7 +95,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                                       "baseline and DEEP-GRPO at an equal token budget on a problem set drawn "
                                       "from the seed (training and held-out pass@1).")
     cmp_.add_argument("--seed", default=None, help="run seed (default: 0)")
-    cmp_.add_argument("--out", type=Path, default=Path("runs/sim-compare"),
+    cmp_.add_argument("--out", type=_out_path, default=Path("runs/sim-compare"),
                       help="output directory (default: runs/sim-compare)")
     cmp_.add_argument("--no-figure", action="store_true", help="skip the SVG figure")
     COMPARE_OPTIONS.add_arguments(cmp_)
@@ -108,9 +114,33 @@ def _seed(value: Any, option: str = "--seed") -> int:
     return seed
 
 
-def _check_out(out: Path) -> None:
-    from deepgrpo.records import check_writable_dir
-    check_writable_dir(out, "--out")
+FINISHED_RUN = "run.json"
+"""The file a finished ``sim run`` leaves in its directory (written last: a run killed earlier
+leaves no finished run, and its directory may be reused)."""
+
+
+def _out_path(text: str) -> Path:
+    """``--out`` as a path; an empty one is refused (``Path("")`` would be the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--out is empty: name a directory (use . for the current one)")
+    return Path(text)
+
+
+def _claim_out(out: Path, force: bool | None = None) -> None:
+    """Make ``out`` this process's output directory before any work: writable (else a
+    :class:`ConfigError` naming ``--out``), locked against a second writer
+    (:func:`deepgrpo.records.lock_output`), and, for ``sim run`` (``force`` not None), not
+    holding a finished run unless ``force``."""
+    from deepgrpo.records import claim_output
+    claim_output(out, "--out")
+    if force is not None and (out / FINISHED_RUN).is_file():
+        if not force:
+            raise ConfigError(f"--out = {str(out)!r} is invalid: it holds a finished run ({FINISHED_RUN}); choose "
+                              "another --out, or pass --force to replace it", owner="--out", value=str(out),
+                              allowed="a directory without a finished run")
+        # replaced: until the new run writes its own, the directory holds no finished run (a run
+        # stopped half-way must not leave the old record beside the new history)
+        (out / FINISHED_RUN).unlink()
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[str, int, SimRunSettings]:
@@ -140,11 +170,13 @@ def resolve_compare(args: argparse.Namespace) -> tuple[int, SimCompareSettings]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from sims.memory import check_fits
     from sims.runner import train, write_run
 
     method, seed, s = resolve_run(args)
+    check_fits(s.spec, s.runner, s.algo)
     out = args.out if args.out is not None else Path("runs") / f"sim-{method}-seed{seed}"
-    _check_out(out)
+    _claim_out(out, force=args.force)
     result = train(s.spec, s.algo, s.runner, seed=seed, method=method, progress=not args.quiet)
     hist, rec = write_run(out, s.spec, s.algo, s.runner, seed, method, result)
     last, k = result.history[-1], s.runner.pass_k
@@ -159,11 +191,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from sims.compare import format_header, format_table, run_compare, summary_rows, write_compare
+    from deepgrpo.methods import method_config
+    from sims.compare import COMPARE_METHODS, format_header, format_table, run_compare, summary_rows, write_compare
+    from sims.memory import check_fits
 
     t0 = time.perf_counter()
     seed, s = resolve_compare(args)
-    _check_out(args.out)
+    for _, name, overrides in COMPARE_METHODS:
+        check_fits(s.spec, s.runner, method_config(name, **overrides))
+    _claim_out(args.out)
     result = run_compare(s.spec, s.runner, seed=seed)
     paths = write_compare(args.out, result, figure=not args.no_figure)
     print(format_header(result))

@@ -6,7 +6,10 @@ methods take more steps; the problem set is drawn from the run seed (``--spec-se
 exact pass@1 is reported on the training problems and on held-out problems never trained on.
 Values "at the budget" are interpolated linearly between the two steps around it (a run stops
 at the first step boundary at or past the budget, so it overshoots by less than one step; the
-spent budget is in the table too).
+spent budget is in the table too). A run that the ``--steps`` cap stops before the budget has no
+value at the budget: ``summary.csv`` says so (``reached_budget`` false, the ``*_at_budget``
+cells empty) and the printed table shows its values after its last step, marked, with a line
+saying what it spent.
 
 Outputs (all written atomically, only after every run finished):
     summary.csv              one row per method (:data:`SUMMARY_COLUMNS`)
@@ -54,10 +57,11 @@ COMPARE_RUNNER = RunnerConfig(steps=1000, budget=COMPARE_BUDGET, budget_unit="to
 SUMMARY_COLUMNS = ("label", "method", "budget_unit", "budget", "steps", "rollouts", "tokens",
                    "pass1_at_budget", "heldout_pass1_at_budget", "final_pass1", "final_heldout_pass1",
                    "initial_pass1", "initial_heldout_pass1", "final_pass8", "gain_per_1k_rollouts",
-                   "gain_per_1m_tokens", "all_fail_groups_per_step", "pivot_before_error", "branch_success")
-"""Columns of ``summary.csv``: ``*_at_budget`` are interpolated at exactly the budget (NaN
-without a budget), ``final_*`` are the values after the last step (spent: ``rollouts``,
-``tokens``)."""
+                   "gain_per_1m_tokens", "all_fail_groups_per_step", "pivot_before_error", "branch_success",
+                   "reached_budget")
+"""Columns of ``summary.csv``: ``*_at_budget`` are interpolated at exactly the budget (empty
+without a budget, or for a run the step cap stopped first: ``reached_budget`` false), ``final_*``
+are the values after the last step (spent: ``rollouts``, ``tokens``)."""
 
 
 @dataclass
@@ -126,6 +130,7 @@ def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
             "all_fail_groups_per_step": _mean(h[1:], "all_fail_groups"),
             "pivot_before_error": _mean(h[1:], "pivot_before_error"),
             "branch_success": _mean(h[1:], "branch_success"),
+            "reached_budget": budget is None or last[unit] >= budget,
         })
     return out
 
@@ -148,19 +153,39 @@ def format_header(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
+SHORT_MARK = "*"
+"""Marks, in the printed table, a run the step cap stopped before the budget."""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The printed table: method, steps, budget spent, exact pass@1 on the training and held-out
-    problems at the budget (or after the last step without one), and their starting values."""
+    problems at the budget (or after the last step without one), and their starting values.
+    A run the step cap stopped before the budget shows its values after its last step, marked
+    :data:`SHORT_MARK` and explained below the table."""
     at_budget = bool(rows) and rows[0]["budget"] is not None
-    p1, ho = ("pass1_at_budget", "heldout_pass1_at_budget") if at_budget else ("final_pass1", "final_heldout_pass1")
     where = "at budget" if at_budget else "final"
     head = (f"{'method':<36} {'steps':>5} {'rollouts':>9} {'tokens':>8} {'pass@1':>7} {'held-out':>8}   "
-            f"({where}; start {rows[0]['initial_pass1']:.3f} / {rows[0]['initial_heldout_pass1']:.3f})" if rows else "")
+            f"({where}; start {rows[0]['initial_pass1']:.3f} / {_fmt_value(rows[0]['initial_heldout_pass1'])})" if rows
+            else "")
     lines = [head, "-" * len(head)]
+    short = [r for r in rows if not r["reached_budget"]]
     for r in rows:
-        lines.append(f"{r['label']:<36} {r['steps']:>5} {r['rollouts']:>9,d} {r['tokens']:>8,d} {r[p1]:>7.3f} "
-                     f"{r[ho]:>8.3f}")
+        at = at_budget and r["reached_budget"]
+        p1, ho = ("pass1_at_budget", "heldout_pass1_at_budget") if at else ("final_pass1", "final_heldout_pass1")
+        mark = " " if at or not at_budget else SHORT_MARK
+        lines.append(f"{r['label']:<36} {r['steps']:>5} {r['rollouts']:>9,d} {r['tokens']:>8,d} {r[p1]:>7.3f}{mark}"
+                     f"{_fmt_value(r[ho]):>8}{mark}".rstrip())
+    if short:
+        unit = short[0]["budget_unit"]
+        lines.append(f"{SHORT_MARK} stopped by the step cap ({short[0]['steps']} steps) before the budget of "
+                     f"{short[0]['budget']:,} {unit}: {len(short)} of {len(rows)} runs show their values after their "
+                     f"last step, at the {unit} spent (not at equal budget; raise --steps or lower --budget)")
     return "\n".join(lines)
+
+
+def _fmt_value(x: float) -> str:
+    """A pass@1 value, or ``-`` for none (no held-out problems)."""
+    return "-" if x != x else f"{x:.3f}"
 
 
 def figure_title(result: CompareResult) -> str:

@@ -7,7 +7,9 @@ and held-out (``n_problems + n_heldout``); the set is the one of run seed ``run_
 the spec pins ``seed``.
 
 Observation: ``MultiDiscrete([n_problems + n_heldout, T + 1, 2])`` = (problem, step, status)
-with status 0 = on track, 1 = derailed. Action: ``Discrete(V)``.
+with status 0 = on track, 1 = derailed. Action: ``Discrete(V)``: an integer (Python or numpy,
+not a bool) in [0, V); anything else is a ValueError, as is a problem id that is not an integer
+in range or a :meth:`~TokenTreeEnv.reset` option other than ``problem``.
 ``info`` holds ``first_error`` (first wrong step so far, L_p if none), ``length`` (L_p) and
 ``p_success_base``, the exact P(success | state) under the spec's pre-trained policy (from the
 oracle).
@@ -31,6 +33,27 @@ from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec
 
 ENV_ID = "deepgrpo/TokenTree-v0"
 
+RESET_OPTIONS = ("problem",)
+"""The keys :meth:`TokenTreeEnv.reset` understands in ``options``."""
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (a Python or numpy integer, or a 0-d integer
+    array; never a bool, whose True/False are not token or problem ids), else None."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
+def _problem_id(value: Any, n: int, name: str) -> int:
+    """``value`` as a problem id in [0, n), else a ValueError naming ``name``."""
+    p = _integer(value)
+    if p is None or not 0 <= p < n:
+        raise ValueError(f"{name} = {value!r} is invalid: expected an integer in [0, {n})")
+    return p
+
 
 class TokenTreeEnv(gymnasium.Env):
     """Gymnasium environment of a :class:`~sims.spec.TokenTreeSpec` problem set.
@@ -52,11 +75,10 @@ class TokenTreeEnv(gymnasium.Env):
         self.spec_ = TokenTreeSpec.from_dict({**base, **spec_fields})
         self.problems = self.spec_.build(run_seed=run_seed)
         n, T, V = self.problems.n, self.problems.T, self.problems.V
-        if problem is not None and not 0 <= int(problem) < n:
-            raise ValueError(f"problem = {problem} is invalid: expected an integer in [0, {n})")
+        fixed = None if problem is None else _problem_id(problem, n, "problem")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode = {render_mode!r} is invalid: expected None or 'ansi'")
-        self.fixed_problem = None if problem is None else int(problem)
+        self.fixed_problem = fixed
         self.render_mode = render_mode
         self.observation_space = spaces.MultiDiscrete([n, T + 1, 2])
         self.action_space = spaces.Discrete(V)
@@ -76,11 +98,15 @@ class TokenTreeEnv(gymnasium.Env):
                 "p_success_base": float(self._value[self._problem, self._t, self._status])}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start an episode: of ``options["problem"]`` if given, else of the fixed problem, else
+        of one drawn with the env's RNG (seeded by ``seed``). Other option keys are errors."""
+        unknown = sorted(set(options or {}) - set(RESET_OPTIONS), key=str)
+        if unknown:
+            raise ValueError(f"options = {options!r} is invalid: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"expected only {', '.join(map(repr, RESET_OPTIONS))}")
         super().reset(seed=seed)
         if options and "problem" in options:
-            p = int(options["problem"])
-            if not 0 <= p < self.problems.n:
-                raise ValueError(f"options['problem'] = {p} is invalid: expected an integer in [0, {self.problems.n})")
+            p = _problem_id(options["problem"], self.problems.n, "options['problem']")
         elif self.fixed_problem is not None:
             p = self.fixed_problem
         else:
@@ -94,9 +120,10 @@ class TokenTreeEnv(gymnasium.Env):
         T = int(self._lengths[self._problem])  # this problem's length
         if self._t >= T:
             raise RuntimeError("step() called on a finished episode: call reset() first")
-        if not self.action_space.contains(action):
-            raise ValueError(f"action = {action!r} is invalid: expected an integer in [0, {self.problems.V})")
-        a = int(action)
+        a = _integer(action)
+        if a is None or not self.action_space.contains(a):
+            raise ValueError(f"action = {action!r} is invalid: expected an integer in [0, {self.problems.V}) "
+                             f"(the action space Discrete({self.problems.V}))")
         ok = a == int(self._correct[self._problem, self._t])
         if not ok and self._first_error == T:
             self._first_error = self._t

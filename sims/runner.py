@@ -54,6 +54,7 @@ from deepgrpo.ledger import BUDGET_UNITS, BudgetLedger, budget_left
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
 from deepgrpo.step import initial_record, step_record, update_policy
 from sims.backend import SimBackend
+from sims.memory import check_fits
 from sims.optim import OPTIMIZERS, make_optimizer
 from sims.oracle import exact_pass_at_k, prefix_success, success_table
 from sims.policy import POLICY_CLASSES, TokenTreePolicy
@@ -201,8 +202,12 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
             row (NaN-free rows only from step 1: step 0 has no exploration).
 
     Returns: :class:`TrainResult` (history rows: see the module docstring).
+
+    Sizes whose tables or rollouts cannot fit in memory are a
+    :class:`~deepgrpo.config.ConfigError` before anything is allocated (:mod:`sims.memory`).
     """
     cfg = config or RunnerConfig()
+    check_fits(spec, cfg, algo)  # sizes that cannot fit in memory fail here, before any allocation
     t_start = time.perf_counter()
     ps_seed = spec.problem_set_seed(seed)
     problems = spec.build(run_seed=seed)

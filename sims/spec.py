@@ -182,7 +182,11 @@ class TokenTreeSpec:
 
     def build(self, run_seed: int = 0) -> ProblemSet:
         """Draw the problem set of a run with ``run_seed`` (deterministic in
-        :meth:`problem_set_seed`; a pinned ``seed`` ignores ``run_seed``)."""
+        :meth:`problem_set_seed`; a pinned ``seed`` ignores ``run_seed``). Sizes whose tables
+        cannot fit in memory are a :class:`~deepgrpo.config.ConfigError` before anything is
+        drawn (:func:`sims.memory.check_fits`)."""
+        from sims.memory import check_fits
+        check_fits(self)
         return ProblemSet.from_spec(self, self.problem_set_seed(run_seed))
 
 

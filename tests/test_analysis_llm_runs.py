@@ -21,7 +21,9 @@ P, G, K = 4, 4, 4
 @pytest.fixture(scope="module")
 def llm_runs(tmp_path_factory):
     """Four real 2-step runs of the LLM trainer on a micro model that half-memorised the sample
-    problems: DEEP-GRPO seeds 0 and 1, GRPO seed 0 at two learning rates."""
+    problems: DEEP-GRPO seeds 0 and 1, GRPO seed 0 at two learning rates. They train on the
+    built-in arithmetic problems and are evaluated on the sample ones (a held-out question is
+    never trained on, so the two sets are disjoint)."""
     from llm.backend import SamplingConfig
     from llm.evaluate import EvalConfig
     from llm.tasks import DATA_DIR, load_problems
@@ -36,7 +38,7 @@ def llm_runs(tmp_path_factory):
     runs = {"deep-s0": ("deep-grpo", {"G": G, "K": K}, 0, 3e-3), "deep-s1": ("deep-grpo", {"G": G, "K": K}, 1, 3e-3),
             "grpo-s0": ("grpo", {"G": G}, 0, 3e-3), "grpo-s0-lr1e-3": ("grpo", {"G": G}, 0, 1e-3)}
     for name, (method, overrides, seed, lr) in runs.items():
-        cfg = TrainConfig(model=str(model), data=str(data), eval_data=str(data), method=method, overrides=overrides,
+        cfg = TrainConfig(model=str(model), data=None, eval_data=str(data), method=method, overrides=overrides,
                           prompts_per_step=P, steps=STEPS, lr=lr, checkpoint_every=STEPS,
                           sampling=SamplingConfig(max_response_tokens=40),
                           eval=EvalConfig(n_problems=8, samples=2, pass_k=2, max_response_tokens=40),

@@ -159,3 +159,105 @@ def test_ctrl_c_stops_the_study_promptly_in_one_line_and_a_rerun_resumes(referen
     p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert _tables(out) == reference
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["process-group", "study-process"])
+def test_sigterm_stops_the_study_like_ctrl_c_and_a_rerun_resumes(reference, tmp_path, group):
+    out = tmp_path / "sigterm"
+    p = _start(out)
+    _wait_for_cells(p, out)
+    deadline = time.monotonic() + 5.0
+    while len(_session_alive(p.pid)) < 2 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "the study ended before SIGTERM could be sent"
+    # a scheduler signals the whole job (the study and its workers), `kill PID` the study alone
+    (os.killpg if group else os.kill)(p.pid, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=30)
+    assert p.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"deepgrpo study: terminated (SIGTERM); study {STUDY}")
+    assert "finished and kept in" in lines[0] and "rerun the same command to resume" in lines[0]
+    _assert_session_ends(p.pid)
+    assert _half_written(out) == []
+    p = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _tables(out) == reference
+
+
+def test_a_second_study_process_on_the_same_out_is_refused_and_the_first_finishes(tmp_path):
+    out = tmp_path / "two"
+    # a budget ten times the smoke size's, so that the first study is still running when the
+    # second one (about a second to start) reaches the directory
+    first = subprocess.Popen([*_args(out), "--budget", "40000"], env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_cells(first, out)
+    second = subprocess.run([*_args(out), "--budget", "40000"], env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert first.poll() is None, "the first study ended before the second one started"
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deepgrpo study: error: --out") and \
+        f"is in use by process {first.pid}" in lines[0], second.stderr
+    assert _half_written(out) == [] and all((out / STUDY / t).is_file() for t in TABLES)
+
+
+def _in_private_mounts(script: str) -> subprocess.CompletedProcess:
+    """Run shell ``script`` in a private mount namespace (its mounts vanish with it)."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=600)
+    if "Operation not permitted" in p.stderr and "unshare" in p.stderr:
+        pytest.skip("needs root for a private mount namespace")
+    return p
+
+
+@pytest.mark.parametrize("size_k,fill_k", [(24, 0), (64, 0), (64, 100)])
+def test_disk_full_is_one_line_and_the_study_resumes_once_space_is_freed(reference, tmp_path, size_k, fill_k):
+    import shlex
+    mnt, out = tmp_path / "mnt", tmp_path / "mnt" / "results"
+    mnt.mkdir()
+    m, t, cmd = shlex.quote(str(mnt)), shlex.quote(str(tmp_path)), shlex.join(_args(out))
+    p = _in_private_mounts(f"""
+        mount -t tmpfs -o size={size_k}k tmpfs {m} || exit 97
+        dd if=/dev/zero of={m}/filler bs=1k count={fill_k} 2>/dev/null
+        {cmd} >/dev/null 2>{t}/err1; echo $? >{t}/rc1
+        rm {m}/filler
+        cp -r {m} {t}/after1
+        mount -o remount,size=20m {m}
+        {cmd} >/dev/null 2>{t}/err2; echo $? >{t}/rc2
+        cp -r {shlex.quote(str(out))} {t}/copy
+    """)
+    assert p.returncode != 97, p.stderr
+    err = (tmp_path / "err1").read_text()
+    assert (tmp_path / "rc1").read_text().strip() == "2", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"deepgrpo study: error: no space left on device: {mnt}/")
+    assert lines[0].endswith("free some space and rerun the same command to resume")
+    assert _half_written(tmp_path / "after1") == []
+    assert (tmp_path / "rc2").read_text().strip() == "0", (tmp_path / "err2").read_text()
+    assert _tables(tmp_path / "copy") == reference
+
+
+def test_a_read_only_out_is_one_line_before_any_work(tmp_path):
+    import shlex
+    ro = tmp_path / "ro"
+    (ro / "results").mkdir(parents=True)
+    q, t = shlex.quote(str(ro)), shlex.quote(str(tmp_path))
+    outs = (ro / "results", ro / "new")
+    script = f"mount --bind {q} {q} && mount -o remount,bind,ro {q} || exit 97\n"
+    for i, out in enumerate(outs):
+        script += f"{shlex.join(_args(out))} >/dev/null 2>{t}/err{i}; echo $? >{t}/rc{i}\n"
+    p = _in_private_mounts(script)
+    assert p.returncode != 97, p.stderr
+    for i, out in enumerate(outs):
+        err = (tmp_path / f"err{i}").read_text()
+        assert (tmp_path / f"rc{i}").read_text().strip() == "2", err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"deepgrpo study: error: --out = {str(out)!r} is invalid:")
+        assert "read-only file system" in lines[0]

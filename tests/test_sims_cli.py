@@ -40,6 +40,14 @@ def restore_torch_threads():
     (["run", "--method", "grpo", "--policy", "features", "--feature-dim", "1000000"], "--feature-dim"),
     (["compare", "--n-heldout", "-1"], "--n-heldout"),
     (["compare", "--budget-unit", "seconds"], "--budget-unit"),
+    # sizes that cannot fit in memory (sims.memory): refused at once, before any allocation
+    (["run", "--method", "grpo", "--G", str(10**9)], "--G"),
+    (["run", "--method", "deep-grpo", "--depth", str(10**9)], "--depth"),
+    (["run", "--method", "grpo", "--vocab-size", str(10**9)], "--vocab-size"),
+    (["run", "--method", "grpo", "--n-problems", str(10**9), "--batch-problems", "4"], "--n-problems"),
+    (["run", "--method", "grpo", "--n-heldout", str(10**9)], "--n-heldout"),
+    (["run", "--method", "deep-grpo", "--K", str(10**9)], "--K"),
+    (["compare", "--n-problems", str(10**9)], "--n-problems"),
 ])
 def test_bad_input_is_one_line_naming_the_option_exit_2_and_writes_nothing(tmp_path, capsys, argv, option):
     out = tmp_path / "out"
@@ -124,6 +132,26 @@ def test_compare_without_a_budget_runs_equal_steps_on_a_pinned_problem_set(tmp_p
     assert list(grpo["rollouts"]) == [2 * 8 * n for n in (8, 16, 32, 64)] and (summary["steps"] == 2).all()
     assert summary["pass1_at_budget"].isna().all() and summary["final_heldout_pass1"].isna().all()
     assert sorted(p.name for p in out.iterdir()) == ["history.csv", "run.json", "summary.csv"]
+
+
+def test_compare_with_a_step_cap_below_the_budget_reports_what_each_run_reached(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--steps", "2", "--n-problems", "8", "--batch-problems", "4", "--no-figure",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower()
+    summary = pd.read_csv(out / "summary.csv")
+    assert not summary["reached_budget"].any() and summary["pass1_at_budget"].isna().all()
+    for r in summary.itertuples():  # each run's values after its last step, marked, at what it spent
+        line = next(x for x in printed.splitlines() if x.startswith(r.label))
+        assert f"{r.final_pass1:.3f}*" in line and f"{r.final_heldout_pass1:.3f}*" in line
+        assert f"{r.tokens:,}" in line
+    assert "* stopped by the step cap (2 steps) before the budget of 50,000 tokens: 7 of 7 runs" in printed
+    # a cap the budget binds first marks nothing
+    assert main(["compare", "--steps", "50", "--budget", "2000", "--n-problems", "8", "--batch-problems", "4",
+                 "--no-figure", "--out", str(tmp_path / "ok")]) == 0
+    printed = capsys.readouterr().out
+    assert "*" not in printed and pd.read_csv(tmp_path / "ok" / "summary.csv")["reached_budget"].all()
 
 
 def test_figure_ticks_are_round_and_inside_the_range():

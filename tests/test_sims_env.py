@@ -94,3 +94,32 @@ def test_the_env_plays_the_problem_set_of_its_run_seed():
     assert np.array_equal(TokenTreeEnv(run_seed=0).problems.correct.numpy(), a.problems.correct.numpy())
     assert np.array_equal(TokenTreeEnv(run_seed=1, seed=a.problems.seed).problems.correct.numpy(),
                           a.problems.correct.numpy())
+
+
+@pytest.mark.parametrize("action", [True, False, 2.5, 1.0, np.float64(1.0), "1", None, np.array([1]), 4, -1])
+def test_actions_outside_the_action_space_are_refused(action):
+    env = TokenTreeEnv(depth=4)
+    env.reset(seed=0, options={"problem": 0})
+    with pytest.raises(ValueError, match=r"action = .* is invalid: expected an integer in \[0, 4\)"):
+        env.step(action)
+    assert env._t == 0  # nothing was played
+    for ok in (1, np.int64(2), np.array(3)):  # integers of any kind are actions
+        env.step(ok)
+
+
+@pytest.mark.parametrize("problem", [2.5, True, "3", 99, -1])
+def test_problem_ids_must_be_integers_in_range(problem):
+    n = TokenTreeSpec().n_problems + TokenTreeSpec().n_heldout
+    with pytest.raises(ValueError, match=rf"problem'?\]? = .* is invalid: expected an integer in \[0, {n}\)"):
+        TokenTreeEnv(problem=problem)
+    env = TokenTreeEnv()
+    with pytest.raises(ValueError, match=r"options\['problem'\] = .* is invalid"):
+        env.reset(options={"problem": problem})
+    assert env.reset(options={"problem": np.int64(3)})[0][0] == 3
+
+
+def test_unknown_reset_options_are_refused():
+    env = TokenTreeEnv()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'problm'; expected only 'problem'"):
+        env.reset(seed=0, options={"problm": 3})
+    assert env.reset(seed=0, options={})[1]["length"] == TokenTreeSpec().depth
