@@ -16,20 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deepgrpo.config import ConfigError
+from deepgrpo.flags import OneLineParser
 from deepgrpo.records import Interrupted, claim_output
-
-
-class UsageError(ConfigError):
-    """A command-line argument error (a :class:`ConfigError`, so ``deepgrpo`` prints it as one
-    line ``deepgrpo CMD: error: ...`` and exits 2)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit code 2 (raised as :class:`UsageError`)
-    instead of a usage block; ``--help`` is unchanged."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
 
 
 def _study_parser(prog: str) -> argparse.ArgumentParser:

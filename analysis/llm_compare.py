@@ -354,7 +354,7 @@ OPTIONS = OptionSet(LLMCompareSettings, reserved=("out", "quick", "shard", "conf
 
 def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-compare") -> int:
     """``deepgrpo study llm-compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
-    from analysis.cli import OneLineParser
+    from deepgrpo.flags import OneLineParser
     from deepgrpo.records import check_writable_dir
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")

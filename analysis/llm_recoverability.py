@@ -791,7 +791,7 @@ def run_study(cfg: LLMRecoverabilityConfig, out: str | Path, quick: bool = False
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from analysis.cli import OneLineParser
+    from deepgrpo.flags import OneLineParser
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="policy checkpoint: a model directory or a training run directory")

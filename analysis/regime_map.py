@@ -940,8 +940,8 @@ def update_readme(readme: str | Path, root: str | Path) -> Path:
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study regime-map``."""
-    from analysis.cli import OneLineParser
     from analysis.sweep import cap_workers
+    from deepgrpo.flags import OneLineParser
     from deepgrpo.records import claim_output
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per method (default 5)")

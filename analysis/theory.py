@@ -155,7 +155,7 @@ def run(out: str | Path, K: int = 8, seed: int = 0) -> Path:
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study theory``."""
-    from analysis.cli import OneLineParser
+    from deepgrpo.flags import OneLineParser
     from deepgrpo.records import claim_output
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--K", default="8", help="continuations per pivot (default 8)")

@@ -35,6 +35,19 @@ from deepgrpo.overrides import (
 _DEST = "cfg:"
 
 
+class UsageError(ConfigError):
+    """A command-line argument error: a :class:`ConfigError`, so ``deepgrpo`` prints it as one
+    line ``deepgrpo CMD: error: ...`` and exits 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2 (raised as :class:`UsageError`)
+    instead of a usage block; ``--help`` is unchanged. Every command's parser is one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
 def load_config_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
     """The mapping in a JSON (``.json``) or YAML (``.yaml``/``.yml``) file; any problem is a
     :class:`ConfigError` naming ``option`` and the file."""

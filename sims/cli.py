@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
-from deepgrpo.flags import OptionSet, load_config_file
+from deepgrpo.flags import OneLineParser, OptionSet, UsageError, load_config_file
 from sims.runner import RunnerConfig
 from sims.spec import TokenTreeSpec
 
@@ -68,18 +68,9 @@ RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quie
 COMPARE_OPTIONS = OptionSet(SimCompareSettings, reserved=("seed", "out", "no_figure", "config", "set"))
 
 
-class UsageError(Exception):
-    """A command-line error (printed as one line, exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(message)
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
-    top = _Parser(prog=prog, description="Token-tree simulator: train with the DEEP-GRPO core, compare methods.")
-    sub = top.add_subparsers(dest="sub", metavar="{run,compare}", parser_class=_Parser)
+    top = OneLineParser(prog=prog, description="Token-tree simulator: train with the DEEP-GRPO core, compare methods.")
+    sub = top.add_subparsers(dest="sub", metavar="{run,compare}", parser_class=OneLineParser)
     run = sub.add_parser("run", help="one training run -> DIR/history.csv, DIR/run.json",
                          description="Train one method; write DIR/history.csv (one row per step) and DIR/run.json.")
     run.add_argument("--method", default=None, help="a method name (see `deepgrpo methods`); may come from --config")
