@@ -32,6 +32,7 @@ zero budget and NaN everywhere else (:func:`initial_record`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -77,7 +78,8 @@ def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer:
     Returns: the :data:`UPDATE_COLUMNS`: loss parts summed over micro-batches (``loss``,
     ``pg_main``, ``pg_aux``, ``kl_main``, ``kl_aux``; this rank's share when data-parallel),
     token-weighted ``clip_fraction`` and ``dual_clip_fraction``, ``grad_norm``; and ``skipped``
-    (1 when the batch carried no gradient and no step was taken).
+    (1 when no step was taken: the batch carried no gradient, or its norm was infinite or NaN —
+    as in verl's actor, such a step is skipped rather than let clipping turn it into NaN weights).
     """
     from deepgrpo.distributed import all_reduce_gradients, global_denominators
     params = [p for p in parameters if p.requires_grad]
@@ -112,8 +114,12 @@ def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     else:
         grad_norm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-    optimizer.step()
     totals["grad_norm"] = grad_norm
+    if not math.isfinite(grad_norm):  # as verl's actor: an infinite or NaN gradient never reaches the weights
+        optimizer.zero_grad(set_to_none=True)
+        totals["skipped"] = 1.0
+        return totals
+    optimizer.step()
     totals["skipped"] = 0.0
     return totals
 

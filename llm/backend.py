@@ -13,6 +13,7 @@ Prompts handed to the core are :class:`~llm.tasks.Prompt` objects (problem + tok
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from deepgrpo.batch import Batch, Rollouts, SampleRequest
-from deepgrpo.config import check_range
+from deepgrpo.config import ConfigError, check_range, invalid
 from llm.engine import RolloutEngine
 from llm.rewards import score
 from llm.segmenters import Segmenter
@@ -34,7 +35,9 @@ class SamplingConfig:
 
     max_response_tokens: cap on a response's length in tokens, prefix included (a branch from
         a pivot at depth P may generate max_response_tokens - P tokens); hitting it without EOS
-        is a truncation (reward 0).
+        is a truncation (reward 0). At most the model's context (max_position_embeddings)
+        less the longest prompt, and small enough that a step's responses fit in memory
+        (:func:`check_sampling_fits`); both are checked before a run starts.
     temperature: sampling temperature (> 0 for RL; the trainer's log-probs use the same T).
     top_p: nucleus mass; the trainer's log-probs ignore the nucleus, so keep 1.0 for exact
         ratios (the rollout-vs-trainer mismatch metric shows the effect otherwise).
@@ -49,6 +52,78 @@ class SamplingConfig:
         check_range(o, "max_response_tokens", self.max_response_tokens, 1, None, integer=True)
         check_range(o, "temperature", self.temperature, 0.0, None, lo_open=True)
         check_range(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+
+
+BYTES_PER_SAMPLED_TOKEN = 64
+"""Host memory one sampled token takes, at least, until the step's update is done: its id and
+log-prob as Python objects in the engine's output (a list slot of 8 bytes and an object of 24-28
+bytes each) and its entries in the rollout tensors (id 8, log-prob 4, mask 1). A lower bound:
+sizes refused with it are certainly too large."""
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine (``os.sysconf``), or None where it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def sampling_memory_bytes(rows: int, longest_prompt: int, max_tokens: int, kv_bytes_per_token: int = 0,
+                          engine_rows: int = 512) -> int:
+    """A lower-bound estimate of the memory of sampling ``rows`` responses of up to
+    ``max_tokens`` tokens in one call: :data:`BYTES_PER_SAMPLED_TOKEN` per sampled token, plus
+    the KV cache of the ``min(rows, engine_rows)`` sequences decoded together (prompt + response
+    long, ``kv_bytes_per_token`` each; 0 where the cache lives on a GPU)."""
+    host = rows * max_tokens * BYTES_PER_SAMPLED_TOKEN
+    kv = min(rows, engine_rows) * (longest_prompt + max_tokens) * kv_bytes_per_token
+    return host + kv
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_sampling_fits(rows: int, longest_prompt: int, max_tokens: int, factors: Sequence[tuple[str, str, int, int]],
+                        what: str, kv_bytes_per_token: int = 0, engine_rows: int = 512,
+                        memory: int | None = None) -> None:
+    """Raise :class:`~deepgrpo.config.ConfigError` if :func:`sampling_memory_bytes` exceeds the
+    machine's memory (``memory``, default :func:`machine_memory_bytes`), before anything is
+    allocated. ``factors`` are the settings that make ``rows`` and ``max_tokens``, as
+    ``(config class, field, value, default)``; the error names the one furthest above its
+    default (so that a command line names its flag) and lists the others.
+
+    ``what`` says what is sampled (``"a training step"``)."""
+    need = sampling_memory_bytes(rows, longest_prompt, max_tokens, kv_bytes_per_token, engine_rows)
+    have = machine_memory_bytes() if memory is None else memory
+    if have is None or need <= have:
+        return
+    owner, name, value, _ = max(factors, key=lambda f: f[2] / max(f[3], 1))
+    others = ", ".join(f[1] for f in factors if f[1] != name)
+    allowed = (f"a smaller value: {what} would sample up to {rows:,} responses of up to {max_tokens:,} tokens, "
+               f"at least {_gb(need)} of memory, more than this machine's {_gb(have)} (lower {name} or {others})")
+    raise ConfigError(f"{owner}.{name} = {value!r} is invalid: expected {allowed}", owner=owner, field=name,
+                      value=value, allowed=allowed)
+
+
+def check_context(longest_prompt: int, max_tokens: int, context: int | None, cap_owner: str,
+                  data_option: str, data: str, longest_problem: str) -> None:
+    """Raise :class:`~deepgrpo.config.ConfigError` unless the longest prompt plus a response of
+    ``max_tokens`` fits in the model's ``context`` (``max_position_embeddings``; None = no
+    limit known): a prompt that alone fills the context names ``data_option`` and the problem,
+    otherwise the response cap (``cap_owner.max_response_tokens``) is named with its largest
+    allowed value."""
+    if context is None:
+        return
+    if longest_prompt >= context:
+        raise ConfigError(f"{data_option} = {data!r} is invalid: {longest_problem} has a prompt of {longest_prompt} "
+                          f"tokens, which leaves no room for a response in the model's context of {context} tokens "
+                          "(max_position_embeddings); remove it or use a model with a longer context",
+                          owner=data_option, value=data)
+    if longest_prompt + max_tokens > context:
+        raise invalid(cap_owner, "max_response_tokens", max_tokens,
+                      f"an integer in [1, {context - longest_prompt}]: the longest prompt is {longest_prompt} tokens "
+                      f"and the model's context (max_position_embeddings) is {context} tokens")
 
 
 class LLMBackend:

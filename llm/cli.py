@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deepgrpo.config import AlgoConfig, ConfigError
-from deepgrpo.flags import OptionSet, load_config_file
+from deepgrpo.flags import OneLineParser, OptionSet, UsageError, load_config_file
 from deepgrpo.methods import METHODS, method_config, preset_overrides
 from deepgrpo.overrides import resolve_key
 from llm.evaluate import EvalConfig
 from llm.sft import SFTConfig
-from llm.trainer import TrainConfig
+from llm.trainer import RESUMABLE_CHANGES, TrainConfig
 
 
 @dataclass
@@ -72,23 +75,12 @@ EVAL_OPTIONS = OptionSet(LLMEvalSettings, reserved=("checkpoint", "data", "task"
                                                     "help"))
 OPTIONS = {"train": TRAIN_OPTIONS, "sft": SFT_OPTIONS, "eval": EVAL_OPTIONS}
 
-RESUMABLE_CHANGES = ("train.steps", "train.budget", "train.threads", "train.checkpoint_every", "train.eval_every",
-                     "train.tensorboard")
-"""Settings a resumed run may change (applied and recorded); any other change is refused."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``prog: error: ...``) and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The ``deepgrpo llm`` parser with its three sub-commands."""
-    p = _Parser(prog=prog, description="LLM backend: SFT of the tiny preset, RL training, evaluation.")
-    sub = p.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    p = OneLineParser(prog=prog, description="LLM backend: SFT of the tiny preset, RL training, evaluation.")
+    sub = p.add_subparsers(dest="sub", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("sft", help="train the tiny-arith preset from scratch and save a checkpoint")
     s.add_argument("--preset", default="tiny-arith", choices=["tiny-arith"], help="model/task preset")
@@ -112,7 +104,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     e.add_argument("--data", default="arith", help="'arith' (built-in held-out set) or a JSONL/parquet file")
     e.add_argument("--task", choices=["arith", "gsm8k", "math"], default=None, help="override task detection")
     e.add_argument("--threads", default="2", help="torch CPU threads (default: 2)")
-    e.add_argument("--out", default=None, help="JSON file for the results (default CHECKPOINT/eval_results.json)")
+    e.add_argument("--out", default=None,
+                   help="JSON file for the results (default CHECKPOINT/eval/DATA.json, beside a run's checkpoint "
+                        "directory, never inside it)")
     EVAL_OPTIONS.add_arguments(e)
     return p
 
@@ -222,14 +216,21 @@ def cmd_sft(a: argparse.Namespace) -> int:
     """``llm sft``: train the tiny-arith preset and save it."""
     import torch
 
+    from deepgrpo.records import claim_output
     from llm.models import is_model_dir
     from llm.sft import train_sft
 
     threads = _positive_int("--threads", a.threads)
     settings = SFT_OPTIONS.build(LLMSFTSettings(), *_layers(SFT_OPTIONS, a))
+    claim_output(a.out, "--out")  # a writable directory with one writer, held until the command ends
     out = _check_new_dir(a.out, a.force, hint="pass --force to replace it")
     torch.set_num_threads(threads)
-    res = train_sft(settings.sft, out=out, progress=True)
+    try:
+        res = train_sft(settings.sft, out=out, progress=True)
+    except OSError as e:  # named by the output, not by the hidden temporary directory it was written in
+        if e.filename is not None and any(part.startswith(f".{out.name}.") for part in Path(e.filename).parts):
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
     assert is_model_dir(out)
     print(json.dumps({"out": str(out), **res["eval"], "wall_time_s": round(res["wall_time_s"], 1),
                       "params": res["params"]}))
@@ -258,18 +259,38 @@ def _resume_config(a: argparse.Namespace, out: Path) -> tuple[TrainConfig, dict[
     return cfg, {k: v for k, (_, v) in changed.items()}
 
 
+def _check_preset_sizes(cfg: TrainConfig) -> None:
+    """The size checks of :func:`llm.trainer.load_run_data` for a tiny-arith run whose SFT start
+    is still to be trained (so that a bad size is refused before minutes of SFT)."""
+    import os
+
+    from llm.models import build_char_tokenizer, limits_of_config, tiny_model_config
+    from llm.trainer import load_run_data
+    tok = build_char_tokenizer()
+    load_run_data(cfg, tok, limits_of_config(tiny_model_config(tok, SFTConfig().model)),
+                  int(os.environ.get("WORLD_SIZE", "1")), kv_on_host=cfg.engine == "hf")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     """``llm train``: RL training (new run or ``--resume``)."""
+    from deepgrpo.records import Interrupted, claim_output
     from llm.trainer import Trainer
 
     out = Path(a.out)
     changes: dict[str, Any] = {}
     if a.resume:
+        if not (out / "config.json").is_file():
+            raise ConfigError(f"--resume is invalid: {str(out / 'config.json')!r} does not exist (is --out a run "
+                              "directory of deepgrpo llm train?)", owner="--resume")
+        claim_output(out, "--out")  # one writer per run directory, held until the command ends
         cfg, changes = _resume_config(a, out)
     else:
         cfg = resolve_train(a)
         _check_paths(cfg, a.preset)
         cfg.check_device()
+        if a.preset == "tiny-arith" and not cfg.model:
+            _check_preset_sizes(cfg)
+        claim_output(out, "--out")
         _check_new_dir(a.out, force=None, hint="use another --out, or --resume to continue the run there")
         cfg = _resolved_paths(cfg)
         if a.preset == "tiny-arith" and not cfg.model:
@@ -278,67 +299,136 @@ def cmd_train(a: argparse.Namespace) -> int:
             print(f"no --model given: training the tiny-arith SFT start in {init}", file=sys.stderr)
             train_sft(SFTConfig(seed=cfg.seed), out=init, progress=True)
             cfg = dataclasses.replace(cfg, model=str(init.resolve()))
-    trainer = Trainer(cfg, out, resume=a.resume, progress=True, resume_changes=changes)
+    trainer = None
+
+    def kept() -> str:
+        """What a stopped run kept, and the command that continues it."""
+        if not (out / "config.json").is_file():  # nothing written yet: the same command starts it
+            return "nothing was written yet; run the same command again"
+        resume = f"deepgrpo llm train --resume --out {out}"
+        if trainer is None or trainer.saved_step is None:
+            return (f"no checkpoint was saved yet ({out / 'metrics.jsonl'} holds the finished steps); start the run "
+                    f"again from step 0 with: {resume}")
+        return f"the last checkpoint (step {trainer.saved_step}) is in {out / 'checkpoint'}; continue with: {resume}"
+
     try:
+        trainer = Trainer(cfg, out, resume=a.resume, progress=True, resume_changes=changes)
+        if trainer.restarted:
+            print(f"{a.prog}: {out} has no checkpoint (the run stopped before its first one): starting it again "
+                  "from step 0 with its config.json", file=sys.stderr)
         summary = trainer.run()
     except KeyboardInterrupt:
-        from deepgrpo.records import Interrupted
-        if trainer.saved_step is None:
-            raise Interrupted(f"no checkpoint was saved yet ({out / 'metrics.jsonl'} holds the finished steps); "
-                              "start the run again") from None
-        raise Interrupted(f"the last checkpoint (step {trainer.saved_step}) is in {out / 'checkpoint'}; continue "
-                          f"with: deepgrpo llm train --resume --out {out}") from None
+        raise Interrupted(kept()) from None
+    except OSError as e:  # disk full, read-only or vanished paths: one line saying what is kept and how to go on
+        from deepgrpo.records import describe_os_error
+        what = describe_os_error(e).split("; free some space")[0]
+        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        print(f"{a.prog}: error: {what}; {fix}: {kept()}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": str(out), "method": summary["method"], "steps": summary["steps"],
                       "before": summary["before"], "after": summary["after"], "budget": summary["budget"],
                       "wall_time_s": round(summary["wall_time_s"], 1)}))
     return 0
 
 
+def _eval_out(a: argparse.Namespace) -> Path:
+    """Where ``llm eval`` writes: ``--out``, or ``CHECKPOINT/eval/DATA.json`` (``DATA`` = ``arith``
+    or the data file's stem). Never inside a run's ``checkpoint/``, which the next save replaces."""
+    if a.out is not None:
+        out = Path(a.out)
+        if out.is_dir() or not out.name:
+            raise ConfigError(f"--out = {a.out!r} is invalid: it is a directory; expected a JSON file path",
+                              owner="--out")
+        return out
+    name = "arith" if a.data in ("arith", "tiny-arith") else Path(a.data).stem
+    return Path(a.checkpoint) / "eval" / f"{name}.json"
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     """``llm eval``: held-out greedy/sampled accuracy and pass@k of a checkpoint."""
     import torch
 
-    from deepgrpo.records import write_json_atomic
+    from deepgrpo.records import check_writable_dir, lock_output, write_json_atomic
+    from llm.backend import check_context, check_sampling_fits
     from llm.checkpoint import resolve_model_dir
     from llm.evaluate import evaluate
-    from llm.hf_engine import HFEngine
-    from llm.models import load_causal_lm, load_tokenizer
-    from llm.tasks import arithmetic_heldout, load_problems, make_prompts
+    from llm.hf_engine import DEFAULT_MAX_BATCH_SIZE, HFEngine
+    from llm.models import check_model_dir, load_causal_lm, load_tokenizer, model_limits
+    from llm.tasks import ArithmeticConfig, arithmetic_heldout, arithmetic_problem, load_problems, make_prompts
 
     threads = _positive_int("--threads", a.threads)
     cfg = EVAL_OPTIONS.build(LLMEvalSettings(), *_layers(EVAL_OPTIONS, a)).eval
-    from llm.models import check_model_dir
     model_dir = resolve_model_dir(a.checkpoint)
     if model_dir is None:
         check_model_dir(a.checkpoint, "--checkpoint")  # says what is wrong with it
     check_model_dir(model_dir, "--checkpoint")
-    if a.out is not None and Path(a.out).is_dir():
-        raise ConfigError(f"--out = {a.out!r} is invalid: it is a directory; expected a JSON file path", owner="--out")
+    out = _eval_out(a)
+    try:  # before the evaluation, not after it
+        check_writable_dir(out.parent, "--out")
+    except ConfigError as e:
+        why = str(e).split(" is invalid: ", 1)[-1]
+        default = "" if a.out is not None else " (the default beside --checkpoint; pass --out FILE elsewhere)"
+        raise ConfigError(f"--out = {str(out)!r} is invalid: {why}{default}", owner="--out", value=str(out),
+                          allowed=e.allowed) from None
+    tok = load_tokenizer(model_dir, option="--checkpoint")
+    limits = model_limits(model_dir, "--checkpoint")
+    samples = max(cfg.samples, 1)
+    factors = [("EvalConfig", "n_problems", cfg.n_problems, 512), ("EvalConfig", "samples", samples, 4),
+               ("EvalConfig", "max_response_tokens", cfg.max_response_tokens, 64)]
     if a.data in ("arith", "tiny-arith"):
+        a_cfg = ArithmeticConfig()
+        worst = make_prompts([arithmetic_problem([10 ** a_cfg.max_digits - 1] * a_cfg.max_terms)], tok)[0]
+        check_context(len(worst.ids), cfg.max_response_tokens, limits.context, "EvalConfig", "--data", a.data,
+                      "the longest arithmetic question")
+        check_sampling_fits(cfg.n_problems * samples, len(worst.ids), cfg.max_response_tokens, factors,
+                            "the evaluation", limits.kv_bytes_per_token, DEFAULT_MAX_BATCH_SIZE)
         problems = arithmetic_heldout(cfg.n_problems)
     elif Path(a.data).is_file():
         problems = load_problems(a.data, a.task)[:cfg.n_problems]
     else:
         raise ConfigError(f"--data = {a.data!r} is invalid: expected 'arith' or an existing JSONL/parquet file",
                           owner="--data")
+    prompts = make_prompts(problems, tok)
+    longest = max(prompts, key=lambda p: len(p.ids))
+    check_context(len(longest.ids), cfg.max_response_tokens, limits.context, "EvalConfig", "--data", a.data,
+                  f"problem {str(longest.problem.id)[:60]!r}")
+    check_sampling_fits(len(prompts) * samples, len(longest.ids), cfg.max_response_tokens, factors, "the evaluation",
+                        limits.kv_bytes_per_token, DEFAULT_MAX_BATCH_SIZE)
+    lock_output(out, "--out")  # one writer per results file, held until the command ends
     torch.set_num_threads(threads)
-    tok = load_tokenizer(model_dir, option="--checkpoint")
     model = load_causal_lm(model_dir, trainable=False, option="--checkpoint")
-    res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, make_prompts(problems, tok), cfg)
-    out = Path(a.out) if a.out else model_dir / "eval_results.json"
+    res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, prompts, cfg)
     record = {"checkpoint": str(model_dir), "data": a.data, **res, "config": dataclasses.asdict(cfg)}
     write_json_atomic(out, record)
-    print(json.dumps(res))
+    print(json.dumps({"out": str(out), **res}))
     return 0
+
+
+@contextmanager
+def _one_line_warnings(prog: str) -> Iterator[None]:
+    """Show every warning as one line, ``PROG: warning: MESSAGE``, for the command's duration."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo llm", command: str = "llm") -> int:
     """Entry point of ``deepgrpo llm``; returns the exit code (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser(prog).parse_args(argv)
+    try:
+        a = build_parser(prog).parse_args(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    a.prog = prog
     _quiet_transformers()
     try:
-        return {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval}[a.sub](a)
+        with _one_line_warnings(prog):
+            return {"sft": cmd_sft, "train": cmd_train, "eval": cmd_eval}[a.sub](a)
     except ConfigError as e:
         option = OPTIONS[a.sub].option_of(e)
         where = f"{option}: " if option and not str(e).startswith(option) else ""

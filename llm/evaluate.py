@@ -23,10 +23,15 @@ class EvalConfig:
     """Held-out evaluation.
 
     n_problems: held-out problems (512 carries about ±2 points of sampling noise at 40 %).
+        n_problems x samples responses are sampled at once: a count whose responses cannot fit
+        in this machine's memory (:func:`llm.backend.check_sampling_fits`) is refused before
+        anything is drawn.
     samples: sampled responses per problem at ``temperature`` (for sampled mean@1 and pass@k).
     pass_k: the k of pass@k (<= samples; unbiased estimator of Chen et al. 2021); None = samples.
     temperature: sampling temperature of the sampled metrics (paper: 1.0).
-    max_response_tokens: response length cap (truncated = wrong).
+    max_response_tokens: response length cap (truncated = wrong); the longest prompt plus this
+        cap must fit in the model's context (``max_position_embeddings``). During training the
+        evaluation uses the training cap, ``sampling.max_response_tokens``.
     seed: evaluation seed (independent of the training random state).
     """
 

@@ -133,6 +133,10 @@ def reserved_cache(model: Any, final_length: int) -> Any | None:
     return cache
 
 
+DEFAULT_MAX_BATCH_SIZE = 512
+"""Rows :class:`HFEngine` decodes together by default (their KV cache is allocated at once)."""
+
+
 class HFEngine:
     """Sample from a transformers causal LM (the trainer's own module: ``sync_weights`` is a no-op).
 
@@ -146,19 +150,29 @@ class HFEngine:
     """
 
     def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_token_id: int,
-                 max_batch_size: int = 512, prune_fraction: float = 0.25) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, prune_fraction: float = 0.25) -> None:
         self.model = model
         self.stop_token_ids = [int(t) for t in stop_token_ids]
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = int(max_batch_size)
         self.prune_fraction = float(prune_fraction)
         self._logits_kw: str | None = None
+        self._cache_kw: str | None = None
 
     def sync_weights(self, model: Any) -> None:
         """No-op when ``model`` is the engine's module; otherwise sample from ``model`` from now on."""
         if model is not self.model:
-            self._logits_kw = None
+            self._logits_kw = self._cache_kw = None
         self.model = model
+
+    def _cache_name(self) -> str:
+        """The name of the KV-cache argument of the model's ``forward`` and of its output field:
+        ``cache`` in recent transformers (where ``past_key_values`` is deprecated), else
+        ``past_key_values``."""
+        if self._cache_kw is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return self._cache_kw
 
     def _last_logits_only(self) -> dict[str, int]:
         """Keyword that makes the model compute logits for the last position only (prefill of
@@ -235,8 +249,8 @@ class HFEngine:
                     attn, next_pos = attn[keep.to(dev)], next_pos[keep.to(dev)]
                 attn = torch.cat([attn, torch.ones(len(alive), 1, dtype=attn.dtype, device=dev)], 1)
                 out = self.model(input_ids=tok[:, None].to(dev), attention_mask=attn,
-                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                                 position_ids=next_pos[:, None], use_cache=True, **{self._cache_name(): cache})
+                cache = getattr(out, self._cache_name())
                 logits = out.logits[:, -1, :]
                 next_pos = next_pos + 1
         result = []
@@ -281,8 +295,8 @@ class HFEngine:
         position = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, L]
         attn, position, input_ids = attn.to(dev), position.to(dev), input_ids.to(dev)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=True,
-                         past_key_values=reserved_cache(self.model, Lmax + steps), **self._last_logits_only())
-        cache = out.past_key_values
+                         **{self._cache_name(): reserved_cache(self.model, Lmax + steps)}, **self._last_logits_only())
+        cache = getattr(out, self._cache_name())
         rows = torch.tensor(owner, dtype=torch.long, device=dev)  # [B] row -> cache row of its context
         if U < len(contexts) or owner != list(range(U)):
             cache.batch_select_indices(rows)

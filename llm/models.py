@@ -12,6 +12,7 @@ transformers is imported inside functions only, so that importing :mod:`llm` (or
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -80,18 +81,25 @@ class TinyModelConfig:
 
 def build_tiny_model(tokenizer: Any, config: TinyModelConfig | None = None, seed: int = 0) -> Any:
     """A freshly initialised Llama causal LM for ``tokenizer`` (built from a config, no download)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    c = config or TinyModelConfig()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=c.hidden_size,
-                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                      num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
-                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = tiny_model_config(tokenizer, config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     return model.float()
+
+
+def tiny_model_config(tokenizer: Any, config: TinyModelConfig | None = None) -> Any:
+    """The transformers ``LlamaConfig`` of :func:`build_tiny_model` (no weights)."""
+    from transformers import LlamaConfig
+
+    c = config or TinyModelConfig()
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=c.hidden_size,
+                       intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                       num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+                       max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -192,14 +200,94 @@ def frozen_copy(model: Any) -> Any:
     return freeze(copy.deepcopy(model))
 
 
+def named_os_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` itself if it names a file, else the same error naming ``path`` (a failed write
+    inside a library often carries no file name, and "no space left on device" alone does not
+    say where)."""
+    if e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror or os.strerror(e.errno or 0), str(path))
+
+
+def no_space_left(path: str | os.PathLike, error: BaseException | None = None) -> bool:
+    """True if ``error`` (or an error it was raised from) says the disk is full (a serializer's
+    own error type carrying "No space left on device" or "os error 28"), or if the file system
+    holding ``path`` (or its nearest existing parent) has no free block left for this user."""
+    seen = error
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+                or f"os error {errno.ENOSPC}" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail == 0
+
+
 def save_pretrained_dir(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
     """Save ``model`` and ``tokenizer`` as a normal transformers checkpoint in ``path``
-    (safetensors weights, config, tokenizer files)."""
+    (safetensors weights, config, tokenizer files). A failed write is an ``OSError`` naming
+    ``path``: a full disk is ENOSPC even where a serializer reports it otherwise."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path), safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+    except OSError as e:
+        raise named_os_error(e, path) from e
+    except Exception as e:
+        if no_space_left(path, e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
     return path
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model's config says about the memory of sampling from it.
+
+    context: longest prompt + response in tokens (``max_position_embeddings`` or the config's
+        equivalent); None if the config names none.
+    kv_bytes_per_token: bytes of KV cache one token of one sequence takes in float32 (2 x
+        layers x key/value heads x head size x 4); 0 if the config does not say.
+    """
+
+    context: int | None
+    kv_bytes_per_token: int
+
+
+def model_limits(path: str | os.PathLike, option: str = "--model") -> ModelLimits:
+    """The :class:`ModelLimits` of the model directory ``path`` (its config only: no weights
+    are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken config
+        raise ConfigError(f"{option} = {str(path)!r} is invalid: cannot read its config ({_first_line(e)})",
+                          owner=option, value=str(path)) from None
+    return limits_of_config(cfg)
+
+
+def limits_of_config(cfg: Any) -> ModelLimits:
+    """The :class:`ModelLimits` of a transformers config object (its text part for a
+    multimodal model)."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    context = next((int(v) for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                    if isinstance(v := getattr(text, k, None), int) and v > 0), None)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    kv = 2 * layers * kv_heads * head_dim * 4 if layers and kv_heads and head_dim else 0
+    return ModelLimits(context=context, kv_bytes_per_token=int(kv))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

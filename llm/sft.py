@@ -7,7 +7,6 @@ The result is the starting point of every RL run on ``tiny-arith`` (policy and r
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from deepgrpo.config import check_range
-from deepgrpo.records import atomic_directory, versions, write_json_atomic, write_text_atomic
+from deepgrpo.records import atomic_directory, json_line, versions, write_json_atomic, write_text_atomic
 from llm.evaluate import EvalConfig, evaluate
 from llm.hf_engine import HFEngine
 from llm.models import TinyModelConfig, build_char_tokenizer, build_tiny_model, count_parameters, save_pretrained_dir
@@ -156,7 +155,7 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
         def write(d: Path) -> None:  # the model directory appears complete or not at all
             save_pretrained_dir(model, tokenizer, d)
             write_json_atomic(d / "sft_config.json", {"config": asdict(config), "versions": versions()})
-            write_text_atomic(d / "sft_metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_text_atomic(d / "sft_metrics.jsonl", "".join(json_line(r) + "\n" for r in rows))
             write_json_atomic(d / "eval.json", {**result, "wall_time_s": wall, "params": count_parameters(model)})
         atomic_directory(out, write)
     return {"model": model, "tokenizer": tokenizer, "eval": result, "wall_time_s": wall,

@@ -15,12 +15,16 @@ its checkpoint reproduces the metrics of the uninterrupted run (same machine).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,8 @@ from deepgrpo import BudgetLedger, explore, make_estimator, method_config, step_
 from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, dataclass_from_dict, invalid
 from deepgrpo.distributed import GatheredEstimator, shard, world
 from deepgrpo.ledger import BUDGET_UNITS, budget_spent
-from deepgrpo.records import versions, write_json_atomic, write_text_atomic
-from llm.backend import LLMBackend, SamplingConfig
+from deepgrpo.records import json_line, versions, write_json_atomic, write_text_atomic
+from llm.backend import LLMBackend, SamplingConfig, check_context, check_sampling_fits
 from llm.checkpoint import (
     check_checkpoint,
     load_trainer_state,
@@ -42,25 +46,34 @@ from llm.checkpoint import (
     restore_rng_states,
     rng_states,
     save_checkpoint,
+    tensors_to_numpy,
 )
 from llm.evaluate import EvalConfig, evaluate
-from llm.hf_engine import HFEngine
-from llm.models import load_causal_lm, load_tokenizer
+from llm.hf_engine import DEFAULT_MAX_BATCH_SIZE, HFEngine
+from llm.models import ModelLimits, load_causal_lm, load_tokenizer, model_limits, named_os_error
 from llm.segmenters import SEGMENTERS, TASK_DEFAULT_SEGMENTER, make_segmenter
 from llm.tasks import (
     TASKS,
     ArithmeticConfig,
     ArithmeticStream,
     FileStream,
+    Problem,
     Prompt,
     arithmetic_heldout,
+    arithmetic_problem,
+    encode_prompt,
     load_problems,
     make_prompts,
+    question_key,
     split_heldout,
 )
 
 PRESETS = ("tiny-arith",)
 ENGINES = ("hf", "vllm")
+
+RESUMABLE_CHANGES = ("train.steps", "train.budget", "train.threads", "train.checkpoint_every", "train.eval_every",
+                     "train.tensorboard")
+"""Settings a resumed run may change (applied and recorded); any other change is refused."""
 
 
 @dataclass
@@ -73,6 +86,9 @@ class TrainConfig:
         reference: frozen reference model directory (None = ``model``).
         data: JSONL/parquet file in GSM8K/MATH/arith format (None = the built-in arithmetic task).
         eval_data: held-out file (None = a crc32 split of ``data``, or the arithmetic held-out set).
+            Training never sees a held-out question: problems of ``data`` whose question
+            (whitespace ignored) is also in ``eval_data`` are dropped, with a counted warning;
+            with the built-in arithmetic task, its questions are skipped by the stream.
         task: ``arith`` | ``gsm8k`` | ``math`` (None = detected from ``data``).
         arith: difficulty knobs of the arithmetic task.
     Algorithm
@@ -81,11 +97,18 @@ class TrainConfig:
             (``explore.G`` or ``G``, ``loss.lam``...; GRPO's N is ``G``). The command line
             fills it from the algorithm's flags and ``--set`` with the keys that differ from the
             method's preset.
-        prompts_per_step: prompts per exploration step (paper: 64).
+        prompts_per_step: prompts per exploration step (paper: 64). With ``G``, ``K`` and
+            ``n_pivots`` it sets a step's responses, at most prompts_per_step x G x
+            (1 + n_pivots x K); a run whose step could not hold them in this machine's memory
+            (about 64 bytes per sampled token, plus the KV cache of the rows decoded together
+            on a CPU) is refused before it starts.
         segmenter: how responses are cut into pivot candidates (None = the task's default:
             ``step`` for arith, ``line`` for gsm8k, ``sentence`` for math).
         segment_tokens: segment length of the ``fixed`` segmenter.
-        sampling: rollout length cap, temperature (paper: 1.0), top-p.
+        sampling: rollout length cap, temperature (paper: 1.0), top-p. The longest prompt
+            plus ``sampling.max_response_tokens`` must fit in the model's context
+            (``max_position_embeddings``); the held-out evaluation during training uses the
+            same cap.
     Optimisation
         steps: training steps (a cap when ``budget`` is set).
         budget: stop at the first step boundary where the run has spent at least this much in
@@ -202,32 +225,169 @@ class TrainConfig:
         return dataclass_from_dict(cls, d)
 
 
-def _stream_and_heldout(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, list[Prompt], str]:
-    """(training problem stream, held-out prompts, task name)."""
+@dataclass
+class RunData:
+    """What a run trains and evaluates on.
+
+    stream: the training problems (``problem_at(i)``).
+    heldout: the held-out prompts.
+    task: ``arith``, ``gsm8k`` or ``math``.
+    """
+
+    stream: Any
+    heldout: list[Prompt]
+    task: str
+
+
+class ExcludingStream:
+    """A problem stream without the questions in ``excluded`` (:func:`~llm.tasks.question_key`
+    values): ``problem_at(i)`` is ``stream.problem_at(i)`` unless its question is excluded, then
+    the first allowed problem at ``i + k * 2**40`` (k = 1, 2, ...), so that it still depends on
+    ``i`` alone (a resumed run needs only its data position). Keeps an evaluation file's
+    questions out of the built-in arithmetic training stream."""
+
+    def __init__(self, stream: Any, excluded: set[str]) -> None:
+        self.stream = stream
+        self.excluded = set(excluded)
+
+    def problem_at(self, i: int) -> Problem:
+        j = int(i)
+        while True:
+            p = self.stream.problem_at(j)
+            if question_key(p.question) not in self.excluded:
+                return p
+            j += 2 ** 40
+
+
+def step_rows(cfg: TrainConfig, world_size: int = 1) -> int:
+    """The most responses one training step samples on one rank: its share of the prompts
+    times G main chains and, for branching methods, up to n_pivots x K continuations per main
+    chain (capped by ``aux_budget`` per prompt)."""
+    ec = cfg.algo().explore
+    prompts = -(-cfg.prompts_per_step // max(world_size, 1))
+    aux = 0 if ec.strategy == "root" else ec.G * ec.n_pivots * ec.K
+    if ec.aux_budget is not None:
+        aux = min(aux, ec.aux_budget)
+    return prompts * (ec.G + aux)
+
+
+def _longest(prompts: list[tuple[int, str]]) -> tuple[int, str]:
+    return max(prompts, default=(0, "no problem"))
+
+
+def _described(p: Problem) -> str:
+    return f"problem {str(p.id)[:60]!r}"
+
+
+def load_run_data(cfg: TrainConfig, tokenizer: Any, limits: ModelLimits | None = None, world_size: int = 1,
+                  kv_on_host: bool = True) -> RunData:
+    """The run's training stream and held-out prompts, after checking that their sizes fit:
+    every prompt plus ``sampling.max_response_tokens`` in the model's context
+    (``limits.context``), and a training step's and an evaluation's responses in this machine's
+    memory (:func:`llm.backend.check_sampling_fits`; the KV cache counts when ``kv_on_host``).
+    Everything is checked before anything is allocated; a file that cannot be split, or whose
+    questions are all held out, is a :class:`ConfigError` naming ``--data`` and the file."""
+    limits = limits or ModelLimits(context=None, kv_bytes_per_token=0)
+    kv = limits.kv_bytes_per_token if kv_on_host else 0
+    cap = cfg.sampling.max_response_tokens
+    ec = cfg.algo().explore
+    step_factors = [("TrainConfig", "prompts_per_step", cfg.prompts_per_step, 64), ("ExploreConfig", "G", ec.G, 8)]
+    if ec.strategy != "root":
+        step_factors += [("ExploreConfig", "K", ec.K, 8), ("ExploreConfig", "n_pivots", ec.n_pivots, 1)]
+    step_factors.append(("SamplingConfig", "max_response_tokens", cap, 64))
+    samples = max(cfg.eval.samples, 1)
+    eval_factors = [("EvalConfig", "n_problems", cfg.eval.n_problems, 512), ("EvalConfig", "samples", samples, 4),
+                    ("SamplingConfig", "max_response_tokens", cap, 64)]
+
+    def check(longest_train: tuple[int, str], longest_held: tuple[int, str], n_held: int, data: str,
+              held_option: str, held_data: str) -> None:
+        check_context(longest_train[0], cap, limits.context, "SamplingConfig", "--data", data, longest_train[1])
+        check_context(longest_held[0], cap, limits.context, "SamplingConfig", held_option, held_data,
+                      longest_held[1])
+        check_sampling_fits(step_rows(cfg, world_size), longest_train[0], cap, step_factors, "a training step",
+                            kv, DEFAULT_MAX_BATCH_SIZE)
+        check_sampling_fits(n_held * samples, longest_held[0], cap, eval_factors, "the held-out evaluation", kv,
+                            DEFAULT_MAX_BATCH_SIZE)
+
     if cfg.data is None:
         if cfg.task not in (None, "arith"):
             raise ConfigError(f"task = {cfg.task!r} needs --data (only arith is built in)")
-        held = arithmetic_heldout(cfg.eval.n_problems, cfg.arith)
-        return ArithmeticStream(cfg.arith, seed=cfg.seed), make_prompts(held, tokenizer), "arith"
+        a = cfg.arith
+        worst = arithmetic_problem([10 ** a.max_digits - 1] * a.max_terms)  # the longest question the task draws
+        longest = (len(encode_prompt(worst, tokenizer)), f"the longest arithmetic question ({worst.question!r})")
+        stream: Any = ArithmeticStream(cfg.arith, seed=cfg.seed)
+        if cfg.eval_data is None:
+            check(longest, longest, cfg.eval.n_problems, "arith", "--data", "arith")  # before drawing the held-out set
+            return RunData(stream, make_prompts(arithmetic_heldout(cfg.eval.n_problems, cfg.arith), tokenizer),
+                           "arith")
+        held = load_problems(cfg.eval_data, "arith", option="--eval-data")
+        held_prompts = make_prompts(held[:cfg.eval.n_problems], tokenizer)
+        longest_held = _longest([(len(p.ids), _described(p.problem)) for p in held_prompts])
+        check(longest, longest_held, len(held_prompts), "arith", "--eval-data", cfg.eval_data)
+        return RunData(ExcludingStream(stream, {question_key(p.question) for p in held}), held_prompts, "arith")
     problems = load_problems(cfg.data, cfg.task)
     task = problems[0].task
     if cfg.eval_data is not None:
-        train, held = problems, load_problems(cfg.eval_data, task, option="--eval-data")
+        held = load_problems(cfg.eval_data, task, option="--eval-data")
+        held_keys = {question_key(p.question) for p in held}
+        train = [p for p in problems if question_key(p.question) not in held_keys]
+        if not train:
+            raise ConfigError(f"--data = {cfg.data!r} is invalid: each of its {len(problems)} questions is also in "
+                              f"--eval-data = {cfg.eval_data!r}, and a held-out question is never trained on; pass "
+                              "an evaluation file disjoint from the training file (or no --eval-data, to hold out "
+                              "part of --data)", owner="--data", value=cfg.data)
+        if len(train) < len(problems):
+            warnings.warn(f"--data = {cfg.data!r}: dropped {len(problems) - len(train)} of {len(problems)} problems "
+                          f"whose question is also in --eval-data = {cfg.eval_data!r} (a held-out question is never "
+                          "trained on)", stacklevel=2)
     else:
-        train, held = split_heldout(problems)
-    return FileStream(train, seed=cfg.seed), make_prompts(held[:cfg.eval.n_problems], tokenizer), task
+        try:
+            train, held = split_heldout(problems)
+        except ConfigError as e:
+            raise ConfigError(f"--data = {cfg.data!r} is invalid: {e}", owner="--data", value=cfg.data) from None
+    held_prompts = make_prompts(held[:cfg.eval.n_problems], tokenizer)
+    longest_train = _longest([(len(encode_prompt(p, tokenizer)), _described(p)) for p in train])
+    longest_held = _longest([(len(p.ids), _described(p.problem)) for p in held_prompts])
+    held_option, held_data = ("--eval-data", cfg.eval_data) if cfg.eval_data is not None else ("--data", cfg.data)
+    check(longest_train, longest_held, len(held_prompts), cfg.data, held_option, str(held_data))
+    return RunData(FileStream(train, seed=cfg.seed), held_prompts, task)
 
 
-def _scalar(x: Any) -> float | None:
+def _differing_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(setting, checkpoint's value, run's value)`` for every setting outside
+    :data:`RESUMABLE_CHANGES` on which a checkpoint's stored config and the run's config differ."""
+    from deepgrpo.overrides import leaf_values
+    old, new = leaf_values(TrainConfig.from_dict(saved)), leaf_values(cfg)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and "train." + k not in RESUMABLE_CHANGES]
+
+
+@contextlib.contextmanager
+def _writer_thread_errors_reraised() -> Iterator[None]:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails (a full
+    disk): the writer raises the same error in the training thread at its next call, where it
+    is reported in one line."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    threading.excepthook = hook
     try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` and runs (or resumes) the training loop."""
+    """Builds everything from a :class:`TrainConfig` and runs (or resumes) the training loop.
+
+    ``resume`` continues from ``out/checkpoint``; a run that stopped before its first
+    checkpoint has none, and resuming it starts again from step 0 (``restarted`` is then
+    True). A checkpoint whose stored config differs from ``config`` in a setting outside
+    :data:`RESUMABLE_CHANGES` is refused (two runs wrote to one directory).
+    """
 
     def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
                  resume_changes: dict[str, Any] | None = None) -> None:
@@ -239,12 +399,23 @@ class Trainer:
         torch.set_num_threads(config.threads)
         ckpt = self.out / "checkpoint"
         recover_interrupted(ckpt)
-        resuming = resume
+        self.resumed = resume
+        self.restarted = resume and not ckpt.exists()  # stopped before its first checkpoint: start again
+        resuming = resume and not self.restarted
         state = None
-        if resume:  # resuming never starts over (which would overwrite the run's results)
+        if resuming:  # resuming never starts over from a broken checkpoint (which would overwrite the results)
             check_checkpoint(ckpt)
             state = load_trainer_state(ckpt)
+            self._check_state_config(state, ckpt)
+        # sizes are checked against the model's config and the machine's memory before anything is allocated
         self.tokenizer = load_tokenizer(config.model)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                              else config.device)
+        data = load_run_data(config, self.tokenizer, model_limits(ckpt if resuming else config.model,
+                                                                 "--resume" if resuming else "--model"),
+                             world_size, kv_on_host=config.engine == "hf" and device.type == "cpu")
+        self.stream, self.heldout, self.task = data.stream, data.heldout, data.task
         self.policy = load_causal_lm(ckpt if resuming else config.model, option="--resume" if resuming else "--model")
         self.reference = None
         if self.algo.loss.kl_coef > 0:
@@ -252,17 +423,14 @@ class Trainer:
                                             option="--reference" if config.reference else "--model")
         # data parallel under torchrun: one process per rank, prompts sharded, gradients summed,
         # the estimator fed with every rank's (features, label) pairs (deepgrpo.distributed)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
         self.rank, self.world_size = world()
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                              else config.device)
         if device.type == "cuda" and self.world_size > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.policy.to(device)
         if self.reference is not None:
             self.reference.to(device)
-        self.stream, self.heldout, self.task = _stream_and_heldout(config, self.tokenizer)
         seg_kind = config.segmenter or TASK_DEFAULT_SEGMENTER[self.task]
         self.segmenter = make_segmenter(seg_kind, self.tokenizer, size=config.segment_tokens)
         stops = [self.tokenizer.eos_token_id]
@@ -294,6 +462,7 @@ class Trainer:
         self.data_pos = 0
         self.rows: list[dict[str, Any]] = []
         self.wall_time = 0.0
+        self._warned_grad_norm = False
         if state is not None:
             self._load_state(state)
             self.saved_step = self.step
@@ -302,7 +471,24 @@ class Trainer:
                               f"an integer >= {self.step}, the steps this run has already taken")
 
     # -- state ----------------------------------------------------------------------------------
+    def _check_state_config(self, state: dict[str, Any], ckpt: Path) -> None:
+        """Refuse a checkpoint written with other settings than this run's (outside
+        :data:`RESUMABLE_CHANGES`): two runs that wrote to one ``--out`` must not be mixed."""
+        try:
+            differ = _differing_settings(state["config"], self.cfg)
+        except (ConfigError, TypeError, AttributeError) as e:
+            raise ConfigError(f"--resume is invalid: the config stored in {str(ckpt)!r} is not a run config ({e})",
+                              owner="--resume", value=str(ckpt)) from None
+        if differ:
+            key, theirs, ours = differ[0]
+            more = f" (and {len(differ) - 1} more settings)" if len(differ) > 1 else ""
+            raise ConfigError(f"--resume is invalid: the checkpoint in {str(ckpt)!r} was written with {key} = "
+                              f"{theirs!r}, but the run's config ({self.out / 'config.json'}) has {key} = {ours!r}"
+                              f"{more}: another run wrote to this --out; start a new run in another --out",
+                              owner="--resume", field=key, value=ours)
+
     def _state(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (see :mod:`llm.checkpoint`)."""
         return {"step": self.step, "data_pos": self.data_pos, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "estimator": self.estimator.state_dict(), "ledger": self.ledger.state_dict(),
@@ -313,19 +499,23 @@ class Trainer:
         self.step, self.data_pos = int(st["step"]), int(st["data_pos"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        self.estimator.load_state_dict(st["estimator"])
+        self.estimator.load_state_dict(tensors_to_numpy(st["estimator"]))
         self.ledger.load_state_dict(st["ledger"])
         restore_rng_states(st["rng"], self.rng)
-        self.backend.load_state_dict(st["backend"])
+        self.backend.load_state_dict(tensors_to_numpy(st["backend"]))
         self.rows = list(st["rows"])
         self.wall_time = float(st["wall_time"])
 
     def save(self) -> None:
-        """Checkpoint the run (rank 0; atomic: see :mod:`llm.checkpoint`)."""
+        """Checkpoint the run (rank 0; atomic: see :mod:`llm.checkpoint`). ``saved_step`` is
+        updated as soon as the new checkpoint is in place (a Ctrl-C during the swap waits)."""
         if self.rank != 0:
             return
-        save_checkpoint(self.out / "checkpoint", self.policy, self.tokenizer, self._state())
-        self.saved_step = self.step
+
+        def committed() -> None:
+            self.saved_step = self.step
+
+        save_checkpoint(self.out / "checkpoint", self.policy, self.tokenizer, self._state(), committed=committed)
 
     # -- one step -------------------------------------------------------------------------------
     def next_prompts(self) -> list[Prompt]:
@@ -362,7 +552,21 @@ class Trainer:
             "lr": lr, "time_explore_s": t1 - t0, "time_update_s": t2 - t1,
         })
         row.update(self.backend.diagnostics())
+        self._check_grad_norm(row)
         return row
+
+    def _check_grad_norm(self, row: dict[str, Any]) -> None:
+        """Record in ``row["grad_norm_nonfinite"]`` (1 or 0) whether the step's gradient norm was
+        infinite or NaN (metrics.jsonl then holds ``grad_norm: null``: NaN and Infinity are not
+        JSON), and warn the first time it happens in this process, naming the step."""
+        gn = row.get("grad_norm")
+        bad = isinstance(gn, (int, float)) and not math.isfinite(gn)
+        row["grad_norm_nonfinite"] = float(bad)
+        if bad and not self._warned_grad_norm:
+            self._warned_grad_norm = True
+            warnings.warn(f"step {row['step']}: the gradient norm is {gn} (recorded as grad_norm = null, "
+                          "grad_norm_nonfinite = 1 in metrics.jsonl; later such steps are recorded without "
+                          "a warning); lower --lr if it repeats", RuntimeWarning, stacklevel=2)
 
     def run_eval(self) -> dict[str, float]:
         cfg = dataclasses.replace(self.cfg.eval, max_response_tokens=self.cfg.sampling.max_response_tokens)
@@ -373,13 +577,17 @@ class Trainer:
     def write_outputs(self) -> None:
         if self.rank != 0:
             return
-        write_text_atomic(self.out / "metrics.jsonl",
-                          "".join(json.dumps(r, default=_scalar) + "\n" for r in self.rows))
+        write_text_atomic(self.out / "metrics.jsonl", "".join(json_line(r) + "\n" for r in self.rows))
 
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train up to ``config.steps`` (from the resumed step, if any). ``until`` stops right
         after that step without the final checkpoint, as a killed run would (for tests and for
-        running a long job in chunks)."""
+        running a long job in chunks). A failed write (disk full...) raises ``OSError`` naming
+        the file; the previous checkpoint and complete metrics stay, so the run resumes."""
+        with _writer_thread_errors_reraised():
+            return self._run(until)
+
+    def _run(self, until: int | None) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -390,7 +598,7 @@ class Trainer:
             old = self.out / "config.json"
             if old.is_file():
                 resumes = list(json.loads(old.read_text()).get("resumes", []))
-            if self.step or self.rows:  # a resumed run records where it resumed and what it changed
+            if self.resumed:  # a resumed run records where it resumed and what it changed
                 resumes.append({"at_step": self.step, "changed": self.resume_changes})
             write_json_atomic(self.out / "config.json", {"train": cfg.to_dict(), "algo": self.algo.to_dict(),
                                                           "world_size": self.world_size, "versions": versions(),
@@ -398,7 +606,10 @@ class Trainer:
         writer = None
         if cfg.tensorboard and lead:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
+            try:
+                writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step)
+            except OSError as e:
+                raise named_os_error(e, self.out / "tb") from None
         if self.step == 0 and not self.rows and lead:
             t = time.time()
             row = {"step": 0, **self.run_eval()}
@@ -427,7 +638,10 @@ class Trainer:
                 break
         bar.close()
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError as e:
+                raise named_os_error(e, self.out / "tb") from None
         summary = self.summary()
         if self.finished() and lead:
             write_json_atomic(self.out / "summary.json", summary)
@@ -449,10 +663,13 @@ class Trainer:
     def _log(self, writer: Any, row: dict[str, Any]) -> None:
         if writer is None:
             return
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
-                writer.add_scalar(k, v, row["step"])
-        writer.flush()
+        try:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
+                    writer.add_scalar(k, v, row["step"])
+            writer.flush()
+        except OSError as e:  # raised here by TensorBoard's writer thread, without a file name
+            raise named_os_error(e, self.out / "tb") from None
 
     def summary(self) -> dict[str, Any]:
         evals = [r for r in self.rows if "eval/greedy_mean@1" in r]

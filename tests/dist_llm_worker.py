@@ -16,7 +16,7 @@ from llm.trainer import TrainConfig, Trainer
 
 def main(model_dir: str, out: str, verdict: str) -> None:
     data = Path(__file__).resolve().parents[1] / "llm" / "data" / "arith_sample.jsonl"
-    cfg = TrainConfig(model=model_dir, data=str(data), eval_data=str(data), method="deep-grpo",
+    cfg = TrainConfig(model=model_dir, data=None, eval_data=str(data), method="deep-grpo",
                       overrides={"G": 4, "K": 4}, prompts_per_step=4, steps=3, lr=3e-3, checkpoint_every=3,
                       sampling=SamplingConfig(max_response_tokens=40),
                       eval=EvalConfig(n_problems=4, samples=1, pass_k=1, max_response_tokens=40),

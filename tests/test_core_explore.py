@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,26 @@ def test_update_policy_micro_batches_match_full_batch():
         update_policy(be, res.batch, cfg, opt, [be.logits], micro_batch_size=mb, max_grad_norm=None)
         grads.append(be.logits.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_a_step_with_an_infinite_or_nan_gradient_is_skipped(max_grad_norm):
+    """As verl's actor: a non-finite gradient norm skips the optimizer step (clipping would turn
+    infinite gradients into NaN weights), and the step says so."""
+    be, _, _, res = run_step("deep-grpo", drop_zero=False)
+    cfg = method_config("deep-grpo").loss
+    opt = torch.optim.Adam([be.logits], lr=0.1)
+    m = update_policy(be, res.batch, cfg, opt, [be.logits], max_grad_norm=max_grad_norm)
+    assert m["skipped"] == 0.0 and math.isfinite(m["grad_norm"])
+    state = {k: v.clone() for k, v in opt.state[be.logits].items()}
+    before = be.logits.detach().clone()
+    for poison in (math.inf, math.nan):
+        hook = be.logits.register_hook(lambda g, poison=poison: g * poison)
+        m = update_policy(be, res.batch, cfg, opt, [be.logits], max_grad_norm=max_grad_norm)
+        hook.remove()
+        assert m["skipped"] == 1.0 and not math.isfinite(m["grad_norm"])
+        assert torch.equal(be.logits.detach(), before) and be.logits.grad is None
+        assert all(torch.equal(opt.state[be.logits][k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("method", ["tree-surprisal", "tree-lowprob", "tree-uniform"])

@@ -85,14 +85,18 @@ def _weights(run: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def micro_dir(tmp_path_factory):
+    """A micro model, with an evaluation file disjoint from DATA beside it (``heldout.jsonl``)."""
     from llm.models import save_pretrained_dir
-    from llm.testing import micro_model
+    from llm.testing import micro_model, write_arith_heldout
     model, tok = micro_model(seed=0)
-    return save_pretrained_dir(model, tok, tmp_path_factory.mktemp("micro") / "model")
+    base = tmp_path_factory.mktemp("micro")
+    write_arith_heldout(base / "heldout.jsonl")
+    return save_pretrained_dir(model, tok, base / "model")
 
 
 def _train_args(model_dir: Path, out: Path) -> list[str]:
-    return ["llm", "train", "--model", str(model_dir), "--data", str(DATA), "--eval-data", str(DATA),
+    heldout = Path(model_dir).parent / "heldout.jsonl"
+    return ["llm", "train", "--model", str(model_dir), "--data", str(DATA), "--eval-data", str(heldout),
             "--method", "deep-grpo", "--G", "4", "--K", "4", "--prompts-per-step", "4", "--steps", "6", "--lr", "3e-3",
             "--checkpoint-every", "1", "--n-problems", "4", "--samples", "2", "--sampling-max-response-tokens", "40",
             "--eval-max-response-tokens", "40", "--threads", "1", "--no-tensorboard", "--seed", "5",
@@ -100,8 +104,9 @@ def _train_args(model_dir: Path, out: Path) -> list[str]:
 
 
 def _finish(model_dir: Path, out: Path, cwd: Path) -> None:
-    """Resume ``out`` to the end (or start it again if it never checkpointed)."""
-    if (out / "checkpoint").is_dir() or (out / ".checkpoint.tmp").is_dir() or (out / ".checkpoint.old").is_dir():
+    """Resume ``out`` to the end (a run that never checkpointed starts again from step 0), or
+    start it again if it never wrote its config."""
+    if (out / "config.json").is_file():
         p = _deepgrpo(["llm", "train", "--resume", "--out", str(out)], cwd)
     else:
         shutil.rmtree(out, ignore_errors=True)
@@ -117,9 +122,9 @@ def test_llm_training_killed_at_random_moments_and_during_saves_resumes_to_the_s
     # SIGKILL at random moments: several kills of one run, each followed by --resume
     run = tmp_path / "random"
     for delay in sorted(rng.uniform(2.0, 12.0, size=3)):
-        args = (["llm", "train", "--resume", "--out", str(run)] if (run / "checkpoint").is_dir()
+        args = (["llm", "train", "--resume", "--out", str(run)] if (run / "config.json").is_file()
                 else _train_args(micro_dir, run))
-        if not (run / "checkpoint").is_dir():
+        if not (run / "config.json").is_file():
             shutil.rmtree(run, ignore_errors=True)
         _killed_after(args, tmp_path, delay)
         _assert_complete(run) if run.exists() else None
@@ -162,19 +167,32 @@ def test_sim_run_killed_anywhere_leaves_complete_files_and_reruns_identically(tm
     args = ["sim", "run", "--method", "deep-grpo", "--steps", "40", "--n-problems", "16", "--quiet"]
     ref = tmp_path / "ref"
     assert _deepgrpo([*args, "--out", str(ref)], tmp_path).returncode == 0
+    reference = (ref / "history.csv").read_bytes()
     rng = np.random.default_rng(1)
     for i, delay in enumerate(rng.uniform(0.5, 4.0, size=3)):
         out = tmp_path / f"k{i}"
         _killed_after([*args, "--out", str(out)], tmp_path, delay)
         if out.exists():
             _assert_complete(out)
+        # rerunning the same command: a killed run (no run.json, written last) is run again in the
+        # same directory; a finished one is kept, and the rerun refused in one line
+        finished = {f.name: f.read_bytes() for f in _visible_files(out)} if (out / "run.json").is_file() else None
+        p = _deepgrpo([*args, "--out", str(out)], tmp_path)
+        if finished is None:
+            assert p.returncode == 0, p.stderr[-2000:]
+        else:
+            assert p.returncode == 2 and "holds a finished run (run.json)" in p.stderr, p.stderr[-2000:]
+            assert {f.name: f.read_bytes() for f in _visible_files(out)} == finished
+        assert (out / "history.csv").read_bytes() == reference
     out = tmp_path / "fp"
     p = _deepgrpo([*args, "--out", str(out)], tmp_path, DEEPGRPO_FAILPOINT="atomic-write:2")  # run.json half-way
     assert p.returncode == -signal.SIGKILL
     _assert_complete(out)
     assert [f.name for f in _visible_files(out)] == ["history.csv"]
     assert _deepgrpo([*args, "--out", str(out)], tmp_path).returncode == 0
-    assert (out / "history.csv").read_bytes() == (ref / "history.csv").read_bytes()
+    assert (out / "history.csv").read_bytes() == reference
+    p = _deepgrpo([*args, "--out", str(out)], tmp_path)  # now finished: a rerun would replace it
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--force" in p.stderr, p.stderr[-2000:]
 
 
 # -- corrupt inputs ---------------------------------------------------------------------------------
@@ -276,5 +294,5 @@ def test_ctrl_c_stops_training_promptly_with_one_line_saying_what_was_saved(micr
 
     import torch
     named = int(re.search(r"checkpoint \(step (\d+)\)", lines[0]).group(1))
-    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == named >= 1
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == named >= 1
     _assert_complete(out)

@@ -38,9 +38,18 @@ def trained(problems):
 
 @pytest.fixture(scope="module")
 def model_dir(trained, tmp_path_factory):
+    """The trained micro model, with an evaluation file disjoint from the sample problems beside
+    it (``heldout.jsonl``: a run never trains on a question of its --eval-data)."""
     from llm.models import save_pretrained_dir
+    from llm.testing import write_arith_heldout
     model, tok = trained
-    return save_pretrained_dir(model, tok, tmp_path_factory.mktemp("micro"))
+    base = tmp_path_factory.mktemp("micro")
+    write_arith_heldout(base / "heldout.jsonl")
+    return save_pretrained_dir(model, tok, base / "model")
+
+
+def _heldout(model_dir) -> str:
+    return str(Path(model_dir).parent / "heldout.jsonl")
 
 
 def make_backend(model, tok, temperature=1.0, max_tokens=40, reward_fn=None, seed=0):
@@ -230,7 +239,7 @@ def _train_config(model_dir, **kw):
     from llm.evaluate import EvalConfig
     from llm.trainer import TrainConfig
     base = dict(model=str(model_dir), data=str(DATA_DIR / "arith_sample.jsonl"),
-                eval_data=str(DATA_DIR / "arith_sample.jsonl"), method="deep-grpo",
+                eval_data=_heldout(model_dir), method="deep-grpo",
                 overrides={"G": 4, "K": 4}, prompts_per_step=4, steps=4, lr=3e-3, checkpoint_every=2,
                 sampling=SamplingConfig(max_response_tokens=40),
                 eval=EvalConfig(n_problems=8, samples=2, pass_k=2, max_response_tokens=40),
@@ -355,10 +364,15 @@ def test_light_modules_do_not_import_transformers():
 
 @pytest.mark.parametrize("name,task,segmenter", [("gsm8k_sample.jsonl", "gsm8k", "line"),
                                                  ("math_sample.jsonl", "math", "sentence")])
-def test_trainer_runs_on_gsm8k_and_math_files(model_dir, tmp_path, name, task, segmenter):
+def test_trainer_runs_on_gsm8k_and_math_files(tmp_path, name, task, segmenter):
     """The file-data path end to end (task detection, prompt template, segmenter, reward rule);
-    the micro model cannot solve these, so the rewards are 0 and the batch is empty."""
+    the micro model cannot solve these, so the rewards are 0 and the batch is empty. Their
+    prompts (up to 184 characters) need a context longer than the micro model's 96 tokens."""
+    import dataclasses
+
+    from llm.testing import MICRO, save_micro_model
     from llm.trainer import Trainer
+    model_dir = save_micro_model(tmp_path / "model", config=dataclasses.replace(MICRO, max_position_embeddings=256))
     cfg = _train_config(model_dir, data=str(DATA_DIR / name), eval_data=None, method="grpo", steps=1,
                         prompts_per_step=2, overrides={"G": 2}, eval_every=0)
     tr = Trainer(cfg, tmp_path / task, progress=False)
@@ -390,7 +404,7 @@ def test_cli_layering_config_file_then_flags_then_set(model_dir, tmp_path):
 def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["train", "--model", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
-            "--eval-data", str(DATA_DIR / "arith_sample.jsonl"), "--method", "grpo", "--G", "2",
+            "--eval-data", _heldout(model_dir), "--method", "grpo", "--G", "2",
             "--prompts-per-step", "2", "--n-problems", "2", "--samples", "0", "--sampling-max-response-tokens", "30",
             "--eval-max-response-tokens", "30", "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1"]
     code, cap = _cli([*base, "--steps", "2", "--out", str(out)], capsys)
