@@ -45,6 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
     instead of a usage block; ``--help`` is unchanged. Every command's parser is one."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise :class:`UsageError` with ``message`` (argparse would print its usage and exit)."""
         raise UsageError(message)
 
 
