@@ -139,8 +139,8 @@ class LLMBackend:
         seed: seeds the generator that draws one engine seed per ``sample`` call (its state is
             part of :meth:`state_dict`, so resumed runs sample the same tokens).
         logprob_chunk_size: rows per forward pass in :meth:`logprobs`.
-        bf16: run the trainer's forward passes under bfloat16 autocast (faster on some CPUs;
-            adds a rollout-vs-trainer mismatch).
+        bf16: run the trainer's forward passes under bfloat16 autocast on the model's device (CPU
+            or CUDA; the weights stay float32; adds a rollout-vs-trainer mismatch).
         reward_fn: ``(problem, response_text, truncated) -> float`` replacing the task's
             verifier (None = :func:`llm.rewards.score` on ``problem.task``).
     """
@@ -242,8 +242,7 @@ class LLMBackend:
         ids[:, Lp:] = torch.where(response_mask, tokens, torch.full_like(tokens, pad))
         attn[:, Lp:] = response_mask.long()
         position = (attn.cumsum(-1) - 1).clamp(min=0)
-        bf16_cpu = self.bf16 and dev.type == "cpu"
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_cpu else contextlib.nullcontext()
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx:
             out = net(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=position.to(dev),
                       use_cache=False)

@@ -33,8 +33,8 @@ class SFTConfig:
     batch_size: sequences per step.
     lr: peak AdamW learning rate (linear warm-up, then cosine decay to ``lr * min_lr_ratio``).
     warmup_steps, min_lr_ratio, weight_decay, max_grad_norm: optimizer schedule and regulariser.
-    bf16: bfloat16 autocast for the training step (faster on CPUs with native bf16 support,
-        slower on others).
+    bf16: bfloat16 autocast for the training step on the model's device (faster on GPUs and on
+        CPUs with native bf16 support, slower on other CPUs).
     eval_every: quick greedy accuracy on 128 held-out problems every this many steps (0 = off),
         logged to ``sft_metrics.jsonl``.
     seed: model initialisation and data order.
@@ -124,7 +124,7 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
         problems = [stream.problem_at(step * config.batch_size + i) for i in range(config.batch_size)]
         input_ids, attn, labels = sft_batch(problems, tokenizer)
         position = (attn.cumsum(-1) - 1).clamp(min=0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position).logits
         logits = logits[:, :-1].float()  # [B, L-1, V]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

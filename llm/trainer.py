@@ -126,7 +126,8 @@ class TrainConfig:
         max_grad_norm: gradient clipping (paper: 1.0).
         micro_batch_size: rows per backward pass (gradients accumulate to the full batch).
         logprob_chunk_size: rows per forward pass when scoring.
-        bf16: bfloat16 autocast for the trainer's forward passes (CPU speed-up; adds mismatch).
+        bf16: bfloat16 autocast for the trainer's forward passes on the run's device (CPU or CUDA;
+            float32 weights; adds a rollout-vs-trainer mismatch).
     Bookkeeping
         eval_every: evaluate every this many steps (and always before the first and after the
             last step); 0 = only before and after.
