@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
+from dist_teardown import finish_worker
 
 from llm.backend import SamplingConfig
 from llm.evaluate import EvalConfig
@@ -28,10 +29,11 @@ def main(model_dir: str, out: str, verdict: str) -> None:
     dist.all_gather_object(states, (flat.tolist(), tr.estimator.buffer_len, tr.ledger.totals()["prompts"]))
     if tr.rank == 0:
         same = all(np.array_equal(np.array(s[0]), np.array(states[0][0])) for s in states)
-        json.dump({"world": tr.world_size, "same_params": same, "buffers": [s[1] for s in states],
+        Path(verdict).write_text(json.dumps({
+            "world": tr.world_size, "same_params": same, "buffers": [s[1] for s in states],
                    "prompts_per_rank": [s[2] for s in states],
-                   "metrics_rows": len(Path(out, "metrics.jsonl").read_text().splitlines())}, open(verdict, "w"))
-    dist.destroy_process_group()
+                   "metrics_rows": len(Path(out, "metrics.jsonl").read_text().splitlines())}))
+    finish_worker()
 
 
 if __name__ == "__main__":

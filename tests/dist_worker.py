@@ -10,12 +10,14 @@ import copy
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from dist_teardown import finish_worker  # noqa: E402
 from toy_backend import ToyBackend  # noqa: E402
 
 from deepgrpo.distributed import GatheredEstimator, shard, world  # noqa: E402
@@ -56,11 +58,12 @@ def main(out: str) -> None:
         same_est = all(s[0] == states[0][0] and s[1] == states[0][1] for s in states)
         same_params = all(np.array_equal(np.array(s[2]), np.array(states[0][2])) for s in states)
         moved = float((single.logits - torch.tensor(ToyBackend(n_prompts=6, seed=0).logits.detach())).abs().max())
-        json.dump({"world": ws, "max_param_diff": diff, "moved": moved, "same_estimator": same_est,
+        Path(out).write_text(json.dumps({
+            "world": ws, "max_param_diff": diff, "moved": moved, "same_estimator": same_est,
                    "same_params_on_ranks": same_params, "buffer_len": states[0][1],
                    "grad_norm_dp": m["grad_norm"], "grad_norm_single": m1["grad_norm"],
-                   "rows_per_rank": int(rows.sum())}, open(out, "w"))
-    dist.destroy_process_group()
+                   "rows_per_rank": int(rows.sum())}))
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dist_teardown import finish_worker  # noqa: E402
 from test_trl_trainer import arith_reward, config, micro_dir, plain_logprobs, scripted_generator  # noqa: E402
 
 from deepgrpo.batch import Batch  # noqa: E402
@@ -111,10 +112,7 @@ def main(out: Path) -> None:
             "max_diff_to_single_process_step": max(diffs), "param_change": change,
             "state_ledgers": [len(json.loads(f.read_text())["ledger"]) for f in states],
             "states_written_before_trainer_state": all(f.stat().st_mtime_ns < marked for f in states)}))
-    # tear gloo down before the interpreter does: left to exit, its threads sometimes abort the
-    # process ("terminate called without an active exception", exit -6) after the work is done
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":
