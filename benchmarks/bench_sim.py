@@ -1,10 +1,19 @@
-"""Simulator performance: sampler throughput and the wall time of ``deepgrpo sim compare``.
+"""Simulator performance: sampler throughput, the cost of a training step, and the wall time of
+``deepgrpo sim compare``.
 
-    python benchmarks/bench_sim.py [--batch 65536] [--seconds 2] [--skip-compare]
+    python benchmarks/bench_sim.py [--batch 65536] [--seconds 2] [--skip-steps] [--skip-compare]
+                                   [--baseline DIR]
 
 Prints (targets of the simulator issues, checked here rather than by timed tests):
 * simulated tokens per second of the vectorised sampler, from the root and continuing prefixes
   (target: >= 10 million / s on one thread);
+* the time per training step (:func:`sims.runner.train` to 100,000 tokens: features and tabular
+  policies, GRPO and DEEP-GRPO) with each step's tables computed once (a
+  :class:`~sims.policy.PolicySnapshot` per set of weights) against recomputing them on every call
+  (:func:`sims.policy.fresh_snapshots`, the numbers are the same), interleaved in one process;
+  with ``--baseline DIR`` also against another version of the ``sims`` package (a directory
+  holding ``sims/``, e.g. written by ``git show REV:sims/FILE.py``), each version in its own fresh
+  processes, alternated. Ratios, not absolute times, are the figures to read on a shared machine;
 * the wall time and CPU time of ``deepgrpo sim compare`` with its defaults, run as a fresh
   process exactly as a user would, and of ``python -c "import torch"`` measured in the same
   run, interleaved (``--repeats`` times each, medians), and their ratio (target: compare <= 2x
@@ -54,6 +63,72 @@ def sampler_throughput(batch: int, seconds: float, with_prefix: bool) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+STEP_WORKLOADS = (("features", "deep-grpo"), ("features", "grpo"), ("tabular", "deep-grpo"), ("tabular", "grpo"))
+"""(policy class, method) of the training runs whose per-step cost is measured."""
+STEP_BUDGET = 100_000
+"""Generated tokens of each measured training run (default spec, Adam, batch of 16 problems)."""
+
+
+def step_times(fresh: bool = False) -> dict[str, float]:
+    """Mean wall time per training step (seconds; setup excluded) of each :data:`STEP_WORKLOADS`
+    run, with the step tables reused (or, with ``fresh``, recomputed on every call)."""
+    import contextlib
+
+    from deepgrpo.methods import method_config
+    from sims.runner import RunnerConfig, train
+    from sims.spec import TokenTreeSpec
+
+    out = {}
+    for policy, method in STEP_WORKLOADS:
+        cfg = RunnerConfig(steps=10_000, budget=STEP_BUDGET, budget_unit="tokens", policy=policy)
+        if fresh:
+            from sims.policy import fresh_snapshots
+            ctx = fresh_snapshots()
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            res = train(TokenTreeSpec(), method_config(method), cfg, seed=0, method=method)
+        out[f"{policy} {method}"] = sum(res.step_wall_time_s) / len(res.step_wall_time_s)
+    return out
+
+
+def _ratio_lines(new: list[dict[str, float]], old: list[dict[str, float]], what: str) -> list[str]:
+    lines = []
+    for key in new[0]:
+        ratios = [n[key] / o[key] for n, o in zip(new, old)]
+        new_ms, old_ms = (statistics.median(r[key] for r in rows) * 1e3 for rows in (new, old))
+        lines.append(f"  {key:<20} {new_ms:7.2f} ms/step vs {old_ms:7.2f} ({what}): ratio "
+                     f"{statistics.median(ratios):.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)})")
+    return lines
+
+
+def reuse_vs_fresh(repeats: int) -> list[str]:
+    """Per-step time with the step tables reused vs recomputed, interleaved ``repeats`` times."""
+    step_times()  # warm-up
+    new, old = [], []
+    for _ in range(repeats):
+        new.append(step_times())
+        old.append(step_times(fresh=True))
+    return _ratio_lines(new, old, "recomputing every table")
+
+
+def versus_baseline(baseline: str, repeats: int) -> list[str]:
+    """Per-step time of this tree's ``sims`` vs the one in ``baseline``, each in fresh processes,
+    alternated ``repeats`` times (children print :func:`step_times` as JSON)."""
+    import json
+    from pathlib import Path
+    here = str(Path(__file__).resolve().parents[1])
+    runs: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
+    for _ in range(repeats):
+        for tag, path in (("old", baseline), ("new", here)):
+            env = _child_env()
+            env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+            proc = subprocess.run([sys.executable, __file__, "--emit-step-times"], capture_output=True, text=True,
+                                  env=env, check=True)
+            runs[tag].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return _ratio_lines(runs["new"], runs["old"], f"sims of {baseline}")
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's Python caches bytecode
@@ -99,9 +174,19 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the sampler")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of `sim compare` and of `import torch`")
     p.add_argument("--skip-compare", action="store_true")
+    p.add_argument("--skip-steps", action="store_true", help="skip the per-training-step figures")
+    p.add_argument("--step-repeats", type=int, default=3, help="interleaved rounds of the per-step figures")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="a directory holding another version of the sims package to time training steps against")
+    p.add_argument("--emit-step-times", action="store_true", help=argparse.SUPPRESS)  # a --baseline child
     args = p.parse_args()
     import torch
     torch.set_num_threads(args.threads)
+    if args.emit_step_times:
+        import json
+        step_times()  # warm-up
+        print(json.dumps(step_times()))
+        return 0
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{args.threads} thread(s)")
     for with_prefix in (False, True):
@@ -110,6 +195,14 @@ def main() -> int:
                 else "chains from the root")
         print(f"sampler ({what}, B={args.batch:,}): {rate / 1e6:.1f} M simulated tokens/s "
               f"(target >= 10 M/s: {'ok' if rate >= 1e7 else 'MISSED'})")
+    if not args.skip_steps:
+        budget = f"to {STEP_BUDGET:,} tokens, default spec, Adam"
+        print(f"training step, step tables computed once per set of weights vs recomputed on every call ({budget}; "
+              "same numbers):")
+        print("\n".join(reuse_vs_fresh(args.step_repeats)))
+        if args.baseline:
+            print(f"training step, this tree's sims vs {args.baseline} ({budget}; fresh processes, alternated):")
+            print("\n".join(versus_baseline(args.baseline, args.step_repeats)))
     if not args.skip_compare:
         m = compare_vs_torch(args.repeats)
         ratio = m["compare_wall"] / m["torch_wall"]

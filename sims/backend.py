@@ -7,6 +7,11 @@ Each row covers its own problem's length L_p (variable-length problem sets: the 
 there, so budgets count only real tokens). Segment ends are every ``segment_len`` steps of the
 problem (full-chain coordinates, last = L_p).
 
+``sample`` reads the policy's tables (sampling CDF, oracle table) from its snapshot, computed once
+per set of weights (:meth:`~sims.policy.TokenTreePolicy.snapshot`); ``logprobs`` computes the
+policy's log-probs with gradient on every call, and replays a micro-batch's statuses once for
+its policy and reference passes.
+
 ``Rollouts.extras`` (analysis only; the core carries them along):
     ``problem``      ``LongTensor [B]``
     ``first_error``  ``LongTensor [B]`` first wrong step of the full chain (L_p if none)
@@ -19,11 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from deepgrpo.batch import Batch, Rollouts, SampleRequest
-from sims.oracle import success_table
-from sims.policy import TokenTreePolicy
+from sims.policy import TokenTreePolicy, reuse_enabled
 from sims.sampler import replay_status, sample_chains, suffixes, token_logprobs
 from sims.spec import ProblemSet
 
@@ -41,52 +46,75 @@ class SimBackend:
         self.problems = problems
         self.policy = policy
         self.generator = generator
+        self._replay: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _replayed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``problem [B]``, ``status [B, L+1]``) of ``batch``'s rows, replayed from its tokens;
+        kept for the next call on the same batch (the policy pass and the reference pass of a
+        micro-batch replay the same tokens). The key holds the tensors themselves (identity and
+        version counter) and the prompts, so a changed or different batch is replayed afresh."""
+        key = (batch.tokens, batch.tokens._version, batch.prompt_index, batch.prompt_index._version,
+               tuple(int(p) for p in batch.prompts))
+        hit = self._replay
+        if hit is not None and reuse_enabled() and len(hit[0]) == len(key) and all(
+                a is b if torch.is_tensor(a) else a == b for a, b in zip(hit[0], key)):
+            return hit[1], hit[2]
+        problem = torch.as_tensor(key[-1], dtype=torch.long)[batch.prompt_index]  # [B]
+        status = replay_status(self.problems, problem, batch.tokens[:, :self.problems.T])  # [B, L+1]
+        self._replay = (key, problem, status)
+        return problem, status
 
     def sample(self, requests: Sequence[SampleRequest]) -> Rollouts:
-        T = self.problems.T
-        n_rows = torch.tensor([int(r.n) for r in requests], dtype=torch.long)  # [R]
-        problem_req = torch.tensor([int(r.prompt) for r in requests], dtype=torch.long)  # [R]
-        plen_req = torch.tensor([0 if r.prefix is None else int(r.prefix.numel()) for r in requests],
-                                dtype=torch.long)  # [R]
-        if bool((problem_req < 0).any()) or bool((problem_req >= self.problems.n).any()):
-            raise ValueError(f"requests must name problems in [0, {self.problems.n})")
-        if bool((plen_req > self.problems.lengths[problem_req]).any()):
+        problems = self.problems
+        T, R = problems.T, len(requests)
+        # the requests' bookkeeping in numpy (a few Python operations per request, no tensors)
+        n_req = np.array([int(r.n) for r in requests], dtype=np.int64)  # [R]
+        problem_req = np.array([int(r.prompt) for r in requests], dtype=np.int64)  # [R]
+        prefixes = [r.prefix if r.prefix.dim() == 1 else r.prefix.reshape(-1) for r in requests
+                    if r.prefix is not None]
+        plen_req = np.array([0 if r.prefix is None else r.prefix.numel() for r in requests], dtype=np.int64)  # [R]
+        if R and (problem_req.min() < 0 or problem_req.max() >= problems.n):
+            raise ValueError(f"requests must name problems in [0, {problems.n})")
+        lengths = problems.lengths.numpy()  # [n]
+        if bool((plen_req > lengths[problem_req]).any()):
             raise ValueError("a request's prefix is longer than its problem")
-        problem = problem_req.repeat_interleave(n_rows)  # [B]
-        length = self.problems.lengths[problem]  # [B]
-        with torch.no_grad():
-            log_probs = self.policy.log_probs()  # [n, T, 2, V]
-        if bool((plen_req > 0).any()):
-            prefix_req = torch.zeros(len(requests), T, dtype=torch.long)  # [R, T]
-            flat = torch.cat([r.prefix.reshape(-1).long() for r in requests if r.prefix is not None])  # [Σ plen]
-            req_row = torch.repeat_interleave(torch.arange(len(requests)), plen_req)  # [Σ plen]
-            starts = torch.cumsum(plen_req, 0) - plen_req  # [R]
-            col = torch.arange(flat.numel()) - torch.repeat_interleave(starts, plen_req)  # [Σ plen]
-            prefix_req[req_row, col] = flat
-            prefix = prefix_req.repeat_interleave(n_rows, dim=0)  # [B, T]
-            plen = plen_req.repeat_interleave(n_rows)  # [B]
-            chains = sample_chains(self.problems, log_probs, problem, self.generator, prefix, plen)
-            tokens = suffixes(chains.tokens, plen)  # [B, T]
-            logprobs = suffixes(chains.logprobs, plen)  # [B, T]
-            mask = torch.arange(T).unsqueeze(0) < (length - plen).unsqueeze(1)  # [B, T]
-            start_status = chains.status.gather(1, plen.unsqueeze(1)).squeeze(1)  # [B]
+        problem_np = np.repeat(problem_req, n_req)  # [B]
+        problem = torch.from_numpy(problem_np)  # [B]
+        length = lengths[problem_np]  # [B]
+        snap = self.policy.snapshot()  # the step's tables, computed once per set of weights
+        log_probs = snap.sampling  # log π [n, T, 2, V] laid out for the sampler
+        continued = bool(plen_req.any())
+        if continued:
+            prefix_req = np.zeros((R, T), dtype=np.int64)  # [R, T]
+            flat = torch.cat(prefixes).numpy()  # [Σ plen]
+            starts = np.cumsum(plen_req) - plen_req  # [R]
+            col = np.arange(flat.size) - np.repeat(starts, plen_req)  # [Σ plen]
+            prefix_req[np.repeat(np.arange(R), plen_req), col] = flat
+            prefix = np.repeat(prefix_req, n_req, axis=0)  # [B, T]
+            plen = np.repeat(plen_req, n_req)  # [B]
+            chains = sample_chains(problems, log_probs, problem, self.generator, torch.from_numpy(prefix),
+                                   torch.from_numpy(plen))
+            plen_t = torch.from_numpy(plen)
+            tokens = suffixes(chains.tokens, plen_t)  # [B, T]
+            logprobs = suffixes(chains.logprobs, plen_t)  # [B, T]
+            mask = torch.from_numpy(np.arange(T)[None, :] < (length - plen)[:, None])  # [B, T]
+            start_status = torch.from_numpy(chains.status.numpy()[np.arange(len(plen)), plen])  # [B]
         else:
-            chains = sample_chains(self.problems, log_probs, problem, self.generator)
+            chains = sample_chains(problems, log_probs, problem, self.generator)
             tokens, logprobs = chains.tokens, chains.logprobs
-            mask = torch.arange(T).unsqueeze(0) < length.unsqueeze(1)  # [B, T]
+            mask = torch.from_numpy(np.arange(T)[None, :] < length[:, None])  # [B, T]
             start_status = chains.status[:, 0]
-        ends = self.problems.segment_ends
+        ends = problems.segment_ends
         extras = {"problem": problem, "first_error": chains.first_error, "on_track": chains.on_track,
                   "start_status": start_status}
-        if not bool((plen_req > 0).any()):
+        if not continued:
             # main chains: the exact P(success | the first t tokens) under the sampling policy, for
             # every prefix length t (the core turns it into the candidate feature oracle_success)
-            with torch.no_grad():
-                W = success_table(self.problems, self.policy.correct_probs())  # [n, T+1, 2]
-            t = torch.arange(T + 1).unsqueeze(0).expand(len(problem), -1)  # [B, T+1]
-            extras["cand_oracle_success"] = W[problem.unsqueeze(1), t, chains.status]  # [B, T+1]
+            W = snap.success_table(problems).numpy()  # [n, T+1, 2]
+            extras["cand_oracle_success"] = torch.from_numpy(
+                W[problem_np[:, None], np.arange(T + 1)[None, :], chains.status.numpy()])  # [B, T+1]
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=chains.rewards,
-                        segment_ends=[ends[p] for p in problem.tolist()], extras=extras)
+                        segment_ends=[ends[p] for p in problem_np.tolist()], extras=extras)
 
     def logprobs(self, batch: Batch, model: str = "policy") -> torch.Tensor:
         """``[B, W]`` log-probs of ``batch.tokens`` (full chains) under the policy (with
@@ -94,9 +122,8 @@ class SimBackend:
         if model not in ("policy", "reference"):
             raise ValueError(f"model = {model!r} is invalid: expected policy or reference")
         T = self.problems.T
-        problem = torch.as_tensor([int(p) for p in batch.prompts], dtype=torch.long)[batch.prompt_index]  # [B]
         tokens = batch.tokens[:, :T]  # [B, L]
-        status = replay_status(self.problems, problem, tokens)  # [B, L+1]
+        problem, status = self._replayed(batch)  # [B], [B, L+1]
         if model == "policy":
             table = self.policy.log_probs()
         else:

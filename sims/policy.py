@@ -16,13 +16,22 @@ initial policy *is* the pre-trained one. Two classes (:data:`POLICY_CLASSES`):
   ``D >= n·T·2·V`` the features span every table; with fewer, updates must share directions.
   (1/D variance: ||φ||² ≈ 1, so one SGD step moves an entry's own logit as a table would, and
   its overlap with any other entry is of order 1/√D.)
+
+Everything a training step reads from the policy without gradient (sampling tables, the
+oracle's input, the entropy) is derived from one :class:`PolicySnapshot` per set of weights
+(:meth:`TokenTreePolicy.snapshot`), computed at most once however many times it is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+
 import numpy as np
 import torch
 
+from sims.sampler import SamplingTable
 from sims.spec import ProblemSet
 
 POLICY_CLASSES = ("tabular", "features")
@@ -62,7 +71,9 @@ class TokenTreePolicy(torch.nn.Module):
         self.register_buffer("base", problems.base_logits())  # [n, T, 2, V]
         self.register_buffer("base_log_probs", torch.log_softmax(self.base, dim=-1))  # [n, T, 2, V]
         onehot = torch.nn.functional.one_hot(problems.correct, V).bool().unsqueeze(2)  # [n, T, 1, V]
-        self.register_buffer("is_correct", onehot)  # read by correct_probs (the oracle) only
+        self.register_buffer("is_correct", onehot)  # the correct tokens, for the oracle only
+        index = problems.correct[:, :, None, None].expand(n, T, 2, 1).contiguous()  # [n, T, 2, 1]
+        self.register_buffer("correct_index", index, persistent=False)  # read by correct_probs only
         if kind == "tabular":
             self.delta = torch.nn.Parameter(torch.zeros(n, T, 2, V))
         else:
@@ -87,15 +98,124 @@ class TokenTreePolicy(torch.nn.Module):
         """``[n, T, 2, V]`` log-probs of the pre-trained (reference) policy (no gradient)."""
         return self.base_log_probs
 
+    def snapshot(self) -> PolicySnapshot:
+        """The :class:`PolicySnapshot` of the current weights: the last one taken while the
+        weights are unchanged (computed tables are reused), else a new one."""
+        snap = self.__dict__.get("_snapshot")
+        if snap is None or not reuse_enabled() or not snap.matches(self):
+            snap = PolicySnapshot(self)
+            self.__dict__["_snapshot"] = snap
+        return snap
+
     @torch.no_grad()
     def correct_probs(self, log_probs: torch.Tensor | None = None) -> torch.Tensor:
         """``DoubleTensor [n, T, 2]`` π(correct token | p, t, s), the oracle's input (from
         ``log_probs`` ``[n, T, 2, V]`` if already computed)."""
-        lp = (self.log_probs() if log_probs is None else log_probs).double()
-        return lp.masked_fill(~self.is_correct, float("-inf")).logsumexp(-1).exp()
+        lp = self.log_probs() if log_probs is None else log_probs
+        # the correct token's own entry: exactly the log-sum-exp over {correct token} (max-shifted,
+        # it is max + log(1)), without a masked float64 copy of the [n, T, 2, V] table
+        return lp.gather(-1, self.correct_index).squeeze(-1).double().exp()
 
     @torch.no_grad()
     def entropy(self, log_probs: torch.Tensor | None = None) -> torch.Tensor:
         """``FloatTensor [n, T, 2]`` entropy (nats) of π(· | p, t, s) (from ``log_probs`` if given)."""
         lp = self.log_probs() if log_probs is None else log_probs
         return -(lp.exp() * lp).sum(-1)
+
+
+_REUSE_SNAPSHOTS = [True]
+
+
+@contextmanager
+def fresh_snapshots() -> Iterator[None]:
+    """Inside the block, :meth:`TokenTreePolicy.snapshot` (and the backend's replayed statuses)
+    are recomputed on every call instead of reused: the slow reference path that
+    ``tests/test_sims_equivalence.py`` holds the reusing one to, bit for bit."""
+    _REUSE_SNAPSHOTS.append(False)
+    try:
+        yield
+    finally:
+        _REUSE_SNAPSHOTS.pop()
+
+
+def reuse_enabled() -> bool:
+    """Whether per-weights results may be reused (False inside :func:`fresh_snapshots`)."""
+    return _REUSE_SNAPSHOTS[-1]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (same dtype and shape; -0.0 differs from 0.0,
+    equal NaNs match): equal inputs of a computation, not merely equal numbers."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() and a.element_size() in _BITS:
+        bits = _BITS[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class PolicySnapshot:
+    """Everything derived without gradient from a :class:`TokenTreePolicy` at one set of weights,
+    each computed on first use and then kept:
+
+    - ``log_probs``: ``FloatTensor [n, T, 2, V]`` log π(v | p, t, s);
+    - ``sampling``: its :class:`~sims.sampler.SamplingTable` (the sampler's CDF);
+    - ``correct_probs``: ``DoubleTensor [n, T, 2]`` π(correct token | p, t, s) (the oracle's input);
+    - ``entropy``: ``FloatTensor [n, T, 2]`` entropy (nats) of π(· | p, t, s);
+    - :meth:`success_table`: the exact ``DoubleTensor [n, T + 1, 2]`` P(success | t, status).
+
+    The values are those of :meth:`TokenTreePolicy.log_probs`, :meth:`~TokenTreePolicy.correct_probs`,
+    :meth:`~TokenTreePolicy.entropy` and :func:`sims.oracle.success_table` computed afresh (the same
+    operations on the same weights). Treat them as read-only: they are shared by every reader.
+
+    :meth:`matches` tells whether the policy still has these weights: the same parameter objects
+    holding the same bits (compared to a copy taken at construction, so any change is seen,
+    in-place writes through ``.data`` included) and the same, unmodified buffers (the problem set's
+    constants: identity, version counter and storage).
+    """
+
+    def __init__(self, policy: TokenTreePolicy) -> None:
+        self._policy = policy
+        self._params = [(p, p.detach().clone()) for p in policy.parameters()]
+        self._buffers = [(b, b._version, b.data_ptr()) for b in policy.buffers()]
+        self._tables: dict[int, tuple[ProblemSet, torch.Tensor]] = {}
+        with torch.no_grad():  # taken now, with the weights just copied: every other value derives from it
+            self.log_probs = policy.log_probs()  # [n, T, 2, V]
+
+    def matches(self, policy: TokenTreePolicy) -> bool:
+        """Whether ``policy`` is the snapshot's policy with the snapshot's weights."""
+        if policy is not self._policy:
+            return False
+        params, buffers = list(policy.parameters()), list(policy.buffers())
+        if len(params) != len(self._params) or len(buffers) != len(self._buffers):
+            return False
+        for p, (q, copy) in zip(params, self._params):
+            if p is not q or not _same_bits(p.detach(), copy):
+                return False
+        return all(b is c and b._version == v and b.data_ptr() == ptr
+                   for b, (c, v, ptr) in zip(buffers, self._buffers))
+
+    @cached_property
+    def sampling(self) -> SamplingTable:
+        return SamplingTable.from_log_probs(self.log_probs)
+
+    @cached_property
+    def correct_probs(self) -> torch.Tensor:
+        return self._policy.correct_probs(self.log_probs)
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        return self._policy.entropy(self.log_probs)
+
+    def success_table(self, problems: ProblemSet) -> torch.Tensor:
+        """``DoubleTensor [n, T + 1, 2]`` :func:`sims.oracle.success_table` of ``problems`` (the
+        policy's problem set, or one with the same shape) under these weights."""
+        from sims.oracle import success_table
+        hit = self._tables.get(id(problems))
+        if hit is None or hit[0] is not problems:
+            hit = (problems, success_table(problems, self.correct_probs))
+            self._tables[id(problems)] = hit
+        return hit[1]

@@ -33,6 +33,9 @@ Wall times are not in the history (it must be identical for identical seeds); th
 
 Speed: the tensors are tiny ([batch, V] per step), so torch's intra-op threads only add
 overhead; call ``torch.set_num_threads(1)`` in any process that trains (``deepgrpo sim`` does).
+What a step reads from the policy without gradient (log-probs, sampling CDF, the oracle table,
+entropy) is computed once per set of weights (:meth:`~sims.policy.TokenTreePolicy.snapshot`):
+the evaluation after an update and the next step's main chains and branches share it.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from deepgrpo.step import initial_record, step_record, update_policy
 from sims.backend import SimBackend
 from sims.memory import check_fits
 from sims.optim import OPTIMIZERS, make_optimizer
-from sims.oracle import exact_pass_at_k, prefix_success, success_table
+from sims.oracle import exact_pass_at_k, prefix_success
 from sims.policy import POLICY_CLASSES, TokenTreePolicy
 from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
 
@@ -231,11 +234,11 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
     table: list[torch.Tensor] = []  # the latest oracle table [n, T+1, 2] (= the next step's sampling policy)
 
     def evaluate() -> dict[str, float]:
-        with torch.no_grad():
-            lp = policy.log_probs()  # [n, T, 2, V]
-            W = success_table(problems, policy.correct_probs(lp))  # [n, T+1, 2]
-            p1 = W[:, 0, ON_TRACK]  # [n] training problems first, then held-out ones
-            ent = policy.entropy(lp)[:n_train, :, ON_TRACK]  # [n_train, T]
+        # the weights' tables, computed once: the next step samples from the same snapshot
+        snap = policy.snapshot()
+        W = snap.success_table(problems)  # [n, T+1, 2]
+        p1 = W[:, 0, ON_TRACK]  # [n] training problems first, then held-out ones
+        ent = snap.entropy[:n_train, :, ON_TRACK]  # [n_train, T]
         table[:] = [W]
         tr, ho = p1[:n_train], p1[n_train:]
         nan = float("nan")

@@ -56,31 +56,33 @@ def replay_status(problems: ProblemSet, problem: torch.Tensor, tokens: torch.Ten
             reached by row b's prefix. Tokens past a row's problem length are never valid.
     """
     B, L = tokens.shape
+    # numpy: a handful of [B, L] integer and boolean operations (exact), without torch's per-op cost
+    problem_np = problem.numpy()
+    lengths_np = None if lengths is None else lengths.numpy()
     if problems.variable_length:
-        own = problems.lengths[problem]  # [B]
-        lengths = own if lengths is None else torch.minimum(lengths, own)
-    wrong = tokens != problems.correct[problem, :L]  # [B, L]
-    if lengths is not None:
-        wrong = wrong & (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1))  # freeze after the prefix
-    allowed = problems.recovery_allowed[:L]
-    if bool(allowed.all()):  # recovery always possible: derailed after t iff token t was wrong
+        own = problems.lengths.numpy()[problem_np]  # [B]
+        lengths_np = own if lengths_np is None else np.minimum(lengths_np, own)
+    wrong = tokens.numpy() != problems.correct.numpy()[problem_np, :L]  # [B, L]
+    if lengths_np is not None:
+        wrong &= np.arange(L)[None, :] < lengths_np[:, None]  # freeze after the prefix
+    allowed = problems.recovery_allowed.numpy()[:L]
+    if allowed.all():  # recovery always possible: derailed after t iff token t was wrong
         derailed = wrong
-    elif not bool(allowed.any()):  # fatal: derailed after t iff any wrong token so far
-        derailed = wrong.cummax(dim=1).values
+    elif not allowed.any():  # fatal: derailed after t iff any wrong token so far
+        derailed = np.logical_or.accumulate(wrong, axis=1)
     else:  # general rule: derailed after t iff wrong, or derailed before and no recovery at t
-        derailed = torch.empty_like(wrong)
-        prev = torch.zeros(B, dtype=torch.bool)
+        derailed = np.empty_like(wrong)
+        prev = np.zeros(B, dtype=bool)
         for t in range(L):
             prev = wrong[:, t] | (prev & ~allowed[t])
             derailed[:, t] = prev
-    if lengths is not None:  # a frozen row keeps the status its prefix reached
-        j = torch.arange(L).unsqueeze(0)
-        last = derailed.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
-        last = last & (lengths > 0).unsqueeze(1)
-        derailed = torch.where(j < lengths.unsqueeze(1), derailed, last)
-    status = torch.zeros(B, L + 1, dtype=torch.long)
-    status[:, 1:] = derailed.long()
-    return status
+    if lengths_np is not None and L:  # a frozen row keeps the status its prefix reached
+        lengths_np = np.minimum(lengths_np, L)  # (a row longer than the tokens given keeps them all)
+        last = derailed[np.arange(B), np.maximum(lengths_np - 1, 0)] & (lengths_np > 0)  # [B]
+        derailed = np.where(np.arange(L)[None, :] < lengths_np[:, None], derailed, last[:, None])
+    status = np.zeros((B, L + 1), dtype=np.int64)
+    status[:, 1:] = derailed
+    return torch.from_numpy(status)
 
 
 def token_logprobs(log_probs: torch.Tensor, problem: torch.Tensor, status: torch.Tensor,
@@ -89,19 +91,45 @@ def token_logprobs(log_probs: torch.Tensor, problem: torch.Tensor, status: torch
     ``[n, T, 2, V]`` table (keeps the table's gradient). ``status``: ``[B, >= L]``."""
     n, T, _, V = log_probs.shape
     L = tokens.shape[1]
-    steps = torch.arange(L).unsqueeze(0)  # [1, L]
-    flat = ((problem.unsqueeze(1) * T + steps) * 2 + status[:, :L]) * V + tokens  # [B, L]
-    return log_probs.reshape(-1)[flat]
+    flat = ((problem.numpy()[:, None] * T + np.arange(L)) * 2 + status[:, :L].numpy()) * V + tokens.numpy()  # [B, L]
+    return log_probs.reshape(-1)[torch.from_numpy(flat)]
 
 
-def sample_chains(problems: ProblemSet, log_probs: torch.Tensor, problem: torch.Tensor,
+@dataclass
+class SamplingTable:
+    """A policy's log-probs laid out for :func:`sample_chains` (what it would otherwise rebuild on
+    every call; one table serves every call at the same weights, e.g. a step's main chains and
+    its branches).
+
+    log_probs: ``float32 ndarray [n, T, 2, V]`` log π (shares the given table's memory when it is a
+        contiguous float32 tensor), read for the sampled tokens' log-probs.
+    cdf: ``float32 ndarray [T, n·2, V]`` its cumulative probabilities over the tokens, step-major
+        (row 2p + s of step t), the last entry of each row set to 2 so that every uniform falls at
+        or before the last token (no rounding overflow).
+    """
+
+    log_probs: np.ndarray
+    cdf: np.ndarray
+
+    @classmethod
+    def from_log_probs(cls, log_probs: torch.Tensor) -> SamplingTable:
+        """The table of ``log_probs`` ``[n, T, 2, V]`` (no gradient kept)."""
+        n, T, _, V = log_probs.shape
+        lp = log_probs.detach().float()  # [n, T, 2, V]
+        cdf_t = lp.transpose(0, 1).contiguous().exp().cumsum(-1)  # [T, n, 2, V]
+        cdf_t[..., -1] = 2.0
+        return cls(log_probs=lp.contiguous().numpy(), cdf=cdf_t.reshape(T, n * 2, V).numpy())
+
+
+def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable, problem: torch.Tensor,
                   generator: torch.Generator, prefix: torch.Tensor | None = None,
                   prefix_len: torch.Tensor | None = None) -> SampledChains:
     """Sample B chains of ``problem`` under ``log_probs``, continuing given prefixes exactly.
 
     Args:
         problems: the problem set (correct tokens, recovery rule).
-        log_probs: ``[n, T, 2, V]`` log π of the sampling policy (no gradient needed).
+        log_probs: ``[n, T, 2, V]`` log π of the sampling policy (no gradient needed), or its
+            :class:`SamplingTable` (the same draws, without rebuilding the CDF).
         problem: ``LongTensor [B]``.
         generator: torch Generator; draws one uniform per (row, step).
         prefix: ``LongTensor [B, >= max(prefix_len)]`` prefix tokens (None: from the root).
@@ -113,40 +141,40 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor, problem: torch.
     """
     T, V = problems.T, problems.V
     B = problem.shape[0]
-    lengths = problems.lengths[problem]  # [B]
-    varlen = problems.variable_length
-    if varlen:
-        active = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)  # [T, B] step t visited by row b
-    n2 = problems.n * 2
-    lp = log_probs.detach().float().transpose(0, 1).contiguous()  # [T, n, 2, V]
-    cdf_t = lp.exp().cumsum(-1)  # [T, n, 2, V]
-    cdf_t[..., -1] = 2.0  # every uniform falls at or before the last token (no rounding overflow)
+    table = log_probs if isinstance(log_probs, SamplingTable) else SamplingTable.from_log_probs(log_probs)
+    cdf = table.cdf  # [T, n·2, V] row 2p + s of step t
     u = torch.rand(T, B, generator=generator)  # [T, B]
     # the loop runs in numpy: its per-op overhead is a few times below torch's on the small
     # batches of a training step, and it is as fast on large ones (same float32 CDF and
-    # uniforms, so the draws are exactly those of the torch formulation)
-    cdf = cdf_t.reshape(T, n2, V).numpy()  # row 2p + s of step t
+    # uniforms, so the draws are exactly those of the torch formulation); what does not depend
+    # on the status reached so far (padding, the sampled tokens' log-probs) is done for all T
+    # steps at once
     ut_all = u.numpy()  # [T, B]
     problem_np = problem.numpy()
+    lengths = problems.lengths.numpy()[problem_np]  # [B]
     # step-major [T, B] layouts keep every per-step vector contiguous
-    correct = np.ascontiguousarray(problems.correct.numpy()[problem_np].T)  # [T, B]
+    correct = problems.correct.numpy()[problem_np].T  # [T, B]
+    varlen = problems.variable_length
+    if varlen:
+        active = np.arange(T)[:, None] < lengths[None, :]  # [T, B] step t visited by row b
+        # padding steps draw token 0 (u = 0: no CDF entry lies below it) and count as correct
+        ut_all = np.where(active, ut_all, np.float32(0))
+        correct = np.where(active, correct, 0)
+    correct = np.ascontiguousarray(correct)
     allowed = problems.recovery_allowed.tolist()
     row_base = problem_np * 2  # [B]
     tokens_tb = np.empty((T, B), dtype=np.int64)
-    flat_tb = np.empty((T, B), dtype=np.int64)  # index of (t, p, s, token) into lp.reshape(-1)
+    wrong = np.empty(B, dtype=bool)  # token t was wrong
     derailed = np.zeros((T + 1, B), dtype=bool)  # status before step t (True = derailed)
-    first_error = np.zeros(B, dtype=np.int64)
-    clean = np.ones(B, dtype=bool)  # no wrong token yet
     off = derailed[0]
-    if varlen:
-        active_np = active.numpy()
+    clean = np.ones(B, dtype=bool)  # no wrong token yet
+    first_error = np.zeros(B, dtype=np.int64)  # steps before the first wrong one (padding never wrong)
     max_prefix = 0 if prefix is None or B == 0 else int(prefix_len.max())
     if max_prefix:
         prefix_tb = np.ascontiguousarray(prefix[:, :max_prefix].numpy().T)  # [P, B]
         keep = np.arange(max_prefix)[:, None] < prefix_len.numpy()[None, :]  # [P, B]
     for t in range(T):
-        row = row_base + off  # [B] row of (problem, status) at step t
-        rows = cdf[t].take(row, axis=0)  # [B, V]
+        rows = cdf[t].take(row_base + off, axis=0)  # [B, V] CDF of (problem, status) at step t
         ut = ut_all[t]
         if V <= 8:  # inverse-CDF draw: number of CDF entries below u (columns: faster for small V)
             tok = (rows[:, 0] < ut).astype(np.int64)
@@ -156,40 +184,40 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor, problem: torch.
             tok = (rows < ut[:, None]).sum(-1)
         if t < max_prefix:
             tok = np.where(keep[t], prefix_tb[t], tok)
-        if varlen:
-            act = active_np[t]
-            tok[~act] = 0
         tokens_tb[t] = tok
-        np.add(row * V, tok, out=flat_tb[t])
-        flat_tb[t] += t * n2 * V
-        wrong = tok != correct[t]  # [B]
-        if varlen:
-            wrong &= act
-            clean &= ~wrong
-            first_error += clean & act
-            # correct token -> on track if it was on track or recovery is allowed at t (sims.spec)
-            off = np.where(act, wrong if allowed[t] else (off | wrong), off)
+        np.not_equal(tok, correct[t], out=wrong)
+        np.greater(clean, wrong, out=clean)  # clean and not wrong
+        first_error += clean
+        # correct token -> on track if it was on track or recovery is allowed at t (sims.spec);
+        # a padding step (never wrong) keeps the status
+        if not allowed[t]:
+            np.logical_or(off, wrong, out=derailed[t + 1])
+        elif varlen:
+            derailed[t + 1] = np.where(active[t], wrong, off)
         else:
-            clean &= ~wrong
-            first_error += clean
-            off = wrong if allowed[t] else (off | wrong)
-        derailed[t + 1] = off
+            derailed[t + 1] = wrong
+        off = derailed[t + 1]
+    if varlen:
+        first_error = np.minimum(first_error, lengths)  # a chain without errors: its length
     tokens = torch.from_numpy(tokens_tb.T.copy())  # [B, T]
     status = torch.from_numpy(derailed.T.astype(np.int64))  # [B, T+1]
-    logprobs = lp.reshape(-1).take(torch.from_numpy(flat_tb))  # [T, B]
+    # index of (p, t, s, token) into the log-probs [n, T, 2, V]
+    flat = ((problem_np * T + np.arange(T)[:, None]) * 2 + derailed[:-1]) * V + tokens_tb  # [T, B]
+    logprobs_tb = table.log_probs.reshape(-1).take(flat)  # [T, B]
     if varlen:
-        logprobs = logprobs.masked_fill(~active, 0.0)
-    logprobs = logprobs.t()  # [B, T]
+        logprobs_tb[~active] = 0.0
+    logprobs = torch.from_numpy(logprobs_tb).t()  # [B, T]
     rewards = torch.from_numpy(~off).float()  # [B] on track after the last step
-    first_error = torch.from_numpy(first_error)
-    return SampledChains(tokens=tokens, logprobs=logprobs, status=status, first_error=first_error, rewards=rewards,
-                         lengths=lengths)
+    return SampledChains(tokens=tokens, logprobs=logprobs, status=status, first_error=torch.from_numpy(first_error),
+                         rewards=rewards, lengths=torch.from_numpy(lengths))
 
 
 def suffixes(full: torch.Tensor, prefix_len: torch.Tensor, fill: float = 0) -> torch.Tensor:
-    """``[B, T]``: row b = ``full[b, prefix_len[b]:]`` left-aligned, padded with ``fill``."""
+    """``[B, T]``: row b = ``full[b, prefix_len[b]:]`` left-aligned, padded with ``fill`` (no
+    gradient: ``full`` holds sampled tokens or their sampling log-probs)."""
     B, T = full.shape
-    j = torch.arange(T).unsqueeze(0)  # [1, T]
-    src = (j + prefix_len.unsqueeze(1)).clamp(max=T - 1)  # [B, T]
-    out = full.gather(1, src)
-    return out.masked_fill(j >= (T - prefix_len).unsqueeze(1), fill)
+    j = np.arange(T)[None, :]  # [1, T]
+    pl = prefix_len.numpy()[:, None]  # [B, 1]
+    out = full.detach().numpy()[np.arange(B)[:, None], np.minimum(j + pl, T - 1)]  # [B, T]
+    out[j >= T - pl] = fill
+    return torch.from_numpy(out)

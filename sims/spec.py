@@ -257,7 +257,7 @@ class ProblemSet:
     @property
     def variable_length(self) -> bool:
         """Whether some problem is shorter than T (the sampler then masks padding steps)."""
-        return bool((self.lengths < self.T).any())
+        return bool((self.lengths.numpy() < self.T).any())
 
     def step_mask(self) -> torch.Tensor:
         """``BoolTensor [n, T]`` True on the steps t < L_p a chain of problem p visits."""
