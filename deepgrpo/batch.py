@@ -145,6 +145,8 @@ class Batch:
         """Split into consecutive micro-batches of at most ``size`` rows."""
         if size < 1:
             raise ValueError(f"micro-batch size must be >= 1, got {size}")
+        if size >= len(self):
+            return [self] if len(self) else []
         return [self.select(torch.arange(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
 

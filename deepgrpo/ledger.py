@@ -37,6 +37,9 @@ class BudgetLedger:
     """Accumulates :class:`StepBudget` records; ``totals()`` gives cumulative counts."""
 
     steps: list[StepBudget] = field(default_factory=list)
+    _summed: tuple[list[StepBudget] | None, int, tuple[int, ...]] = field(
+        default=(None, 0, (0, 0, 0, 0, 0)), init=False, repr=False, compare=False)
+    """(the list summed, how many of its steps, their sums): totals() adds only the new steps."""
 
     def record(self, prompts: int, rollouts_main: int, rollouts_aux: int,
                tokens_main: int, tokens_aux: int) -> StepBudget:
@@ -49,7 +52,13 @@ class BudgetLedger:
         """Cumulative ``rollouts_main``, ``rollouts_aux``, ``tokens_main``, ``tokens_aux``,
         ``rollouts``, ``tokens`` and ``prompts``."""
         keys = ("prompts", "rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux")
-        out = {k: sum(getattr(s, k) for s in self.steps) for k in keys}
+        summed, n, sums = self._summed
+        if summed is not self.steps or n > len(self.steps):  # replaced (load_state_dict) or shortened
+            n, sums = 0, (0,) * len(keys)
+        for s in self.steps[n:]:  # steps are only appended: a step's cost does not grow with the run
+            sums = tuple(a + getattr(s, k) for a, k in zip(sums, keys))
+        self._summed = (self.steps, len(self.steps), sums)
+        out = dict(zip(keys, sums))
         out["rollouts"] = out["rollouts_main"] + out["rollouts_aux"]
         out["tokens"] = out["tokens_main"] + out["tokens_aux"]
         return out

@@ -3,6 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from toy_backend import ToyBackend
 
 from deepgrpo.batch import AUX, MAIN
@@ -192,3 +194,24 @@ def test_tree_advantages_follow_the_sampling_tree():
         if b.rewards[rows].unique().numel() == 1:
             assert (b.advantages[rows] == 0).all()
     assert (b.advantages != 0).any()
+
+
+@given(st.lists(st.tuples(*[st.integers(0, 10**6)] * 5), max_size=30), st.integers(0, 30))
+@settings(max_examples=60, deadline=None)
+def test_ledger_totals_are_the_sums_of_its_steps_however_it_was_filled(counts, cut):
+    """totals() adds only the steps recorded since its last call; a ledger restored from a state
+    or given another list of steps is summed anew."""
+    keys = ("prompts", "rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux")
+    ledger = BudgetLedger()
+    for i, c in enumerate(counts):
+        ledger.record(*c)
+        if i % 3 == 0:
+            ledger.totals()
+    expect = {k: sum(c[j] for c in counts) for j, k in enumerate(keys)}
+    assert {k: ledger.totals()[k] for k in keys} == expect
+    assert ledger.totals()["tokens"] == expect["tokens_main"] + expect["tokens_aux"]
+    restored = BudgetLedger()
+    restored.load_state_dict({"steps": ledger.state_dict()["steps"][:cut]})
+    assert restored.totals()["prompts"] == sum(c[0] for c in counts[:cut])
+    ledger.load_state_dict({"steps": ledger.state_dict()["steps"][:cut]})
+    assert ledger.totals() == restored.totals()
