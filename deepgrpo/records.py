@@ -137,7 +137,8 @@ def lock_output(path: str | os.PathLike, option: str = "--out") -> Path:
         f.write(f"process {os.getpid()} ({' '.join(sys.argv[:3])[:120]})\n")
         f.flush()
     except OSError as e:  # e.g. a full disk refuses the holder's line: name the lock file
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes the same refused line again
+            f.close()
         raise OSError(e.errno, e.strerror, str(lock)) from e
     _LOCKS[p] = f
     remove_stale_temps(p)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from private_mounts import run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -91,14 +91,9 @@ def _train_args(micro: tuple[Path, Path], out: Path, steps: int = 12) -> list[st
 def _in_private_mounts(script: str, mount_setup: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run Python ``script`` in a private mount namespace after the shell commands
     ``mount_setup`` (mounts there vanish with the namespace and never touch the machine's)."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) to make a private mount namespace")
     path = cwd / "scenario.py"
     path.write_text(textwrap.dedent(script))
-    p = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount_setup} && exec {sys.executable} {path}"],
-                       capture_output=True, text=True, cwd=cwd, env=_env(), timeout=900)
-    if p.returncode != 0 and "mount" in p.stderr and "permission denied" in p.stderr.lower():
-        pytest.skip(f"cannot mount in a private namespace here: {p.stderr.strip()[:200]}")
+    p = run_in_private_mounts(f"{mount_setup} && exec {sys.executable} {path}", _env(), cwd=cwd, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from private_mounts import run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -36,13 +36,7 @@ def _command(out: Path, args: list[str] = ARGS) -> list[str]:
 
 
 def in_private_mounts(script: str) -> subprocess.CompletedProcess:
-    """Run shell ``script`` in a private mount namespace (its mounts vanish with it)."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
-    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=600)
-    if "Operation not permitted" in p.stderr and "unshare" in p.stderr:
-        pytest.skip("needs root for a private mount namespace")
-    return p
+    return run_in_private_mounts(script, _env())
 
 
 def _one_line_exit_2(rc: str, err: str, *fragments: str) -> str:

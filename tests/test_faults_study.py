@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from private_mounts import run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -205,14 +206,7 @@ def test_a_second_study_process_on_the_same_out_is_refused_and_the_first_finishe
 
 
 def _in_private_mounts(script: str) -> subprocess.CompletedProcess:
-    """Run shell ``script`` in a private mount namespace (its mounts vanish with it)."""
-    import shutil
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
-    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(), timeout=600)
-    if "Operation not permitted" in p.stderr and "unshare" in p.stderr:
-        pytest.skip("needs root for a private mount namespace")
-    return p
+    return run_in_private_mounts(script, _env())
 
 
 @pytest.mark.parametrize("size_k,fill_k", [(24, 0), (64, 0), (64, 100)])
