@@ -64,6 +64,7 @@ import pandas as pd
 
 from analysis.protocol import (
     TUNING_SEED_BASE,
+    RunCurves,
     budget_table,
     choose_rates,
     extend_grids,
@@ -279,32 +280,32 @@ def _optimizer(cell: Cell) -> str:
 # tables
 
 
-def _steps_to(g: pd.DataFrame, unit: str, end: float) -> float:
-    """The first step at which run ``g`` (sorted by step) had spent at least ``end`` in ``unit``."""
-    hit = g.step[g[unit].to_numpy() >= end - 1e-9]
-    return float(hit.iloc[0]) if len(hit) else float("nan")
-
-
 def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int]) -> pd.DataFrame:
     """One row per (evaluation run, unit) at that unit's chosen rate: the cell and method
     columns, ``seed``, ``problem_set_seed``, ``lr``, ``lr_edge``, ``budget`` (the unit's),
-    ``reached`` (the run spent it), ``steps`` (steps taken to reach it), ``pass1_start``,
-    ``pass1_at`` / ``pass1_auc`` (training exact pass@1 at the budget / mean over [0, budget]),
-    ``heldout_pass1_at`` / ``heldout_pass1_auc`` and ``pivot_oracle_success`` (mean exact
-    P(success | branch prefix) over the run's steps; NaN for root sampling)."""
+    ``reached`` (the run spent it), ``steps`` (steps taken to reach it: the first step at which the
+    run had spent at least the budget), ``pass1_start``, ``pass1_at`` / ``pass1_auc`` (training
+    exact pass@1 at the budget / mean over [0, budget]), ``heldout_pass1_at`` /
+    ``heldout_pass1_auc`` and ``pivot_oracle_success`` (mean exact P(success | branch prefix) over
+    the run's steps; NaN for root sampling). Every run is read in one vectorised pass
+    (:class:`~analysis.protocol.RunCurves`)."""
     keep = (*REGIME, "name", "family")
-    table = budget_table(runs, keep=keep, ends={u: float(e) for u, e in ends.items()})
-    extra = {}
-    for key, g in runs.groupby(["variant", "lr", "seed"], sort=False):
-        g = g.sort_values("step")
-        extra[key] = {"problem_set_seed": int(g.problem_set_seed.iloc[0]),
-                      "pivot_oracle_success": float(g.pivot_oracle_success.mean()),
-                      **{f"steps_{u}": _steps_to(g, u, ends[u]) for u in BUDGET_UNITS}}
+    curves = RunCurves(runs, ["variant", "lr", "seed"])
+    table = budget_table(runs, keep=keep, ends={u: float(e) for u, e in ends.items()}, curves=curves)
+    # per run, aligned with the rows of `table`
+    problem_set_seed = np.array([int(v) for v in curves.first("problem_set_seed")], dtype=object)
+    pivot_oracle_success = curves.mean("pivot_oracle_success")
+    step = curves.column("step")
+    steps_to = {}
+    for u in BUDGET_UNITS:
+        first = curves.first_where(curves.column(u) >= ends[u] - 1e-9)
+        steps_to[u] = np.array([float(step[i]) if i >= 0 else float("nan") for i in first])
     chosen = tuned[tuned.chosen.astype(bool)]
     frames = []
     for u in BUDGET_UNITS:
         rate = chosen[chosen.unit == u].set_index("variant")[["lr", "edge"]]
-        sel = table[np.isclose(table.lr.to_numpy(), rate.lr.reindex(table.variant).to_numpy(), rtol=1e-9, atol=0)]
+        mask = np.isclose(table.lr.to_numpy(), rate.lr.reindex(table.variant).to_numpy(), rtol=1e-9, atol=0)
+        sel = table[mask]
         f = pd.DataFrame({
             **{c: sel[c].to_numpy() for c in ("variant", *keep)}, "unit": u, "seed": sel.seed.to_numpy(),
             "lr": sel.lr.to_numpy(), "lr_edge": rate.edge.reindex(sel.variant).astype(bool).to_numpy(),
@@ -313,10 +314,9 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
         if f"heldout_pass1_at_{u}" in sel:
             f["heldout_pass1_at"] = sel[f"heldout_pass1_at_{u}"].to_numpy()
             f["heldout_pass1_auc"] = sel[f"heldout_pass1_auc_{u}"].to_numpy()
-        keys = list(zip(sel.variant, sel.lr, sel.seed))
-        for col in ("problem_set_seed", "pivot_oracle_success"):
-            f[col] = [extra[k][col] for k in keys]
-        f["steps"] = [extra[k][f"steps_{u}"] for k in keys]
+        f["problem_set_seed"] = problem_set_seed[mask].tolist()
+        f["pivot_oracle_success"] = pivot_oracle_success[mask].tolist()
+        f["steps"] = steps_to[u][mask].tolist()
         frames.append(f)
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values([*CELL, "name", "seed"], key=_map_order, kind="stable").reset_index(drop=True)
@@ -563,7 +563,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
                           "intervals need two seeds; evaluation seeds stay below the tuning seeds)")
     from analysis.studies import run_sim_cell, sim_run_complete
-    from analysis.sweep import cells_done
+    from analysis.sweep import CellTables
     from sims.optim import DEFAULT_LR
     sz = SIZES[size]
     ends = budgets(sz)
@@ -576,13 +576,16 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
               for o, lr in DEFAULT_LR.items()}
     tune = tuning_cells(base, grids, sz.tuning_seeds, ends["tokens"], "tokens", sz.max_steps)
     stage = "learning-rate tuning"
+    tune_tables = CellTables(d / "tuning", sim_run_complete)  # every cell file is read once
+    eval_tables = CellTables(d, sim_run_complete)
+    float_ends = {k: float(v) for k, v in ends.items()}
     try:
         while True:
-            ran += len(tune) - cells_done(tune, d / "tuning", sim_run_complete)
+            ran += len(tune) - tune_tables.count_finished(tune)
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
-                                    complete=sim_run_complete)
-            tables = {u: choose_rates(tuning_runs, unit=u, ends={k: float(v) for k, v in ends.items()})
-                      for u in BUDGET_UNITS}
+                                    complete=sim_run_complete, tables=tune_tables)
+            per_tuning = budget_table(tuning_runs, ends=float_ends)  # both units' readings, once
+            tables = {u: choose_rates(tuning_runs, unit=u, ends=float_ends, per=per_tuning) for u in BUDGET_UNITS}
             grown = False
             for opt, (lo, hi) in limits.items():
                 mine = {c.variant for c in base if _optimizer(c) == opt}
@@ -598,9 +601,9 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         evaluation = [with_protocol(c, float(lr), ends["tokens"], "tokens", sz.max_steps, seed=s)
                       for c in base for lr in sorted(rates[c.variant]) for s in range(seeds)]
         stage = "evaluation"
-        ran += len(evaluation) - cells_done(evaluation, d, sim_run_complete)
+        ran += len(evaluation) - eval_tables.count_finished(evaluation)
         runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
-                         complete=sim_run_complete)
+                         complete=sim_run_complete, tables=eval_tables)
         stage = "writing the tables and figures"
         per = per_run_table(runs, tuned, ends)
         write_csv_atomic(d / "per_run.csv", per)

@@ -31,6 +31,7 @@ probes' columns (:mod:`analysis.probes`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from analysis.protocol import (
     with_protocol,
 )
 from analysis.stats import ALPHA, EQUIVALENCE_MARGIN, ci_errorbar, compare_pairs, mean_ci, summarize
-from analysis.sweep import Cell, run_sweep
+from analysis.sweep import Cell, CellTables, run_sweep
 from deepgrpo.ledger import BUDGET_UNITS
 from deepgrpo.records import Interrupted, atomic_write, versions, write_csv_atomic, write_json_atomic
 
@@ -130,17 +131,30 @@ def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
     """Whether ``frame`` (a cell file's table) is the whole history of the simulator run of
     ``cell``: steps 0, 1, ..., k in order, ending where the run stops (its step cap, or the
     first step at which it had spent its budget). A table cut at a line boundary fails this."""
-    from sims.runner import RunnerConfig
-    runner = RunnerConfig(**cell.params.get("runner", {}))
+    budget, unit, max_steps = _stopping_rule(cell.params.get("runner", {}))
     if "step" not in frame or "pass1" not in frame or frame["pass1"].isna().any():
         return False
     steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy()
     if not np.array_equal(steps, np.arange(len(frame))):
         return False
-    last = frame.iloc[-1]
-    if runner.budget is not None and runner.budget_unit in frame:
-        return bool(last[runner.budget_unit] >= runner.budget) or int(last["step"]) == runner.steps
-    return int(last["step"]) == runner.steps
+    last_step = int(frame["step"].iloc[-1])
+    if budget is not None and unit in frame:
+        return bool(frame[unit].iloc[-1] >= budget) or last_step == max_steps
+    return last_step == max_steps
+
+
+_STOPPING_RULES: dict[str, tuple[Any, str, int]] = {}
+
+
+def _stopping_rule(runner: dict[str, Any]) -> tuple[Any, str, int]:
+    """``(budget, budget_unit, steps)`` of ``RunnerConfig(**runner)``, built once per distinct
+    ``runner`` (a sweep checks thousands of cells that share a few)."""
+    key = json.dumps(runner, sort_keys=True, default=repr)
+    if key not in _STOPPING_RULES:
+        from sims.runner import RunnerConfig
+        r = RunnerConfig(**runner)
+        _STOPPING_RULES[key] = (r.budget, r.budget_unit, r.steps)
+    return _STOPPING_RULES[key]
 
 
 def _cell(study: str, variant: str, seed: int, size: Size, method: str, algo: dict | None = None,
@@ -922,15 +936,16 @@ def lr_grid(size: Size) -> list[float]:
     return [float(f * lr) for f in size.lr_factors]
 
 
-def _kept(d: Path, tune: list[Cell], evaluation: list[Cell]) -> str:
+def _kept(d: Path, tune: list[Cell], evaluation: list[Cell], tune_tables: CellTables,
+          eval_tables: CellTables) -> str:
     """What an interrupted study kept, in one line (``evaluation``: the evaluation cells, empty
-    while the rates are being tuned: then the evaluation files an earlier run left are counted)."""
-    from analysis.sweep import cells_done
+    while the rates are being tuned: then the evaluation files an earlier run left are counted;
+    the tables: what the study has read of ``d / "tuning"`` and ``d``, not read again)."""
     if evaluation:
-        evaluated = cells_done(evaluation, d, sim_run_complete)
+        evaluated = eval_tables.count_finished(evaluation)
     else:
         evaluated = len(list((d / "cells").glob("*.csv"))) if (d / "cells").is_dir() else 0
-    return (f"{cells_done(tune, d / 'tuning', sim_run_complete)} of {len(tune)} tuning runs and {evaluated} "
+    return (f"{tune_tables.count_finished(tune)} of {len(tune)} tuning runs and {evaluated} "
             f"evaluation runs are finished and kept in {d}; rerun the same command to resume")
 
 
@@ -985,10 +1000,12 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
     tune = tuning_cells(base, grids, sz.tuning_seeds, total, budget_unit, sz.max_steps)
     stage = "learning-rate tuning"
     evaluation: list[Cell] = []
+    tune_tables = CellTables(d / "tuning", sim_run_complete)  # every cell file is read once
+    eval_tables = CellTables(d, sim_run_complete)
     try:
         while True:  # extend a variant's grid past an end where its best rate lies, up to the limits
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
-                                    complete=sim_run_complete)
+                                    complete=sim_run_complete, tables=tune_tables)
             table = choose_rates(tuning_runs)
             if not extend_grids(table, grids, *limits):
                 break
@@ -999,12 +1016,13 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
         evaluation = [with_protocol(c, chosen[c.variant], total, budget_unit, sz.max_steps) for c in cells]
         stage = "evaluation"
         runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
-                         complete=sim_run_complete)
+                         complete=sim_run_complete, tables=eval_tables)
         stage = "writing the summary and figure"
         write_csv_atomic(d / "summary.csv", study.summary(runs))
         study.plot(runs, d / f"{name}.png")
     except KeyboardInterrupt:  # also the sweeps' Interrupted: say what this study kept
-        raise Interrupted(f"study {name}, during {stage}: {_kept(d, tune, evaluation)}") from None
+        raise Interrupted(f"study {name}, during {stage}: "
+                          f"{_kept(d, tune, evaluation, tune_tables, eval_tables)}") from None
     from sims.runner import RunnerConfig
     write_json_atomic(d / "study.json", {
         "study": name, "question": study.question, "seeds": seeds, "evaluation_seeds": list(range(seeds)),

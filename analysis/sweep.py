@@ -8,7 +8,9 @@ counts as finished only if its file is whole: it parses, ends with a full line, 
 columns of the cell and at least one row, every row names the cell's study, variant and seed,
 and the sweep's own check (``complete``, e.g. "the run reached its budget") accepts it; any
 other file (empty, cut short, damaged) is computed again. The table of the whole sweep,
-``DIR/<name>.csv``, is rebuilt from the cell files at the end.
+``DIR/<name>.csv``, is rebuilt from the cell files at the end. Each cell file is read once per
+process (:class:`CellTables`: checked and kept in one read; files that share a header are parsed
+together), and the table is one concatenation of what was read.
 
 Table layout: ``study``, ``variant`` (a display label, never parsed), the cell's columns (e.g.
 ``N``, ``recovery``, ``gamma``), then the worker's row columns (``seed``, ``step``, ...).
@@ -27,9 +29,12 @@ are abandoned) and raises :class:`deepgrpo.records.Interrupted` saying what was 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from deepgrpo.records import Interrupted, write_csv_atomic
@@ -76,9 +82,10 @@ class Cell:
                 raise ValueError(f"Cell column {name} = {value!r} is invalid: expected a str, int, float, bool "
                                  f"or None")
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Stable file name for this cell: a hash of everything that defines the run."""
+        """Stable file name for this cell: a hash of everything that defines the run (computed once
+        per cell: a cell is never changed, :func:`dataclasses.replace` makes a new one)."""
         blob = json.dumps(asdict(self), sort_keys=True, default=str)
         return f"{self.variant}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}".replace("/", "_")
 
@@ -204,53 +211,359 @@ CellCheck = Callable[[Cell, pd.DataFrame], bool]
 """A sweep's own test that a cell's table is its whole result (e.g. the run reached its budget)."""
 
 
-def load_cell(out_dir: str | os.PathLike, cell: Cell, complete: CellCheck | None = None) -> pd.DataFrame | None:
-    """The table of ``cell`` from its file in ``out_dir`` if the file holds the cell's whole
-    result (see the module docstring), else None (missing, empty, cut short or damaged: the
-    cell is to be computed again)."""
-    path = _cell_path(Path(out_dir), cell)
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                return None
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # cut in the middle of a line
-                return None
-        frame = pd.read_csv(path, dtype={"study": str, "variant": str})
-    except (OSError, ValueError, UnicodeDecodeError):  # missing, unreadable or not a table (pandas: ValueError)
-        return None
+CSV_DTYPES = {"study": str, "variant": str}
+"""How a cell file's columns are typed when read (the rest: as pandas infers them)."""
+
+
+def _parse_cell(raw: bytes) -> pd.DataFrame:
+    """The table in a cell file's bytes, as ``pd.read_csv`` reads the file (raises as it does)."""
+    return pd.read_csv(io.BytesIO(raw), dtype=CSV_DTYPES)
+
+
+def _whole_file(raw: bytes) -> bool:
+    """The cheap part of "the file is whole": not empty, and it ends with a full line."""
+    return len(raw) > 0 and raw[-1:] == b"\n"
+
+
+def _accepts(cell: Cell, frame: pd.DataFrame, complete: CellCheck | None) -> bool:
+    """Whether ``frame`` (the table of ``cell``'s file) holds the cell's whole result: the cell's
+    columns, at least one row, every row naming the cell's study, variant and seed, and the
+    sweep's own check."""
     needed = {"study", "variant", "seed", *cell.columns}
     if len(frame) == 0 or not needed <= set(frame.columns):
-        return None
+        return False
     seeds = pd.to_numeric(frame["seed"], errors="coerce")
     if not ((frame["study"] == cell.study).all() and (frame["variant"] == cell.variant).all()
             and (seeds == cell.seed).all()):
+        return False
+    return complete is None or bool(complete(cell, frame))
+
+
+def load_cell(out_dir: str | os.PathLike, cell: Cell, complete: CellCheck | None = None) -> pd.DataFrame | None:
+    """The table of ``cell`` from its file in ``out_dir`` if the file holds the cell's whole
+    result (see the module docstring), else None (missing, empty, cut short or damaged: the
+    cell is to be computed again). One file; :class:`CellTables` reads many at once."""
+    try:
+        raw = _cell_path(Path(out_dir), cell).read_bytes()
+        if not _whole_file(raw):  # empty, or cut in the middle of a line
+            return None
+        frame = _parse_cell(raw)
+    except (OSError, ValueError, UnicodeDecodeError):  # missing, unreadable or not a table (pandas: ValueError)
         return None
-    if complete is not None and not complete(cell, frame):
-        return None
-    return frame
+    return frame if _accepts(cell, frame, complete) else None
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t]*\n")
+"""A line pandas skips (empty or blank): a file with one is parsed alone (its rows != its lines)."""
+_BOOL_WORDS = frozenset({"true", "false"})
+
+
+def _numeric_word(s: str) -> bool:
+    """Whether pandas might read ``s`` as a number or a bool (erring towards yes)."""
+    if s.strip().lower() in _BOOL_WORDS:
+        return True
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _safe_joint_column(col: pd.Series, files: np.ndarray, n_files: int) -> bool:
+    """Whether column ``col`` of a joint parse of ``n_files`` cell files (``files``: the file of
+    each row) has the values and dtype that parsing each file alone and concatenating gives:
+    int64 and bool (every file had them), float64 (each file float64 or int64; integers within
+    2**53 and no -0.0, so that int-to-float and text-to-float agree), or text where every file has
+    a value that is no number (so no file alone reads as numbers, bools or an all-missing float
+    column)."""
+    kind = col.dtype.kind
+    if kind in "ib":
+        return True
+    if kind == "f":
+        v = col.to_numpy()
+        fin = v[np.isfinite(v)]
+        return not (np.any(np.abs(fin) >= 2.0 ** 53) or np.any((fin == 0) & np.signbit(fin)))
+    if not isinstance(col.dtype, pd.StringDtype):
+        return False
+    codes, uniques = pd.factorize(col)
+    text = np.array([not _numeric_word(u) for u in uniques], dtype=bool)
+    has_text = np.zeros(len(col), dtype=bool)
+    has_text[codes >= 0] = text[codes[codes >= 0]]
+    return bool((np.bincount(files[has_text], minlength=n_files) > 0).all())
+
+
+@dataclass(eq=False)
+class _Part:
+    """One parse: the table of one cell file, or of several files with one header parsed as one
+    CSV text (``frame``); ``keys``: the cells whose rows it holds."""
+
+    frame: pd.DataFrame
+    keys: list[str]
+
+
+class CellTables:
+    """The tables of the cell files of one sweep directory ``out_dir``, each file read once per
+    process: :meth:`finished` reads and checks (with the sweep's ``complete``) the files of cells
+    it has not seen, keeping each accepted table; :meth:`read_new` reads the files of cells just
+    computed; :meth:`table` concatenates the tables of a sweep's cells.
+
+    Parsing thousands of small files one ``pd.read_csv`` at a time costs milliseconds each, so
+    the files that share a header line are parsed together, as one CSV text, and each cell's
+    table is its rows of that parse. The result is the same as reading each file alone and
+    concatenating (values, dtypes, column and row order): a file or group whose joint parse could
+    differ (quotes, blank lines, a column whose type depends on the rows, a parse error) is
+    parsed file by file, and a cell whose rows share a parse with cells outside the table asked
+    for is read again alone.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, complete: CellCheck | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.complete = complete
+        self._rows: dict[str, tuple[_Part, int, int]] = {}  # cell key -> (parse, first row, end row)
+        self._checked: set[str] = set()  # keys whose table passed the checks
+        self._rejected: dict[str, tuple[int, int, int] | None] = {}  # key -> the file (stat) that failed them
+
+    # -- reading
+
+    def finished(self, cells: Sequence[Cell]) -> list[bool]:
+        """Whether each of ``cells`` is finished (its file holds its whole result, see the module
+        docstring); a file not read before is read now, once."""
+        known = [c for c in cells if c.key in self._rows and c.key not in self._checked]
+        if known:  # read by :meth:`read_new`, not checked yet: check what was read
+            by_part: dict[int, list[Cell]] = {}
+            for c in known:
+                by_part.setdefault(id(self._rows[c.key][0]), []).append(c)
+            for group in by_part.values():
+                ok = self._check(self._rows[group[0].key][0], group)
+                for c, good in zip(group, ok):
+                    if good:
+                        self._checked.add(c.key)
+                    else:
+                        del self._rows[c.key]
+                        self._rejected[c.key] = self._stat(c)
+        unread = [c for c in cells if c.key not in self._rows
+                  and not (c.key in self._rejected and self._stat(c) == self._rejected[c.key])]
+        stats = {c.key: self._stat(c) for c in unread}  # before reading: a file replaced meanwhile is read again
+        self._read(unread, check=True)
+        for c in unread:
+            if c.key not in self._rows:
+                self._rejected[c.key] = stats[c.key]
+        return [c.key in self._rows for c in cells]
+
+    def _stat(self, cell: Cell) -> tuple[int, int, int] | None:
+        """Which file ``cell`` has (inode, size, modification time; None: none): a rejected file is
+        not read again until it is replaced (cell files are replaced by renames, new inodes)."""
+        try:
+            st = _cell_path(self.out_dir, cell).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def count_finished(self, cells: Sequence[Cell]) -> int:
+        """How many of ``cells`` are finished (:meth:`finished`)."""
+        return sum(self.finished(cells))
+
+    def read_new(self, cells: Sequence[Cell]) -> None:
+        """Read the files of ``cells``, just computed (written whole, atomically: not checked
+        unless :meth:`finished` asks), in place of anything read for them before."""
+        for c in cells:
+            self._rows.pop(c.key, None)
+            self._checked.discard(c.key)
+            self._rejected.pop(c.key, None)
+        self._read(list(cells), check=False)
+
+    def _read(self, cells: list[Cell], check: bool) -> None:
+        """Read the files of ``cells``; with ``check``, keep only the tables that pass the checks
+        (:func:`load_cell`'s), else keep every one (a file that is not a table raises)."""
+        alone: list[tuple[Cell, bytes]] = []
+        groups: dict[bytes, list[tuple[Cell, bytes]]] = {}
+        for c in cells:
+            try:
+                raw = _cell_path(self.out_dir, c).read_bytes()
+            except OSError:
+                if check:
+                    continue
+                raise
+            if check and not _whole_file(raw):
+                continue
+            head, sep, body = raw.partition(b"\n")
+            rows = body.count(b"\n")
+            if (not sep or rows == 0 or body[-1:] != b"\n" or b'"' in raw or b"\r" in raw or b"\x00" in raw
+                    or _BLANK_LINE.search(b"\n" + body) or rows >= _chunk_rows(head)):
+                alone.append((c, raw))
+            else:
+                groups.setdefault(head, []).append((c, raw))
+        for members in groups.values():
+            self._read_group(members, check, alone)
+        for c, raw in alone:
+            if check:
+                try:
+                    frame = _parse_cell(raw)
+                except (ValueError, UnicodeDecodeError):
+                    continue
+            else:
+                frame = _parse_cell(raw)
+            part = _Part(frame, [c.key])
+            if check and not self._check(part, [c], [(0, len(frame))])[0]:
+                continue
+            self._keep(part, [c], check)
+
+    def _read_group(self, members: list[tuple[Cell, bytes]], check: bool,
+                    alone: list[tuple[Cell, bytes]]) -> None:
+        """Parse the files ``members`` (one header) as one text; on any doubt, add them to
+        ``alone``. Cells whose table fails the checks are dropped and the rest parsed again
+        without their rows (so that no dropped row types a column)."""
+        while members:
+            if len(members) == 1:
+                alone.extend(members)
+                return
+            rows = np.array([raw.count(b"\n") - 1 for _, raw in members])
+            head = members[0][1].partition(b"\n")[0]
+            text = b"".join([head, b"\n", *(raw.partition(b"\n")[2] for _, raw in members)])
+            try:
+                frame = pd.read_csv(io.BytesIO(text), dtype=CSV_DTYPES, low_memory=False)
+            except (ValueError, UnicodeDecodeError):
+                alone.extend(members)
+                return
+            files = np.repeat(np.arange(len(members)), rows)
+            if (len(frame) != rows.sum() or not isinstance(frame.index, pd.RangeIndex)
+                    or not all(_safe_joint_column(frame[name], files, len(members))
+                               for name in frame.columns if name not in CSV_DTYPES)):
+                alone.extend(members)
+                return
+            cells = [c for c, _ in members]
+            part = _Part(frame, [c.key for c in cells])
+            ends = np.cumsum(rows)
+            bounds = list(zip((ends - rows).tolist(), ends.tolist()))
+            ok = self._check(part, cells, bounds) if check else [True] * len(cells)
+            if all(ok):
+                self._keep(part, cells, check, bounds)
+                return
+            members = [m for m, good in zip(members, ok) if good]
+
+    def _check(self, part: _Part, cells: list[Cell], bounds: list[tuple[int, int]] | None = None) -> list[bool]:
+        """Whether the table of each of ``cells`` in ``part`` (rows ``bounds``, default: as kept)
+        passes :func:`load_cell`'s checks; the row-wise ones for all cells at once."""
+        if bounds is None:
+            bounds = [self._rows[c.key][1:] for c in cells]
+        frame = part.frame
+        columns = set(frame.columns)
+        starts = np.array([a for a, _ in bounds], dtype=np.int64)
+        rows = np.array([b - a for a, b in bounds], dtype=np.int64)
+        idx = np.repeat(starts - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))  # every cell's rows
+        ok = rows > 0
+        ok &= [{"study", "variant", "seed", *c.columns} <= columns for c in cells]
+        if ok.any() and {"study", "variant", "seed"} <= columns:
+            file = np.repeat(np.arange(len(cells)), rows)
+            study = frame["study"].to_numpy()[idx] == np.repeat(np.array([c.study for c in cells], dtype=object), rows)
+            variant = (frame["variant"].to_numpy()[idx]
+                       == np.repeat(np.array([c.variant for c in cells], dtype=object), rows))
+            seed = (pd.to_numeric(frame["seed"], errors="coerce").to_numpy()[idx]
+                    == np.repeat(np.array([c.seed for c in cells]), rows))
+            ok &= np.bincount(file[~(study & variant & seed)], minlength=len(cells)) == 0
+        out = ok.tolist()
+        if self.complete is not None:
+            for i, (c, (a, b)) in enumerate(zip(cells, bounds)):
+                if out[i]:
+                    out[i] = bool(self.complete(c, frame.iloc[a:b]))
+        return out
+
+    def _keep(self, part: _Part, cells: list[Cell], checked: bool,
+              bounds: list[tuple[int, int]] | None = None) -> None:
+        for i, c in enumerate(cells):
+            self._rows[c.key] = (part, *(bounds[i] if bounds is not None else (0, len(part.frame))))
+            if checked:
+                self._checked.add(c.key)
+
+    # -- the table
+
+    def table(self, cells: Sequence[Cell]) -> pd.DataFrame:
+        """The tidy table of ``cells`` (all read: finished or just computed): their tables
+        concatenated in order, as ``pd.concat`` of the files read one by one gives it."""
+        if not cells:
+            return pd.DataFrame()
+        missing = [c.variant for c in cells if c.key not in self._rows]
+        if missing:
+            raise ValueError(f"cells not read: {missing[:3]}")
+        wanted = {c.key for c in cells}
+        clean = {}  # per parse: whether all its rows are of wanted cells
+        for key in wanted:
+            part = self._rows[key][0]
+            if id(part) not in clean:
+                clean[id(part)] = self._only(part, wanted)
+        stray = [c for c in cells if not clean[id(self._rows[c.key][0])]]
+        if stray:  # their parse holds rows of other cells (or older tables), which may have typed a column
+            self._reread(stray)
+        parts = list({id(self._rows[c.key][0]): self._rows[c.key][0] for c in cells}.values())
+        if not _concat_types_agree(parts):
+            self._reread([c for c in cells if len(self._rows[c.key][0].keys) > 1])
+            parts = list({id(self._rows[c.key][0]): self._rows[c.key][0] for c in cells}.values())
+        offset, at = 0, {}
+        for part in parts:
+            at[id(part)] = offset
+            offset += len(part.frame)
+        spans = [self._rows[c.key] for c in cells]
+        starts = np.array([at[id(part)] + a for part, a, _ in spans], dtype=np.int64)
+        rows = np.array([b - a for _, a, b in spans], dtype=np.int64)
+        idx = np.repeat(starts - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))
+        whole = pd.concat([p.frame for p in parts], ignore_index=True) if len(parts) > 1 else parts[0].frame
+        columns = list(dict.fromkeys(name for part in parts for name in part.frame.columns))  # as pd.concat
+        return whole.take(idx).reset_index(drop=True)[columns]
+
+    def _only(self, part: _Part, wanted: set[str]) -> bool:
+        """Whether every row of ``part`` belongs to a cell in ``wanted`` whose table it still is."""
+        return all(k in wanted and (k in self._rows and self._rows[k][0] is part) for k in part.keys)
+
+    def _reread(self, cells: list[Cell]) -> None:
+        """Read the files of ``cells`` again, each alone (keeping whether they passed the checks)."""
+        for c in cells:
+            frame = _parse_cell(_cell_path(self.out_dir, c).read_bytes())
+            self._rows[c.key] = (_Part(frame, [c.key]), 0, len(frame))
+
+
+def _chunk_rows(head: bytes) -> int:
+    """Rows above which ``pd.read_csv`` (low_memory) types a file of this header chunk by chunk,
+    halved: a longer file is parsed alone, as it would be."""
+    heuristic = (1 << 20) // max(1, head.count(b",") + 1)
+    lines = 1
+    while lines * 2 < heuristic:
+        lines *= 2
+    return max(1, lines // 2)
+
+
+def _concat_types_agree(parts: list[_Part]) -> bool:
+    """Whether concatenating ``parts`` types every column as concatenating their files one by one
+    would: per column, the parts agree on its dtype, or they are all int64 or float64."""
+    seen: dict[str, set[str]] = {}
+    for p in parts:
+        for name, dtype in p.frame.dtypes.items():
+            seen.setdefault(name, set()).add(str(dtype))
+    return all(len(d) == 1 or d <= {"int64", "float64"} for d in seen.values())
 
 
 def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any]]], out_dir: str | os.PathLike,
               name: str, workers: int | None = None, progress: bool = True,
-              complete: CellCheck | None = None) -> pd.DataFrame:
+              complete: CellCheck | None = None, tables: CellTables | None = None) -> pd.DataFrame:
     """Run every unfinished cell with ``worker`` (a picklable module-level function) in a
     process pool of ``workers`` processes (default and at most: the usable CPUs), then write and
     return the tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, the
     cells' columns and ``seed``; see :func:`cell_frame`). A cell is finished when
-    :func:`load_cell` accepts its file (with the sweep's own check ``complete``); any other
-    cell file is computed again.
+    :func:`load_cell`'s checks accept its file (with the sweep's own check ``complete``); any
+    other cell file is computed again. ``tables``: the :class:`CellTables` of ``out_dir`` (with
+    ``complete``) that earlier calls read, so that no file is read twice (default: a new one).
 
     Returns the table of *all* ``cells`` (finished earlier or now).
     """
     out = Path(out_dir)
+    if tables is None:
+        tables = CellTables(out, complete)
+    elif tables.out_dir.resolve() != out.resolve() or tables.complete is not complete:
+        raise ValueError(f"tables read {tables.out_dir} with another check; this sweep is in {out}")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate cells in sweep")
-    done = {c.key: frame for c in cells if (frame := load_cell(out, c, complete)) is not None}
-    todo = [c for c in cells if c.key not in done]
+    todo = [c for c, done in zip(cells, tables.finished(cells)) if not done]
     damaged = sum(_cell_path(out, c).exists() for c in todo)
     if damaged:
         print(f"{name}: {damaged} cell file(s) in {out / 'cells'} are empty, cut short or damaged; computing them "
@@ -273,7 +586,7 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
                 torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
         except KeyboardInterrupt:
             _close(bar)
-            raise Interrupted(_kept(cells, out, complete)) from None
+            raise Interrupted(_kept(cells, out, complete, tables)) from None
     elif todo:
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
         try:
@@ -286,15 +599,14 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
         except KeyboardInterrupt:
             _stop_pool(pool)
             _close(bar)
-            raise Interrupted(_kept(cells, out, complete)) from None
+            raise Interrupted(_kept(cells, out, complete, tables)) from None
         except BaseException:
             _stop_pool(pool)
             raise
         pool.shutdown(wait=True)
     _close(bar)
-    frames = [done[c.key] if c.key in done else pd.read_csv(_cell_path(out, c), dtype={"study": str, "variant": str})
-              for c in cells]
-    table = pd.concat(frames, ignore_index=True) if cells else pd.DataFrame()
+    tables.read_new(todo)
+    table = tables.table(cells)
     write_csv_atomic(out / f"{name}.csv", table)
     return table
 
@@ -316,13 +628,16 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         p.join(5)
 
 
-def _kept(cells: Sequence[Cell], out: Path, complete: CellCheck | None = None) -> str:
-    """What an interrupted sweep kept, in one line."""
-    return (f"{cells_done(cells, out, complete)} of {len(cells)} runs are finished and kept in {out / 'cells'}; "
-            f"rerun the same command to resume")
+def _kept(cells: Sequence[Cell], out: Path, complete: CellCheck | None = None,
+          tables: CellTables | None = None) -> str:
+    """What an interrupted sweep kept, in one line (``tables``: what the sweep has read already)."""
+    done = (tables or CellTables(out, complete)).count_finished(cells)
+    return f"{done} of {len(cells)} runs are finished and kept in {out / 'cells'}; rerun the same command to resume"
 
 
-def cells_done(cells: Sequence[Cell], out_dir: str | os.PathLike, complete: CellCheck | None = None) -> int:
+def cells_done(cells: Sequence[Cell], out_dir: str | os.PathLike, complete: CellCheck | None = None,
+               tables: CellTables | None = None) -> int:
     """How many of ``cells`` are finished in ``out_dir`` (their file holds their whole result:
-    :func:`load_cell`)."""
-    return sum(load_cell(out_dir, c, complete) is not None for c in cells)
+    :func:`load_cell`'s checks); ``tables``: the :class:`CellTables` of ``out_dir`` to read
+    through (a file it has read is not read again)."""
+    return (tables or CellTables(out_dir, complete)).count_finished(cells)
