@@ -28,7 +28,6 @@ are abandoned) and raises :class:`deepgrpo.records.Interrupted` saying what was 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
@@ -38,7 +37,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deepgrpo.records import Interrupted, write_csv_atomic
+from deepgrpo.records import Interrupted, signals_held, write_csv_atomic
 
 RESERVED_COLUMNS = ("study", "variant", "seed")
 """Columns every sweep table has besides the cells' own (``seed`` comes from the cell if the
@@ -133,34 +132,6 @@ def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-
-
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Signals :func:`_signals_held` holds back."""
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while the pool forks its workers, then deliver one that
-    arrived to the handler it was meant for. An exception raised while Python runs its fork
-    hooks is printed and dropped ("Exception ignored"), so a Ctrl-C landing in a fork would be
-    lost and the sweep would go on; held back, it stops the sweep right after the fork."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            s, handler = caught[0], previous[caught[0]]
-            if callable(handler):
-                handler(s, None)  # Ctrl-C: KeyboardInterrupt; SIGTERM under `deepgrpo`: Terminated
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(s)
 
 
 def usable_cpus() -> int:
@@ -590,7 +561,9 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     elif todo:
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
         try:
-            with _signals_held():  # the first submit forks every worker
+            # the first submit forks every worker: a Ctrl-C or SIGTERM raised in Python's fork hooks
+            # would be printed and dropped, so they are held back and delivered right after
+            with signals_held():
                 futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]
             for f in as_completed(futures):
                 f.result()
