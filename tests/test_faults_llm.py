@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from private_mounts import run_in_private_mounts  # noqa: E402
+from private_mounts import needs_root, run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -98,6 +98,7 @@ def _in_private_mounts(script: str, mount_setup: str, cwd: Path) -> subprocess.C
     return p
 
 
+@needs_root
 def test_disk_full_during_training_and_sft_is_one_line_and_resumes_to_the_same_run(micro, tmp_path):
     ref = tmp_path / "ref"
     p = _deepgrpo([*_train_args(micro, ref), "--no-tensorboard"], tmp_path)
@@ -224,6 +225,7 @@ def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(micro,
     assert json.loads((out / "config.json").read_text())["train"]["method"] == "deep-grpo"
 
 
+@needs_root
 def test_eval_to_a_read_only_place_is_refused_before_evaluating(micro, tmp_path):
     model, _ = micro
     mnt = tmp_path / "mnt"

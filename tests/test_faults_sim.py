@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from private_mounts import run_in_private_mounts  # noqa: E402
+from private_mounts import needs_root, run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -56,6 +56,7 @@ def reference(tmp_path_factory) -> bytes:
     return (out / "history.csv").read_bytes()
 
 
+@needs_root
 @pytest.mark.parametrize("size_k,fill_k", [(12, 0), (64, 100)], ids=["fills-up-while-writing", "full-from-the-start"])
 def test_disk_full_is_one_line_and_the_run_resumes_once_space_is_freed(reference, tmp_path, size_k, fill_k):
     mnt, out = tmp_path / "mnt", tmp_path / "mnt" / "run"
@@ -80,6 +81,7 @@ def test_disk_full_is_one_line_and_the_run_resumes_once_space_is_freed(reference
     assert (tmp_path / "history.csv").read_bytes() == reference
 
 
+@needs_root
 def test_a_read_only_out_is_one_line_before_any_work(tmp_path):
     ro = tmp_path / "ro"
     (ro / "run").mkdir(parents=True)

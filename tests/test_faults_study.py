@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from private_mounts import run_in_private_mounts  # noqa: E402
+from private_mounts import needs_root, run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -209,6 +209,7 @@ def _in_private_mounts(script: str) -> subprocess.CompletedProcess:
     return run_in_private_mounts(script, _env())
 
 
+@needs_root
 @pytest.mark.parametrize("size_k,fill_k", [(24, 0), (64, 0), (64, 100)])
 def test_disk_full_is_one_line_and_the_study_resumes_once_space_is_freed(reference, tmp_path, size_k, fill_k):
     import shlex
@@ -237,6 +238,7 @@ def test_disk_full_is_one_line_and_the_study_resumes_once_space_is_freed(referen
     assert _tables(tmp_path / "copy") == reference
 
 
+@needs_root
 def test_a_read_only_out_is_one_line_before_any_work(tmp_path):
     import shlex
     ro = tmp_path / "ro"
