@@ -165,11 +165,6 @@ def release_output_locks() -> None:
     _LOCKS.clear()
 
 
-def held_output_dirs() -> list[Path]:
-    """The output directories this process holds the lock of."""
-    return list(_LOCKS)
-
-
 def remove_stale_temps(path: str | os.PathLike) -> int:
     """Remove what interrupted atomic writes left in and beside output directory ``path``
     (``.NAME.*.tmp`` files and directories, ``.NAME.*.old`` directories): call it only while
