@@ -906,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    from deepgrpo.records import Terminated, release_output_locks, terminate_like_ctrl_c
+    from deepgrpo.records import Terminated, describe_os_error, release_output_locks, terminate_like_ctrl_c
     argv = list(sys.argv[1:] if argv is None else argv)
     output_dir: str | None = None
     main_thread = threading.current_thread() is threading.main_thread()
@@ -926,12 +926,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; {_saved_note(output_dir)}", file=sys.stderr)
         return 128 + signal.SIGINT
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
-        where = e.filename if e.filename is not None else f"under {output_dir}"
-        print(f"{PROG}: error: {what}: {where}; {_saved_note(output_dir)}", file=sys.stderr)
+    except OSError as e:  # a full disk, a read-only or vanished path: one line naming it
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+            where = e.filename if e.filename is not None else f"under {output_dir}"
+            print(f"{PROG}: error: {what}: {where}; {_saved_note(output_dir)}", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: {describe_os_error(e)}; {_saved_note(output_dir)}", file=sys.stderr)
         return 2
     finally:
         release_output_locks()

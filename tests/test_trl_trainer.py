@@ -590,6 +590,22 @@ def test_command_line_resumes_from_a_checkpoint(two_steps, tmp_path, capsys):
         assert all(torch.equal(v, final[n]) for n, v in weights["ck"].items()), resume
 
 
+def test_command_line_any_os_error_is_one_line_exit_2(tmp_path, capsys):
+    """An operating-system failure other than a full disk (checkpoint-2's config.json is a
+    directory) is one line naming it and what was kept, exit 2, not a traceback."""
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "a-directory").mkdir()
+    (run / "checkpoint-2" / "config.json").symlink_to(tmp_path / "a-directory")
+    argv = cli(tmp_path, micro_dir(tmp_path / "model"), "--max_steps", "2", "--save_strategy", "steps",
+               "--save_steps", "1")
+    code, err = run_main(argv, capsys)
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("python -m llm.trl_trainer: error: is a directory: ") and \
+        err[-1].endswith(f"the last complete checkpoint is {run / 'checkpoint-1'}: continue with "
+                         f"--resume_from_checkpoint {run / 'checkpoint-1'}"), err
+
+
 def test_command_line_disk_full_is_one_line_exit_2_and_the_run_stays_resumable(tmp_path, capsys):
     """ENOSPC while checkpoint-2 is written (its config.json is /dev/full): one line naming the
     error and the output directory, exit 2; checkpoint-2 does not look complete."""
