@@ -105,6 +105,8 @@ class Batch:
     advantages: ``FloatTensor [B]`` (one scalar per sequence, broadcast over its tokens).
     segment_ends: list of B ``LongTensor [L_b]`` (see :class:`Rollouts`).
     extras: backend-specific per-row tensors (first dim B).
+    replica: ``LongTensor [B]`` the run each row belongs to when one batch carries R independent
+        runs (:func:`deepgrpo.explore.explore_replicas`); None = one run (all 0).
     """
 
     prompts: Sequence[Any]
@@ -121,6 +123,11 @@ class Batch:
     advantages: torch.Tensor
     segment_ends: list[torch.Tensor]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    replica: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.replica is None:
+            self.replica = torch.zeros(self.tokens.shape[0], dtype=torch.long)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -138,16 +145,28 @@ class Batch:
             group=self.group[rows], pivot_depth=self.pivot_depth[rows],
             prefix_len=self.prefix_len[rows], rewards=self.rewards[rows],
             advantages=self.advantages[rows], segment_ends=[self.segment_ends[i] for i in idx],
-            extras={k: v[rows] for k, v in self.extras.items()},
+            extras={k: v[rows] for k, v in self.extras.items()}, replica=self.replica[rows],
         )
 
     def chunks(self, size: int) -> list[Batch]:
-        """Split into consecutive micro-batches of at most ``size`` rows."""
+        """Split into micro-batches of at most ``size`` rows *of each run*: micro-batch k holds the
+        k-th ``size`` consecutive rows of every run (:attr:`replica`), so each run is split as it
+        would be alone (one run: consecutive micro-batches of at most ``size`` rows)."""
         if size < 1:
             raise ValueError(f"micro-batch size must be >= 1, got {size}")
-        if size >= len(self):
-            return [self] if len(self) else []
-        return [self.select(torch.arange(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
+        if not len(self):
+            return []
+        rep = self.replica
+        counts = torch.bincount(rep)
+        if int(counts.max()) <= size:
+            return [self]
+        # rank of each row within its run (rows of a run keep their order)
+        order = torch.argsort(rep, stable=True)
+        start = torch.cumsum(counts, 0) - counts  # [R]
+        rank = torch.empty_like(rep)
+        rank[order] = torch.arange(len(self)) - start[rep[order]]
+        chunk = rank // size  # [B]
+        return [self.select((chunk == k).nonzero().flatten()) for k in range(int(chunk.max()) + 1)]
 
 
 @runtime_checkable

@@ -31,13 +31,14 @@ points, branches as leaves) for TreeRL-style advantages (:func:`deepgrpo.advanta
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from deepgrpo.config import DENSE_STRATEGIES, DISPERSED_STRATEGIES, ExploreConfig
-from deepgrpo.pivots import gumbel_top_k, informative_utility, pivot_utility, split_evenly, utility_scores
+from deepgrpo.pivots import informative_utility, pivot_utility, split_evenly_rows, top_k_keyed, utility_scores
 
 DENSE = DENSE_STRATEGIES
 DISPERSED = DISPERSED_STRATEGIES
@@ -55,6 +56,8 @@ class CandidateSet:
     features: name -> ``[N]`` array; always holds ``rel_depth`` = (i+1)/(L+1) and the other
         entries of :data:`deepgrpo.estimators.CANDIDATE_FEATURES`, plus ``prev_surprisal``
         (max -log p over the prefix's last segment, -inf at the root) used by ``low-prob``.
+    replica: ``[N]`` the run (replica) the candidate belongs to, non-decreasing (None: all 0,
+        one run); see :func:`deepgrpo.explore.explore_replicas`.
     """
 
     traj: np.ndarray
@@ -63,6 +66,11 @@ class CandidateSet:
     prefix_len: np.ndarray
     prompt: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    replica: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.replica is None:
+            self.replica = np.zeros(self.traj.shape[0], dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.traj.shape[0])
@@ -78,7 +86,7 @@ class BranchPlan:
     """Branch points chosen for one step (P points).
 
     candidate: ``[P]`` row into the :class:`CandidateSet`.
-    traj, prompt, prefix_len, rel_depth: ``[P]`` copied from the candidate set.
+    traj, prompt, prefix_len, rel_depth, replica: ``[P]`` copied from the candidate set.
     n: ``[P]`` continuations to draw from each point (>= 1).
     """
 
@@ -88,6 +96,11 @@ class BranchPlan:
     prefix_len: np.ndarray
     rel_depth: np.ndarray
     n: np.ndarray
+    replica: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.replica is None:
+            self.replica = np.zeros(self.candidate.shape[0], dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.candidate.shape[0])
@@ -105,34 +118,80 @@ class BranchPlan:
         keep = n > 0
         rows, n = rows[keep], n[keep]
         return cls(candidate=rows, traj=cands.traj[rows], prompt=cands.prompt[rows],
-                   prefix_len=cands.prefix_len[rows], rel_depth=cands.rel_depth[rows], n=n)
+                   prefix_len=cands.prefix_len[rows], rel_depth=cands.rel_depth[rows], n=n,
+                   replica=cands.replica[rows])
+
+    def select(self, keep: np.ndarray) -> BranchPlan:
+        """The points ``keep`` (bool ``[P]`` or indices), everything else unchanged."""
+        return BranchPlan(candidate=self.candidate[keep], traj=self.traj[keep], prompt=self.prompt[keep],
+                          prefix_len=self.prefix_len[keep], rel_depth=self.rel_depth[keep], n=self.n[keep],
+                          replica=self.replica[keep])
 
 
-def _padded(cands: CandidateSet, values: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lay per-candidate ``values`` [N] out as ``[F, Lmax]`` (one row per failed trajectory).
+Rngs = np.random.Generator | Sequence[np.random.Generator]
+"""One numpy Generator (one run), or one per replica (:attr:`CandidateSet.replica` indexes it)."""
 
-    Returns (matrix [F, Lmax], valid [F, Lmax], candidate row [F, Lmax] (-1 on padding)).
+
+def _rng_list(rng: Rngs) -> Sequence[np.random.Generator]:
+    return [rng] if isinstance(rng, np.random.Generator) else rng
+
+
+@dataclass
+class _Layout:
+    """Candidates laid out one row per failed trajectory (F rows, trajectories in order).
+
+    row_of: ``[N]`` each candidate's row; valid, cand_row: ``[F, Lmax]`` (cand_row -1 on padding);
+    replica: ``[F]`` each row's replica; width: ``[F]`` each row's number of candidates.
     """
-    trajs, first = np.unique(cands.traj, return_index=True)
-    F = trajs.shape[0]
-    Lmax = int(cands.n_candidates.max()) if len(cands) else 0
-    row_of = np.searchsorted(trajs, cands.traj)  # [N] -> 0..F-1
-    mat = np.full((F, Lmax), fill, dtype=np.float64)
-    cand_row = np.full((F, Lmax), -1, dtype=np.int64)
-    mat[row_of, cands.index] = values
-    cand_row[row_of, cands.index] = np.arange(len(cands))
-    return mat, cand_row >= 0, cand_row
+
+    row_of: np.ndarray
+    valid: np.ndarray
+    cand_row: np.ndarray
+    replica: np.ndarray
+    width: np.ndarray
+
+    @classmethod
+    def of(cls, cands: CandidateSet) -> _Layout:
+        trajs, first = np.unique(cands.traj, return_index=True)
+        F = trajs.shape[0]
+        Lmax = int(cands.n_candidates.max()) if len(cands) else 0
+        row_of = np.searchsorted(trajs, cands.traj)  # [N] -> 0..F-1
+        cand_row = np.full((F, Lmax), -1, dtype=np.int64)
+        cand_row[row_of, cands.index] = np.arange(len(cands))
+        return cls(row_of, cand_row >= 0, cand_row, cands.replica[first], cands.n_candidates[first])
+
+    def matrix(self, cands: CandidateSet, values: np.ndarray, fill: float) -> np.ndarray:
+        """Per-candidate ``values`` [N] as ``[F, Lmax]`` (``fill`` on padding)."""
+        mat = np.full(self.cand_row.shape, fill, dtype=np.float64)
+        mat[self.row_of, cands.index] = values
+        return mat
+
+    def noise(self, rngs: Sequence[np.random.Generator],
+              draw: Callable[[np.random.Generator, tuple[int, int]], np.ndarray]) -> np.ndarray:
+        """``[F, Lmax]`` random numbers: each replica's rows get ``draw(rngs[r], (F_r, L_r))`` from
+        its own generator (L_r: its widest row), exactly what that replica would draw alone, in
+        their first L_r columns (0 elsewhere)."""
+        out = np.zeros(self.cand_row.shape)
+        if out.size == 0:
+            return out
+        bounds = np.flatnonzero(np.diff(self.replica)) + 1
+        for a, b in zip(np.concatenate([[0], bounds]).tolist(), np.concatenate([bounds, [len(self.replica)]]).tolist()):
+            L = int(self.width[a:b].max())
+            out[a:b, :L] = draw(rngs[int(self.replica[a])], (b - a, L))
+        return out
 
 
 def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray | None,
-                  rng: np.random.Generator) -> BranchPlan:
+                  rng: Rngs) -> BranchPlan:
     """The branching plan of ``config.strategy`` for the candidates of the failed trajectories.
 
     Args:
-        cands: candidate set of N candidates.
+        cands: candidate set of N candidates (of one run, or of several replicas:
+            :attr:`CandidateSet.replica`).
         config: :class:`ExploreConfig` (strategy, K, gamma, n_pivots, n_cut_points).
         p_hat: ``[N]`` estimated recoverability (used by ``deep`` and ``informative``; None = all ones).
-        rng: numpy Generator; the only source of randomness.
+        rng: numpy Generator, or one per replica; the only source of randomness. A replica's
+            draws come from its own generator and equal those it would make alone.
 
     Returns: :class:`BranchPlan`.
     """
@@ -140,6 +199,9 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
     empty = BranchPlan.from_candidates(cands, np.zeros(0, np.int64), np.zeros(0, np.int64))
     if s == "root" or len(cands) == 0:
         return empty
+    rngs = _rng_list(rng)
+    lay = _Layout.of(cands)
+    valid, cand_row = lay.valid, lay.cand_row
     r = cands.rel_depth
     if s in DENSE:
         k = config.n_pivots
@@ -156,57 +218,73 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
             scores = 1e6 * utility_scores(u)
         else:  # random-pivot
             scores = np.zeros_like(r)
-        mat, valid, cand_row = _padded(cands, scores, -np.inf)
-        picks = gumbel_top_k(mat, k, rng, valid)  # [F, k]
+        mat = lay.matrix(cands, scores, -np.inf)
+        picks = top_k_keyed(mat + lay.noise(rngs, lambda g, shape: g.gumbel(size=shape)), k, valid)  # [F, k]
         counts = np.where(picks >= 0, config.K, 0)  # [F, k]
     else:
         k = config.n_cut_points
         total = config.n_pivots * config.K
         if s == "uniform":
-            scores = np.zeros_like(r)
-            mat, valid, cand_row = _padded(cands, scores, -np.inf)
-            picks = gumbel_top_k(mat, k, rng, valid)
+            mat = lay.matrix(cands, np.zeros_like(r), -np.inf)
+            picks = top_k_keyed(mat + lay.noise(rngs, lambda g, shape: g.gumbel(size=shape)), k, valid)
         else:
             key = "next_surprisal" if s == "max-surprisal" else "prev_surprisal"
-            scores = np.asarray(cands.features[key], dtype=np.float64)
-            mat, valid, cand_row = _padded(cands, scores, -np.inf)
+            mat = lay.matrix(cands, np.asarray(cands.features[key], dtype=np.float64), -np.inf)
             # highest score first; ties broken at random; -inf (e.g. the root for low-prob) last
-            tie = rng.random(mat.shape) * 1e-9
+            tie = lay.noise(rngs, lambda g, shape: g.random(shape)) * 1e-9
             finite = np.isfinite(mat)
             keyed = np.where(valid, np.where(finite, mat + tie, -1e12 + tie), -np.inf)
-            order = np.argsort(-keyed, axis=1, kind="stable")[:, :k]
-            picks = np.where(np.take_along_axis(valid, order, axis=1), order, -1)
-        n_points = (picks >= 0).sum(1)  # [F]
-        counts = np.zeros(picks.shape, dtype=np.int64)
-        for f in range(picks.shape[0]):
-            m = int(n_points[f])
-            counts[f, :m] = split_evenly(total, m)
+            picks = top_k_keyed(keyed, k, valid)
+        counts = split_evenly_rows(total, (picks >= 0).sum(1), picks.shape[1])  # [F, k]
     rows = np.take_along_axis(cand_row, np.maximum(picks, 0), axis=1)  # [F, k]
     ok = picks >= 0
     return BranchPlan.from_candidates(cands, rows[ok], counts[ok])
 
 
-def cap_plan(plan: BranchPlan, max_per_prompt: int | None, rng: np.random.Generator) -> BranchPlan:
+def cap_plan(plan: BranchPlan, max_per_prompt: int | None, rng: Rngs) -> BranchPlan:
     """Cap the continuations of each prompt's branches at ``max_per_prompt`` (equal-budget
     comparisons). Points are kept in a random order until the cap; the last kept point may get
     fewer continuations, but never a single one out of several (a group of one has advantage 0:
-    such a point is dropped instead). None = no cap."""
+    such a point is dropped instead). None = no cap. ``rng``: one Generator, or one per replica
+    (:attr:`BranchPlan.replica`; each replica's points are shuffled by its own)."""
     if max_per_prompt is None or len(plan) == 0:
         return plan
-    order = rng.permutation(len(plan))
-    n = plan.n.copy()
-    used: dict[int, int] = {}
-    for j in order:
-        p = int(plan.prompt[j])
-        left = max_per_prompt - used.get(p, 0)
-        planned = int(n[j])
-        n[j] = max(0, min(planned, left))
-        if n[j] == 1 and planned > 1:
-            n[j] = 0
-        used[p] = used.get(p, 0) + int(n[j])
+    rngs = _rng_list(rng)
+    rep = plan.replica
+    bounds = np.flatnonzero(np.diff(rep)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(plan)]])
+    order = np.concatenate([a + rngs[int(rep[a])].permutation(b - a) for a, b in zip(starts.tolist(), ends.tolist())])
+    planned = plan.n[order]  # [P] in the order points are considered
+    prompt = plan.prompt[order]
+    if bool((planned < 2).any()):  # points planned with one continuation: the sequential rule
+        n_sorted = planned.copy()
+        used: dict[int, int] = {}
+        for j in range(len(order)):
+            p = int(prompt[j])
+            left = max_per_prompt - used.get(p, 0)
+            n_sorted[j] = max(0, min(int(planned[j]), left))
+            if n_sorted[j] == 1 and planned[j] > 1:
+                n_sorted[j] = 0
+            used[p] = used.get(p, 0) + int(n_sorted[j])
+    else:
+        # with every point planned >= 2, greedy filling keeps min(cap, Σ planned so far) per prompt;
+        # a point cut to one continuation is dropped, and nothing after it in its prompt fits
+        by = np.argsort(prompt, kind="stable")  # prompt-major, consideration order within a prompt
+        cum = np.cumsum(planned[by])
+        first = np.concatenate([[True], prompt[by][1:] != prompt[by][:-1]])
+        base = np.maximum.accumulate(np.where(first, cum - planned[by], 0))  # the prompt's start
+        c = cum - base
+        kept = np.minimum(c, max_per_prompt) - np.minimum(c - planned[by], max_per_prompt)
+        kept = np.where(kept == 1, 0, kept)
+        n_sorted = np.empty_like(planned)
+        n_sorted[by] = kept
+    n = np.empty_like(plan.n)
+    n[order] = n_sorted
     keep = n > 0
-    return BranchPlan(candidate=plan.candidate[keep], traj=plan.traj[keep], prompt=plan.prompt[keep],
-                      prefix_len=plan.prefix_len[keep], rel_depth=plan.rel_depth[keep], n=n[keep])
+    out = plan.select(keep)
+    out.n = n[keep]
+    return out
 
 
 def plan_tree(plan: BranchPlan, main_lengths: torch.Tensor, aux_lengths: torch.Tensor,

@@ -20,7 +20,6 @@ from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches
 from deepgrpo.config import AlgoConfig
 from deepgrpo.estimators import RecoverabilityEstimator
 from deepgrpo.ledger import BudgetLedger, StepBudget
-from deepgrpo.pivots import candidate_depths, candidate_prefix_lengths
 
 
 @dataclass
@@ -55,61 +54,80 @@ length) becomes the candidate feature ``NAME``: how a backend hands the core wha
 
 
 def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.ndarray,
-                     group_success_rate: np.ndarray) -> CandidateSet:
+                     group_success_rate: np.ndarray, replica: np.ndarray | None = None) -> CandidateSet:
     """Candidate pivots of the ``failed_rows`` of ``main`` with all standard features, plus
-    the backend's own (:data:`CANDIDATE_EXTRA_PREFIX`).
+    the backend's own (:data:`CANDIDATE_EXTRA_PREFIX`); every failed trajectory at once.
 
     Args:
         main: main-chain rollouts (B rows).
-        failed_rows: ``[F]`` rows of failed trajectories.
+        failed_rows: ``[F]`` rows of failed trajectories (increasing).
         prompt_index: ``[B]`` prompt of each main row.
         group_success_rate: ``[num_prompts]`` success rate of each prompt's main chains.
+        replica: ``[num_prompts]`` replica (run) of each prompt (None: one run).
     """
-    lp_all = main.logprobs.detach().double().numpy()  # [B, T]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "traj", "index", "n_candidates", "prefix_len", "rel_depth", "prefix_logprob",
-        "next_surprisal", "prev_surprisal", "remaining")}
-    for b in failed_rows.tolist():
-        ends = main.segment_ends[b].numpy().astype(np.int64)  # [L]
-        L = ends.shape[0]
-        if L == 0:
-            continue
-        starts = candidate_prefix_lengths(ends)  # [L]
-        length = int(ends[-1])
-        surprisal = -lp_all[b, :length]  # [len]
-        cum = np.concatenate([[0.0], np.cumsum(lp_all[b, :length])])
-        seg_max = np.maximum.reduceat(surprisal, starts) if length > 0 else np.zeros(L)  # [L]
-        parts["traj"].append(np.full(L, b))
-        parts["index"].append(np.arange(L))
-        parts["n_candidates"].append(np.full(L, L))
-        parts["prefix_len"].append(starts)
-        parts["rel_depth"].append(candidate_depths(L))
-        parts["prefix_logprob"].append(cum[starts])
-        parts["next_surprisal"].append(seg_max)
-        parts["prev_surprisal"].append(np.concatenate([[-np.inf], seg_max[:-1]]))
-        parts["remaining"].append(length - starts)
-    cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
-    traj = cat["traj"].astype(np.int64)
-    prefix_len = cat["prefix_len"].astype(np.int64)
-    prompt = prompt_index[traj] if traj.size else np.zeros(0, np.int64)
+    failed_rows = np.asarray(failed_rows, dtype=np.int64)
+    ends_of = [main.segment_ends[b] for b in failed_rows.tolist()]
+    L = np.array([e.shape[0] for e in ends_of], dtype=np.int64)  # [F] segments = candidates per row
+    rows = failed_rows[L > 0]
+    L = L[L > 0]
+    F, N = rows.shape[0], int(L.sum())
+    traj = np.repeat(rows, L)  # [N]
+    first = np.cumsum(L) - L  # [F] each row's first candidate
+    index = np.arange(N) - np.repeat(first, L)  # [N] candidate i within its row
+    ends = (torch.cat([e.reshape(-1) for e, n in zip(ends_of, [len(e) for e in ends_of]) if n]).numpy().astype(np.int64)
+            if N else np.zeros(0, np.int64))  # [N] segment ends, row after row
+    starts = np.empty(N, dtype=np.int64)  # [N] prefix lengths [0, e_0, ..., e_{L-2}] of each row
+    if N:
+        starts[1:] = ends[:-1]
+        starts[first] = 0
+    length = ends[first + L - 1]  # [F]
+    lp = main.logprobs.detach().double().numpy()[rows]  # [F, T]
+    Tw = lp.shape[1]
+    lp = np.where(np.arange(Tw)[None, :] < length[:, None], lp, 0.0)  # only the chain's own tokens count
+    cum = np.concatenate([np.zeros((F, 1)), np.cumsum(lp, axis=1)], axis=1)  # [F, T+1] log-prob of each prefix
+    row_c = np.repeat(np.arange(F), L)  # [N] row of each candidate
+    # max surprisal of each segment [start, end): one reduceat over the rows laid end to end, with an
+    # index at each row's end so that no segment runs past its chain
+    flat = np.concatenate([(-lp).reshape(-1), [0.0]])  # [F·T + 1]
+    marks = np.empty(N + F, dtype=np.int64)
+    pos = np.arange(N) + row_c  # where each candidate's start goes among the marks
+    marks[pos] = row_c * Tw + starts
+    marks[first + L - 1 + np.arange(F) + 1] = np.arange(F) * Tw + length
+    seg_max = np.maximum.reduceat(flat, marks)[pos] if N else np.zeros(0)  # [N]
+    prev = np.empty(N)
+    if N:
+        prev[1:] = seg_max[:-1]
+        prev[first] = -np.inf
+    n_cand = np.repeat(L, L)
+    prompt = prompt_index[traj] if N else np.zeros(0, np.int64)
     features = {
-        "rel_depth": cat["rel_depth"].astype(np.float64),
-        "prefix_len": prefix_len.astype(np.float64),
-        "prefix_logprob": cat["prefix_logprob"],
-        "prefix_mean_logprob": cat["prefix_logprob"] / np.maximum(prefix_len, 1),
-        "next_surprisal": cat["next_surprisal"],
-        "prev_surprisal": cat["prev_surprisal"],
-        "group_success_rate": group_success_rate[prompt] if traj.size else np.zeros(0),
-        "prompt_index": prompt.astype(np.float64),
-        "remaining_tokens": cat["remaining"].astype(np.float64),
+        "rel_depth": (index + 1).astype(np.float64) / (n_cand + 1),
+        "prefix_len": starts.astype(np.float64),
+        "prefix_logprob": cum[row_c, starts],
+        "prefix_mean_logprob": cum[row_c, starts] / np.maximum(starts, 1),
+        "next_surprisal": seg_max,
+        "prev_surprisal": prev,
+        "group_success_rate": group_success_rate[prompt] if N else np.zeros(0),
+        "prompt_index": _local_prompt(prompt, replica).astype(np.float64),
+        "remaining_tokens": (np.repeat(length, L) - starts).astype(np.float64),
     }
     for key, value in main.extras.items():
         if key.startswith(CANDIDATE_EXTRA_PREFIX):  # [B, >= T+1]: the value at each candidate's prefix length
             v = value.detach().double().numpy()
-            features[key[len(CANDIDATE_EXTRA_PREFIX):]] = v[traj, prefix_len] if traj.size else np.zeros(0)
-    return CandidateSet(traj=traj, index=cat["index"].astype(np.int64),
-                        n_candidates=cat["n_candidates"].astype(np.int64), prefix_len=prefix_len,
-                        prompt=prompt.astype(np.int64), features=features)
+            features[key[len(CANDIDATE_EXTRA_PREFIX):]] = v[traj, starts] if N else np.zeros(0)
+    prompt = prompt.astype(np.int64)
+    return CandidateSet(traj=traj.astype(np.int64), index=index.astype(np.int64), n_candidates=n_cand,
+                        prefix_len=starts, prompt=prompt, features=features,
+                        replica=(np.asarray(replica, dtype=np.int64)[prompt] if replica is not None
+                                 else np.zeros(N, np.int64)))
+
+
+def _local_prompt(prompt: np.ndarray, replica: np.ndarray | None) -> np.ndarray:
+    """``[N]`` each prompt's index within its own run (``replica``: ``[P]`` non-decreasing)."""
+    if replica is None or prompt.size == 0:
+        return prompt
+    replica = np.asarray(replica, dtype=np.int64)
+    return prompt - np.searchsorted(replica, replica[prompt], side="left")
 
 
 def _pad_to(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
@@ -131,9 +149,11 @@ def _splice(prefix_src: torch.Tensor, suffix: torch.Tensor, prefix_len: torch.Te
 
 
 def assemble_batch(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None, plan: BranchPlan,
-                   group_size: int) -> Batch:
+                   group_size: int, replica: np.ndarray | None = None) -> Batch:
     """Concatenate main rows and aux rows (prefix + suffix) into one :class:`Batch`
-    (advantages still zero). Main groups are prompt ids 0..P-1, aux groups P + plan point."""
+    (advantages still zero). Main groups are prompt ids 0..P-1, aux groups P + plan point.
+    ``replica``: ``[P]`` the replica of each prompt (None: one run); rows carry it as
+    :attr:`Batch.replica`."""
     Bm = len(main)
     P = len(prompts)
     main_prompt = torch.arange(P).repeat_interleave(group_size)  # [Bm]
@@ -181,21 +201,25 @@ def assemble_batch(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None,
             extras[k] = v
         elif k in aux.extras:
             extras[k] = torch.cat([v, aux.extras[k].to(v.dtype)])
-    return Batch(prompts=list(prompts), prompt_index=torch.cat(prompt_index).long(), tokens=torch.cat(tokens).long(),
+    prompt_of_row = torch.cat(prompt_index).long()
+    rep = torch.zeros(Bm + A, dtype=torch.long) if replica is None else torch.from_numpy(
+        np.asarray(replica, dtype=np.int64))[prompt_of_row]
+    return Batch(prompts=list(prompts), prompt_index=prompt_of_row, tokens=torch.cat(tokens).long(),
                  old_logprobs=torch.cat(old_lp).float(), response_mask=response_mask,
                  trainable_mask=trainable, stream=torch.cat(stream).long(), group=torch.cat(group).long(),
                  pivot_depth=torch.cat(depth).float(), prefix_len=prefix_len,
                  rewards=torch.cat(rewards), advantages=torch.zeros(Bm + A), segment_ends=seg_ends,
-                 extras=extras)
+                 extras=extras, replica=rep)
 
 
 @dataclass
 class ExplorationPlan:
     """Steps 2-4 of an exploration step, computed from the main chains alone.
 
-    candidates, plan, p_hat: as in :class:`ExploreResult`.
+    candidates, plan, p_hat: as in :class:`ExploreResult` (every replica's, in replica order).
     group_success: ``[P]`` success rate of each prompt's G main chains.
     failed_rows: ``[F]`` main rows with reward <= ``failure_threshold``.
+    replica: ``[P]`` the replica of each prompt (all 0 for one run).
     """
 
     candidates: CandidateSet
@@ -203,34 +227,72 @@ class ExplorationPlan:
     p_hat: np.ndarray | None
     group_success: np.ndarray
     failed_rows: np.ndarray
+    replica: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.replica is None:
+            self.replica = np.zeros(self.group_success.shape[0], dtype=np.int64)
 
     def requests(self, prompts: Sequence[Any], main: Rollouts) -> list[SampleRequest]:
         """One :class:`SampleRequest` per plan point: its exact prefix tokens and ``n`` continuations."""
         plan = self.plan
-        return [SampleRequest(prompts[int(plan.prompt[j])], main.tokens[int(plan.traj[j]), :int(plan.prefix_len[j])]
-                              .clone(), int(plan.n[j])) for j in range(len(plan))]
+        tokens = main.tokens
+        return [SampleRequest(prompts[p], tokens[t, :c], n) for p, t, c, n in
+                zip(plan.prompt.tolist(), plan.traj.tolist(), plan.prefix_len.tolist(), plan.n.tolist())]
+
+
+def _spans(sorted_ids: np.ndarray, R: int) -> np.ndarray:
+    """``[R + 1]`` boundaries of each id's block in the non-decreasing ``sorted_ids``."""
+    return np.searchsorted(sorted_ids, np.arange(R + 1), side="left")
+
+
+def _check_replicas(replica: np.ndarray, R: int) -> None:
+    if replica.size and (replica.min() < 0 or replica.max() >= R or np.any(np.diff(replica) < 0)):
+        raise ValueError(f"replica ids must be non-decreasing integers in [0, {R}) (prompts grouped by run)")
 
 
 def plan_exploration(main: Rollouts, n_prompts: int, config: AlgoConfig,
                      estimator: RecoverabilityEstimator | None, rng: np.random.Generator) -> ExplorationPlan:
     """Failed set, candidates, P̂ and the branching plan of the G·P main chains ``main``
-    (prompt-major rows), capped at ``aux_budget`` continuations per prompt."""
+    (prompt-major rows) of one run, capped at ``aux_budget`` continuations per prompt
+    (:func:`plan_replicas` with one replica)."""
+    return plan_replicas(main, np.zeros(n_prompts, np.int64), config, [estimator], [rng])
+
+
+def plan_replicas(main: Rollouts, replica: np.ndarray, config: AlgoConfig,
+                  estimators: Sequence[RecoverabilityEstimator | None],
+                  rngs: Sequence[np.random.Generator]) -> ExplorationPlan:
+    """:func:`plan_exploration` for R runs at once: ``replica`` ``[P]`` (non-decreasing) names the
+    run of each prompt; run r's P̂ comes from ``estimators[r]`` and its random choices from
+    ``rngs[r]``, so its plan is the one it would get alone."""
     ec = config.explore
-    G, P = ec.G, n_prompts
+    replica = np.asarray(replica, dtype=np.int64)
+    G, P, R = ec.G, replica.shape[0], len(rngs)
+    _check_replicas(replica, R)
+    if len(estimators) != R:
+        raise ValueError(f"{len(estimators)} estimators for {R} replicas")
     if len(main) != P * G:
         raise ValueError(f"backend returned {len(main)} main rollouts, expected {P} prompts x {G}")
     rewards = main.rewards.detach().double().numpy()  # [P*G]
     success = rewards > ec.failure_threshold
     group_success = success.reshape(P, G).mean(1) if P else np.zeros(0)  # [P]
     failed_rows = np.flatnonzero(~success)
-    # root-only sampling (GRPO) never branches: skip the per-failed-chain candidate loop
+    # root-only sampling (GRPO) never branches: no candidates to build
     cands = build_candidates(main, failed_rows[:0] if ec.strategy == "root" else failed_rows,
-                             np.repeat(np.arange(P), G), group_success)
+                             np.repeat(np.arange(P), G), group_success, replica)
     p_hat = None
-    if ec.strategy in ("deep", "informative") and estimator is not None and len(cands):
-        p_hat = np.asarray(estimator.predict(cands.features), dtype=np.float64)
-    plan = cap_plan(plan_branches(cands, ec, p_hat, rng), ec.aux_budget, rng)
-    return ExplorationPlan(cands, plan, p_hat, group_success, failed_rows)
+    if ec.strategy in ("deep", "informative") and len(cands) and any(e is not None for e in estimators):
+        span = _spans(cands.replica, R)
+        parts = []
+        for r in range(R):
+            a, b = int(span[r]), int(span[r + 1])
+            if b > a:
+                e = estimators[r]
+                parts.append(np.ones(b - a) if e is None else np.asarray(
+                    e.predict({k: v[a:b] for k, v in cands.features.items()}), dtype=np.float64))
+        p_hat = np.concatenate(parts)
+    plan = cap_plan(plan_branches(cands, ec, p_hat, rngs), ec.aux_budget, rngs)
+    return ExplorationPlan(cands, plan, p_hat, group_success, failed_rows, replica)
 
 
 def finish_exploration(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None, planned: ExplorationPlan,
@@ -238,10 +300,45 @@ def finish_exploration(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | N
                        ledger: BudgetLedger | None = None) -> ExploreResult:
     """Steps 5-6 once the plan's continuations ``aux`` are sampled (rows in plan order, ``plan.n[j]``
     per point; None if the plan is empty): labels (y = any success at the point) to the
-    estimator, the loss-ready batch with group (or tree) advantages, the budget and the stats."""
+    estimator, the loss-ready batch with group (or tree) advantages, the budget and the stats
+    (:func:`finish_replicas` with one replica)."""
+    return finish_replicas(prompts, main, aux, planned, config, [estimator],
+                           [ledger if ledger is not None else BudgetLedger()]).results[0]
+
+
+@dataclass
+class ReplicaStep:
+    """One exploration step of R runs (:func:`explore_replicas`).
+
+    batch: the loss-ready batch of every run (:attr:`Batch.replica` names each row's run), for
+        :func:`deepgrpo.step.update_replicas`.
+    results: R :class:`ExploreResult`, one per run, each as that run alone would have produced
+        it (its own rows, candidates, plan, labels, budget and stats, with indices local to the
+        run); ``results[r].batch`` is the shared ``batch``.
+    """
+
+    batch: Batch
+    results: list[ExploreResult]
+
+
+def _select_rollouts(ro: Rollouts, a: int, b: int) -> Rollouts:
+    if a == 0 and b == len(ro):
+        return ro
+    return Rollouts(tokens=ro.tokens[a:b], logprobs=ro.logprobs[a:b], mask=ro.mask[a:b], rewards=ro.rewards[a:b],
+                    segment_ends=ro.segment_ends[a:b], truncated=ro.truncated[a:b],
+                    extras={k: v[a:b] for k, v in ro.extras.items()})
+
+
+def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None, planned: ExplorationPlan,
+                    config: AlgoConfig, estimators: Sequence[RecoverabilityEstimator | None],
+                    ledgers: Sequence[BudgetLedger]) -> ReplicaStep:
+    """:func:`finish_exploration` for the R runs of ``planned`` (:func:`plan_replicas`): each run's
+    labels go to ``estimators[r]`` and its budget to ``ledgers[r]``."""
     ec = config.explore
-    P, G = len(prompts), ec.G
-    plan, cands = planned.plan, planned.candidates
+    P, G, R = len(prompts), ec.G, len(ledgers)
+    plan, cands, replica = planned.plan, planned.candidates, planned.replica
+    if len(estimators) != R:
+        raise ValueError(f"{len(estimators)} estimators for {R} ledgers")
     labels = np.zeros(0)
     if len(plan):
         if aux is None or len(aux) != plan.total_continuations:
@@ -252,42 +349,97 @@ def finish_exploration(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | N
         labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
     else:
         aux = None
-    if estimator is not None:  # called every step (possibly empty): a gathered estimator is collective
-        estimator.update({k: v[plan.candidate] for k, v in cands.features.items()}, labels)
+    prompt_span = _spans(replica, R)  # [R+1] each run's prompts
+    point_span = _spans(plan.replica, R)  # [R+1] each run's plan points
+    cand_span = _spans(cands.replica, R)  # [R+1] each run's candidates
+    aux_start = np.concatenate([[0], np.cumsum(plan.n)]) if len(plan) else np.zeros(1, np.int64)
+    aux_span = aux_start[point_span]  # [R+1] each run's aux rows
+    chosen = {k: v[plan.candidate] for k, v in cands.features.items()}
+    for r, est in enumerate(estimators):
+        if est is not None:  # called every step (possibly empty): a gathered estimator is collective
+            a, b = int(point_span[r]), int(point_span[r + 1])
+            est.update({k: v[a:b] for k, v in chosen.items()}, labels[a:b])
 
-    batch = assemble_batch(prompts, main, aux, plan, G)
+    batch = assemble_batch(prompts, main, aux, plan, G, replica)
     if config.advantage.tree:
-        aux_len = aux.lengths if aux is not None else torch.zeros(0, dtype=torch.long)
-        path, weight = plan_tree(plan, main.lengths, aux_len, G)
-        batch.advantages = tree_advantages(batch.rewards, path, weight)
+        batch.advantages = _tree_advantages_by_run(batch, main, aux, plan, prompt_span, point_span, aux_span, G)
     else:
         batch.advantages = group_advantages(batch.rewards, batch.group, config.advantage)
-    nz = nonzero_advantage(batch.advantages, config.advantage.zero_eps)
+    nz = nonzero_advantage(batch.advantages, config.advantage.zero_eps).numpy()
     if config.advantage.drop_zero:
-        batch = batch.select(nz)
+        batch = batch.select(torch.from_numpy(nz))
 
-    tokens_main = int(main.lengths.sum())
-    tokens_aux = int(aux.lengths.sum()) if aux is not None else 0
-    ledger = ledger if ledger is not None else BudgetLedger()
-    budget = ledger.record(P, len(main), len(aux) if aux is not None else 0, tokens_main, tokens_aux)
-    n_main = P * G
+    main_len = main.lengths.numpy()
+    aux_len = aux.lengths.numpy() if aux is not None else np.zeros(0, np.int64)
     rewards = main.rewards.detach().double().numpy()
-    stats = {
-        "reward_main": float(rewards.mean()) if rewards.size else 0.0,
-        "reward_aux": float(aux.rewards.float().mean()) if aux is not None else float("nan"),
-        "failed": float(planned.failed_rows.size),
-        "all_fail_groups": float((planned.group_success == 0).sum()),
-        "candidates": float(len(cands)),
-        "pivots": float(len(plan)),
-        "branch_success": float(labels.mean()) if labels.size else float("nan"),
-        "pivot_depth_mean": float(plan.rel_depth.mean()) if len(plan) else float("nan"),
-        "nonzero_main": float(nz[:n_main].sum()),
-        "nonzero_aux": float(nz[n_main:].sum()),
-        "rollouts_main": float(budget.rollouts_main), "rollouts_aux": float(budget.rollouts_aux),
-        "tokens_main": float(tokens_main), "tokens_aux": float(tokens_aux),
-    }
-    return ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan, labels=labels,
-                         p_hat=planned.p_hat, budget=budget, stats=stats)
+    aux_rewards = aux.rewards.float().numpy() if aux is not None else np.zeros(0, np.float32)
+    n_main = P * G
+    results = []
+    for r in range(R):
+        p0, p1 = int(prompt_span[r]), int(prompt_span[r + 1])
+        m0, m1 = p0 * G, p1 * G
+        j0, j1 = int(point_span[r]), int(point_span[r + 1])
+        c0, c1 = int(cand_span[r]), int(cand_span[r + 1])
+        x0, x1 = int(aux_span[r]), int(aux_span[r + 1])
+        if R == 1:
+            main_r, aux_r, plan_r, cands_r, p_hat_r = main, aux, plan, cands, planned.p_hat
+        else:
+            main_r = _select_rollouts(main, m0, m1)
+            aux_r = _select_rollouts(aux, x0, x1) if aux is not None and x1 > x0 else None
+            plan_r = plan.select(slice(j0, j1))
+            plan_r.candidate = plan_r.candidate - c0
+            plan_r.traj = plan_r.traj - m0
+            plan_r.prompt = plan_r.prompt - p0
+            cands_r = CandidateSet(traj=cands.traj[c0:c1] - m0, index=cands.index[c0:c1],
+                                   n_candidates=cands.n_candidates[c0:c1], prefix_len=cands.prefix_len[c0:c1],
+                                   prompt=cands.prompt[c0:c1] - p0,
+                                   features={k: v[c0:c1] for k, v in cands.features.items()},
+                                   replica=cands.replica[c0:c1])
+            p_hat_r = planned.p_hat[c0:c1] if planned.p_hat is not None else None
+        lab = labels[j0:j1]
+        tokens_main = int(main_len[m0:m1].sum())
+        tokens_aux = int(aux_len[x0:x1].sum())
+        budget = ledgers[r].record(p1 - p0, m1 - m0, x1 - x0, tokens_main, tokens_aux)
+        rw = rewards[m0:m1]
+        fr = planned.failed_rows
+        depth = plan.rel_depth[j0:j1]
+        stats = {
+            "reward_main": float(rw.mean()) if rw.size else 0.0,
+            "reward_aux": float(aux_rewards[x0:x1].mean()) if x1 > x0 else float("nan"),
+            "failed": float(((fr >= m0) & (fr < m1)).sum()),
+            "all_fail_groups": float((planned.group_success[p0:p1] == 0).sum()),
+            "candidates": float(c1 - c0),
+            "pivots": float(j1 - j0),
+            "branch_success": float(lab.mean()) if lab.size else float("nan"),
+            "pivot_depth_mean": float(depth.mean()) if depth.size else float("nan"),
+            "nonzero_main": float(nz[m0:m1].sum()),
+            "nonzero_aux": float(nz[n_main + x0:n_main + x1].sum()),
+            "rollouts_main": float(budget.rollouts_main), "rollouts_aux": float(budget.rollouts_aux),
+            "tokens_main": float(tokens_main), "tokens_aux": float(tokens_aux),
+        }
+        results.append(ExploreResult(batch=batch, main=main_r, aux=aux_r, candidates=cands_r, plan=plan_r,
+                                     labels=lab, p_hat=p_hat_r, budget=budget, stats=stats))
+    return ReplicaStep(batch=batch, results=results)
+
+
+def _tree_advantages_by_run(batch: Batch, main: Rollouts, aux: Rollouts | None, plan: BranchPlan,
+                            prompt_span: np.ndarray, point_span: np.ndarray, aux_span: np.ndarray,
+                            G: int) -> torch.Tensor:
+    """``[B]`` TreeRL-style advantages of the batch's rows (before any row is dropped), each run's
+    over its own sampling tree (:func:`~deepgrpo.branching.plan_tree`)."""
+    Bm = len(main)
+    adv = torch.zeros(len(batch))
+    aux_len = aux.lengths if aux is not None else torch.zeros(0, dtype=torch.long)
+    for r in range(len(prompt_span) - 1):
+        m0, m1 = int(prompt_span[r]) * G, int(prompt_span[r + 1]) * G
+        j0, j1 = int(point_span[r]), int(point_span[r + 1])
+        x0, x1 = int(aux_span[r]), int(aux_span[r + 1])
+        plan_r = plan.select(slice(j0, j1))
+        plan_r.traj = plan_r.traj - m0
+        rows = torch.cat([torch.arange(m0, m1), torch.arange(Bm + x0, Bm + x1)])
+        path, weight = plan_tree(plan_r, main.lengths[m0:m1], aux_len[x0:x1], G)
+        adv[rows] = tree_advantages(batch.rewards[rows], path, weight)
+    return adv
 
 
 def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
@@ -309,7 +461,7 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
 
     Steps 2-4 are :func:`plan_exploration`, steps 5-6 :func:`finish_exploration`: a backend
     whose generation must be called collectively (e.g. TRL under ZeRO-3) calls the two around
-    its own sampling.
+    its own sampling. This is :func:`explore_replicas` with one run.
 
     Args:
         backend: implements :class:`~deepgrpo.batch.Backend`.
@@ -323,7 +475,25 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
     ``failed``, ``candidates``, ``pivots``, ``branch_success``, ``pivot_depth_mean``,
     ``nonzero_main``, ``nonzero_aux``, ``rollouts_main/aux``, ``tokens_main/aux``.
     """
+    return explore_replicas(backend, prompts, np.zeros(len(prompts), np.int64), config, [estimator], [rng],
+                            [ledger if ledger is not None else BudgetLedger()]).results[0]
+
+
+def explore_replicas(backend: Backend, prompts: Sequence[Any], replica: np.ndarray, config: AlgoConfig,
+                     estimators: Sequence[RecoverabilityEstimator | None], rngs: Sequence[np.random.Generator],
+                     ledgers: Sequence[BudgetLedger]) -> ReplicaStep:
+    """One exploration step of R independent runs that share ``config`` (:func:`explore` is R = 1).
+
+    Prompts are grouped by run: ``replica[i]`` (non-decreasing, in [0, R)) is the run of
+    ``prompts[i]``. Every run keeps its own recoverability estimator, random stream and budget
+    ledger (``estimators[r]``, ``rngs[r]``, ``ledgers[r]``); the main chains and the branches of
+    all runs are sampled in one backend call each, and candidates, plans and advantages are
+    computed for all runs at once. A run's result does not depend on which runs share the step
+    (given a backend whose draws for a run come from that run's own stream).
+
+    Returns: :class:`ReplicaStep` (the shared loss-ready batch and one result per run).
+    """
     main = backend.sample([SampleRequest(p, None, config.explore.G) for p in prompts])
-    planned = plan_exploration(main, len(prompts), config, estimator, rng)
+    planned = plan_replicas(main, replica, config, estimators, rngs)
     aux = backend.sample(planned.requests(prompts, main)) if len(planned.plan) else None
-    return finish_exploration(prompts, main, aux, planned, config, estimator, ledger)
+    return finish_replicas(prompts, main, aux, planned, config, estimators, ledgers)

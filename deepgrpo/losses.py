@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deepgrpo.batch import AUX, MAIN, Batch
@@ -126,24 +127,52 @@ def aggregation_denominator(mask: torch.Tensor, mode: str, norm_length: int | No
     return max(raw, 1.0) if floor else raw
 
 
+def replica_denominators(batch: Batch, config: LossConfig | None = None, n_replicas: int = 1,
+                         floor: bool = True) -> dict[int, np.ndarray]:
+    """Per-run, per-stream aggregation denominators of a whole batch, ``{MAIN: [R], AUX: [R]}``
+    (float64): what :func:`aggregation_denominator` gives for the rows of run r
+    (:attr:`Batch.replica`) in that stream; floored at 1 unless ``floor`` is off."""
+    cfg = config or LossConfig()
+    mask = batch.trainable_mask & batch.response_mask  # [B, T]
+    T = mask.shape[1]
+    key = (batch.replica * 2 + batch.stream).numpy()  # [B] (run, stream) of each row
+    size = 2 * n_replicas
+    if cfg.aggregation == "token-mean":
+        raw = np.bincount(key, weights=mask.sum(-1).numpy(), minlength=size)
+    elif cfg.aggregation == "seq-mean-token-mean":
+        raw = np.bincount(key, weights=(mask.sum(-1) > 0).numpy(), minlength=size)
+    elif cfg.aggregation == "seq-mean-token-sum-norm":
+        raw = np.bincount(key, minlength=size) * float(cfg.norm_length or T)
+    else:
+        raise ValueError(f"aggregation {cfg.aggregation!r} is invalid: expected token-mean, seq-mean-token-mean "
+                         "or seq-mean-token-sum-norm")
+    raw = raw.astype(np.float64).reshape(n_replicas, 2)
+    if floor:
+        raw = np.maximum(raw, 1.0)
+    return {MAIN: raw[:, MAIN], AUX: raw[:, AUX]}
+
+
 def loss_denominators(batch: Batch, config: LossConfig | None = None, floor: bool = True) -> dict[int, float]:
-    """Per-stream aggregation denominators of a whole batch, ``{MAIN: d, AUX: d}``.
+    """Per-stream aggregation denominators of a whole batch of one run, ``{MAIN: d, AUX: d}``.
 
     Pass them to :func:`dual_stream_loss` for every micro-batch of ``batch``: the sum of the
     micro-batch losses then equals the loss of the whole batch. With ``floor=False`` an empty
     stream gives 0 (raw counts: sum them over data-parallel ranks, then floor the sum; see
     :func:`deepgrpo.distributed.global_denominators`).
     """
-    cfg = config or LossConfig()
-    mask = batch.trainable_mask & batch.response_mask
-    T = mask.shape[1]
-    return {s: aggregation_denominator(mask[batch.stream == s], cfg.aggregation, cfg.norm_length or T, floor)
-            for s in (MAIN, AUX)}
+    den = replica_denominators(batch, config, 1, floor)
+    return {s: float(v[0]) for s, v in den.items()}
 
 
 @dataclass
 class LossOutput:
-    """The dual-stream loss and its parts (all scalar tensors; ``loss`` has gradient)."""
+    """The dual-stream loss and its parts (scalar tensors, summed over runs; ``loss`` has
+    gradient), and each run's own parts.
+
+    replica_parts: ``[R]`` tensors per run: ``loss``, ``pg_main``, ``pg_aux``, ``kl_main``,
+        ``kl_aux`` (with gradient), and the token counts ``trainable_tokens``, ``clipped_tokens``,
+        ``dual_clipped_tokens`` (no gradient).
+    """
 
     loss: torch.Tensor
     pg_main: torch.Tensor
@@ -153,17 +182,21 @@ class LossOutput:
     clip_fraction: torch.Tensor
     dual_clip_fraction: torch.Tensor
     metrics: dict[str, float]
+    replica_parts: dict[str, torch.Tensor]
 
 
 def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                      config: LossConfig | None = None,
-                     denominators: dict[int, float] | None = None) -> LossOutput:
+                     denominators: dict[int, float | np.ndarray] | None = None,
+                     n_replicas: int | None = None) -> LossOutput:
     """DEEP-GRPO's loss  L = L_main + λ·L_aux + β·(KL_main + λ'·KL_aux)  (λ' = 1 by default,
-    the authors' loss).
+    the authors' loss), of each run in the batch; ``loss`` is their sum (runs have separate
+    parameters, so each run's gradient is its own loss's).
 
     Each stream's clipped surrogate and KL are aggregated separately over its own trainable
     tokens (``batch.trainable_mask``: aux rows exclude their frozen prefix, so prefix tokens get
-    exactly zero gradient). λ' = λ if ``config.kl_weighted_by_lambda`` else 1.
+    exactly zero gradient), per run (:attr:`Batch.replica`). λ' = λ if
+    ``config.kl_weighted_by_lambda`` else 1.
 
     Args:
         batch: the loss-ready :class:`Batch` (B rows).
@@ -171,7 +204,10 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
         ref_logprobs: ``[B, T]`` reference log-probs, or None when ``kl_coef == 0``.
         config: :class:`LossConfig`.
         denominators: per-stream denominators of the whole batch when ``batch`` is a
-            micro-batch (see :func:`loss_denominators`); None = this batch's own.
+            micro-batch (see :func:`loss_denominators`, or :func:`replica_denominators` for
+            several runs: ``[R]`` per stream); None = this batch's own.
+        n_replicas: R, the number of runs (default: from ``denominators``, else 1 + the
+            largest :attr:`Batch.replica`).
 
     Returns: :class:`LossOutput`.
     """
@@ -180,6 +216,14 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
         raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}, expected {tuple(batch.tokens.shape)}")
     if ref_logprobs is None and cfg.kl_coef > 0:
         raise ValueError("ref_logprobs is None but LossConfig.kl_coef > 0")
+    if n_replicas is None:
+        given = None if denominators is None else np.atleast_1d(np.asarray(denominators[MAIN]))
+        n_replicas = len(given) if given is not None else (int(batch.replica.max()) + 1 if len(batch) else 1)
+    R = n_replicas
+    if denominators is None:
+        denominators = replica_denominators(batch, cfg, R)
+    den = {k: torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float64), (R,)).copy())
+           for k, v in denominators.items()}
     # padded positions may hold garbage (NaN, ±inf) log-probs: neutralise them before exp();
     # torch.where also gives them an exactly-zero gradient
     mask = batch.trainable_mask & batch.response_mask  # [B, T]
@@ -199,26 +243,48 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
         ref = torch.where(batch.response_mask, ref_logprobs, torch.zeros_like(logprobs))
         kl = kl_penalty(lp, ref, cfg.kl_estimator)  # [B, T]
     else:
-        kl = torch.zeros_like(lp)
-    T = lp.shape[1]
+        kl = None
+    key = batch.replica * 2 + batch.stream  # [B] (run, stream) of each row
+    m = mask.to(lp.dtype)
+    count = m.sum(-1)  # [B] trainable tokens per row
 
-    def stream_agg(values: torch.Tensor, stream: int) -> torch.Tensor:
-        rows = batch.stream == stream  # [B]
-        den = None if denominators is None else denominators[stream]
-        return aggregate(values[rows], mask[rows], cfg.aggregation, cfg.norm_length or T, den)
+    def per_run(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([R], [R])``: each run's main- and aux-stream aggregate of ``values`` [B, T]."""
+        rows = (values * m).sum(-1)  # [B]
+        if cfg.aggregation == "seq-mean-token-mean":
+            rows = rows / count.clamp(min=1.0)
+        elif cfg.aggregation not in ("token-mean", "seq-mean-token-sum-norm"):
+            raise ValueError(f"aggregation {cfg.aggregation!r} is invalid: expected token-mean, "
+                             "seq-mean-token-mean or seq-mean-token-sum-norm")
+        num = torch.zeros(2 * R, dtype=rows.dtype).index_add(0, key, rows).view(R, 2)
+        return (num[:, MAIN] / den[MAIN].clamp(min=1e-12).to(rows.dtype),
+                num[:, AUX] / den[AUX].clamp(min=1e-12).to(rows.dtype))
 
-    pg_main, pg_aux = stream_agg(pg, MAIN), stream_agg(pg, AUX)
-    kl_main, kl_aux = stream_agg(kl, MAIN), stream_agg(kl, AUX)
+    pg_main, pg_aux = per_run(pg)
+    if kl is not None:
+        kl_main, kl_aux = per_run(kl)
+    else:
+        kl_main = kl_aux = torch.zeros(R, dtype=lp.dtype)
     kl_lam = cfg.lam if cfg.kl_weighted_by_lambda else 1.0
-    loss = pg_main + cfg.lam * pg_aux + cfg.kl_coef * (kl_main + kl_lam * kl_aux)
+    loss_r = pg_main + cfg.lam * pg_aux + cfg.kl_coef * (kl_main + kl_lam * kl_aux)  # [R]
+    loss = loss_r.sum()
     with torch.no_grad():
+        rep = batch.replica
+
+        def tokens_per_run(flags: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(R, dtype=torch.float64).index_add(0, rep, (flags & mask).sum(-1).double())
+
+        n_tok_r = tokens_per_run(mask)
+        clipped_r = tokens_per_run(was_clipped)
+        dual_r = tokens_per_run(was_dual)
         n_tok = mask.sum().clamp(min=1)
         clip_frac = (was_clipped & mask).sum() / n_tok
         dual_frac = (was_dual & mask).sum() / n_tok
         ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        parts = {"loss": loss_r, "pg_main": pg_main, "pg_aux": pg_aux, "kl_main": kl_main, "kl_aux": kl_aux}
+        sums = {k: v.sum() for k, v in parts.items()}
         metrics = {
-            "loss": float(loss), "pg_main": float(pg_main), "pg_aux": float(pg_aux),
-            "kl_main": float(kl_main), "kl_aux": float(kl_aux), "clip_fraction": float(clip_frac),
+            **{k: float(v) for k, v in sums.items()}, "clip_fraction": float(clip_frac),
             "dual_clip_fraction": float(dual_frac),
             "ratio_mean": float((ratio * mask).sum() / n_tok),
             "ratio_max": float(ratio[mask].max()) if mask.any() else 1.0,
@@ -228,4 +294,6 @@ def dual_stream_loss(batch: Batch, logprobs: torch.Tensor, ref_logprobs: torch.T
             "trainable_tokens_main": int(mask[batch.stream == MAIN].sum()),
             "trainable_tokens_aux": int(mask[batch.stream == AUX].sum()),
         }
-    return LossOutput(loss, pg_main, pg_aux, kl_main, kl_aux, clip_frac, dual_frac, metrics)
+    replica_parts = {**parts, "trainable_tokens": n_tok_r, "clipped_tokens": clipped_r, "dual_clipped_tokens": dual_r}
+    return LossOutput(loss, pg_main.sum(), pg_aux.sum(), kl_main.sum(), kl_aux.sum(), clip_frac, dual_frac, metrics,
+                      replica_parts)

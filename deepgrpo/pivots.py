@@ -75,11 +75,30 @@ def gumbel_top_k(scores: np.ndarray, k: int, rng: np.random.Generator,
     """
     s = np.asarray(scores, dtype=np.float64)
     F, L = s.shape
+    if F == 0 or L == 0 or k <= 0:
+        return np.full((F, max(k, 0)), -1, dtype=np.int64)
+    return top_k_keyed(s + rng.gumbel(size=(F, L)), k, valid)
+
+
+def top_k_keyed(keyed: np.ndarray, k: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the ``k`` valid columns with the highest ``keyed`` value (scores plus their
+    Gumbel noise: :func:`gumbel_top_k`), in decreasing order (ties: the lower column first).
+
+    Args:
+        keyed: ``[F, L]`` keys.
+        k: columns per row.
+        valid: ``[F, L]`` bool, False for padding columns (never picked).
+
+    Returns: ``[F, k]`` int64 column indices; -1 where a row has fewer than k valid columns.
+    Padding columns after a row's valid ones change nothing, so a row's picks do not depend on
+    the width of the matrix it sits in (other replicas' rows).
+    """
+    F, L = keyed.shape
     if valid is None:
         valid = np.ones((F, L), dtype=bool)
     if F == 0 or L == 0 or k <= 0:
         return np.full((F, max(k, 0)), -1, dtype=np.int64)
-    keyed = np.where(valid, s + rng.gumbel(size=(F, L)), -np.inf)  # [F, L]
+    keyed = np.where(valid, keyed, -np.inf)  # [F, L]
     order = np.argsort(-keyed, axis=1, kind="stable")[:, :k]  # [F, min(k, L)]
     ok = np.take_along_axis(valid, order, axis=1)
     out = np.where(ok, order, -1)
@@ -93,5 +112,14 @@ def split_evenly(total: int, parts: int) -> np.ndarray:
     (the first ``total % parts`` get one more)."""
     if parts <= 0:
         return np.zeros(0, dtype=np.int64)
-    base, extra = divmod(total, parts)
-    return np.array([base + (1 if i < extra else 0) for i in range(parts)], dtype=np.int64)
+    return split_evenly_rows(total, np.array([parts]), parts)[0]
+
+
+def split_evenly_rows(total: int, parts: np.ndarray, width: int) -> np.ndarray:
+    """``[F, width]``: row f splits ``total`` evenly (:func:`split_evenly`) over its first
+    ``parts[f]`` columns (0 elsewhere; a row with no parts is all 0)."""
+    parts = np.asarray(parts, dtype=np.int64).reshape(-1)  # [F]
+    m = np.maximum(parts, 1)[:, None]  # [F, 1]
+    col = np.arange(width)[None, :]  # [1, width]
+    out = total // m + (col < total % m)  # [F, width]
+    return np.where(col < parts[:, None], out, 0).astype(np.int64)

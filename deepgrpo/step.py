@@ -32,7 +32,6 @@ zero budget and NaN everywhere else (:func:`initial_record`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +42,7 @@ from deepgrpo.batch import Backend, Batch
 from deepgrpo.config import LossConfig
 from deepgrpo.explore import ExploreResult
 from deepgrpo.ledger import BudgetLedger
-from deepgrpo.losses import dual_stream_loss, loss_denominators
+from deepgrpo.losses import dual_stream_loss, loss_denominators, replica_denominators
 
 BUDGET_COLUMNS = ("rollouts", "tokens", "rollouts_main", "rollouts_aux", "tokens_main", "tokens_aux")
 """Cumulative budget columns (from :meth:`BudgetLedger.totals`)."""
@@ -64,7 +63,8 @@ STEP_COLUMNS = BUDGET_COLUMNS + STEP_BUDGET_COLUMNS + EXPLORE_COLUMNS + UPDATE_C
 def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer: torch.optim.Optimizer,
                   parameters: Iterable[torch.nn.Parameter], micro_batch_size: int | None = None,
                   max_grad_norm: float | None = 1.0, data_parallel: bool = False) -> dict[str, float]:
-    """One optimizer step on ``batch`` with the dual-stream loss, accumulated over micro-batches.
+    """One optimizer step of one run on ``batch`` with the dual-stream loss, accumulated over
+    micro-batches (:func:`update_replicas` with one run).
 
     The per-stream denominators come from the whole batch (:func:`loss_denominators`), so the
     accumulated gradient equals the full-batch gradient whatever the micro-batch size.
@@ -81,47 +81,90 @@ def update_policy(backend: Backend, batch: Batch, config: LossConfig, optimizer:
     (1 when no step was taken: the batch carried no gradient, or its norm was infinite or NaN —
     as in verl's actor, such a step is skipped rather than let clipping turn it into NaN weights).
     """
+    return update_replicas(backend, batch, config, optimizer, parameters, 1, micro_batch_size, max_grad_norm,
+                           data_parallel)[0]
+
+
+def update_replicas(backend: Backend, batch: Batch, config: LossConfig, optimizer: Any,
+                    parameters: Iterable[torch.nn.Parameter], n_replicas: int, micro_batch_size: int | None = None,
+                    max_grad_norm: float | None = 1.0, data_parallel: bool = False) -> list[dict[str, float]]:
+    """One optimizer step of each of the R runs in ``batch`` (:attr:`Batch.replica`), as each
+    would take it alone (:func:`update_policy` is R = 1).
+
+    Each run has its own parameters: with R > 1 every parameter's first dimension is the run
+    (``[R, ...]``; with R = 1 any shape). Each run's loss is aggregated with its own per-stream
+    denominators, its micro-batches are its own rows (:meth:`Batch.chunks`), its gradient norm
+    is its own and is clipped on its own, and a run with no rows in the batch (no gradient) or a
+    non-finite gradient norm takes no step. The optimizer steps the runs that take one:
+    ``optimizer.step_replicas(BoolTensor [R])`` where it has that method (it must leave the
+    other runs' parameters and state untouched), else ``optimizer.step()`` (R = 1 only).
+
+    Returns: one dict of :data:`UPDATE_COLUMNS` and ``skipped`` per run (see :func:`update_policy`).
+    """
     from deepgrpo.distributed import all_reduce_gradients, global_denominators
+    R = int(n_replicas)
+    per_replica_step = hasattr(optimizer, "step_replicas")
+    if R > 1 and (data_parallel or not per_replica_step):
+        raise ValueError("several runs in one update need an optimizer with step_replicas and no data parallelism")
     params = [p for p in parameters if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    den = global_denominators(loss_denominators(batch, config, floor=False)) if data_parallel \
-        else loss_denominators(batch, config)
-    totals: dict[str, float] = {"loss": 0.0, "pg_main": 0.0, "pg_aux": 0.0, "kl_main": 0.0, "kl_aux": 0.0}
-    clipped_tokens = dual_tokens = 0.0
-    n_tokens = 0
+    if data_parallel:
+        den: dict[int, Any] = global_denominators(loss_denominators(batch, config, floor=False))
+    else:
+        den = replica_denominators(batch, config, R)
+    names = ("loss", "pg_main", "pg_aux", "kl_main", "kl_aux")
+    totals = {k: torch.zeros(R, dtype=torch.float64) for k in (*names, "trainable_tokens", "clipped_tokens",
+                                                            "dual_clipped_tokens")}
     for mb in batch.chunks(micro_batch_size or len(batch)) if len(batch) else []:
         lp = backend.logprobs(mb, "policy")  # [b, T]
         ref = backend.logprobs(mb, "reference") if config.kl_coef > 0 else None
-        out = dual_stream_loss(mb, lp, ref, config, den)
+        out = dual_stream_loss(mb, lp, ref, config, den, R)
         out.loss.backward()
-        for k in totals:
-            totals[k] += out.metrics[k]
-        n = out.metrics["trainable_tokens_main"] + out.metrics["trainable_tokens_aux"]
-        clipped_tokens += out.metrics["clip_fraction"] * n
-        dual_tokens += out.metrics["dual_clip_fraction"] * n
-        n_tokens += n
+        for k, v in out.replica_parts.items():
+            totals[k] += v.detach().double()
     if data_parallel:
         for p in params:  # ranks without samples still take part in the all-reduce
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         all_reduce_gradients(params)
-    totals["clip_fraction"] = clipped_tokens / max(n_tokens, 1)
-    totals["dual_clip_fraction"] = dual_tokens / max(n_tokens, 1)
-    if not any(p.grad is not None for p in params):
-        totals.update(grad_norm=0.0, skipped=1.0)
-        return totals
-    if max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    has_rows = torch.bincount(batch.replica, minlength=R)[:R] > 0 if len(batch) else torch.zeros(R, dtype=torch.bool)
+    if data_parallel:
+        has_rows = torch.ones(R, dtype=torch.bool)  # every rank steps with the all-reduced gradient
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        has_rows = torch.zeros(R, dtype=torch.bool)
+    n_tok = totals["trainable_tokens"].clamp(min=1)
+    clip = (totals["clipped_tokens"] / n_tok).tolist()
+    dual = (totals["dual_clipped_tokens"] / n_tok).tolist()
+    parts = {k: totals[k].tolist() for k in names}
+    if grads:
+        # each run's gradient norm over all its parameters: the norm of the per-parameter norms,
+        # as torch.nn.utils.clip_grad_norm_ computes one run's
+        norms = torch.stack([torch.linalg.vector_norm(g.detach().reshape(R, -1), dim=1) for g in grads])  # [n, R]
+        grad_norm = torch.linalg.vector_norm(norms, dim=0)  # [R]
+        if max_grad_norm is not None:
+            coef = (max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)  # [R]
+            for g in grads:
+                g.mul_(coef.to(g.dtype).view(R, *([1] * (g.dim() - 1))) if g.dim() and R > 1 else coef.to(g.dtype)[0])
     else:
-        grad_norm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-    totals["grad_norm"] = grad_norm
-    if not math.isfinite(grad_norm):  # as verl's actor: an infinite or NaN gradient never reaches the weights
+        grad_norm = torch.zeros(R)
+    finite = torch.isfinite(grad_norm)
+    step = has_rows & finite
+    if per_replica_step:
+        if bool(step.any()):
+            optimizer.step_replicas(step)
+    elif bool(step[0]):
+        optimizer.step()
+    elif grads:  # as verl's actor: an infinite or NaN gradient never reaches the weights
         optimizer.zero_grad(set_to_none=True)
-        totals["skipped"] = 1.0
-        return totals
-    optimizer.step()
-    totals["skipped"] = 0.0
-    return totals
+    out = []
+    gn = grad_norm.tolist()
+    for r in range(R):
+        row = {k: parts[k][r] for k in names}
+        row.update(clip_fraction=clip[r], dual_clip_fraction=dual[r],
+                   grad_norm=gn[r] if bool(has_rows[r]) else 0.0, skipped=0.0 if bool(step[r]) else 1.0)
+        out.append(row)
+    return out
 
 
 def _estimator_columns(estimator: Any) -> dict[str, float]:

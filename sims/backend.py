@@ -37,16 +37,38 @@ class SimBackend:
     """Implements ``sample`` and ``logprobs`` of the core's Backend protocol for the simulator.
 
     Args:
-        problems: the problem set.
+        problems: the problem set (for R runs: their :meth:`~sims.spec.ProblemSet.stack`, run r's
+            problem p being prompt r·n + p).
         policy: the trainable policy (sampling uses its current weights, without gradient).
-        generator: torch Generator, the only source of sampling randomness.
+        generator: torch Generator, the only source of sampling randomness; for R runs, one per
+            run: a run's rows are drawn from its own, ``torch.rand(T, B_r)`` as if it were alone,
+            so that its chains do not depend on the other runs of the batch.
     """
 
-    def __init__(self, problems: ProblemSet, policy: TokenTreePolicy, generator: torch.Generator) -> None:
+    def __init__(self, problems: ProblemSet, policy: TokenTreePolicy,
+                 generator: torch.Generator | Sequence[torch.Generator]) -> None:
         self.problems = problems
         self.policy = policy
-        self.generator = generator
+        self.generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        self.generator = self.generators[0]
+        if problems.n % len(self.generators):
+            raise ValueError(f"{problems.n} problems cannot be split evenly over {len(self.generators)} runs")
+        self._per_run = problems.n // len(self.generators)
         self._replay: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _uniforms(self, problem: np.ndarray) -> torch.Tensor:
+        """``[T, B]`` the sampler's uniforms: each run's rows (contiguous) from its own generator."""
+        T = self.problems.T
+        if len(self.generators) == 1:
+            return torch.rand(T, problem.shape[0], generator=self.generator)
+        run = problem // self._per_run  # [B]
+        if np.any(np.diff(run) < 0):
+            raise ValueError("rows of several runs must come run after run")
+        bounds = np.flatnonzero(np.diff(run)) + 1
+        starts = np.concatenate([[0], bounds]).tolist()
+        ends = np.concatenate([bounds, [run.shape[0]]]).tolist()
+        return torch.cat([torch.rand(T, b - a, generator=self.generators[int(run[a])]) for a, b in zip(starts, ends)],
+                         dim=1) if run.size else torch.rand(T, 0)
 
     def _replayed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(``problem [B]``, ``status [B, L+1]``) of ``batch``'s rows, replayed from its tokens;
@@ -92,15 +114,15 @@ class SimBackend:
             prefix_req[np.repeat(np.arange(R), plen_req), col] = flat
             prefix = np.repeat(prefix_req, n_req, axis=0)  # [B, T]
             plen = np.repeat(plen_req, n_req)  # [B]
-            chains = sample_chains(problems, log_probs, problem, self.generator, torch.from_numpy(prefix),
-                                   torch.from_numpy(plen))
+            chains = sample_chains(problems, log_probs, problem, None, torch.from_numpy(prefix),
+                                   torch.from_numpy(plen), uniforms=self._uniforms(problem_np))
             plen_t = torch.from_numpy(plen)
             tokens = suffixes(chains.tokens, plen_t)  # [B, T]
             logprobs = suffixes(chains.logprobs, plen_t)  # [B, T]
             mask = torch.from_numpy(np.arange(T)[None, :] < (length - plen)[:, None])  # [B, T]
             start_status = torch.from_numpy(chains.status.numpy()[np.arange(len(plen)), plen])  # [B]
         else:
-            chains = sample_chains(problems, log_probs, problem, self.generator)
+            chains = sample_chains(problems, log_probs, problem, None, uniforms=self._uniforms(problem_np))
             tokens, logprobs = chains.tokens, chains.logprobs
             mask = torch.from_numpy(np.arange(T)[None, :] < length[:, None])  # [B, T]
             start_status = chains.status[:, 0]

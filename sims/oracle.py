@@ -24,6 +24,12 @@ from sims.sampler import replay_status
 from sims.spec import DERAILED, ON_TRACK, ProblemSet
 
 
+def _allowed(problems: ProblemSet) -> np.ndarray:
+    """``float64 [1, T]`` (one rule) or ``[n, T]`` (a stack of runs with different rules)."""
+    allowed = problems.recovery_allowed.numpy().astype(np.float64)
+    return allowed if allowed.ndim == 2 else allowed[None, :]
+
+
 def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Tensor:
     """``DoubleTensor [n, T + 1, 2]``: exact P(success | step t reached in status s).
 
@@ -34,9 +40,9 @@ def success_table(problems: ProblemSet, correct_probs: torch.Tensor) -> torch.Te
     """
     q = correct_probs.detach().double().numpy()  # [n, T, 2] (numpy: T tiny steps, no op overhead)
     n, T, _ = q.shape
-    allowed = problems.recovery_allowed.numpy().astype(np.float64)  # [T]
+    allowed = _allowed(problems)  # [1 | n, T]
     q_on = q[:, :, ON_TRACK]  # [n, T]
-    q_der = allowed[None, :] * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
+    q_der = allowed * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
     if problems.variable_length:  # padding steps are identities: on -> on, derailed -> derailed
         pad = ~problems.step_mask().numpy()  # [n, T]
         q_on = np.where(pad, 1.0, q_on)
@@ -60,9 +66,9 @@ def status_distribution(problems: ProblemSet, correct_probs: torch.Tensor) -> to
     """
     q = correct_probs.detach().double().numpy()  # [n, T, 2]
     n, T, _ = q.shape
-    allowed = problems.recovery_allowed.numpy().astype(np.float64)  # [T]
+    allowed = _allowed(problems)  # [1 | n, T]
     q_on = q[:, :, ON_TRACK]  # [n, T] P(stay on track | on track)
-    q_der = allowed[None, :] * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
+    q_der = allowed * q[:, :, DERAILED]  # [n, T] P(back on track | derailed)
     if problems.variable_length:
         pad = ~problems.step_mask().numpy()  # [n, T]
         q_on = np.where(pad, 1.0, q_on)

@@ -24,7 +24,7 @@ oracle's input, the entropy) is derived from one :class:`PolicySnapshot` per set
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 
@@ -52,22 +52,31 @@ def random_features(problems: ProblemSet, dim: int) -> torch.Tensor:
 
 
 class TokenTreePolicy(torch.nn.Module):
-    """Logits ``[n, T, 2, V]`` of a simulated policy (see the module docstring).
+    """Logits ``[n, T, 2, V]`` of a simulated policy (see the module docstring), or of R
+    independent ones side by side.
 
     Args:
         problems: the problem set (base logits; the correct tokens only for :meth:`correct_probs`,
-            the oracle's input, never for the trainable part).
+            the oracle's input, never for the trainable part), or the problem sets of R runs
+            (same shape): then every table is that of :meth:`ProblemSet.stack` (run r's problem p
+            is row r·n + p) and every parameter has the run as its first dimension (``delta``
+            ``[R, n, T, 2, V]``, ``weight`` ``[R, D]``), each run its own weights and features
+            (``features`` ``[R, D, n·T·2·V]``: run r's φ transposed).
         kind: ``tabular`` or ``features``.
         feature_dim: D, the features policy's number of shared weights.
     """
 
-    def __init__(self, problems: ProblemSet, kind: str = "tabular", feature_dim: int = 256) -> None:
+    def __init__(self, problems: ProblemSet | Sequence[ProblemSet], kind: str = "tabular",
+                 feature_dim: int = 256) -> None:
         super().__init__()
         if kind not in POLICY_CLASSES:
             raise ValueError(f"kind = {kind!r} is invalid: expected one of {', '.join(POLICY_CLASSES)}")
+        sets = [problems] if isinstance(problems, ProblemSet) else list(problems)
+        problems = ProblemSet.stack(sets)
         self.kind = kind
+        self.replicas = R = len(sets)
         n, T, V = problems.n, problems.T, problems.V
-        self.shape = (n, T, 2, V)
+        self.shape = (n, T, 2, V)  # every run's problems, run after run
         self.register_buffer("base", problems.base_logits())  # [n, T, 2, V]
         self.register_buffer("base_log_probs", torch.log_softmax(self.base, dim=-1))  # [n, T, 2, V]
         onehot = torch.nn.functional.one_hot(problems.correct, V).bool().unsqueeze(2)  # [n, T, 1, V]
@@ -75,16 +84,20 @@ class TokenTreePolicy(torch.nn.Module):
         index = problems.correct[:, :, None, None].expand(n, T, 2, 1).contiguous()  # [n, T, 2, 1]
         self.register_buffer("correct_index", index, persistent=False)  # read by correct_probs only
         if kind == "tabular":
-            self.delta = torch.nn.Parameter(torch.zeros(n, T, 2, V))
+            self.delta = torch.nn.Parameter(torch.zeros(R, n // R, T, 2, V))
         else:
-            self.register_buffer("features", random_features(problems, int(feature_dim)))  # [n·T·2·V, D]
-            self.weight = torch.nn.Parameter(torch.zeros(int(feature_dim)))  # [D]
+            phi = torch.stack([random_features(ps, int(feature_dim)).t() for ps in sets])  # [R, D, n/R·T·2·V]
+            self.register_buffer("features", phi.contiguous())
+            self.weight = torch.nn.Parameter(torch.zeros(R, int(feature_dim)))  # [R, D]
 
     def logit_delta(self) -> torch.Tensor:
         """``[n, T, 2, V]`` the trainable part of the logits (with gradient)."""
         if self.kind == "tabular":
-            return self.delta
-        return (self.features @ self.weight).view(self.shape)
+            return self.delta.view(self.shape)
+        # [R, 1, D] @ [R, D, M]: each run's weights times its features, laid out so that the product
+        # and its gradient stream through φ (several times faster than [R, M, D] @ [R, D, 1]); one
+        # run gives the same numbers alone as inside a batch of runs
+        return torch.bmm(self.weight.unsqueeze(1), self.features).view(self.shape)
 
     def logits(self) -> torch.Tensor:
         """``[n, T, 2, V]`` current logits (with gradient)."""

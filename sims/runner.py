@@ -52,10 +52,10 @@ import torch
 
 from deepgrpo.config import AlgoConfig, check_choice, check_range, invalid
 from deepgrpo.estimators import make_estimator
-from deepgrpo.explore import explore
+from deepgrpo.explore import explore_replicas
 from deepgrpo.ledger import BUDGET_UNITS, BudgetLedger, budget_left
 from deepgrpo.records import versions, write_csv_atomic, write_json_atomic
-from deepgrpo.step import initial_record, step_record, update_policy
+from deepgrpo.step import initial_record, step_record, update_replicas
 from sims.backend import SimBackend
 from sims.memory import check_fits
 from sims.optim import OPTIMIZERS, make_optimizer
@@ -190,7 +190,8 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
           method: str = "", progress: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           probes: Sequence[Probe] = ()) -> TrainResult:
-    """Train a fresh pre-trained policy of ``spec`` with ``algo`` for ``config.steps`` steps.
+    """Train a fresh pre-trained policy of ``spec`` with ``algo`` for ``config.steps`` steps
+    (:func:`train_replicas` with one run).
 
     Args:
         spec: the simulated problem set.
@@ -209,89 +210,178 @@ def train(spec: TokenTreeSpec, algo: AlgoConfig, config: RunnerConfig | None = N
     Sizes whose tables or rollouts cannot fit in memory are a
     :class:`~deepgrpo.config.ConfigError` before anything is allocated (:mod:`sims.memory`).
     """
-    cfg = config or RunnerConfig()
-    check_fits(spec, cfg, algo)  # sizes that cannot fit in memory fail here, before any allocation
+    return train_replicas([spec], algo, [config or RunnerConfig()], [seed], [method], progress=progress,
+                          on_step=(lambda r, row: on_step(row)) if on_step else None, probes=[probes])[0]
+
+
+SHARED_RUNNER_FIELDS = ("batch_problems", "policy", "feature_dim", "optimizer", "max_grad_norm", "pass_k",
+                        "micro_batch_size")
+""":class:`RunnerConfig` fields that runs trained together must share (each run keeps its own
+``lr``, ``steps``, ``budget`` and ``budget_unit``)."""
+
+
+def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Sequence[RunnerConfig],
+                   seeds: Sequence[int], methods: Sequence[str] | None = None, progress: bool = False,
+                   on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                   on_finish: Callable[[int, TrainResult], None] | None = None,
+                   probes: Sequence[Sequence[Probe]] | None = None) -> list[TrainResult]:
+    """Train R independent runs in lockstep: one exploration step and one policy update carry
+    all the runs that have not yet reached their budget (or step cap), through the core's
+    replica axis (:func:`deepgrpo.explore.explore_replicas`, :func:`deepgrpo.step.update_replicas`).
+
+    Run r is ``train(specs[r], algo, configs[r], seeds[r], methods[r])``: its own problem set,
+    weights, optimizer state and step size, estimator, budget ledger and random streams, so its
+    history is the one it has alone, whatever runs share its batch. The runs share ``algo`` and
+    the :data:`SHARED_RUNNER_FIELDS` of their configs, and their problem sets must have the same
+    shape (their rules — difficulty spread, recovery — may differ).
+
+    Args:
+        on_step: called with ``(r, row)`` for each history row as it is produced.
+        on_finish: called with ``(r, result)`` the moment run r stops (the others go on).
+        probes: per run, its :data:`Probe` list (each run its own instances).
+
+    Returns: the R :class:`TrainResult` in order. ``wall_time_s`` is the time until the run
+    stopped; ``step_wall_time_s`` its share of each batched step (the step's time over the runs in it).
+    """
+    R = len(specs)
+    if not (len(configs) == len(seeds) == R) or R == 0:
+        raise ValueError(f"train_replicas needs one spec, config and seed per run; got {R}, {len(configs)}, "
+                         f"{len(seeds)}")
+    methods = list(methods) if methods is not None else [""] * R
+    probes = list(probes) if probes is not None else [()] * R
+    first = configs[0]
+    for c in configs[1:]:
+        for f in SHARED_RUNNER_FIELDS:
+            if getattr(c, f) != getattr(first, f):
+                raise ValueError(f"runs trained together must share RunnerConfig.{f}: {getattr(c, f)!r} != "
+                                 f"{getattr(first, f)!r}")
+    for spec, cfg in zip(specs, configs):
+        check_fits(spec, cfg, algo)  # sizes that cannot fit in memory fail here, before any allocation
     t_start = time.perf_counter()
-    ps_seed = spec.problem_set_seed(seed)
-    problems = spec.build(run_seed=seed)
-    if cfg.policy == "features" and problems.n * problems.T * 2 * problems.V * cfg.feature_dim > MAX_FEATURE_ENTRIES:
-        raise invalid("RunnerConfig", "feature_dim", cfg.feature_dim,
-                      f"at most {MAX_FEATURE_ENTRIES // (problems.n * problems.T * 2 * problems.V):,} for this problem "
-                      f"set ({problems.n} problems x {problems.T} steps x 2 x {problems.V} tokens): the features "
-                      f"policy stores one {cfg.feature_dim}-dim feature per (problem, step, status, token)")
-    policy = TokenTreePolicy(problems, cfg.policy, cfg.feature_dim)
-    gen, batch_rng, core_rng = run_streams(seed)
-    backend = SimBackend(problems, policy, gen)
-    estimator = make_estimator(algo.estimator)
-    ledger = BudgetLedger()
+    ps_seeds = [spec.problem_set_seed(seed) for spec, seed in zip(specs, seeds)]
+    sets = [spec.build(run_seed=seed) for spec, seed in zip(specs, seeds)]
+    one = sets[0]
+    if first.policy == "features" and one.n * one.T * 2 * one.V * first.feature_dim > MAX_FEATURE_ENTRIES:
+        raise invalid("RunnerConfig", "feature_dim", first.feature_dim,
+                      f"at most {MAX_FEATURE_ENTRIES // (one.n * one.T * 2 * one.V):,} for this problem "
+                      f"set ({one.n} problems x {one.T} steps x 2 x {one.V} tokens): the features "
+                      f"policy stores one {first.feature_dim}-dim feature per (problem, step, status, token)")
+    stacked = ProblemSet.stack(sets)  # run r's problem p is r·n + p
+    n = one.n
+    policy = TokenTreePolicy(sets, first.policy, first.feature_dim)
+    streams = [run_streams(seed) for seed in seeds]
+    backend = SimBackend(stacked, policy, [s[0] for s in streams])
+    batch_rngs = [s[1] for s in streams]
+    core_rngs = [s[2] for s in streams]
+    estimators = [make_estimator(algo.estimator) for _ in range(R)]
+    ledgers = [BudgetLedger() for _ in range(R)]
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
-    k = cfg.pass_k
-    n_train = problems.n_train
-    n_batch = min(cfg.batch_problems, n_train)
-    train_steps = problems.step_mask()[:n_train]  # [n_train, T] steps a chain visits
+    optimizer = make_optimizer(first.optimizer, params, [c.lr for c in configs])
+    k = first.pass_k
+    n_train = one.n_train
+    n_batch = min(first.batch_problems, n_train)
+    step_masks = stacked.step_mask().numpy()  # [R·n, T] steps a chain visits
+    nan = float("nan")
+    table: list[torch.Tensor] = []  # the latest oracle table [R·n, T+1, 2] (= the next step's sampling policy)
 
-    table: list[torch.Tensor] = []  # the latest oracle table [n, T+1, 2] (= the next step's sampling policy)
-
-    def evaluate() -> dict[str, float]:
+    def evaluate(runs: Sequence[int]) -> dict[int, dict[str, float]]:
         # the weights' tables, computed once: the next step samples from the same snapshot
         snap = policy.snapshot()
-        W = snap.success_table(problems)  # [n, T+1, 2]
-        p1 = W[:, 0, ON_TRACK]  # [n] training problems first, then held-out ones
-        ent = snap.entropy[:n_train, :, ON_TRACK]  # [n_train, T]
+        W = snap.success_table(stacked)  # [R·n, T+1, 2]
         table[:] = [W]
-        tr, ho = p1[:n_train], p1[n_train:]
-        nan = float("nan")
-        return {"pass1": float(tr.mean()), f"pass{k}": float(exact_pass_at_k(tr, k).mean()),
-                "heldout_pass1": float(ho.mean()) if len(ho) else nan,
-                f"heldout_pass{k}": float(exact_pass_at_k(ho, k).mean()) if len(ho) else nan,
-                "entropy": float(ent[train_steps].mean())}
+        p1_all = W[:, 0, ON_TRACK]  # [R·n] each run's training problems first, then its held-out ones
+        ent_all = snap.entropy[:, :, ON_TRACK]  # [R·n, T]
+        out = {}
+        for r in runs:
+            p1 = p1_all[r * n:(r + 1) * n]
+            tr, ho = p1[:n_train], p1[n_train:]
+            ent = ent_all[r * n:r * n + n_train]
+            out[r] = {"pass1": float(tr.mean()), f"pass{k}": float(exact_pass_at_k(tr, k).mean()),
+                      "heldout_pass1": float(ho.mean()) if len(ho) else nan,
+                      f"heldout_pass{k}": float(exact_pass_at_k(ho, k).mean()) if len(ho) else nan,
+                      "entropy": float(ent[torch.from_numpy(step_masks[r * n:r * n + n_train])].mean())}
+        return out
 
-    nan = float("nan")
-    row0: dict[str, Any] = {"method": method, "seed": seed, "step": 0, "problem_set_seed": ps_seed, **evaluate(),
-                            **initial_record(estimator),
-                            "pivot_before_error": nan, "pivot_oracle_success": nan}
-    history = [row0]
-    if on_step:
-        on_step(row0)
-    step_wall: list[float] = []
-    steps = range(1, cfg.steps + 1)
+    histories: list[list[dict[str, Any]]] = [[] for _ in range(R)]
+    step_wall: list[list[float]] = [[] for _ in range(R)]
+    results: list[TrainResult | None] = [None] * R
+    ev = evaluate(range(R))
+    for r in range(R):
+        row0: dict[str, Any] = {"method": methods[r], "seed": seeds[r], "step": 0, "problem_set_seed": ps_seeds[r],
+                                **ev[r], **initial_record(estimators[r]),
+                                "pivot_before_error": nan, "pivot_oracle_success": nan}
+        histories[r].append(row0)
+        if on_step:
+            on_step(r, row0)
+
+    def finish(r: int) -> None:
+        own = sets[r]
+        results[r] = TrainResult(history=histories[r], wall_time_s=time.perf_counter() - t_start,
+                                 step_wall_time_s=step_wall[r], ledger=ledgers[r], problems=own, policy=policy,
+                                 estimator=estimators[r], problem_set_seed=ps_seeds[r],
+                                 problem_set_pinned=specs[r].pinned)
+        if on_finish:
+            on_finish(r, results[r])
+
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=method or "train", unit="step", leave=False)
-    for step in steps:
-        if not budget_left(ledger, cfg.budget, cfg.budget_unit):
+        bar = tqdm(total=max(c.steps for c in configs), desc=methods[0] or "train", unit="step", leave=False)
+    active = list(range(R))
+    step = 0
+    while active:
+        step += 1
+        live = [r for r in active
+                if step <= configs[r].steps and budget_left(ledgers[r], configs[r].budget, configs[r].budget_unit)]
+        for r in active:
+            if r not in live:
+                finish(r)
+        active = live
+        if not live:
             break
         t0 = time.perf_counter()
-        # training problems only (indices < n_train): held-out problems are never in a batch
-        prompts = [int(p) for p in np.sort(batch_rng.choice(n_train, size=n_batch, replace=False))]
-        W = table[0]  # [n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
-        res = explore(backend, prompts, algo, estimator, core_rng, ledger)
-        plan = res.plan
-        oracle_cols = {"pivot_before_error": nan, "pivot_oracle_success": nan}
-        if len(plan):
-            traj = torch.from_numpy(plan.traj)
-            plen = torch.from_numpy(plan.prefix_len)
-            first_error = res.main.extras["first_error"][traj]  # [P]
-            oracle_cols["pivot_before_error"] = float((plen <= first_error).double().mean())
-            oracle_cols["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
-        probed: dict[str, float] = {}
-        if probes:
-            ctx = StepContext(step=step, W=W, estimator=estimator, algo=algo, spec=spec, problems=problems,
-                              policy=policy)
-            for probe in probes:
-                probed.update(probe(res, ctx))
-        metrics = update_policy(backend, res.batch, algo.loss, optimizer, params,
-                                micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
-        row = {"method": method, "seed": seed, "step": step, "problem_set_seed": ps_seed, **evaluate(),
-               **step_record(res, metrics, ledger, estimator), **oracle_cols, **probed}
-        history.append(row)
-        step_wall.append(time.perf_counter() - t0)
-        if on_step:
-            on_step(row)
-    return TrainResult(history=history, wall_time_s=time.perf_counter() - t_start, step_wall_time_s=step_wall,
-                       ledger=ledger, problems=problems, policy=policy, estimator=estimator,
-                       problem_set_seed=ps_seed, problem_set_pinned=spec.pinned)
+        prompts: list[int] = []
+        for r in live:
+            # training problems only (indices < n_train): held-out problems are never in a batch
+            prompts += [r * n + int(p) for p in np.sort(batch_rngs[r].choice(n_train, size=n_batch, replace=False))]
+        replica = np.repeat(np.arange(len(live)), n_batch)
+        W = table[0]  # [R·n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
+        rs = explore_replicas(backend, prompts, replica, algo, [estimators[r] for r in live],
+                              [core_rngs[r] for r in live], [ledgers[r] for r in live])
+        extra: list[dict[str, float]] = []
+        for i, r in enumerate(live):
+            res = rs.results[i]
+            plan = res.plan
+            cols = {"pivot_before_error": nan, "pivot_oracle_success": nan}
+            if len(plan):
+                traj = torch.from_numpy(plan.traj)
+                plen = torch.from_numpy(plan.prefix_len)
+                first_error = res.main.extras["first_error"][traj]  # [P]
+                cols["pivot_before_error"] = float((plen <= first_error).double().mean())
+                cols["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
+            if probes[r]:
+                ctx = StepContext(step=step, W=W, estimator=estimators[r], algo=algo, spec=specs[r], problems=sets[r],
+                                  policy=policy)
+                for probe in probes[r]:
+                    cols.update(probe(res, ctx))
+            extra.append(cols)
+        rs.batch.replica = torch.as_tensor(live, dtype=torch.long)[rs.batch.replica]  # the runs' own parameter rows
+        updates = update_replicas(backend, rs.batch, algo.loss, optimizer, params, R,
+                                  micro_batch_size=first.micro_batch_size, max_grad_norm=first.max_grad_norm)
+        ev = evaluate(live)
+        share = (time.perf_counter() - t0) / len(live)
+        for i, r in enumerate(live):
+            row = {"method": methods[r], "seed": seeds[r], "step": step, "problem_set_seed": ps_seeds[r], **ev[r],
+                   **step_record(rs.results[i], updates[r], ledgers[r], estimators[r]), **extra[i]}
+            histories[r].append(row)
+            step_wall[r].append(share)
+            if on_step:
+                on_step(r, row)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return [res for res in results if res is not None]
 
 
 def _or_none(x: float) -> float | None:

@@ -65,7 +65,9 @@ def replay_status(problems: ProblemSet, problem: torch.Tensor, tokens: torch.Ten
     wrong = tokens.numpy() != problems.correct.numpy()[problem_np, :L]  # [B, L]
     if lengths_np is not None:
         wrong &= np.arange(L)[None, :] < lengths_np[:, None]  # freeze after the prefix
-    allowed = problems.recovery_allowed.numpy()[:L]
+    allowed = problems.recovery_allowed.numpy()
+    # [L], or [B, L] in a stack of runs with different rules (each row its own)
+    allowed = allowed[problem_np, :L] if allowed.ndim == 2 else allowed[:L]
     if allowed.all():  # recovery always possible: derailed after t iff token t was wrong
         derailed = wrong
     elif not allowed.any():  # fatal: derailed after t iff any wrong token so far
@@ -74,7 +76,7 @@ def replay_status(problems: ProblemSet, problem: torch.Tensor, tokens: torch.Ten
         derailed = np.empty_like(wrong)
         prev = np.zeros(B, dtype=bool)
         for t in range(L):
-            prev = wrong[:, t] | (prev & ~allowed[t])
+            prev = wrong[:, t] | (prev & ~allowed[..., t])
             derailed[:, t] = prev
     if lengths_np is not None and L:  # a frozen row keeps the status its prefix reached
         lengths_np = np.minimum(lengths_np, L)  # (a row longer than the tokens given keeps them all)
@@ -122,8 +124,8 @@ class SamplingTable:
 
 
 def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable, problem: torch.Tensor,
-                  generator: torch.Generator, prefix: torch.Tensor | None = None,
-                  prefix_len: torch.Tensor | None = None) -> SampledChains:
+                  generator: torch.Generator | None, prefix: torch.Tensor | None = None,
+                  prefix_len: torch.Tensor | None = None, uniforms: torch.Tensor | None = None) -> SampledChains:
     """Sample B chains of ``problem`` under ``log_probs``, continuing given prefixes exactly.
 
     Args:
@@ -131,7 +133,9 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
         log_probs: ``[n, T, 2, V]`` log π of the sampling policy (no gradient needed), or its
             :class:`SamplingTable` (the same draws, without rebuilding the CDF).
         problem: ``LongTensor [B]``.
-        generator: torch Generator; draws one uniform per (row, step).
+        generator: torch Generator; draws one uniform per (row, step), ``torch.rand(T, B)``.
+        uniforms: ``[T, B]`` those uniforms, drawn by the caller (then ``generator`` is unused):
+            how several runs' rows are sampled together, each run's from its own generator.
         prefix: ``LongTensor [B, >= max(prefix_len)]`` prefix tokens (None: from the root).
         prefix_len: ``LongTensor [B]`` tokens of ``prefix`` to keep per row (positions before
             it are copied, the status they reach is replayed, the rest is sampled).
@@ -143,7 +147,7 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
     B = problem.shape[0]
     table = log_probs if isinstance(log_probs, SamplingTable) else SamplingTable.from_log_probs(log_probs)
     cdf = table.cdf  # [T, n·2, V] row 2p + s of step t
-    u = torch.rand(T, B, generator=generator)  # [T, B]
+    u = torch.rand(T, B, generator=generator) if uniforms is None else uniforms  # [T, B]
     # the loop runs in numpy: its per-op overhead is a few times below torch's on the small
     # batches of a training step, and it is as fast on large ones (same float32 CDF and
     # uniforms, so the draws are exactly those of the torch formulation); what does not depend
@@ -161,7 +165,10 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
         ut_all = np.where(active, ut_all, np.float32(0))
         correct = np.where(active, correct, 0)
     correct = np.ascontiguousarray(correct)
-    allowed = problems.recovery_allowed.tolist()
+    per_row = problems.recovery_allowed.dim() == 2  # a stack of runs with different rules
+    if per_row:
+        forbidden_tb = np.ascontiguousarray(~problems.recovery_allowed.numpy()[problem_np].T)  # [T, B]
+    allowed = [True] * T if per_row else problems.recovery_allowed.tolist()
     row_base = problem_np * 2  # [B]
     tokens_tb = np.empty((T, B), dtype=np.int64)
     wrong = np.empty(B, dtype=bool)  # token t was wrong
@@ -190,7 +197,10 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
         first_error += clean
         # correct token -> on track if it was on track or recovery is allowed at t (sims.spec);
         # a padding step (never wrong) keeps the status
-        if not allowed[t]:
+        if per_row:  # wrong, or derailed before and no recovery at t (padding steps keep the status)
+            step = wrong | (off & forbidden_tb[t])
+            derailed[t + 1] = np.where(active[t], step, off) if varlen else step
+        elif not allowed[t]:
             np.logical_or(off, wrong, out=derailed[t + 1])
         elif varlen:
             derailed[t + 1] = np.where(active[t], wrong, off)

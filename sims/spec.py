@@ -40,7 +40,7 @@ the run seed (:meth:`TokenTreeSpec.problem_set_seed`), so each run seed trains o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,7 +213,8 @@ class ProblemSet:
     p_recover: ``DoubleTensor [n, T]`` base policy's P(recovery token | derailed) = ρ(t)·p_correct
         (1/V if fatal).
     recovery_allowed: ``BoolTensor [T]`` whether the recovery token brings a derailed chain
-        back on track at step t (all False for ``fatal``).
+        back on track at step t (all False for ``fatal``); ``[n, T]`` (per problem) in a stack
+        of runs with different rules (:meth:`stack`).
     ability: ``DoubleTensor [n]``; crux_step: ``LongTensor [n, n_crux]``;
     crux_hardness: ``DoubleTensor [n, n_crux]``.
     lengths: ``LongTensor [n]`` steps L_p of each problem (all T unless ``min_depth`` is set).
@@ -291,6 +292,30 @@ class ProblemSet:
                    crux_step=torch.from_numpy(d["crux_step"]), crux_hardness=torch.from_numpy(d["hardness"]),
                    lengths=torch.from_numpy(lengths).long(), segment_ends=ends, n_train=spec.n_problems,
                    seed=int(seed))
+
+    @classmethod
+    def stack(cls, sets: Sequence[ProblemSet]) -> ProblemSet:
+        """The problem sets of R runs as one set of R·n problems (run r's problem p is problem
+        r·n + p), for a backend that advances the runs together; one set is returned as is.
+
+        The sets must have the same shape (n, n_train, T, V). ``recovery_allowed`` stays ``[T]``
+        when the runs agree on it, else it is ``[R·n, T]`` (each problem its run's rule);
+        ``n_train`` and ``seed`` are the first set's (a stack is never split into training and
+        held-out problems: each run's own set says that)."""
+        if len(sets) == 1:
+            return sets[0]
+        first = sets[0]
+        for ps in sets[1:]:
+            if (ps.n, ps.n_train, ps.T, ps.V) != (first.n, first.n_train, first.T, first.V):
+                raise ValueError(f"problem sets of shape (n, n_train, T, V) = {(ps.n, ps.n_train, ps.T, ps.V)} and "
+                                 f"{(first.n, first.n_train, first.T, first.V)} cannot be stacked")
+        same_rule = all(torch.equal(ps.recovery_allowed, first.recovery_allowed) for ps in sets)
+        allowed = first.recovery_allowed if same_rule else torch.cat(
+            [ps.recovery_allowed.unsqueeze(0).expand(ps.n, -1) for ps in sets])
+        cat = {k: torch.cat([getattr(ps, k) for ps in sets]) for k in
+               ("correct", "p_correct", "p_recover", "ability", "crux_step", "crux_hardness", "lengths")}
+        return cls(spec=first.spec, recovery_allowed=allowed, segment_ends=[e for ps in sets for e in ps.segment_ends],
+                   n_train=first.n_train, seed=first.seed, **cat)
 
     def base_logits(self) -> torch.Tensor:
         """``FloatTensor [n, T, 2, V]`` logits of the pre-trained policy: in status s at step t

@@ -213,7 +213,7 @@ def test_backend_logprobs_match_sampling_logprobs_and_carry_gradient():
     ref = backend.logprobs(batch, "reference")
     assert not ref.requires_grad and lp.requires_grad
     lp[m].sum().backward()
-    touched = policy.delta.grad.abs().sum(-1) > 0  # [n, T, 2]
+    touched = policy.delta.grad[0].abs().sum(-1) > 0  # [n, T, 2] (the one run's table)
     assert touched.any() and not touched[[p for p in range(problems.n) if p not in batch.prompts]].any()
 
 
@@ -230,7 +230,7 @@ def test_features_policy_never_reads_the_correct_tokens():
         b.weight.copy_(a.weight)
     assert not torch.equal(a.base, b.base)  # the swap did change the problem set
     assert torch.equal(a.logit_delta(), b.logit_delta()) and a.logit_delta().abs().min() > 0
-    assert torch.equal(a.features, b.features) and a.features.shape == (8 * problems.T * 2 * problems.V, 32)
+    assert torch.equal(a.features, b.features) and a.features.shape == (1, 32, 8 * problems.T * 2 * problems.V)
     assert abs(float(a.features.pow(2).sum(1).mean()) - 1.0) < 0.05  # ||φ||² ≈ 1 (variance 1/D)
 
 
