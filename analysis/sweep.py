@@ -24,6 +24,16 @@ watchdog thread everywhere), so neither Ctrl-C, SIGTERM nor ``kill -9`` of a swe
 workers running. Ctrl-C (or SIGTERM, which :func:`deepgrpo.records.terminate_like_ctrl_c`
 turns into the same exception) stops the sweep at once (no queued cell starts; running cells
 are abandoned) and raises :class:`deepgrpo.records.Interrupted` saying what was kept.
+
+Batches: with a ``batch_worker`` (:data:`BatchWorker`, e.g. a trainer that advances many runs in
+lockstep), the cells that share a ``batch_key`` run together, in one call in one process; a cell
+whose key is None runs alone through ``worker``. Each group is cut, in the cells' order, into
+equal batches of at most ``max_batch`` cells and at most (cells to run) / (workers), so that no
+worker idles while another holds a large batch; the largest batches start first. The batch
+worker reports each run the moment it finishes (``done(cell, rows)``), and that cell's file is
+written at once, as a single cell's is: resume, Ctrl-C, SIGTERM and ``kill -9`` keep every
+reported cell and abandon the others, and the table is the same, byte for byte. A batch that
+reports a cell not its own, or one twice, or returns with a cell unreported, is an error.
 """
 
 from __future__ import annotations
@@ -37,8 +47,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +170,99 @@ def _run_one(worker: Callable[[Cell], list[dict[str, Any]]], cell: Cell, path: s
     rows = worker(cell)
     write_csv_atomic(path, cell_frame(cell, rows))
     return len(rows)
+
+
+BatchWorker = Callable[[list[Cell], Callable[[Cell, list[dict[str, Any]]], None]], None]
+"""``batch_worker(cells, done)`` runs every cell of ``cells`` together and calls ``done(cell,
+rows)`` once per cell, as soon as that cell's run is finished (``rows``: what ``worker(cell)``
+would return); a picklable module-level function."""
+
+
+def _describe(cell: Any) -> str:
+    """A cell, named in an error message."""
+    if isinstance(cell, Cell):
+        return f"{cell.study}/{cell.variant} seed {cell.seed} ({cell.key})"
+    return repr(cell)[:200]
+
+
+def _run_batch(batch_worker: BatchWorker, cells: list[Cell], paths: list[str],
+               on_done: Callable[[Cell], None] | None = None) -> int:
+    """Run ``cells`` with ``batch_worker``, writing each cell's file (``paths``) the moment the
+    worker reports it; ``on_done(cell)`` after each write (in-process progress)."""
+    import torch
+    torch.set_num_threads(1)  # one process per core
+    mine = {c.key: (c, p) for c, p in zip(cells, paths)}
+    reported: set[str] = set()
+    name = getattr(batch_worker, "__qualname__", repr(batch_worker))
+
+    def done(cell: Cell, rows: list[dict[str, Any]]) -> None:
+        key = cell.key if isinstance(cell, Cell) else None
+        if key not in mine:
+            raise RuntimeError(f"batch worker {name} reported cell {_describe(cell)}, which is not in its batch of "
+                               f"{len(cells)} cell(s)")
+        if key in reported:
+            raise RuntimeError(f"batch worker {name} reported cell {_describe(cell)} twice")
+        own, path = mine[key]
+        write_csv_atomic(path, cell_frame(own, rows))
+        reported.add(key)
+        if on_done is not None:
+            on_done(own)
+
+    batch_worker(list(cells), done)
+    missing = [c for c in cells if c.key not in reported]
+    if missing:
+        shown = "; ".join(_describe(c) for c in missing[:5]) + ("; ..." if len(missing) > 5 else "")
+        raise RuntimeError(f"batch worker {name} returned without reporting {len(missing)} of its {len(cells)} "
+                           f"cell(s): {shown}")
+    return len(cells)
+
+
+_Unit = tuple[list[Cell], bool]
+"""What one pool task runs: a batch (True: through the batch worker) or one cell (False)."""
+
+
+def _plan_batches(cells: Sequence[Cell], batch_key: Callable[[Cell], Hashable | None] | None, max_batch: int,
+                  workers: int) -> list[_Unit]:
+    """The tasks that run ``cells`` on ``workers`` processes: the cells grouped by ``batch_key``
+    (default: one group; a None key: the cell runs alone), each group cut in the cells' order
+    into as few equal batches as hold at most ``min(max_batch, ceil(len(cells) / workers))``
+    cells each; the largest batches first (then by first cell), the lone cells last."""
+    if not cells:
+        return []
+    groups: dict[Hashable, list[Cell]] = {}
+    alone: list[Cell] = []
+    for c in cells:
+        key = batch_key(c) if batch_key is not None else ()
+        if key is None:
+            alone.append(c)
+        else:
+            groups.setdefault(key, []).append(c)
+    size = max(1, min(max_batch, -(-len(cells) // max(1, workers))))
+    batches: list[list[Cell]] = []
+    for members in groups.values():
+        count = -(-len(members) // size)
+        q, r = divmod(len(members), count)
+        start = 0
+        for i in range(count):
+            n = q + (i < r)
+            batches.append(members[start:start + n])
+            start += n
+    position = {c.key: i for i, c in enumerate(cells)}
+    batches.sort(key=lambda b: (-len(b), position[b[0].key]))
+    return [(b, True) for b in batches] + [([c], False) for c in alone]
+
+
+PROGRESS_POLL_S = 0.5
+"""How often a batched sweep looks for cell files written by batches still running (progress bar)."""
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` (inode, size, modification time; None: none)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def cell_frame(cell: Cell, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -514,7 +617,9 @@ def _concat_types_agree(parts: list[_Part]) -> bool:
 
 def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any]]], out_dir: str | os.PathLike,
               name: str, workers: int | None = None, progress: bool = True,
-              complete: CellCheck | None = None, tables: CellTables | None = None) -> pd.DataFrame:
+              complete: CellCheck | None = None, tables: CellTables | None = None,
+              batch_worker: BatchWorker | None = None, batch_key: Callable[[Cell], Hashable | None] | None = None,
+              max_batch: int = 256) -> pd.DataFrame:
     """Run every unfinished cell with ``worker`` (a picklable module-level function) in a
     process pool of ``workers`` processes (default and at most: the usable CPUs), then write and
     return the tidy table ``out_dir/<name>.csv`` (cell rows plus ``study``, ``variant``, the
@@ -523,8 +628,16 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     other cell file is computed again. ``tables``: the :class:`CellTables` of ``out_dir`` (with
     ``complete``) that earlier calls read, so that no file is read twice (default: a new one).
 
+    ``batch_worker``: run the unfinished cells in batches through it (see the module docstring):
+    cells with the same ``batch_key(cell)`` (default: all) share batches of at most ``max_batch``
+    cells; a cell whose key is None runs alone through ``worker``.
+
     Returns the table of *all* ``cells`` (finished earlier or now).
     """
+    if batch_worker is None and batch_key is not None:
+        raise ValueError("batch_key is given without a batch_worker")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, not {max_batch}")
     out = Path(out_dir)
     if tables is None:
         tables = CellTables(out, complete)
@@ -539,12 +652,17 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     if damaged:
         print(f"{name}: {damaged} cell file(s) in {out / 'cells'} are empty, cut short or damaged; computing them "
               "again", file=sys.stderr, flush=True)
-    workers = max(1, min(workers or usable_cpus(), usable_cpus(), len(todo) or 1))
+    units = None
+    if batch_worker is not None:
+        units = _plan_batches(todo, batch_key, max_batch, min(workers or usable_cpus(), usable_cpus()))
+    workers = max(1, min(workers or usable_cpus(), usable_cpus(), (len(todo) if units is None else len(units)) or 1))
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=name, unit="run")
-    if workers == 1:
+    if units is not None:
+        _run_units(units, worker, batch_worker, out, workers, bar, cells, complete, tables)
+    elif workers == 1:
         import torch
         threads = torch.get_num_threads()
         try:
@@ -582,6 +700,77 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     table = tables.table(cells)
     write_csv_atomic(out / f"{name}.csv", table)
     return table
+
+
+def _run_units(units: list[_Unit], worker: Callable[[Cell], list[dict[str, Any]]], batch_worker: BatchWorker,
+               out: Path, workers: int, bar, cells: Sequence[Cell], complete: CellCheck | None,
+               tables: CellTables) -> None:
+    """Run the batches and lone cells ``units`` of a batched sweep: in this process when
+    ``workers`` is 1, else in a pool of ``workers`` processes, counting runs on ``bar`` as their
+    files are written (in a pool: seen when each batch ends, and every :data:`PROGRESS_POLL_S`
+    for the batches running)."""
+    def paths(batch: list[Cell]) -> list[str]:
+        return [str(_cell_path(out, c)) for c in batch]
+
+    if workers == 1:
+        import torch
+        threads = torch.get_num_threads()
+        count = (lambda _cell: bar.update()) if bar else None
+        try:
+            try:
+                for batch, batched in units:
+                    if batched:
+                        _run_batch(batch_worker, batch, paths(batch), count)
+                    else:
+                        _run_one(worker, batch[0], paths(batch)[0])
+                        if bar:
+                            bar.update()
+            finally:
+                torch.set_num_threads(threads)  # the runs pin one thread; give the caller its own back
+        except KeyboardInterrupt:
+            _close(bar)
+            raise Interrupted(_kept(cells, out, complete, tables)) from None
+        return
+    if not units:
+        return
+    before = {c.key: _file_id(_cell_path(out, c)) for batch, _ in units for c in batch} if bar else {}
+    counted: set[str] = set()
+
+    def count(batch: list[Cell], finished: bool) -> None:
+        new = [c for c in batch if c.key not in counted
+               and (finished or _file_id(_cell_path(out, c)) != before[c.key])]
+        counted.update(c.key for c in new)
+        if new:
+            bar.update(len(new))
+
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        # the first submit forks every worker: a Ctrl-C or SIGTERM raised in Python's fork hooks
+        # would be printed and dropped, so they are held back and delivered right after
+        with signals_held():
+            futures: dict[Future, _Unit] = {
+                (pool.submit(_run_batch, batch_worker, batch, paths(batch)) if batched
+                 else pool.submit(_run_one, worker, batch[0], paths(batch)[0])): (batch, batched)
+                for batch, batched in units}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=PROGRESS_POLL_S if bar else None, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()
+                if bar:
+                    count(futures[f][0], True)
+            if bar:
+                for f in pending:
+                    if futures[f][1] and f.running():
+                        count(futures[f][0], False)
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        _close(bar)
+        raise Interrupted(_kept(cells, out, complete, tables)) from None
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _close(bar) -> None:
