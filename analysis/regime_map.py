@@ -562,7 +562,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
     if not 2 <= seeds <= TUNING_SEED_BASE:
         raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
                           "intervals need two seeds; evaluation seeds stay below the tuning seeds)")
-    from analysis.studies import run_sim_cell, sim_run_complete
+    from analysis.studies import run_sim_cell, run_sim_cells, sim_batch_key, sim_run_complete
     from analysis.sweep import CellTables
     from sims.optim import DEFAULT_LR
     sz = SIZES[size]
@@ -583,6 +583,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         while True:
             ran += len(tune) - tune_tables.count_finished(tune)
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
+                                    batch_worker=run_sim_cells, batch_key=sim_batch_key,
                                     complete=sim_run_complete, tables=tune_tables)
             per_tuning = budget_table(tuning_runs, ends=float_ends)  # both units' readings, once
             tables = {u: choose_rates(tuning_runs, unit=u, ends=float_ends, per=per_tuning) for u in BUDGET_UNITS}
@@ -603,6 +604,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         stage = "evaluation"
         ran += len(evaluation) - eval_tables.count_finished(evaluation)
         runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
+                         batch_worker=run_sim_cells, batch_key=sim_batch_key,
                          complete=sim_run_complete, tables=eval_tables)
         stage = "writing the tables and figures"
         per = per_run_table(runs, tuned, ends)

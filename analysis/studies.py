@@ -112,7 +112,6 @@ def run_sim_cell(cell: Cell) -> list[dict[str, Any]]:
     ``spec`` (TokenTreeSpec overrides), ``runner`` (RunnerConfig overrides), ``probes``
     (names in :data:`analysis.probes.PROBES`).
     """
-    from analysis.probes import PROBES, CalibrationProbe
     from deepgrpo.methods import method_config
     from sims.runner import RunnerConfig, train
     from sims.spec import TokenTreeSpec
@@ -121,10 +120,54 @@ def run_sim_cell(cell: Cell) -> list[dict[str, Any]]:
     algo = method_config(p["method"], **p.get("algo", {}))
     spec = TokenTreeSpec(**p.get("spec", {}))
     runner = RunnerConfig(**p.get("runner", {}))
-    probes = []
-    for name in p.get("probes", []):
-        probes.append(CalibrationProbe(algo.explore.K) if name == "calibration" else PROBES[name]())
+    probes = _cell_probes(cell, algo.explore.K)
     return train(spec, algo, runner, seed=cell.seed, method=p["method"], probes=probes).history
+
+
+def _cell_probes(cell: Cell, K: int) -> list:
+    from analysis.probes import PROBES, CalibrationProbe
+    return [CalibrationProbe(K) if name == "calibration" else PROBES[name]() for name in cell.params.get("probes", [])]
+
+
+_BATCH_KEYS: dict[str, str] = {}
+
+
+def sim_batch_key(cell: Cell) -> str:
+    """Which cells may train together (:func:`run_sim_cells`): the same method and algorithm
+    settings, the same shared loop settings (:data:`sims.runner.SHARED_RUNNER_FIELDS`), the same
+    problem-set shape and probes. Seeds, learning rates, budgets and the problem sets' rules
+    (difficulty spread, recovery) may differ."""
+    p = cell.params
+    blob = json.dumps({k: p.get(k) for k in ("method", "algo", "spec", "runner", "probes")}, sort_keys=True,
+                      default=repr)
+    if blob not in _BATCH_KEYS:
+        from sims.runner import SHARED_RUNNER_FIELDS, RunnerConfig
+        from sims.spec import TokenTreeSpec
+        spec = TokenTreeSpec(**p.get("spec", {}))
+        runner = RunnerConfig(**p.get("runner", {}))
+        _BATCH_KEYS[blob] = json.dumps({
+            "method": p["method"], "algo": p.get("algo", {}), "probes": p.get("probes", []),
+            "shape": [spec.n_problems, spec.n_heldout, spec.depth, spec.vocab_size],
+            "runner": {f: getattr(runner, f) for f in SHARED_RUNNER_FIELDS}}, sort_keys=True, default=repr)
+    return _BATCH_KEYS[blob]
+
+
+def run_sim_cells(cells: list[Cell], done: Callable[[Cell, list[dict[str, Any]]], None]) -> None:
+    """Batch worker of every study (:func:`analysis.sweep.run_sweep`): the runs of ``cells`` (one
+    :func:`sim_batch_key`) trained together in lockstep (:func:`sims.runner.train_replicas`),
+    each cell's history handed to ``done`` the moment its run stops. Each run's history is the one
+    :func:`run_sim_cell` gives it alone."""
+    from deepgrpo.methods import method_config
+    from sims.runner import RunnerConfig, train_replicas
+    from sims.spec import TokenTreeSpec
+
+    p = cells[0].params
+    algo = method_config(p["method"], **p.get("algo", {}))
+    train_replicas([TokenTreeSpec(**c.params.get("spec", {})) for c in cells], algo,
+                   [RunnerConfig(**c.params.get("runner", {})) for c in cells], [c.seed for c in cells],
+                   [c.params["method"] for c in cells],
+                   on_finish=lambda r, result: done(cells[r], result.history),
+                   probes=[_cell_probes(c, algo.explore.K) for c in cells])
 
 
 def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
@@ -1005,6 +1048,7 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
     try:
         while True:  # extend a variant's grid past an end where its best rate lies, up to the limits
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
+                                    batch_worker=run_sim_cells, batch_key=sim_batch_key,
                                     complete=sim_run_complete, tables=tune_tables)
             table = choose_rates(tuning_runs)
             if not extend_grids(table, grids, *limits):
@@ -1016,6 +1060,7 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
         evaluation = [with_protocol(c, chosen[c.variant], total, budget_unit, sz.max_steps) for c in cells]
         stage = "evaluation"
         runs = run_sweep(evaluation, run_sim_cell, d, "runs", workers=workers, progress=progress,
+                         batch_worker=run_sim_cells, batch_key=sim_batch_key,
                          complete=sim_run_complete, tables=eval_tables)
         stage = "writing the summary and figure"
         write_csv_atomic(d / "summary.csv", study.summary(runs))
