@@ -174,6 +174,10 @@ class Backend(Protocol):
     """What the core needs from a backend (simulator, transformers, vLLM...).
 
     ``sample`` draws continuations and rewards them; ``logprobs`` scores a batch's tokens.
+    A backend may also offer ``sample_branches(prompts, tokens, prefix_len, n)``: the rollouts of
+    ``sample([SampleRequest(prompts[a], tokens[a, :prefix_len[a]], n[a]) for a in range(A)])``
+    from tensors (``tokens [A, >= max prefix_len]``, ``prefix_len [A]``, ``n [A]``), which the core
+    then uses for a step's branches instead of one request object per branch point.
     """
 
     def sample(self, requests: Sequence[SampleRequest]) -> Rollouts:

@@ -74,28 +74,28 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, w0: np.ndarray 
     reg = np.full(F + 1, l2)
     reg[-1] = 0.0
 
-    def objective(v: np.ndarray) -> float:  # penalised negative log-likelihood (stable form)
+    def objective(v: np.ndarray) -> tuple[float, np.ndarray]:  # penalised negative log-likelihood (stable form)
         z = Xb @ v
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * v * v))
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * v * v)), z
 
-    f = objective(w)
+    f, z = objective(w)
+    diag, ridge = np.diag(reg), 1e-9 * np.eye(F + 1)
     for _ in range(max_iter):
-        z = Xb @ w
         p = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow  [N]
         grad = Xb.T @ (p - y) + reg * w  # [F+1]
         s = p * (1 - p)
-        H = (Xb * s[:, None]).T @ Xb + np.diag(reg) + 1e-9 * np.eye(F + 1)
+        H = (Xb * s[:, None]).T @ Xb + diag + ridge
         step = np.linalg.solve(H, grad)
         # damped Newton: halve the step until the objective decreases enough (Armijo), so that
         # (nearly) separable data cannot make the iterates diverge
         t, slope = 1.0, float(grad @ step)
         while True:
             w_new = w - t * step
-            f_new = objective(w_new)
+            f_new, z_new = objective(w_new)
             if f_new <= f - 1e-4 * t * slope or t < 1e-10:
                 break
             t *= 0.5
-        w, f = w_new, f_new
+        w, f, z = w_new, f_new, z_new
         if np.max(np.abs(t * step)) < tol:
             break
     return w

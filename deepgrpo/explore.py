@@ -66,16 +66,16 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
         replica: ``[num_prompts]`` replica (run) of each prompt (None: one run).
     """
     failed_rows = np.asarray(failed_rows, dtype=np.int64)
-    ends_of = [main.segment_ends[b] for b in failed_rows.tolist()]
-    L = np.array([e.shape[0] for e in ends_of], dtype=np.int64)  # [F] segments = candidates per row
+    seg = main.segment_ends
+    ends_of = [seg[b] for b in failed_rows.tolist()]
+    L = np.fromiter(map(len, ends_of), dtype=np.int64, count=len(ends_of))  # [F] segments = candidates per row
     rows = failed_rows[L > 0]
     L = L[L > 0]
     F, N = rows.shape[0], int(L.sum())
     traj = np.repeat(rows, L)  # [N]
     first = np.cumsum(L) - L  # [F] each row's first candidate
     index = np.arange(N) - np.repeat(first, L)  # [N] candidate i within its row
-    ends = (torch.cat([e.reshape(-1) for e, n in zip(ends_of, [len(e) for e in ends_of]) if n]).numpy().astype(np.int64)
-            if N else np.zeros(0, np.int64))  # [N] segment ends, row after row
+    ends = torch.cat(ends_of).numpy().astype(np.int64) if N else np.zeros(0, np.int64)  # [N] ends, row after row
     starts = np.empty(N, dtype=np.int64)  # [N] prefix lengths [0, e_0, ..., e_{L-2}] of each row
     if N:
         starts[1:] = ends[:-1]
@@ -322,11 +322,14 @@ class ReplicaStep:
 
 
 def _select_rollouts(ro: Rollouts, a: int, b: int) -> Rollouts:
+    """Rows ``a:b`` of ``ro`` (views; unchecked: slices of checked rollouts)."""
     if a == 0 and b == len(ro):
         return ro
-    return Rollouts(tokens=ro.tokens[a:b], logprobs=ro.logprobs[a:b], mask=ro.mask[a:b], rewards=ro.rewards[a:b],
-                    segment_ends=ro.segment_ends[a:b], truncated=ro.truncated[a:b],
-                    extras={k: v[a:b] for k, v in ro.extras.items()})
+    out = object.__new__(Rollouts)
+    out.__dict__.update(tokens=ro.tokens[a:b], logprobs=ro.logprobs[a:b], mask=ro.mask[a:b], rewards=ro.rewards[a:b],
+                        segment_ends=ro.segment_ends[a:b], truncated=ro.truncated[a:b],
+                        extras={k: v[a:b] for k, v in ro.extras.items()})
+    return out
 
 
 def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None, planned: ExplorationPlan,
@@ -495,5 +498,12 @@ def explore_replicas(backend: Backend, prompts: Sequence[Any], replica: np.ndarr
     """
     main = backend.sample([SampleRequest(p, None, config.explore.G) for p in prompts])
     planned = plan_replicas(main, replica, config, estimators, rngs)
-    aux = backend.sample(planned.requests(prompts, main)) if len(planned.plan) else None
+    aux = None
+    if len(planned.plan):
+        plan = planned.plan
+        if hasattr(backend, "sample_branches"):  # the same rollouts, from tensors
+            aux = backend.sample_branches([prompts[p] for p in plan.prompt.tolist()], main.tokens[plan.traj],
+                                          torch.from_numpy(plan.prefix_len), torch.from_numpy(plan.n))
+        else:
+            aux = backend.sample(planned.requests(prompts, main))
     return finish_replicas(prompts, main, aux, planned, config, estimators, ledgers)

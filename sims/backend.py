@@ -95,6 +95,40 @@ class SimBackend:
         prefixes = [r.prefix if r.prefix.dim() == 1 else r.prefix.reshape(-1) for r in requests
                     if r.prefix is not None]
         plen_req = np.array([0 if r.prefix is None else r.prefix.numel() for r in requests], dtype=np.int64)  # [R]
+        prefix_req = None
+        if plen_req.any():
+            prefix_req = np.zeros((R, T), dtype=np.int64)  # [R, T]
+            flat = torch.cat(prefixes).numpy()  # [Σ plen]
+            if flat.size:
+                starts = np.cumsum(plen_req) - plen_req  # [R]
+                col = np.arange(flat.size) - np.repeat(starts, plen_req)  # [Σ plen]
+                if col.max() >= T:
+                    raise ValueError("a request's prefix is longer than its problem")
+                prefix_req[np.repeat(np.arange(R), plen_req), col] = flat
+        return self._sample(problem_req, plen_req, prefix_req, n_req)
+
+    def sample_branches(self, prompts: Sequence[int], tokens: torch.Tensor, prefix_len: torch.Tensor,
+                        n: torch.Tensor) -> Rollouts:
+        """``sample`` of the requests ``SampleRequest(prompts[a], tokens[a, :prefix_len[a]], n[a])``
+        given as tensors (``tokens`` ``LongTensor [A, >= max prefix_len]``, ``prefix_len`` and ``n``
+        ``[A]``): the same rollouts, without a Python object per branch point."""
+        T = self.problems.T
+        plen_req = np.asarray(prefix_len, dtype=np.int64).reshape(-1)  # [A]
+        if plen_req.size and plen_req.max() > min(T, tokens.shape[1]):
+            raise ValueError("a request's prefix is longer than its problem")
+        prefix_req = np.zeros((plen_req.shape[0], T), dtype=np.int64)  # [A, T]
+        width = min(T, tokens.shape[1])
+        prefix_req[:, :width] = tokens[:, :width].numpy()
+        prefix_req[np.arange(T)[None, :] >= plen_req[:, None]] = 0  # only the prefix
+        return self._sample(np.asarray(prompts, dtype=np.int64).reshape(-1), plen_req,
+                            prefix_req if plen_req.any() else None, np.asarray(n, dtype=np.int64).reshape(-1))
+
+    def _sample(self, problem_req: np.ndarray, plen_req: np.ndarray, prefix_req: np.ndarray | None,
+                n_req: np.ndarray) -> Rollouts:
+        """The rollouts of R requests: problem ``[R]``, prefix length ``[R]``, prefix tokens
+        ``[R, T]`` (None: all from the root) and continuations ``[R]``."""
+        problems = self.problems
+        T, R = problems.T, problem_req.shape[0]
         if R and (problem_req.min() < 0 or problem_req.max() >= problems.n):
             raise ValueError(f"requests must name problems in [0, {problems.n})")
         lengths = problems.lengths.numpy()  # [n]
@@ -105,13 +139,8 @@ class SimBackend:
         length = lengths[problem_np]  # [B]
         snap = self.policy.snapshot()  # the step's tables, computed once per set of weights
         log_probs = snap.sampling  # log π [n, T, 2, V] laid out for the sampler
-        continued = bool(plen_req.any())
+        continued = prefix_req is not None
         if continued:
-            prefix_req = np.zeros((R, T), dtype=np.int64)  # [R, T]
-            flat = torch.cat(prefixes).numpy()  # [Σ plen]
-            starts = np.cumsum(plen_req) - plen_req  # [R]
-            col = np.arange(flat.size) - np.repeat(starts, plen_req)  # [Σ plen]
-            prefix_req[np.repeat(np.arange(R), plen_req), col] = flat
             prefix = np.repeat(prefix_req, n_req, axis=0)  # [B, T]
             plen = np.repeat(plen_req, n_req)  # [B]
             chains = sample_chains(problems, log_probs, problem, None, torch.from_numpy(prefix),

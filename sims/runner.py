@@ -284,23 +284,26 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
     nan = float("nan")
     table: list[torch.Tensor] = []  # the latest oracle table [R·n, T+1, 2] (= the next step's sampling policy)
 
+    train_mask = step_masks.reshape(R, n, -1)[:, :n_train]  # [R, n_train, T]
+    n_steps = train_mask.sum(axis=(1, 2))  # [R]
+
     def evaluate(runs: Sequence[int]) -> dict[int, dict[str, float]]:
         # the weights' tables, computed once: the next step samples from the same snapshot
         snap = policy.snapshot()
         W = snap.success_table(stacked)  # [R·n, T+1, 2]
         table[:] = [W]
-        p1_all = W[:, 0, ON_TRACK]  # [R·n] each run's training problems first, then its held-out ones
-        ent_all = snap.entropy[:, :, ON_TRACK]  # [R·n, T]
-        out = {}
-        for r in runs:
-            p1 = p1_all[r * n:(r + 1) * n]
-            tr, ho = p1[:n_train], p1[n_train:]
-            ent = ent_all[r * n:r * n + n_train]
-            out[r] = {"pass1": float(tr.mean()), f"pass{k}": float(exact_pass_at_k(tr, k).mean()),
-                      "heldout_pass1": float(ho.mean()) if len(ho) else nan,
-                      f"heldout_pass{k}": float(exact_pass_at_k(ho, k).mean()) if len(ho) else nan,
-                      "entropy": float(ent[torch.from_numpy(step_masks[r * n:r * n + n_train])].mean())}
-        return out
+        # every run's values at once, each row reduced on its own (the same numbers for a run alone)
+        p1 = np.ascontiguousarray(W.numpy()[:, 0, ON_TRACK].reshape(R, n))  # [R, n] training problems first
+        tr, ho = np.ascontiguousarray(p1[:, :n_train]), np.ascontiguousarray(p1[:, n_train:])
+        ent = snap.entropy[:, :, ON_TRACK].double().numpy().reshape(R, n, -1)[:, :n_train]  # [R, n_train, T]
+        entropy = np.where(train_mask, ent, 0.0).reshape(R, -1).sum(1) / n_steps  # [R]
+        pass1, passk = tr.mean(1), exact_pass_at_k(tr, k).mean(1)
+        if ho.shape[1]:
+            h1, hk = ho.mean(1), exact_pass_at_k(ho, k).mean(1)
+        else:
+            h1 = hk = np.full(R, nan)
+        return {r: {"pass1": float(pass1[r]), f"pass{k}": float(passk[r]), "heldout_pass1": float(h1[r]),
+                    f"heldout_pass{k}": float(hk[r]), "entropy": float(entropy[r])} for r in runs}
 
     histories: list[list[dict[str, Any]]] = [[] for _ in range(R)]
     step_wall: list[list[float]] = [[] for _ in range(R)]
