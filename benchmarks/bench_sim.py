@@ -2,9 +2,15 @@
 ``deepgrpo sim compare``.
 
     python benchmarks/bench_sim.py [--batch 65536] [--seconds 2] [--skip-steps] [--skip-compare]
+                                   [--skip-replicas] [--skip-quick-map] [--replicas 1,16,256]
                                    [--baseline DIR]
 
 Prints (targets of the simulator issues, checked here rather than by timed tests):
+* generated tokens per second of R runs trained in lockstep (:func:`sims.runner.train_replicas`)
+  at R = 1, 16 and 256 (``--replicas``) against runs trained one at a time, on an equal-token mix
+  of tabular/features x GRPO/DEEP-GRPO (target: x15 at R = 256); with ``--baseline DIR`` the
+  one-at-a-time figure is that tree's (e.g. a checkout from before the replica axis);
+* the wall time of the quick regime map as a ratio to ``import torch`` (target: at most 6 s);
 * simulated tokens per second of the vectorised sampler, from the root and continuing prefixes
   (target: >= 10 million / s on one thread);
 * the time per training step (:func:`sims.runner.train` to 100,000 tokens: features and tabular
@@ -92,6 +98,80 @@ def step_times(fresh: bool = False) -> dict[str, float]:
     return out
 
 
+REPLICA_BUDGET = 20_000
+"""Generated tokens of every run in the replica figures (each workload's runs spend the same)."""
+SEQUENTIAL_RUNS = 8
+"""Runs trained one at a time per workload for the unbatched figure."""
+
+
+def replica_tokens_per_s(R: int, budget: int = REPLICA_BUDGET) -> float:
+    """Generated tokens per second of ``R`` runs trained together (:func:`sims.runner.train_replicas`),
+    over an equal-token mix of :data:`STEP_WORKLOADS` (every run spends ``budget``); R = 0 trains
+    :data:`SEQUENTIAL_RUNS` runs per workload one at a time with :func:`sims.runner.train` (this also
+    works on a tree from before the replica axis: the ``--baseline`` figure). Setup included."""
+    from deepgrpo.methods import method_config
+    from sims import runner
+    from sims.spec import TokenTreeSpec
+
+    tokens, seconds = 0, 0.0
+    for policy, method in STEP_WORKLOADS:
+        cfg = runner.RunnerConfig(steps=10_000, budget=budget, budget_unit="tokens", policy=policy)
+        algo = method_config(method)
+        t0 = time.perf_counter()
+        if R == 0:
+            results = [runner.train(TokenTreeSpec(), algo, cfg, seed=s, method=method) for s in range(SEQUENTIAL_RUNS)]
+        else:
+            results = runner.train_replicas([TokenTreeSpec()] * R, algo, [cfg] * R, list(range(R)), [method] * R)
+        seconds += time.perf_counter() - t0
+        tokens += sum(r.ledger.totals()["tokens"] for r in results)
+    return tokens / seconds
+
+
+def replica_lines(sizes: list[int], repeats: int, baseline: str | None) -> list[str]:
+    """Tokens/s at each R in ``sizes`` against runs one at a time (this tree's R = 1 path and, with
+    ``baseline``, that tree's per-run loop), each figure in a fresh process, alternated ``repeats``
+    times; medians and their ratios."""
+    import json
+    from pathlib import Path
+    here = str(Path(__file__).resolve().parents[1])
+    jobs = [("one at a time" + (f" ({baseline})" if baseline else ""), baseline or here, 0)]
+    jobs += [(f"R = {R}", here, R) for R in sizes]
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
+    for _ in range(repeats):
+        for name, path, R in jobs:
+            env = _child_env()
+            env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+            proc = subprocess.run([sys.executable, __file__, "--emit-replicas", str(R)], capture_output=True,
+                                  text=True, env=env, check=True)
+            rates[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = statistics.median(rates[jobs[0][0]])
+    lines = []
+    for name, _, _ in jobs:
+        m = statistics.median(rates[name])
+        lines.append(f"  {name:<40} {m / 1e3:9,.0f} k tokens/s   x{m / base:5.1f} "
+                     f"(rounds: {' '.join(f'{r / 1e3:,.0f}k' for r in rates[name])})")
+    return lines
+
+
+def quick_map_vs_torch(repeats: int) -> tuple[float, float]:
+    """Median wall times of ``deepgrpo study regime-map --quick --seeds 2`` (a fresh directory each
+    time) and of ``python -c "import torch"``, interleaved ``repeats`` times after a warm-up."""
+    torch_cmd = [sys.executable, "-c", "import torch"]
+    walls: dict[str, list[float]] = {"torch": [], "map": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        def map_cmd(i: int) -> list[str]:
+            return [sys.executable, "-m", "deepgrpo.cli", "study", "regime-map", "--quick", "--seeds", "2",
+                    "--out", os.path.join(tmp, str(i))]
+        timed(map_cmd(-1))  # warm-up
+        for i in range(repeats):
+            walls["torch"].append(timed(torch_cmd)[0])
+            wall, _, code = timed(map_cmd(i))
+            if code:
+                raise SystemExit("the quick regime map failed")
+            walls["map"].append(wall)
+    return statistics.median(walls["map"]), statistics.median(walls["torch"])
+
+
 def _ratio_lines(new: list[dict[str, float]], old: list[dict[str, float]], what: str) -> list[str]:
     lines = []
     for key in new[0]:
@@ -177,11 +257,20 @@ def main() -> int:
     p.add_argument("--skip-steps", action="store_true", help="skip the per-training-step figures")
     p.add_argument("--step-repeats", type=int, default=3, help="interleaved rounds of the per-step figures")
     p.add_argument("--baseline", default=None, metavar="DIR",
-                   help="a directory holding another version of the sims package to time training steps against")
+                   help="a directory holding another version of the project (deepgrpo and sims) to time training "
+                        "steps and runs one at a time against")
     p.add_argument("--emit-step-times", action="store_true", help=argparse.SUPPRESS)  # a --baseline child
+    p.add_argument("--emit-replicas", type=int, default=None, help=argparse.SUPPRESS)  # a replica-figure child
+    p.add_argument("--replicas", default="1,16,256", help="comma-separated batch sizes R of the replica figures")
+    p.add_argument("--skip-replicas", action="store_true", help="skip the many-runs-in-lockstep figures")
+    p.add_argument("--skip-quick-map", action="store_true", help="skip the quick regime map's time")
     args = p.parse_args()
     import torch
     torch.set_num_threads(args.threads)
+    if args.emit_replicas is not None:
+        import json
+        print(json.dumps(replica_tokens_per_s(args.emit_replicas)))
+        return 0
     if args.emit_step_times:
         import json
         step_times()  # warm-up
@@ -203,6 +292,16 @@ def main() -> int:
         if args.baseline:
             print(f"training step, this tree's sims vs {args.baseline} ({budget}; fresh processes, alternated):")
             print("\n".join(versus_baseline(args.baseline, args.step_repeats)))
+    if not args.skip_replicas:
+        sizes = [int(x) for x in args.replicas.split(",")]
+        print(f"many runs in lockstep: generated tokens/s over an equal-token mix of tabular/features x GRPO/DEEP-GRPO "
+              f"({REPLICA_BUDGET:,} tokens per run, default spec, Adam; setup included; each figure a fresh process, "
+              f"alternated {args.step_repeats} times; target x15 at R = 256 against runs one at a time):")
+        print("\n".join(replica_lines(sizes, args.step_repeats, args.baseline)))
+    if not args.skip_quick_map:
+        qm, tw = quick_map_vs_torch(args.repeats)
+        print(f"`deepgrpo study regime-map --quick --seeds 2` (fresh process): {qm:.2f} s wall, {qm / tw:.1f}x "
+              f"`import torch` ({tw:.2f} s; medians of {args.repeats}; target <= 6 s)")
     if not args.skip_compare:
         m = compare_vs_torch(args.repeats)
         ratio = m["compare_wall"] / m["torch_wall"]

@@ -24,6 +24,7 @@ oracle's input, the entropy) is derived from one :class:`PolicySnapshot` per set
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -49,6 +50,28 @@ def random_features(problems: ProblemSet, dim: int) -> torch.Tensor:
     seed = np.random.SeedSequence([problems.seed, FEATURE_STREAM]).generate_state(1, np.uint64)[0]
     gen = torch.Generator().manual_seed(int(seed >> np.uint64(1)))
     return torch.randn(n * T * 2 * V, dim, generator=gen) / dim ** 0.5
+
+
+FEATURE_CACHE_BYTES = 256 << 20
+"""The features of recent problem sets kept per process (a study trains many runs on the same
+few problem sets: drawing φ again costs more than a short run)."""
+_FEATURE_CACHE: OrderedDict[tuple[int, int, int, int, int], torch.Tensor] = OrderedDict()
+
+
+def _features_t(problems: ProblemSet, dim: int) -> torch.Tensor:
+    """``[dim, n·T·2·V]`` :func:`random_features` transposed (contiguous), from a per-process
+    cache of recent ones (read-only: a policy copies it)."""
+    key = (problems.seed, problems.n, problems.T, problems.V, dim)
+    phi = _FEATURE_CACHE.get(key)
+    if phi is None:
+        phi = random_features(problems, dim).t().contiguous()
+        _FEATURE_CACHE[key] = phi
+        while sum(t.numel() * t.element_size() for t in _FEATURE_CACHE.values()) > FEATURE_CACHE_BYTES \
+                and len(_FEATURE_CACHE) > 1:
+            _FEATURE_CACHE.popitem(last=False)
+    else:
+        _FEATURE_CACHE.move_to_end(key)
+    return phi
 
 
 class TokenTreePolicy(torch.nn.Module):
@@ -86,8 +109,8 @@ class TokenTreePolicy(torch.nn.Module):
         if kind == "tabular":
             self.delta = torch.nn.Parameter(torch.zeros(R, n // R, T, 2, V))
         else:
-            phi = torch.stack([random_features(ps, int(feature_dim)).t() for ps in sets])  # [R, D, n/R·T·2·V]
-            self.register_buffer("features", phi.contiguous())
+            phi = torch.stack([_features_t(ps, int(feature_dim)) for ps in sets])  # [R, D, n/R·T·2·V] (a copy)
+            self.register_buffer("features", phi)
             self.weight = torch.nn.Parameter(torch.zeros(R, int(feature_dim)))  # [R, D]
 
     def logit_delta(self) -> torch.Tensor:
@@ -104,7 +127,16 @@ class TokenTreePolicy(torch.nn.Module):
         return self.base + self.logit_delta()
 
     def log_probs(self) -> torch.Tensor:
-        """``[n, T, 2, V]`` log π(v | p, t, s) (with gradient)."""
+        """``[n, T, 2, V]`` log π(v | p, t, s) (with gradient).
+
+        The current snapshot's forward pass is handed out once where it still holds these weights
+        (:class:`PolicySnapshot`: taken with gradient, it is the next update's first forward pass,
+        the same numbers without computing them twice)."""
+        snap = self.__dict__.get("_snapshot")
+        if snap is not None and snap.graph is not None and torch.is_grad_enabled() and reuse_enabled() \
+                and snap.matches(self):
+            out, snap.graph = snap.graph, None
+            return out
         return torch.log_softmax(self.logits(), dim=-1)
 
     def reference_log_probs(self) -> torch.Tensor:
@@ -174,7 +206,8 @@ class PolicySnapshot:
     """Everything derived without gradient from a :class:`TokenTreePolicy` at one set of weights,
     each computed on first use and then kept:
 
-    - ``log_probs``: ``FloatTensor [n, T, 2, V]`` log π(v | p, t, s);
+    - ``log_probs``: ``FloatTensor [n, T, 2, V]`` log π(v | p, t, s) (and ``graph``: the same values
+      with gradient, handed once to :meth:`TokenTreePolicy.log_probs` while the weights are unchanged);
     - ``sampling``: its :class:`~sims.sampler.SamplingTable` (the sampler's CDF);
     - ``correct_probs``: ``DoubleTensor [n, T, 2]`` π(correct token | p, t, s) (the oracle's input);
     - ``entropy``: ``FloatTensor [n, T, 2]`` entropy (nats) of π(· | p, t, s);
@@ -195,8 +228,15 @@ class PolicySnapshot:
         self._params = [(p, p.detach().clone()) for p in policy.parameters()]
         self._buffers = [(b, b._version, b.data_ptr()) for b in policy.buffers()]
         self._tables: dict[int, tuple[ProblemSet, torch.Tensor]] = {}
-        with torch.no_grad():  # taken now, with the weights just copied: every other value derives from it
-            self.log_probs = policy.log_probs()  # [n, T, 2, V]
+        self.graph: torch.Tensor | None = None
+        # taken now, with the weights just copied: every other value derives from it; with gradient
+        # where the policy trains, so that the next update's forward pass is this one (graph)
+        if torch.is_grad_enabled() and reuse_enabled() and any(p.requires_grad for p in policy.parameters()):
+            self.graph = torch.log_softmax(policy.logits(), dim=-1)  # [n, T, 2, V]
+            self.log_probs = self.graph.detach()
+        else:
+            with torch.no_grad():
+                self.log_probs = policy.log_probs()  # [n, T, 2, V]
 
     def matches(self, policy: TokenTreePolicy) -> bool:
         """Whether ``policy`` is the snapshot's policy with the snapshot's weights."""

@@ -33,6 +33,10 @@ Wall times are not in the history (it must be identical for identical seeds); th
 
 Speed: the tensors are tiny ([batch, V] per step), so torch's intra-op threads only add
 overhead; call ``torch.set_num_threads(1)`` in any process that trains (``deepgrpo sim`` does).
+Many runs are trained faster together: :func:`train_replicas` advances R runs in lockstep through
+the core's replica axis (one sampling call, one loss and one optimizer step for all of them), and
+a run's history is the same alone or in any batch; :func:`train` is R = 1. The studies batch their
+runs this way (:func:`analysis.studies.run_sim_cells`).
 What a step reads from the policy without gradient (log-probs, sampling CDF, the oracle table,
 entropy) is computed once per set of weights (:meth:`~sims.policy.TokenTreePolicy.snapshot`):
 the evaluation after an update and the next step's main chains and branches share it.

@@ -40,6 +40,7 @@ the run seed (:meth:`TokenTreeSpec.problem_set_seed`), so each run seed trains o
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +188,22 @@ class TokenTreeSpec:
         drawn (:func:`sims.memory.check_fits`)."""
         from sims.memory import check_fits
         check_fits(self)
-        return ProblemSet.from_spec(self, self.problem_set_seed(run_seed))
+        seed = self.problem_set_seed(run_seed)
+        key = (tuple(sorted(self.to_dict().items())), seed)
+        hit = _PROBLEM_SETS.get(key)
+        if hit is None:
+            hit = _PROBLEM_SETS[key] = ProblemSet.from_spec(self, seed)
+            if len(_PROBLEM_SETS) > PROBLEM_SET_CACHE:
+                _PROBLEM_SETS.popitem(last=False)
+        else:
+            _PROBLEM_SETS.move_to_end(key)
+        return hit
+
+
+PROBLEM_SET_CACHE = 512
+"""Problem sets kept per process (:meth:`TokenTreeSpec.build` returns the same object for the same
+spec and seed: treat a problem set as read-only)."""
+_PROBLEM_SETS: OrderedDict = OrderedDict()
 
 
 PROBLEM_SET_STREAM = 3
