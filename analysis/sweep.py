@@ -3,10 +3,11 @@
 A :class:`Cell` is one run (study, variant label, seed, JSON-able run parameters and the study
 parameters that define it, as named scalar *columns*). Its result is a list of tidy rows (one
 per step), stored with the cell's columns as ``DIR/cells/<key>.csv`` the moment the cell
-finishes (atomic write), so a re-run in the same directory skips every finished cell. A cell
-counts as finished only if its file is whole: it parses, ends with a full line, has the
-columns of the cell and at least one row, every row names the cell's study, variant and seed,
-and the sweep's own check (``complete``, e.g. "the run reached its budget") accepts it; any
+finishes (atomic write; :func:`write_cell` formats it without pandas, byte for byte the file
+``cell_frame(cell, rows).to_csv`` writes), so a re-run in the same directory skips every finished
+cell. A cell counts as finished only if its file is whole: it parses, ends with a full line, has
+the columns of the cell and at least one row, every row names the cell's study, variant and
+seed, and the sweep's own check (``complete``, e.g. "the run reached its budget") accepts it; any
 other file (empty, cut short, damaged) is computed again. The table of the whole sweep,
 ``DIR/<name>.csv``, is rebuilt from the cell files at the end. Each cell file is read once per
 process (:class:`CellTables`: checked and kept in one read; files that share a header are parsed
@@ -38,10 +39,12 @@ reports a cell not its own, or one twice, or returns with a cell unreported, is 
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import io
 import json
+import operator
 import os
 import re
 import signal
@@ -56,7 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from deepgrpo.records import Interrupted, signals_held, write_csv_atomic
+from deepgrpo.records import Interrupted, signals_held, write_bytes_atomic, write_csv_atomic
 
 RESERVED_COLUMNS = ("study", "variant", "seed")
 """Columns every sweep table has besides the cells' own (``seed`` comes from the cell if the
@@ -168,7 +171,7 @@ def _run_one(worker: Callable[[Cell], list[dict[str, Any]]], cell: Cell, path: s
     import torch
     torch.set_num_threads(1)  # one process per core
     rows = worker(cell)
-    write_csv_atomic(path, cell_frame(cell, rows))
+    write_cell(path, cell, rows)
     return len(rows)
 
 
@@ -203,7 +206,7 @@ def _run_batch(batch_worker: BatchWorker, cells: list[Cell], paths: list[str],
         if key in reported:
             raise RuntimeError(f"batch worker {name} reported cell {_describe(cell)} twice")
         own, path = mine[key]
-        write_csv_atomic(path, cell_frame(own, rows))
+        write_cell(path, own, rows)
         reported.add(key)
         if on_done is not None:
             on_done(own)
@@ -279,6 +282,121 @@ def cell_frame(cell: Cell, rows: list[dict[str, Any]]) -> pd.DataFrame:
     if "seed" not in frame:
         frame["seed"] = cell.seed
     return frame
+
+
+_INT_TYPES = frozenset({int, np.int64, np.int32, np.int16, np.int8})  # unsigned ones: pandas types mixes apart
+_FLOAT_TYPES = frozenset({float, np.float64})
+_BOOL_TYPES = frozenset({bool, np.bool_})
+_NONE = type(None)
+_NUMBER_TYPES = _INT_TYPES | _FLOAT_TYPES | {_NONE}
+_OBJECT_TYPES = _INT_TYPES | _FLOAT_TYPES | _BOOL_TYPES | {str, _NONE}
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_PLAIN_TYPES = frozenset({str, int, float, bool, _NONE})
+_float_repr = float.__repr__
+
+
+def _csv_fields(values: list[Any]) -> list[Any] | None:
+    """What ``DataFrame.to_csv`` hands the csv writer for a column of ``values`` once pandas has
+    typed it (as ``pd.DataFrame(rows)`` or ``frame.insert`` type it), or None where that is not
+    known here (types other than str, bool, int within int64, float, None and their numpy
+    scalars; unsigned numpy integers, float32 and the like)."""
+    types = set(map(type, values))
+    if types <= {str} or types <= _BOOL_TYPES:  # str / bool dtype: as they are
+        return values
+    if not types <= _OBJECT_TYPES:
+        return None
+    ints = types & _INT_TYPES
+    if ints:
+        whole = [v for v in values if type(v) in ints] if types - ints else values
+        if min(whole) < _INT64[0] or max(whole) > _INT64[1]:
+            return None  # uint64 or object: left to pandas
+    if types <= _INT_TYPES:  # int64: the decimal digits (the csv writer's str)
+        return values
+    if types == {_NONE}:  # object column of None: empty fields
+        return [""] * len(values)
+    if types <= _NUMBER_TYPES:  # float64 (numpy's float-to-text, i.e. repr); None and NaN empty
+        if types <= _FLOAT_TYPES:
+            return ["" if s == "nan" else s for s in map(_float_repr, values)]
+        return ["" if v is None or v != v else _float_repr(float(v)) for v in values]
+    # object (or str with missing values): the objects as they are; None and NaN empty
+    return ["" if v is None or (type(v) in _FLOAT_TYPES and v != v) else v for v in values]
+
+
+def cell_csv(cell: Cell, rows: list[dict[str, Any]]) -> bytes | None:
+    """The bytes ``cell_frame(cell, rows).to_csv(path, index=False)`` writes, formatted directly
+    (no DataFrame: a fraction of the cost), or None where this shortcut does not apply (then the
+    pandas path is the one to take): rows that are not all dicts with the same keys, no rows, a
+    value of a type :func:`_csv_fields` does not know, or anything :func:`cell_frame` rejects.
+
+    pandas types each column (str, int64, float64, bool or object) and hands the csv writer of
+    the standard library its values (float64 as numpy's text, which is ``repr``; missing values
+    empty); this types each column as pandas does (:func:`_csv_fields`) and uses the same writer.
+    When every row has the same Python types (a worker's history: one type per column), the
+    values go to the writer as they are (it writes them as pandas does), NaN made empty."""
+    if type(rows) is not list or not rows or type(rows[0]) is not dict:
+        return None
+    keys = rows[0].keys()
+    for r in rows:
+        if type(r) is not dict or r.keys() != keys:
+            return None  # ragged rows: pandas fills the gaps and orders the columns
+    names = list(keys)
+    if (any(type(k) is not str for k in names) or "study" in keys or "variant" in keys
+            or not keys.isdisjoint(cell.columns)):
+        return None  # cell_frame raises (or pandas names the columns its way)
+    with_seed = "seed" not in keys
+    if with_seed and (type(cell.seed) is not int or not _INT64[0] <= cell.seed <= _INT64[1]):
+        return None
+    head = {"study": cell.study, "variant": cell.variant, **cell.columns}
+    lead: list[Any] = []
+    for value in head.values():  # one value per column: typed as the copies that cell_frame inserts
+        fields = _csv_fields([value])
+        if fields is None:
+            return None
+        lead.append(fields[0])
+    tail = [cell.seed] if with_seed else []
+    if len(names) > 1:
+        table = list(map(operator.itemgetter(*names), rows))  # each row's values in the columns' order
+    else:
+        table = [tuple(r.values()) for r in rows]
+    kinds = {tuple(map(type, t)) for t in table}
+    if len(kinds) == 1 and _PLAIN_TYPES.issuperset(next(iter(kinds))):
+        # one type per column, each as pandas types it (str, int64, float64, bool; None: object)
+        kind = next(iter(kinds))
+        ints = [i for i, t in enumerate(kind) if t is int]
+        if ints:
+            whole = [t[i] for t in table for i in ints]
+            if min(whole) < _INT64[0] or max(whole) > _INT64[1]:
+                return None  # uint64 or object: left to pandas
+        if float in kind:
+            body = [["" if v != v else v for v in t] for t in table]  # NaN: empty; floats: repr
+        else:
+            body = table
+    else:
+        columns = []
+        for values in zip(*table):
+            fields = _csv_fields(list(values))
+            if fields is None:
+                return None
+            columns.append(fields)
+        body = list(zip(*columns)) if columns else [()] * len(table)
+    out = io.StringIO()
+    try:
+        writer = csv.writer(out, lineterminator="\n")  # as pandas makes it (excel dialect, QUOTE_MINIMAL)
+        writer.writerow([*head, *names, *(["seed"] if with_seed else [])])
+        writer.writerows([(*lead, *t, *tail) for t in body])
+        return out.getvalue().encode("utf-8")
+    except (csv.Error, ValueError):  # e.g. text that UTF-8 cannot encode
+        return None  # pandas raises its own error (or manages)
+
+
+def write_cell(path: str | os.PathLike, cell: Cell, rows: list[dict[str, Any]]) -> Path:
+    """Write the file of ``cell`` (its table: :func:`cell_frame`, as ``to_csv(index=False)``
+    writes it) atomically: the bytes :func:`cell_csv` formats, or through pandas where it does
+    not apply (the same bytes, at many times the cost)."""
+    data = cell_csv(cell, rows)
+    if data is None:
+        return write_csv_atomic(path, cell_frame(cell, rows))
+    return write_bytes_atomic(path, data)
 
 
 CellCheck = Callable[[Cell, pd.DataFrame], bool]

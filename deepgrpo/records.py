@@ -205,17 +205,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be readable like any other file
+    return _commit(Path(tmp), path, lambda: write(Path(tmp)))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data`` in fewer system calls (for the many small files of a
+    sweep, where the file system's cost dominates): the same temporary file (``.NAME.<random>.tmp``
+    beside ``path``, mode 0644, removed on any failure), the same ``atomic-write`` failpoint
+    before the rename, and a failed write names ``path``. Where the temporary file cannot be
+    created (no directory yet, a name taken, no permission...), :func:`atomic_write` writes (or
+    fails as it does)."""
+    import secrets
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(5)}.tmp"
     try:
-        write(Path(tmp))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:
+        return atomic_write(path, lambda p: p.write_bytes(data))
+
+    def write() -> None:
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask, as atomic_write
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    return _commit(tmp, path, write)
+
+
+def _commit(tmp: Path, path: Path, write: Callable[[], None]) -> Path:
+    """Run ``write`` (which fills ``tmp``), then rename ``tmp`` to ``path``; on any failure
+    remove ``tmp`` and re-raise (an OSError without a file name gets ``path``'s)."""
+    try:
+        write()
         failpoint("atomic-write")
         os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if e.filename is None:  # a failed write() names no file: name the one being written
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
