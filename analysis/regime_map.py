@@ -331,27 +331,62 @@ def _map_order(col: pd.Series) -> pd.Series:
     return col
 
 
-def _cells(per: pd.DataFrame):
-    """``(cell dict, frame)`` for every cell of ``per`` in map order."""
-    for key, g in per.groupby(list(CELL), sort=False):
-        yield dict(zip(CELL, key)), g
+def _group_rows(frame: pd.DataFrame, cols: Sequence[str]) -> list[np.ndarray]:
+    """Row positions of every group of ``cols`` in ``frame``: groups in order of first appearance
+    (``groupby(sort=False)``'s), rows in frame order. The tables and figures loop over these
+    position arrays on NumPy columns: filtering a frame per cell costs about a millisecond each."""
+    if not len(frame):
+        return []
+    codes = frame.groupby(list(cols), sort=False).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+
+
+def _columns(frame: pd.DataFrame, cols: Sequence[str]) -> dict[str, np.ndarray]:
+    return {c: frame[c].to_numpy() for c in cols}
+
+
+def _mean(x: np.ndarray) -> float:
+    """``pandas.Series.mean`` of a float array (NaN skipped; NaN if none is left), bit for bit:
+    the same sum of the non-NaN values divided by their count."""
+    nan = np.isnan(x)
+    n = int(x.size - nan.sum())
+    return float((np.where(nan, 0.0, x) if n < x.size else x).sum() / n) if n else float("nan")
+
+
+def _best_n(tuned: pd.DataFrame) -> dict[tuple, int]:
+    """``{cell key (CELL values): best N}`` (:func:`best_grpo`)."""
+    t = tuned[tuned.chosen.astype(bool) & (tuned.family == "grpo")]
+    crit, names, keys = t.criterion.to_numpy(np.float64), t.name.to_numpy(), _columns(t, CELL)
+    out = {}
+    for idx in _group_rows(t, CELL):
+        key = tuple(keys[c][idx[0]] for c in CELL)
+        if np.isnan(crit[idx]).all():
+            raise ValueError(f"cell {dict(zip(CELL, key))}: no GRPO run has a finite tuning criterion")
+        out[key] = int(str(names[idx[np.nanargmax(crit[idx])]]).split("=")[1])  # the first of equal maxima
+    return out
 
 
 def best_grpo(tuned: pd.DataFrame) -> pd.DataFrame:
     """Per cell (regime x unit), the GRPO N with the best tuning criterion at its chosen rate
     (``best_N``; chosen on the tuning seeds)."""
-    t = tuned[tuned.chosen.astype(bool) & (tuned.family == "grpo")]
-    rows = []
-    for key, g in t.groupby(list(CELL), sort=False):
-        if not g.criterion.notna().any():
-            raise ValueError(f"cell {dict(zip(CELL, key))}: no GRPO run has a finite tuning criterion")
-        best = g.loc[g.criterion.idxmax()]
-        rows.append({**dict(zip(CELL, key)), "best_N": int(str(best["name"]).split("=")[1])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{**dict(zip(CELL, key)), "best_N": n} for key, n in _best_n(tuned).items()])
 
 
-def _frame(g: pd.DataFrame, name: str) -> pd.DataFrame:
-    return g[g.name == name]
+_NAME_INDEX = {n: i for i, n in enumerate(METHOD_NAMES)}
+
+
+def _wide(seed: np.ndarray, name: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """``[methods, seeds]``: ``value`` by method (:data:`METHOD_NAMES` order) and seed (ascending);
+    NaN where a method lacks a seed (one cell's ``pivot(index="seed", columns="name")``)."""
+    if len(set(zip(seed.tolist(), name.tolist()))) < len(seed):
+        raise ValueError("a cell has two runs of one method with the same seed")
+    seeds, col = np.unique(seed, return_inverse=True)
+    row = np.array([_NAME_INDEX.get(n, -1) for n in name], dtype=np.intp)
+    out = np.full((len(METHOD_NAMES), seeds.size), np.nan)
+    keep = row >= 0
+    out[row[keep], col[keep]] = value[keep]
+    return out
 
 
 def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_at") -> pd.DataFrame:
@@ -362,12 +397,15 @@ def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_a
     within the cell's family), ``confidence``, ``p``, ``p_holm``, ``p_tost_holm``, ``verdict``,
     ``n`` (paired seeds). Headline rows also get ``p_holm_map`` and ``verdict_map``: Holm over
     every headline comparison of the unit (the whole map)."""
-    best = best_grpo(tuned).set_index(list(CELL)).best_N
+    best = _best_n(tuned)
+    keys, seed, names = _columns(per, CELL), per.seed.to_numpy(), per.name.to_numpy()
+    value = per[metric].to_numpy(np.float64)
     rows = []
-    for cell, g in _cells(per):
-        n_best = int(best.loc[tuple(cell[c] for c in CELL)])
-        wide = g.pivot(index="seed", columns="name", values=metric).reindex(columns=list(METHOD_NAMES))  # [seeds, M]
-        cols = {name: wide[name].to_numpy(np.float64) for name in METHOD_NAMES}
+    for idx in _group_rows(per, CELL):
+        cell = {c: keys[c][idx[0]] for c in CELL}
+        n_best = best[tuple(cell.values())]
+        wide = _wide(seed[idx], names[idx], value[idx])  # [M, seeds]
+        cols = {name: wide[i] for i, name in enumerate(METHOD_NAMES)}
         cols[BEST_GRPO] = cols[f"grpo N={n_best}"]
         fams: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("headline", [(f"{DEEP} minus {BEST_GRPO} (N={n_best})", DEEP, BEST_GRPO),
@@ -407,12 +445,18 @@ def map_table(per: pd.DataFrame) -> pd.DataFrame:
     pass@1 at the budget and of the training AUC."""
     rows = []
     values = [v for v in ("pass1_at", "heldout_pass1_at", "pass1_auc") if v in per]
-    for key, g in per.groupby([*CELL, "name"], sort=False):
-        row = {**dict(zip([*CELL, "name"], key)), "family": g.family.iloc[0], "lr": float(g.lr.iloc[0]),
-               "lr_edge": bool(g.lr_edge.iloc[0]), "budget": int(g.budget.iloc[0]), "seeds": int(g.seed.nunique()),
-               "steps": float(g.steps.mean())}
+    by = [*CELL, "name"]
+    col = _columns(per, (*by, "family", "lr", "lr_edge", "budget", "seed"))
+    steps = per.steps.to_numpy(np.float64)
+    vals = {v: per[v].to_numpy(np.float64) for v in values}
+    for idx in _group_rows(per, by):
+        i = idx[0]
+        seeds = col["seed"][idx]
+        row = {**{c: col[c][i] for c in by}, "family": col["family"][i], "lr": float(col["lr"][i]),
+               "lr_edge": bool(col["lr_edge"][i]), "budget": int(col["budget"][i]),
+               "seeds": int(pd.unique(seeds[pd.notna(seeds)]).size), "steps": _mean(steps[idx])}
         for v in values:
-            e = mean_ci(g[v])
+            e = mean_ci(vals[v][idx])
             row.update({v: e.mean, f"{v}_low": e.low, f"{v}_high": e.high})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -424,30 +468,52 @@ def cells_table(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame) -
     ``best_N``, and DEEP-GRPO minus the best GRPO-N and minus root-only (difference, Holm interval
     within the cell, verdict, map-wide verdict, and ``*_material``: significant and at least the
     equivalence margin in size)."""
-    best = best_grpo(tuned).set_index(list(CELL)).best_N
+    best = _best_n(tuned)
     e = effects[effects.metric == "pass1_at"]
+    ecol = _columns(e, (*CELL, "family", "reference", "other", "diff", "low", "high", "verdict", "verdict_map"))
+    by_cell = {tuple(ecol[c][idx[0]] for c in CELL): idx for idx in _group_rows(e, CELL)}
+    keys, budget, names = _columns(per, CELL), per.budget.to_numpy(), per.name.to_numpy()
+    pass1 = per.pass1_at.to_numpy(np.float64)
     rows = []
-    for cell, g in _cells(per):
-        key = tuple(cell[c] for c in CELL)
-        here = e[np.logical_and.reduce([e[c] == cell[c] for c in CELL])]
-        win = here[here.family == "winner"]
-        top = str(win.reference.iloc[0]) if len(win) else ""
-        row = {**cell, "budget": int(g.budget.iloc[0]), "winner": top,
-               "winner_pass1": float(_frame(g, top).pass1_at.mean()) if top else np.nan,
-               "tied": int((win.verdict != "higher").sum()), "best_N": int(best.loc[key])}
+    for idx in _group_rows(per, CELL):
+        key = tuple(keys[c][idx[0]] for c in CELL)
+        here = by_cell.get(key, np.zeros(0, dtype=np.intp))  # this cell's rows of `e`, in order
+        fam = ecol["family"][here]
+        win = here[fam == "winner"]
+        top = str(ecol["reference"][win[0]]) if len(win) else ""
+        row = {**dict(zip(CELL, key)), "budget": int(budget[idx[0]]), "winner": top,
+               "winner_pass1": _mean(pass1[idx][names[idx] == top]) if top else np.nan,
+               "tied": int((ecol["verdict"][win] != "higher").sum()), "best_N": int(best[key])}
         for tag, other in (("best_grpo", "grpo N="), ("root_only", ROOT_ONLY)):
-            h = here[(here.family == "headline") & here.other.str.startswith(other)].iloc[0]
-            row.update({f"deep_minus_{tag}": h["diff"], f"deep_minus_{tag}_low": h["low"],
-                        f"deep_minus_{tag}_high": h["high"], f"deep_minus_{tag}_verdict": h["verdict"],
-                        f"deep_minus_{tag}_map": h["verdict_map"],
-                        f"deep_minus_{tag}_material": h["verdict"] in ("higher", "lower")
-                        and abs(h["diff"]) >= EQUIVALENCE_MARGIN})
+            h = here[(fam == "headline") & np.array([str(o).startswith(other) for o in ecol["other"][here]],
+                                                    dtype=bool)][0]
+            diff, verdict = ecol["diff"][h], ecol["verdict"][h]
+            row.update({f"deep_minus_{tag}": diff, f"deep_minus_{tag}_low": ecol["low"][h],
+                        f"deep_minus_{tag}_high": ecol["high"][h], f"deep_minus_{tag}_verdict": verdict,
+                        f"deep_minus_{tag}_map": ecol["verdict_map"][h],
+                        f"deep_minus_{tag}_material": verdict in ("higher", "lower")
+                        and abs(diff) >= EQUIVALENCE_MARGIN})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------
 # figures
+#
+# Drawn without Axes: every panel's marks (cells, bars, interval lines, frames, tick marks) are
+# collected in inches and added to the figure as one collection per kind, with one Text per
+# label, placed where matplotlib places them in a grid of Axes (tick marks 3.5 pt outward, tick
+# labels 3.5 pt beyond them, axis labels 4 pt beyond those, titles 6 pt above; autoscaled limits,
+# AutoLocator ticks, ScalarFormatter labels). An Axes with its ticks costs tens of milliseconds to
+# create and to draw, seaborn's heatmap draws the whole figure once per panel (and importing
+# seaborn imports scipy.stats), and tight_layout draws the figure once more to measure it: the
+# quick map's three figures took 13 s on 2 shared cores, now about 2 s, most of it the rendering
+# of their text.
+
+DPI = 110
+"""Resolution of the PNG figures."""
+PT = 1 / 72
+"""A point in inches."""
 
 
 def _mark(verdict: str, verdict_map: str) -> str:
@@ -461,74 +527,255 @@ def _regime_label(spread: str, recovery: str) -> str:
     return f"{recovery}, {spread}"
 
 
+def _text(fig, x: float, y: float, s: str, **kw) -> None:
+    """A text at ``(x, y)`` inches from the figure's lower left corner."""
+    fig.text(x, y, s, transform=fig.dpi_scale_trans, **kw)
+
+
+def _text_extent(fig, labels: Sequence[str], size: float) -> tuple[float, float]:
+    """``(width, height)`` in inches of the widest and of the tallest one-line label of ``labels``
+    at font ``size`` as matplotlib lays them out (a line is at least as tall as "lp")."""
+    from matplotlib.font_manager import FontProperties
+    renderer, prop = fig.canvas.get_renderer(), FontProperties(size=size)
+    sizes = [renderer.get_text_width_height_descent(s, prop, ismath=False) for s in ("lp", *labels)]
+    return max((w for w, _, _ in sizes[1:]), default=0.0) / fig.dpi, max(h for _, h, _ in sizes) / fig.dpi
+
+
+def _tick_marks(fig, points: list[tuple[float, float]], marker) -> None:
+    """Major tick marks (3.5 pt long, 0.8 pt wide) at ``points`` (inches); ``marker`` is one of
+    matplotlib's TICKDOWN / TICKLEFT / TICKRIGHT."""
+    from matplotlib.lines import Line2D
+    if points:
+        fig.add_artist(Line2D([p[0] for p in points], [p[1] for p in points], ls="none", marker=marker, ms=3.5,
+                              mew=0.8, color="k", transform=fig.dpi_scale_trans, zorder=2.5))
+
+
+def _rects(fig, rects: list[tuple[float, float, float, float]], colors, **kw) -> None:
+    """Filled rectangles ``(x, y, width, height)`` in inches, one colour each, as one collection."""
+    from matplotlib.collections import PolyCollection
+    fig.add_artist(PolyCollection([[(x, y), (x + w, y), (x + w, y + h), (x, y + h)] for x, y, w, h in rects],
+                                  facecolors=colors, edgecolors="none", transform=fig.dpi_scale_trans, **kw))
+
+
+def _linear_ticks(lo: float, hi: float, length: float, label_size: float) -> tuple[np.ndarray, list[str], str]:
+    """``(ticks, labels, offset)`` of a linear axis over [lo, hi] that is ``length`` inches long
+    with labels of ``label_size`` points: AutoLocator's ticks ('auto' bins: one per two label
+    heights, at most 9) inside the limits and ScalarFormatter's labels."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    locator = MaxNLocator(nbins=int(np.clip(length / PT // (2 * label_size), 1, 9)), steps=[1, 2, 2.5, 5, 10])
+    ticks = locator.tick_values(lo, hi)
+    fmt = ScalarFormatter()
+    fmt.create_dummy_axis()
+    fmt.axis.set_view_interval(lo, hi)
+    labels = fmt.format_ticks(ticks)
+    tol = (hi - lo) * 1e-10  # the ticks matplotlib draws: those inside the limits, to a tolerance
+    inside = (ticks >= lo - tol) & (ticks <= hi + tol)
+    return ticks[inside], [s for s, ok in zip(labels, inside) if ok], fmt.get_offset()
+
+
 def heatmaps(cells: pd.DataFrame, path: Path) -> None:
     """Per budget unit (rows): DEEP-GRPO minus the best GRPO-N and minus root-only (columns of
     panels) as heatmaps over (spread x recovery) x learner, with the significance marks of
-    :func:`_mark` and, in the first panel, each cell's winner."""
+    :func:`_mark` and, in the first panel, each cell's winner (drawn as seaborn's ``heatmap``
+    with a colour bar drew it)."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    from matplotlib.colors import Normalize
+    from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT
     units = [u for u in BUDGET_UNITS if u in set(cells.unit)]
-    fig, axes = plt.subplots(len(units), 2, figsize=(15, 4.4 * len(units)), squeeze=False)
+    learners = list(LEARNERS)
+    width, height = 15.0, 4.4 * len(units)
+    # inches: the suptitle, the x labels of the bottom row, the gap between rows (x labels, title)
+    top, bottom, gap = 0.65, 0.59, 0.8
+    panel_h = (height - top - bottom - gap * (len(units) - 1)) / len(units)
+    left, panel_w, pitch, bar_gap = 1.44, 4.79, 7.42, 0.3  # y labels; a panel; panel + colour bar
+    bar_w = panel_h / 20
     lim = float(np.nanmax(np.abs(cells[["deep_minus_best_grpo", "deep_minus_root_only"]].to_numpy())))
     lim = lim if np.isfinite(lim) and lim > 0 else 0.1
+    cmap, norm = plt.get_cmap("RdBu"), Normalize(-lim, lim)
+    bar_ticks, bar_labels, bar_offset = _linear_ticks(-lim, lim, panel_h, 10)
+    levels = np.linspace(-lim, lim, cmap.N + 1)  # the colour bar: one band per colour of the map
+    fig = plt.figure(figsize=(width, height))
+    boxes, colors, down, left_marks, right_marks = [], [], [], [], []
     for i, u in enumerate(units):
-        c = cells[cells.unit == u].assign(regime=lambda f: [_regime_label(s, r) for s, r in zip(f.spread, f.recovery)])
-        rows = list(dict.fromkeys(c.regime))
+        c = cells[cells.unit == u]
+        regime = [_regime_label(s, r) for s, r in zip(c.spread, c.recovery)]
+        rows = list(dict.fromkeys(regime))
+        keep = np.array([lr in LEARNERS for lr in c.learner], dtype=bool)
+        at = [(rows.index(g), learners.index(lr)) for g, lr, ok in zip(regime, c.learner, keep) if ok]
+        if len(set(at)) < len(at):
+            raise ValueError(f"cells.csv has two rows for one regime and learner in unit {u}")
+        y0 = height - top - panel_h - i * (panel_h + gap)
+        cw, rh = panel_w / len(learners), panel_h / len(rows)
+        ylabel_w, _ = _text_extent(fig, rows, 10)
+        _, xlabel_h = _text_extent(fig, learners, 10)
         for j, (tag, title) in enumerate((("best_grpo", "DEEP-GRPO minus best GRPO-N"),
                                           ("root_only", "DEEP-GRPO minus root-only"))):
-            val = c.pivot(index="regime", columns="learner", values=f"deep_minus_{tag}").reindex(
-                index=rows, columns=list(LEARNERS))
-            text = c.assign(t=[f"{d:+.3f}{_mark(v, m)}" + (f"\nwin: {w}\nN*={n}" if j == 0 else "")
-                               for d, v, m, w, n in zip(c[f"deep_minus_{tag}"], c[f"deep_minus_{tag}_verdict"],
-                                                        c[f"deep_minus_{tag}_map"], c.winner, c.best_N)])
-            annot = text.pivot(index="regime", columns="learner", values="t").reindex(index=rows,
-                                                                                   columns=list(LEARNERS))
-            sns.heatmap(val, annot=annot.to_numpy(), fmt="", cmap="RdBu", center=0, vmin=-lim, vmax=lim,
-                        ax=axes[i, j], annot_kws={"fontsize": 7}, cbar_kws={"label": "difference in pass@1"})
-            axes[i, j].set(title=f"{title}, pass@1 at {int(c.budget.iloc[0]):,} {u}",
-                           xlabel="policy / optimizer", ylabel="recovery, spread")
+            x0 = left + j * pitch
+            diff = c[f"deep_minus_{tag}"].to_numpy(np.float64)[keep]
+            text = np.array([f"{d:+.3f}{_mark(v, m)}" + (f"\nwin: {w}\nN*={n}" if j == 0 else "")
+                             for d, v, m, w, n in zip(c[f"deep_minus_{tag}"], c[f"deep_minus_{tag}_verdict"],
+                                                      c[f"deep_minus_{tag}_map"], c.winner, c.best_N)],
+                            dtype=object)[keep]
+            rgb = cmap(norm(diff))
+            # seaborn's annotation colours: dark text on light cells (relative luminance > 0.408)
+            lin = np.where(rgb[:, :3] <= 0.03928, rgb[:, :3] / 12.92, ((rgb[:, :3] + 0.055) / 1.055) ** 2.4)
+            for (r, k), d, t, color, light in zip(at, diff, text, rgb, lin @ [0.2126, 0.7152, 0.0722] > 0.408):
+                if np.isfinite(d):  # NaN cells stay blank
+                    boxes.append((x0 + k * cw, y0 + panel_h - (r + 1) * rh, cw, rh))
+                    colors.append(color)
+                    _text(fig, x0 + (k + 0.5) * cw, y0 + panel_h - (r + 0.5) * rh, t, ha="center", va="center",
+                          fontsize=7, color=".15" if light else "w")
+            down += [(x0 + (k + 0.5) * cw, y0) for k in range(len(learners))]
+            left_marks += [(x0, y0 + panel_h - (r + 0.5) * rh) for r in range(len(rows))]
+            for k, lr in enumerate(learners):
+                _text(fig, x0 + (k + 0.5) * cw, y0 - 7 * PT, lr, ha="center", va="top", fontsize=10)
+            for r, g in enumerate(rows):
+                _text(fig, x0 - 7 * PT, y0 + panel_h - (r + 0.5) * rh, g, ha="right", va="center", fontsize=10)
+            _text(fig, x0 + panel_w / 2, y0 - 7 * PT - xlabel_h - 4 * PT, "policy / optimizer", ha="center",
+                  va="top", fontsize=10)
+            _text(fig, x0 - 7 * PT - ylabel_w - 4 * PT, y0 + panel_h / 2, "recovery, spread", ha="center",
+                  va="bottom", rotation=90, rotation_mode="anchor", fontsize=10)
+            _text(fig, x0 + panel_w / 2, y0 + panel_h + 6 * PT, f"{title}, pass@1 at {int(c.budget.iloc[0]):,} {u}",
+                  ha="center", va="baseline", fontsize=12)
+            # the colour bar
+            bx = x0 + panel_w + bar_gap
+            boxes += [(bx, y0 + (lo + lim) / (2 * lim) * panel_h, bar_w, (hi - lo) / (2 * lim) * panel_h)
+                      for lo, hi in zip(levels[:-1], levels[1:])]
+            colors += list(cmap(norm((levels[:-1] + levels[1:]) / 2)))
+            right_marks += [(bx + bar_w, y0 + (t + lim) / (2 * lim) * panel_h) for t in bar_ticks]
+            for t, s in zip(bar_ticks, bar_labels):
+                _text(fig, bx + bar_w + 7 * PT, y0 + (t + lim) / (2 * lim) * panel_h, s, ha="left",
+                      va="center_baseline", fontsize=10)
+            if bar_offset:
+                _text(fig, bx + bar_w, y0 + panel_h + 2 * PT, bar_offset, ha="left", va="bottom", fontsize=10)
+            _text(fig, bx + bar_w + 7 * PT + _text_extent(fig, bar_labels, 10)[0] + 4 * PT, y0 + panel_h / 2,
+                  "difference in pass@1", ha="center", va="top", rotation=90, rotation_mode="anchor", fontsize=10)
+    _rects(fig, boxes, colors, linewidths=0, antialiased=False, zorder=1)  # pcolormesh's
+    for marks, marker in ((down, TICKDOWN), (left_marks, TICKLEFT), (right_marks, TICKRIGHT)):
+        _tick_marks(fig, marks, marker)
     fig.suptitle("Regime map: * Holm-significant within the cell, ** over the whole map, = equivalent (±"
                  f"{EQUIVALENCE_MARGIN:g}); first panel: the cell's winner among GRPO-N and the ladder, and N* the "
                  "best GRPO-N (tuning seeds)", fontsize=9)
     _save(fig, path)
 
 
+def _shared_ylim(values: np.ndarray, sticky: np.ndarray) -> tuple[float, float]:
+    """Matplotlib's autoscaled limits of a linear axis shared by every panel: the data range
+    plus 5 % margins, where a margin does not cross a bar's base (its sticky edge)."""
+    from matplotlib.ticker import MaxNLocator
+    locator = MaxNLocator()  # AutoLocator's class: its nonsingular and view_limits
+    values = values[np.isfinite(values)]
+    lo, hi = locator.nonsingular(*((values.min(), values.max()) if values.size else (-np.inf, np.inf)))
+    sticky = np.sort(sticky[np.isfinite(sticky)])
+    tol = 1e-5 * abs(hi - lo)
+    delta = (hi - lo) * 0.05
+    new_lo, new_hi = lo - delta, hi + delta
+    i0 = sticky.searchsorted(lo + tol) - 1
+    if i0 != -1:
+        new_lo = max(new_lo, sticky[i0])
+    i1 = sticky.searchsorted(hi - tol)
+    if i1 != len(sticky):
+        new_hi = min(new_hi, sticky[i1])
+    return locator.view_limits(new_lo, new_hi)
+
+
 def waterfalls(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame, unit: str, path: Path) -> None:
-    """The ladder as a waterfall in every regime (one panel per regime) in ``unit``: the best
-    GRPO-N's mean pass@1 at the budget, then each rung's step (mean paired difference with its
-    Holm interval within the cell), ending at the oracle rungs."""
+    """The ladder as a waterfall in every regime (one panel per regime, sharing the y axis) in
+    ``unit``: the best GRPO-N's mean pass@1 at the budget, then each rung's step (mean paired
+    difference with its Holm interval within the cell), ending at the oracle rungs."""
     import matplotlib.pyplot as plt
-    best = best_grpo(tuned).set_index(list(CELL)).best_N
-    e = effects[(effects.metric == "pass1_at") & (effects.family == "ladder") & (effects.unit == unit)]
-    regs = [r for r in regimes() if ((per.spread == r["spread"]) & (per.recovery == r["recovery"])
-                                     & (per.learner == r["learner"])).any()]
-    nrow = len(SPREADS) * len(RECOVERY)
-    ncol = len(LEARNERS)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.5 * nrow), squeeze=False, sharey=True)
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.markers import TICKDOWN, TICKLEFT
+    best = _best_n(tuned)
     short = ["GRPO-N*", "root-only", "random", "depth", "DEEP", "state", "oracle", "orac-inf"]
-    for r in regs:
+    nrow, ncol = len(SPREADS) * len(RECOVERY), len(LEARNERS)
+    e = effects[(effects.metric == "pass1_at") & (effects.family == "ladder") & (effects.unit == unit)]
+    ecol = _columns(e, (*REGIME, "diff", "low", "high", "verdict"))
+    ladder = {tuple(ecol[c][idx[0]] for c in REGIME): idx for idx in _group_rows(e, REGIME)}
+    p = per[per.unit == unit]
+    pcol = _columns(p, (*REGIME, "name", "budget"))
+    pass1 = p.pass1_at.to_numpy(np.float64)
+    runs = {tuple(pcol[c][idx[0]] for c in REGIME): idx for idx in _group_rows(p, REGIME)}
+    panels = []  # (row, column, title, ylabel)
+    bars = []  # (row, column, x, bottom, height, rgba), as ax.bar(x, height, bottom=bottom)
+    errs = []  # (row, column, x, low, high)
+    for r in regimes():
+        key = tuple(r[c] for c in REGIME)
+        if key not in runs:
+            continue
+        idx = runs[key]
         i = list(SPREADS).index(r["spread"]) * len(RECOVERY) + list(RECOVERY).index(r["recovery"])
         j = list(LEARNERS).index(r["learner"])
-        ax = axes[i, j]
-        key = (r["spread"], r["recovery"], r["learner"], unit)
-        g = per[(per.spread == r["spread"]) & (per.recovery == r["recovery"]) & (per.learner == r["learner"])
-                & (per.unit == unit)]
-        start = float(_frame(g, f"grpo N={int(best.loc[key])}").pass1_at.mean())
-        steps = e[(e.spread == r["spread"]) & (e.recovery == r["recovery"]) & (e.learner == r["learner"])]
-        ax.bar(0, start, color="0.6")
+        panels.append((i, j, f"{r['recovery']}, {r['spread']}, {r['learner']}",
+                       f"pass@1 at {int(pcol['budget'][idx[0]]):,} {unit}"))
+        start = _mean(pass1[idx][pcol["name"][idx] == f"grpo N={best[(*key, unit)]}"])
+        bars.append((i, j, 0, 0.0, start, to_rgba("0.6")))
         level = start
-        for k, s in enumerate(steps.itertuples(), start=1):
-            color = "C2" if s.diff >= 0 else "C3"
-            ax.bar(k, s.diff, bottom=level, color=color, alpha=0.9 if s.verdict in ("higher", "lower") else 0.4)
-            if np.isfinite(s.low):
-                ax.errorbar(k, level + s.diff, yerr=[[s.diff - s.low], [s.high - s.diff]], color="k", lw=0.8,
-                            capsize=2)
-            level += s.diff
-        ax.set_title(f"{r['recovery']}, {r['spread']}, {r['learner']}", fontsize=8)
-        ax.set_xticks(range(len(short)), short if i == nrow - 1 else [], rotation=60, fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
+        for k, s in enumerate(ladder.get(key, []), start=1):
+            diff, low, high = ecol["diff"][s], ecol["low"][s], ecol["high"][s]
+            bars.append((i, j, k, level, diff, to_rgba("C2" if diff >= 0 else "C3",
+                                                       0.9 if ecol["verdict"][s] in ("higher", "lower") else 0.4)))
+            if np.isfinite(low):
+                errs.append((i, j, k, level + diff - (diff - low), level + diff + (high - diff)))
+            level += diff
+    bars = [b for b in bars if np.isfinite(b[3]) and np.isfinite(b[4])]
+    errs = [b for b in errs if np.isfinite(b[3]) and np.isfinite(b[4])]
+
+    # layout (inches); x as bar() autoscales the 8 bars (width 0.8, 5 % margins), y shared
+    width, height = 3.6 * ncol, 2.5 * nrow
+    left, right, bottom, top, wgap, hgap = 0.61, 0.15, 0.69, 0.61, 0.2, 0.37
+    pw = (width - left - right - wgap * (ncol - 1)) / ncol
+    ph = (height - bottom - top - hgap * (nrow - 1)) / nrow
+    x_lo, x_hi = -0.4 - 0.05 * (len(short) - 0.2), len(short) - 0.6 + 0.05 * (len(short) - 0.2)
+    y_lo, y_hi = _shared_ylim(np.array([v for b in bars for v in (b[3], b[3] + b[4])]
+                                       + [v for b in errs for v in b[3:]]), np.array([b[3] for b in bars]))
+    ticks, labels, offset = _linear_ticks(y_lo, y_hi, ph, 7)
+
+    def x0(j):
+        return left + j * (pw + wgap)
+
+    def y0(i):
+        return height - top - ph - i * (ph + hgap)
+
+    def X(j, x):
+        return x0(j) + (x - x_lo) / (x_hi - x_lo) * pw
+
+    def Y(i, y):
+        return y0(i) + (y - y_lo) / (y_hi - y_lo) * ph
+
+    fig = plt.figure(figsize=(width, height))
+    inches = fig.dpi_scale_trans
+    grid = [(i, j) for i in range(nrow) for j in range(ncol)]
+    _rects(fig, [(X(j, x - 0.4), Y(i, b), X(j, x + 0.4) - X(j, x - 0.4), Y(i, b + h) - Y(i, b))
+                 for i, j, x, b, h, _ in bars], [b[5] for b in bars], linewidths=1.0, zorder=1)  # bar()'s
+    # the intervals: errorbar(lw=0.8, capsize=2)'s lines and caps
+    fig.add_artist(LineCollection([[(X(j, x), Y(i, lo)), (X(j, x), Y(i, hi))] for i, j, x, lo, hi in errs],
+                                  colors="k", linewidths=0.8, transform=inches, zorder=2))
+    fig.add_artist(Line2D([X(j, x) for i, j, x, _, _ in errs] * 2,
+                          [Y(i, lo) for i, _, _, lo, _ in errs] + [Y(i, hi) for i, _, _, _, hi in errs],
+                          ls="none", marker="_", ms=4, mew=1.0, color="k", transform=inches, zorder=2))
+    # frames (the spines) of every panel of the grid
+    fig.add_artist(LineCollection([[(x0(j), y0(i)), (x0(j) + pw, y0(i)), (x0(j) + pw, y0(i) + ph),
+                                    (x0(j), y0(i) + ph), (x0(j), y0(i))] for i, j in grid],
+                                  colors="k", linewidths=0.8, transform=inches, zorder=2.5))
+    _tick_marks(fig, [(X(j, k), y0(i)) for i, j, *_ in panels for k in range(len(short))], TICKDOWN)
+    _tick_marks(fig, [(x0(j), Y(i, t)) for i, j in grid for t in ticks], TICKLEFT)
+    label_w, _ = _text_extent(fig, labels, 7)
+    for i, j, title, ylabel in panels:
+        _text(fig, x0(j) + pw / 2, y0(i) + ph + 6 * PT, title, fontsize=8, ha="center", va="baseline")
+        if i == nrow - 1:
+            for k, s in enumerate(short):
+                _text(fig, X(j, k), y0(i) - 7 * PT, s, fontsize=7, rotation=60, ha="center", va="top")
         if j == 0:
-            ax.set_ylabel(f"pass@1 at {int(g.budget.iloc[0]):,} {unit}", fontsize=7)
+            _text(fig, x0(j) - 7 * PT - label_w - 4 * PT, y0(i) + ph / 2, ylabel, fontsize=7, rotation=90,
+                  rotation_mode="anchor", ha="center", va="bottom")
+    for i in range(nrow):  # the shared y axis is labelled in the first column
+        for t, s in zip(ticks, labels):
+            _text(fig, x0(0) - 7 * PT, Y(i, t), s, fontsize=7, ha="right", va="center_baseline")
+        if offset:
+            _text(fig, x0(0), y0(i) + ph + 2 * PT, offset, fontsize=7, ha="left", va="bottom")
     fig.suptitle(f"Decomposition ladder per regime ({unit}): the best GRPO-N (grey), then each rung's step "
                  "(green up, red down; solid = Holm-significant within the cell; bars: Holm 95 % intervals)",
                  fontsize=9)
@@ -536,9 +783,9 @@ def waterfalls(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame, un
 
 
 def _save(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG (atomic) and close it (the figure is laid out by its maker)."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=DPI))
     plt.close(fig)
 
 
