@@ -51,7 +51,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -770,49 +770,14 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     if damaged:
         print(f"{name}: {damaged} cell file(s) in {out / 'cells'} are empty, cut short or damaged; computing them "
               "again", file=sys.stderr, flush=True)
-    units = None
-    if batch_worker is not None:
-        units = _plan_batches(todo, batch_key, max_batch, min(workers or usable_cpus(), usable_cpus()))
-    workers = max(1, min(workers or usable_cpus(), usable_cpus(), (len(todo) if units is None else len(units)) or 1))
+    units = (_plan_batches(todo, batch_key, max_batch, min(workers or usable_cpus(), usable_cpus()))
+             if batch_worker is not None else [([c], False) for c in todo])
+    workers = max(1, min(workers or usable_cpus(), usable_cpus(), len(units) or 1))
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=name, unit="run")
-    if units is not None:
-        _run_units(units, worker, batch_worker, out, workers, bar, cells, complete, tables)
-    elif workers == 1:
-        import torch
-        threads = torch.get_num_threads()
-        try:
-            try:
-                for c in todo:
-                    _run_one(worker, c, str(_cell_path(out, c)))
-                    if bar:
-                        bar.update()
-            finally:
-                torch.set_num_threads(threads)  # _run_one pins one thread; give the caller its own back
-        except KeyboardInterrupt:
-            _close(bar)
-            raise Interrupted(_kept(cells, out, complete, tables)) from None
-    elif todo:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
-        try:
-            # the first submit forks every worker: a Ctrl-C or SIGTERM raised in Python's fork hooks
-            # would be printed and dropped, so they are held back and delivered right after
-            with signals_held():
-                futures = [pool.submit(_run_one, worker, c, str(_cell_path(out, c))) for c in todo]
-            for f in as_completed(futures):
-                f.result()
-                if bar:
-                    bar.update()
-        except KeyboardInterrupt:
-            _stop_pool(pool)
-            _close(bar)
-            raise Interrupted(_kept(cells, out, complete, tables)) from None
-        except BaseException:
-            _stop_pool(pool)
-            raise
-        pool.shutdown(wait=True)
+    _run_units(units, worker, batch_worker, out, workers, bar, cells, complete, tables)
     _close(bar)
     tables.read_new(todo)
     table = tables.table(cells)
@@ -820,10 +785,10 @@ def run_sweep(cells: Sequence[Cell], worker: Callable[[Cell], list[dict[str, Any
     return table
 
 
-def _run_units(units: list[_Unit], worker: Callable[[Cell], list[dict[str, Any]]], batch_worker: BatchWorker,
+def _run_units(units: list[_Unit], worker: Callable[[Cell], list[dict[str, Any]]], batch_worker: BatchWorker | None,
                out: Path, workers: int, bar, cells: Sequence[Cell], complete: CellCheck | None,
                tables: CellTables) -> None:
-    """Run the batches and lone cells ``units`` of a batched sweep: in this process when
+    """Run the batches and lone cells ``units`` of a sweep: in this process when
     ``workers`` is 1, else in a pool of ``workers`` processes, counting runs on ``bar`` as their
     files are written (in a pool: seen when each batch ends, and every :data:`PROGRESS_POLL_S`
     for the batches running)."""
