@@ -209,6 +209,7 @@ def test_gpu_sizes_are_qwen25_05b_and_fit_the_budget():
     assert (s.prompts_per_step * s.G // s.trl_grad_accum * s.trl_grad_accum) % s.G == 0
 
 
+@pytest.mark.slow  # the TRL item's dry run (the trainer itself is in the default tier: test_trl_trainer.py)
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None,
                     reason="needs trl and datasets (pip install -e '.[llm,trl]')")
 def test_deep_grpo_trainer_item_passes_on_a_cpu(tmp_path):
