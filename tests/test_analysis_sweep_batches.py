@@ -144,9 +144,8 @@ def test_max_batch_and_groups_are_honoured_and_cells_keyed_none_run_alone(tmp_pa
     assert len(plain) > 0
 
 
+@pytest.mark.skipif(usable_cpus() < 2, reason="a pool of two workers needs two usable CPUs")
 def test_batched_sweep_in_a_pool_of_two_splits_a_group_and_gives_the_same_table(tmp_path):
-    if usable_cpus() < 2:
-        pytest.skip("needs two usable CPUs")
     log = tmp_path / "log"
     cells = make_cells(log, seeds=range(6)) + [
         Cell("s", "alone", 0, {"x": 0, "log": str(log)}, {"rule": "alone", "M": 0})]
@@ -180,9 +179,8 @@ def test_a_batch_worker_that_forgets_a_cell_raises_naming_it_and_keeps_the_other
     assert batches(tmp_path / "log") == [[["dense", 2]]]
 
 
+@pytest.mark.skipif(usable_cpus() < 2, reason="a pool of two workers needs two usable CPUs")
 def test_a_batch_worker_that_forgets_a_cell_in_a_pool_raises(tmp_path):
-    if usable_cpus() < 2:
-        pytest.skip("needs two usable CPUs")
     cells = make_cells(tmp_path / "log", seeds=range(4))
     with pytest.raises(RuntimeError, match=r"returned without reporting 1 of its 2 cell\(s\): s/dense seed [13] "):
         run_sweep(cells, single_worker, tmp_path / "out", "runs", workers=2, progress=False,
