@@ -42,14 +42,17 @@ FEATURE_STREAM = 2
 """``np.random.SeedSequence([problem_set_seed, FEATURE_STREAM])`` draws the features φ."""
 
 
+def _feature_generator(problems: ProblemSet) -> torch.Generator:
+    seed = np.random.SeedSequence([problems.seed, FEATURE_STREAM]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed >> np.uint64(1)))
+
+
 def random_features(problems: ProblemSet, dim: int) -> torch.Tensor:
     """``FloatTensor [n·T·2·V, dim]`` the fixed features φ of every (problem, step, status,
     token), row-major in that order, ``~ N(0, 1/dim)``; drawn from the problem-set seed only
     (never from the correct tokens)."""
     n, T, V = problems.n, problems.T, problems.V
-    seed = np.random.SeedSequence([problems.seed, FEATURE_STREAM]).generate_state(1, np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(seed >> np.uint64(1)))
-    return torch.randn(n * T * 2 * V, dim, generator=gen) / dim ** 0.5
+    return torch.randn(n * T * 2 * V, dim, generator=_feature_generator(problems)) / dim ** 0.5
 
 
 FEATURE_CACHE_BYTES = 256 << 20
@@ -58,20 +61,25 @@ few problem sets: drawing φ again costs more than a short run)."""
 _FEATURE_CACHE: OrderedDict[tuple[int, int, int, int, int], torch.Tensor] = OrderedDict()
 
 
-def _features_t(problems: ProblemSet, dim: int) -> torch.Tensor:
-    """``[dim, n·T·2·V]`` :func:`random_features` transposed (contiguous), from a per-process
-    cache of recent ones (read-only: a policy copies it)."""
+def _write_features_t(problems: ProblemSet, dim: int, out: torch.Tensor, scratch: torch.Tensor | None,
+                      keep: bool) -> None:
+    """Write ``[dim, n·T·2·V]`` :func:`random_features` transposed into ``out`` (the same bits:
+    the same draw, divided element by element as it is written), from a per-process cache of
+    recent ones; ``scratch`` (``[n·T·2·V, dim]``, or None) receives the draw, and with ``keep``
+    a copy enters the cache."""
     key = (problems.seed, problems.n, problems.T, problems.V, dim)
     phi = _FEATURE_CACHE.get(key)
-    if phi is None:
-        phi = random_features(problems, dim).t().contiguous()
-        _FEATURE_CACHE[key] = phi
+    if phi is not None:
+        _FEATURE_CACHE.move_to_end(key)
+        out.copy_(phi)
+        return
+    draw = torch.randn(out.shape[1], dim, generator=_feature_generator(problems), out=scratch)
+    torch.div(draw.t(), dim ** 0.5, out=out)
+    if keep:
+        _FEATURE_CACHE[key] = out.clone()
         while sum(t.numel() * t.element_size() for t in _FEATURE_CACHE.values()) > FEATURE_CACHE_BYTES \
                 and len(_FEATURE_CACHE) > 1:
             _FEATURE_CACHE.popitem(last=False)
-    else:
-        _FEATURE_CACHE.move_to_end(key)
-    return phi
 
 
 class TokenTreePolicy(torch.nn.Module):
@@ -109,7 +117,13 @@ class TokenTreePolicy(torch.nn.Module):
         if kind == "tabular":
             self.delta = torch.nn.Parameter(torch.zeros(R, n // R, T, 2, V))
         else:
-            phi = torch.stack([_features_t(ps, int(feature_dim)) for ps in sets])  # [R, D, n/R·T·2·V] (a copy)
+            D, M = int(feature_dim), n // R * T * 2 * V
+            phi = torch.empty(R, D, M)  # [R, D, n/R·T·2·V] each run's φ transposed, written in place
+            scratch = torch.empty(M, D)
+            # a batch larger than the cache would only evict its own entries: its features are not kept
+            keep = R * D * M * phi.element_size() <= FEATURE_CACHE_BYTES
+            for r, ps in enumerate(sets):
+                _write_features_t(ps, D, phi[r], scratch, keep)
             self.register_buffer("features", phi)
             self.weight = torch.nn.Parameter(torch.zeros(R, int(feature_dim)))  # [R, D]
 
