@@ -30,8 +30,8 @@ from deepgrpo.config import AlgoConfig
 from deepgrpo.methods import method_config
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from sims.figure import pass1_vs_budget_svg
-from sims.runner import RunnerConfig, TrainResult, train
-from sims.spec import TokenTreeSpec, describe
+from sims.runner import RunnerConfig, TrainResult, train_replicas
+from sims.spec import TokenTreeSpec, describe, explain
 
 COMPARE_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("GRPO N=8", "grpo", {"G": 8}),
@@ -54,39 +54,63 @@ spends in 12 steps of 16 problems on the default spec."""
 COMPARE_RUNNER = RunnerConfig(steps=1000, budget=COMPARE_BUDGET, budget_unit="tokens")
 """``sim compare``'s loop: the budget decides when a run stops (``steps`` is only a cap)."""
 
-SUMMARY_COLUMNS = ("label", "method", "budget_unit", "budget", "steps", "rollouts", "tokens",
-                   "pass1_at_budget", "heldout_pass1_at_budget", "final_pass1", "final_heldout_pass1",
+SUMMARY_COLUMNS = ("label", "method", "budget_unit", "budget", "seeds", "steps", "rollouts", "tokens",
+                   "pass1_at_budget", "pass1_at_budget_ci95", "heldout_pass1_at_budget",
+                   "heldout_pass1_at_budget_ci95", "final_pass1", "final_heldout_pass1",
                    "initial_pass1", "initial_heldout_pass1", "final_pass8", "gain_per_1k_rollouts",
                    "gain_per_1m_tokens", "all_fail_groups_per_step", "pivot_before_error", "branch_success",
                    "reached_budget")
 """Columns of ``summary.csv``: ``*_at_budget`` are interpolated at exactly the budget (empty
 without a budget, or for a run the step cap stopped first: ``reached_budget`` false), ``final_*``
-are the values after the last step (spent: ``rollouts``, ``tokens``)."""
+are the values after the last step (spent: ``rollouts``, ``tokens``). With several seeds every
+number is the mean over the seeds (``reached_budget``: every seed reached it) and
+``*_ci95`` is the half-width of its 95 % t-interval (empty with one seed)."""
 
 
 @dataclass
 class CompareResult:
-    """The runs of one comparison: ``runs[i]`` belongs to ``methods[i]``."""
+    """The runs of one comparison: ``runs[i][j]`` is ``methods[i]`` trained with ``seeds[j]``."""
 
     spec: TokenTreeSpec
     runner: RunnerConfig
-    seed: int
-    problem_set_seed: int
+    seeds: list[int]
     methods: list[tuple[str, str, dict[str, Any]]]
     algos: list[AlgoConfig]
-    runs: list[TrainResult]
+    runs: list[list[TrainResult]]
     wall_time_s: float
+
+    @property
+    def seed(self) -> int:
+        """The first seed."""
+        return self.seeds[0]
+
+    @property
+    def problem_set_seeds(self) -> list[int]:
+        """The problem-set seed of each run seed (the same for every method)."""
+        return [self.spec.problem_set_seed(s) for s in self.seeds]
+
+    @property
+    def problem_set_seed(self) -> int:
+        """The first seed's problem-set seed."""
+        return self.problem_set_seeds[0]
 
 
 def run_compare(spec: TokenTreeSpec, runner: RunnerConfig = COMPARE_RUNNER, seed: int = 0,
-                methods: tuple[tuple[str, str, dict[str, Any]], ...] = COMPARE_METHODS) -> CompareResult:
-    """Train every method of ``methods`` on ``spec`` with the same run seed (hence the same
-    problem set and starting policy) and loop (the same total budget)."""
+                methods: tuple[tuple[str, str, dict[str, Any]], ...] = COMPARE_METHODS,
+                seeds: int = 1) -> CompareResult:
+    """Train every method of ``methods`` on ``spec`` with the run seeds ``seed``, ..., ``seed + seeds - 1``
+    (a seed gives every method the same problem set and starting policy) and the same loop (the
+    same total budget). A method's seeds are trained together in lockstep
+    (:func:`sims.runner.train_replicas`): each run is the one it would be alone."""
+    if seeds < 1:
+        raise ValueError(f"seeds = {seeds} is invalid: at least 1 run per method")
     t0 = time.perf_counter()
     algos = [method_config(name, **overrides) for _, name, overrides in methods]  # validate all first
-    runs = [train(spec, algo, runner, seed=seed, method=label) for (label, _, _), algo in zip(methods, algos)]
-    return CompareResult(spec=spec, runner=runner, seed=seed, problem_set_seed=spec.problem_set_seed(seed),
-                         methods=list(methods), algos=algos, runs=runs, wall_time_s=time.perf_counter() - t0)
+    seed_list = [seed + i for i in range(seeds)]
+    runs = [train_replicas([spec] * seeds, algo, [runner] * seeds, seed_list, [label] * seeds)
+            for (label, _, _), algo in zip(methods, algos)]
+    return CompareResult(spec=spec, runner=runner, seeds=seed_list, methods=list(methods), algos=algos, runs=runs,
+                         wall_time_s=time.perf_counter() - t0)
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -108,30 +132,59 @@ def value_at_budget(history: list[dict[str, Any]], key: str, budget: int | None,
     return float("nan")
 
 
+def run_row(label: str, name: str, run: TrainResult, runner: RunnerConfig) -> dict[str, Any]:
+    """The :data:`SUMMARY_COLUMNS` of one run."""
+    k, budget, unit = runner.pass_k, runner.budget, runner.budget_unit
+    h = run.history
+    first, last = h[0], h[-1]
+    gain = last["pass1"] - first["pass1"]
+    return {
+        "label": label, "method": name, "budget_unit": unit, "budget": budget, "seeds": 1, "steps": last["step"],
+        "rollouts": last["rollouts"], "tokens": last["tokens"],
+        "pass1_at_budget": value_at_budget(h, "pass1", budget, unit), "pass1_at_budget_ci95": float("nan"),
+        "heldout_pass1_at_budget": value_at_budget(h, "heldout_pass1", budget, unit),
+        "heldout_pass1_at_budget_ci95": float("nan"),
+        "final_pass1": last["pass1"], "final_heldout_pass1": last["heldout_pass1"],
+        "initial_pass1": first["pass1"], "initial_heldout_pass1": first["heldout_pass1"],
+        "final_pass8": last[f"pass{k}"] if k == 8 else float("nan"),
+        "gain_per_1k_rollouts": 1000.0 * gain / last["rollouts"] if last["rollouts"] else float("nan"),
+        "gain_per_1m_tokens": 1e6 * gain / last["tokens"] if last["tokens"] else float("nan"),
+        "all_fail_groups_per_step": _mean(h[1:], "all_fail_groups"),
+        "pivot_before_error": _mean(h[1:], "pivot_before_error"),
+        "branch_success": _mean(h[1:], "branch_success"),
+        "reached_budget": budget is None or last[unit] >= budget,
+    }
+
+
+def _ci95(values: list[float]) -> float:
+    """Half-width of the 95 % t-interval of the mean of ``values`` (NaN with fewer than 2 or any NaN)."""
+    n = len(values)
+    if n < 2 or any(v != v for v in values):
+        return float("nan")
+    from scipy.stats import t  # only with several seeds: one seed's compare never imports scipy
+    m = sum(values) / n
+    sd = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5
+    return float(t.ppf(0.975, n - 1)) * sd / n ** 0.5
+
+
 def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
-    """One row per method (see :data:`SUMMARY_COLUMNS`)."""
+    """One row per method (see :data:`SUMMARY_COLUMNS`): its run's values, or with several seeds
+    their means and the 95 % intervals of pass@1 at the budget."""
     out = []
-    k = result.runner.pass_k
-    budget, unit = result.runner.budget, result.runner.budget_unit
-    for (label, name, _), run in zip(result.methods, result.runs):
-        h = run.history
-        first, last = h[0], h[-1]
-        gain = last["pass1"] - first["pass1"]
-        out.append({
-            "label": label, "method": name, "budget_unit": unit, "budget": budget, "steps": last["step"],
-            "rollouts": last["rollouts"], "tokens": last["tokens"],
-            "pass1_at_budget": value_at_budget(h, "pass1", budget, unit),
-            "heldout_pass1_at_budget": value_at_budget(h, "heldout_pass1", budget, unit),
-            "final_pass1": last["pass1"], "final_heldout_pass1": last["heldout_pass1"],
-            "initial_pass1": first["pass1"], "initial_heldout_pass1": first["heldout_pass1"],
-            "final_pass8": last[f"pass{k}"] if k == 8 else float("nan"),
-            "gain_per_1k_rollouts": 1000.0 * gain / last["rollouts"] if last["rollouts"] else float("nan"),
-            "gain_per_1m_tokens": 1e6 * gain / last["tokens"] if last["tokens"] else float("nan"),
-            "all_fail_groups_per_step": _mean(h[1:], "all_fail_groups"),
-            "pivot_before_error": _mean(h[1:], "pivot_before_error"),
-            "branch_success": _mean(h[1:], "branch_success"),
-            "reached_budget": budget is None or last[unit] >= budget,
-        })
+    for (label, name, _), runs in zip(result.methods, result.runs):
+        rows = [run_row(label, name, run, result.runner) for run in runs]
+        if len(rows) == 1:
+            out.append(rows[0])
+            continue
+        row = dict(rows[0], seeds=len(rows), reached_budget=all(r["reached_budget"] for r in rows))
+        for key in SUMMARY_COLUMNS:
+            if key not in ("label", "method", "budget_unit", "budget", "seeds", "reached_budget") \
+                    and not key.endswith("_ci95"):
+                vals = [r[key] for r in rows]
+                row[key] = sum(vals) / len(vals)  # NaN if any seed has none (e.g. one stopped before the budget)
+        for key in ("pass1_at_budget", "heldout_pass1_at_budget"):
+            row[f"{key}_ci95"] = _ci95([r[key] for r in rows])
+        out.append(row)
     return out
 
 
@@ -139,17 +192,30 @@ def _unit_words(unit: str) -> str:
     return "generated tokens (main chains + branch suffixes)" if unit == "tokens" else "rollouts (main + branches)"
 
 
+def _seed_words(result: CompareResult) -> str:
+    """``seed 0, problem set N (drawn from the seed)`` or, with several seeds, their range."""
+    spec = result.spec
+    if len(result.seeds) == 1:
+        pinned = "pinned by --spec-seed" if spec.pinned else "drawn from the seed"
+        return f"seed {result.seed}, problem set {result.problem_set_seed} ({pinned})"
+    sets = (f"one problem set, {result.problem_set_seed} (pinned by --spec-seed)" if spec.pinned
+            else "each its own problem set, drawn from the seed")
+    return f"seeds {result.seeds[0]}-{result.seeds[-1]} ({len(result.seeds)} runs per method; {sets})"
+
+
 def format_header(result: CompareResult) -> str:
-    """The lines above the table: spec, seed, problem set, and the budget with its unit."""
+    """The lines above the table: spec, seeds, problem sets, and the budget with its unit."""
     r, spec = result.runner, result.spec
-    pinned = "pinned by --spec-seed" if spec.pinned else "drawn from the seed"
-    lines = [f"sim compare: {describe(spec)}; {r.batch_problems} problems per step, seed {result.seed}, "
-             f"problem set {result.problem_set_seed} ({pinned}), {r.policy} policy, {r.optimizer} lr {r.lr:g}"]
+    lines = [f"sim compare: {describe(spec)}; {r.batch_problems} problems per step, {_seed_words(result)}, "
+             f"{r.policy} policy, {r.optimizer} lr {r.lr:g}"]
     if r.budget is None:
         lines.append(f"equal steps ({r.steps} per method; no budget): values after the last step")
     else:
         lines.append(f"equal budget: {r.budget:,} {_unit_words(r.budget_unit)} per method; each method runs until it "
                      f"has spent it; pass@1 at exactly {r.budget:,} {r.budget_unit} (interpolated)")
+    if len(result.seeds) > 1:
+        lines.append(f"means over the {len(result.seeds)} seeds; ± is the half-width of the 95 % t-interval "
+                     "of the mean")
     return "\n".join(lines)
 
 
@@ -157,28 +223,40 @@ SHORT_MARK = "*"
 """Marks, in the printed table, a run the step cap stopped before the budget."""
 
 
+def _fmt_mean(x: float, ci: float) -> str:
+    """``0.512`` or ``0.512±0.034``."""
+    return _fmt_value(x) if ci != ci else f"{x:.3f}±{ci:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The printed table: method, steps, budget spent, exact pass@1 on the training and held-out
-    problems at the budget (or after the last step without one), and their starting values.
+    problems at the budget (or after the last step without one), and their starting values
+    (with several seeds: means, and the 95 % interval of pass@1 at the budget).
     A run the step cap stopped before the budget shows its values after its last step, marked
     :data:`SHORT_MARK` and explained below the table."""
     at_budget = bool(rows) and rows[0]["budget"] is not None
     where = "at budget" if at_budget else "final"
-    head = (f"{'method':<36} {'steps':>5} {'rollouts':>9} {'tokens':>8} {'pass@1':>7} {'held-out':>8}   "
+    several = bool(rows) and rows[0]["seeds"] > 1
+    w = 13 if several else 8
+    head = (f"{'method':<36} {'steps':>5} {'rollouts':>9} {'tokens':>8} {'pass@1':>{w}} {'held-out':>{w}}   "
             f"({where}; start {rows[0]['initial_pass1']:.3f} / {_fmt_value(rows[0]['initial_heldout_pass1'])})" if rows
             else "")
     lines = [head, "-" * len(head)]
     short = [r for r in rows if not r["reached_budget"]]
     for r in rows:
         at = at_budget and r["reached_budget"]
-        p1, ho = ("pass1_at_budget", "heldout_pass1_at_budget") if at else ("final_pass1", "final_heldout_pass1")
+        if at:
+            p1 = _fmt_mean(r["pass1_at_budget"], r["pass1_at_budget_ci95"])
+            ho = _fmt_mean(r["heldout_pass1_at_budget"], r["heldout_pass1_at_budget_ci95"])
+        else:
+            p1, ho = _fmt_value(r["final_pass1"]), _fmt_value(r["final_heldout_pass1"])
         mark = " " if at or not at_budget else SHORT_MARK
-        lines.append(f"{r['label']:<36} {r['steps']:>5} {r['rollouts']:>9,d} {r['tokens']:>8,d} {r[p1]:>7.3f}{mark}"
-                     f"{_fmt_value(r[ho]):>8}{mark}".rstrip())
+        lines.append(f"{r['label']:<36} {r['steps']:>5.0f} {r['rollouts']:>9,.0f} {r['tokens']:>8,.0f} {p1:>{w}}{mark}"
+                     f"{ho:>{w}}{mark}".rstrip())
     if short:
-        unit = short[0]["budget_unit"]
-        lines.append(f"{SHORT_MARK} stopped by the step cap ({short[0]['steps']} steps) before the budget of "
-                     f"{short[0]['budget']:,} {unit}: {len(short)} of {len(rows)} runs show their values after their "
+        unit, what = short[0]["budget_unit"], "methods" if several else "runs"
+        lines.append(f"{SHORT_MARK} stopped by the step cap ({short[0]['steps']:.0f} steps) before the budget of "
+                     f"{short[0]['budget']:,} {unit}: {len(short)} of {len(rows)} {what} show their values after their "
                      f"last step, at the {unit} spent (not at equal budget; raise --steps or lower --budget)")
     return "\n".join(lines)
 
@@ -189,39 +267,54 @@ def _fmt_value(x: float) -> str:
 
 
 def figure_title(result: CompareResult) -> str:
+    """Two lines: the comparison (budget, seeds, learner) and the problem set in plain words."""
     r = result.runner
-    budget = f"equal budget {r.budget:,} {r.budget_unit}" if r.budget is not None else f"{r.steps} steps"
-    return (f"sim compare: {budget}, {r.batch_problems} problems/step, seed {result.seed}, "
-            f"problem set {result.problem_set_seed}, {r.policy} policy, {r.optimizer} lr {r.lr:g}\n"
-            f"{describe(result.spec)}")
+    budget = f"equal budget of {r.budget:,} {r.budget_unit}" if r.budget is not None else f"{r.steps} steps each"
+    return (f"sim compare: {budget}, {r.batch_problems} problems per step, {_seed_words(result)}, "
+            f"{r.policy} policy, {r.optimizer} lr {r.lr:g}\n{explain(result.spec)}")
+
+
+def figure_note(result: CompareResult) -> str | None:
+    """Why the held-out panel is flat under the tabular policy (None otherwise)."""
+    if result.runner.policy == "tabular" and result.spec.n_heldout:
+        return ("held-out problems are never trained on, and the tabular policy shares nothing between problems: "
+                "every method stays at its starting value")
+    return None
 
 
 def figure_svg(result: CompareResult) -> str:
     """SVG text of exact pass@1 (training and held-out problems) against the cumulative budget
-    spent, one line per method (:func:`sims.figure.pass1_vs_budget_svg`)."""
+    spent, one line per method (with several seeds: the mean over seeds, and a band for the
+    95 % interval; :func:`sims.figure.pass1_vs_budget_svg`)."""
     unit = result.runner.budget_unit
-    rows = [{"label": r["label"], unit: r[unit], "pass1": r["pass1"], "heldout_pass1": r["heldout_pass1"]}
-            for r in history_rows(result)]
-    return pass1_vs_budget_svg(rows, figure_title(result), unit, result.runner.budget)
+    rows = [{"label": r["label"], "seed": r["seed"], unit: r[unit], "pass1": r["pass1"],
+             "heldout_pass1": r["heldout_pass1"]} for r in history_rows(result)]
+    return pass1_vs_budget_svg(rows, figure_title(result), unit, result.runner.budget, note=figure_note(result))
 
 
 def history_rows(result: CompareResult) -> list[dict[str, Any]]:
-    """Every run's history rows with ``label`` (display name) and ``method`` (method name)."""
+    """Every run's history rows with ``label`` (display name) and ``method`` (method name);
+    each row has its run's ``seed``."""
     return [{"label": label, "method": name, **{k: v for k, v in row.items() if k != "method"}}
-            for (label, name, _), run in zip(result.methods, result.runs) for row in run.history]
+            for (label, name, _), runs in zip(result.methods, result.runs) for run in runs for row in run.history]
 
 
 def compare_record(result: CompareResult) -> dict[str, Any]:
-    """The JSON record of a comparison (resolved configs, seed, versions, wall time, budgets)."""
+    """The JSON record of a comparison (resolved configs, seeds, versions, wall time, budgets).
+    ``budget``, ``wall_time_s`` and ``step_wall_time_s`` of a method are its first seed's, and
+    ``runs`` lists every seed's."""
     return {
-        "kind": "sim-compare", "seed": result.seed, "wall_time_s": result.wall_time_s,
-        "problem_set_seed": result.problem_set_seed, "problem_set_pinned": result.spec.pinned,
+        "kind": "sim-compare", "seed": result.seed, "seeds": result.seeds, "wall_time_s": result.wall_time_s,
+        "problem_set_seed": result.problem_set_seed, "problem_set_seeds": result.problem_set_seeds,
+        "problem_set_pinned": result.spec.pinned,
         "budget": {"unit": result.runner.budget_unit, "total": result.runner.budget},
         "config": {"spec": result.spec.to_dict(), "runner": dataclasses.asdict(result.runner)},
         "methods": [{"label": label, "method": name, "overrides": overrides, "algo": algo.to_dict(),
-                     "budget": run.ledger.totals(), "wall_time_s": run.wall_time_s,
-                     "step_wall_time_s": run.step_wall_time_s}
-                    for (label, name, overrides), algo, run in zip(result.methods, result.algos, result.runs)],
+                     "budget": runs[0].ledger.totals(), "wall_time_s": runs[0].wall_time_s,
+                     "step_wall_time_s": runs[0].step_wall_time_s,
+                     "runs": [{"seed": seed, "budget": run.ledger.totals(), "wall_time_s": run.wall_time_s}
+                              for seed, run in zip(result.seeds, runs)]}
+                    for (label, name, overrides), algo, runs in zip(result.methods, result.algos, result.runs)],
         "versions": versions(),
     }
 

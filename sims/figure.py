@@ -49,11 +49,51 @@ def _fmt_tick(v: float, step: float) -> str:
     return f"{v:.{digits}f}"
 
 
+GRID_POINTS = 60
+"""Budget points at which several seeds' curves are averaged."""
+
+
+def seed_band(runs: list[list[dict[str, Any]]], col: str, unit: str) -> list[tuple[float, float, float, float]]:
+    """``(x, mean, low, high)`` of ``col`` over several seeds' curves (each a list of history rows),
+    interpolated linearly on :data:`GRID_POINTS` budgets from 0 to the least budget every seed
+    reached; low/high bound the 95 % t-interval of the mean. Empty if a seed has no values."""
+    from scipy.stats import t  # several seeds only
+
+    curves = [[(r[unit], r[col]) for r in rows if r.get(col) is not None and r[col] == r[col]] for rows in runs]
+    if not curves or any(not c for c in curves):
+        return []
+    x_hi = min(c[-1][0] for c in curves)
+    n = len(curves)
+    q = float(t.ppf(0.975, n - 1))
+    out = []
+    for i in range(GRID_POINTS + 1):
+        x = x_hi * i / GRID_POINTS
+        ys = [_interp(c, x) for c in curves]
+        m = sum(ys) / n
+        half = q * (sum((y - m) ** 2 for y in ys) / (n - 1)) ** 0.5 / n ** 0.5
+        out.append((x, m, m - half, m + half))
+    return out
+
+
+def _interp(curve: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear curve's value at ``x`` (its first value before it starts)."""
+    if x <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 1.0)
+    return curve[-1][1]
+
+
 def _panel(x0: float, rows_by_label: dict[str, list[dict[str, Any]]], col: str, unit: str, ylabel: str,
-           budget: int | None) -> list[str]:
-    """SVG elements of one panel whose left edge is at ``x0``."""
-    pts = [(r[unit], r[col]) for rows in rows_by_label.values() for r in rows
+           budget: int | None, note: str | None = None) -> list[str]:
+    """SVG elements of one panel whose left edge is at ``x0``: one line per label, or with
+    several seeds per label (rows with ``seed``), the mean over seeds with its 95 % band."""
+    seeds = {lab: _by_seed(rows) for lab, rows in rows_by_label.items()}
+    bands = {lab: seed_band(runs, col, unit) for lab, runs in seeds.items() if len(runs) > 1}
+    pts = [(r[unit], r[col]) for lab, rows in rows_by_label.items() if lab not in bands for r in rows
            if r.get(col) is not None and r[col] == r[col]]
+    pts += [(x, y) for band in bands.values() for x, _, lo, hi in band for y in (lo, hi)]
     xs = [p[0] for p in pts] + ([budget] if budget is not None else []) + [0]
     ys = [p[1] for p in pts]
     x_hi = max(xs) or 1
@@ -87,8 +127,22 @@ def _panel(x0: float, rows_by_label: dict[str, list[dict[str, Any]]], col: str, 
     if budget is not None:
         out.append(f'<line x1="{X(budget):.1f}" y1="{top}" x2="{X(budget):.1f}" y2="{bottom}" stroke="#444" '
                    f'stroke-dasharray="3,3"/>')
-    for i, rows in enumerate(rows_by_label.values()):
+    if note:
+        for k, text in enumerate(_wrap(note, 70)):
+            out.append(f'<text x="{(left + right) / 2:.1f}" y="{top + 16 + 13 * k}" text-anchor="middle" '
+                       f'fill="#555">{escape(text)}</text>')
+    for i, (label, rows) in enumerate(rows_by_label.items()):
         color = COLORS[i % len(COLORS)]
+        if label in bands:
+            band = bands[label]
+            if not band:
+                continue
+            outline = [(X(x), Y(hi)) for x, _, _, hi in band] + [(X(x), Y(lo)) for x, _, lo, _ in reversed(band)]
+            out.append(f'<polygon points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in outline)}" fill="{color}" '
+                       f'fill-opacity="0.15" stroke="none"/>')
+            mean = " ".join(f"{X(x):.1f},{Y(m):.1f}" for x, m, _, _ in band)
+            out.append(f'<polyline points="{mean}" fill="none" stroke="{color}" stroke-width="1.6"/>')
+            continue
         line = [(X(r[unit]), Y(r[col])) for r in rows if r.get(col) is not None and r[col] == r[col]]
         if not line:
             continue
@@ -98,12 +152,32 @@ def _panel(x0: float, rows_by_label: dict[str, list[dict[str, Any]]], col: str, 
     return out
 
 
+def _by_seed(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A label's rows split by ``seed`` (one list if the rows have no seed)."""
+    runs: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault(r.get("seed"), []).append(r)
+    return list(runs.values())
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most about ``width`` characters, broken at spaces."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def pass1_vs_budget_svg(rows: list[dict[str, Any]], title: str, unit: str = "tokens",
-                        budget: int | None = None) -> str:
+                        budget: int | None = None, note: str | None = None) -> str:
     """SVG text of ``pass1`` (left panel) and ``heldout_pass1`` (right panel, when any row has
     one) against ``unit``, one line per ``label`` in order of first appearance (rows: tidy
-    history rows with ``label``, ``unit``, ``pass1`` and optionally ``heldout_pass1``), with
-    the budget marked and a legend under the panels."""
+    history rows with ``label``, ``unit``, ``pass1`` and optionally ``heldout_pass1`` and ``seed``;
+    a label with several seeds is drawn as their mean with a 95 % band), with the budget marked,
+    ``note`` (if any) written across the held-out panel, and a legend under the panels."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
@@ -120,11 +194,11 @@ def pass1_vs_budget_svg(rows: list[dict[str, Any]], title: str, unit: str = "tok
     body = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
             f'<rect width="{width}" height="{height}" fill="white"/>']
-    for k, line in enumerate(title.splitlines()):
+    for k, line in enumerate(t for part in title.splitlines() for t in _wrap(part, int(width / 5.4))):
         body.append(f'<text x="{width / 2:.1f}" y="{16 + 14 * k}" text-anchor="middle" font-size="10">'
                     f'{escape(line)}</text>')
     for i, (col, ylabel) in enumerate(panels):
-        body.extend(_panel(PANEL_W * i, by_label, col, unit, ylabel, budget))
+        body.extend(_panel(PANEL_W * i, by_label, col, unit, ylabel, budget, note if col == "heldout_pass1" else None))
     for j, (label, color, dash) in enumerate(entries):
         x, y = 20 + LEGEND_W * (j % per_row), PANEL_H + 14 + 16 * (j // per_row)
         body.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 18}" y2="{y - 4}" stroke="{color}" stroke-width="2"{dash}/>')

@@ -391,3 +391,21 @@ def describe(spec: TokenTreeSpec) -> str:
             + ("" if spec.recovery == "fatal" else f"(rho={spec.recovery_prob:g}"
                + (f", decay={spec.recovery_decay:g})" if spec.recovery == "decay" else ")")))
 
+
+
+def explain(spec: TokenTreeSpec) -> str:
+    """:func:`describe` in plain words, for figure titles read by someone who has not read the code."""
+    length = f"{spec.depth}" if spec.min_depth is None else f"{spec.min_depth}-{spec.depth}"
+    crux = (f"{spec.n_crux} hard step{'s' if spec.n_crux != 1 else ''} per problem at "
+            f"{spec.crux_depth_low:.0%}-{spec.crux_depth_high:.0%} of its length" if spec.n_crux else "no hard steps")
+    spread = {0.0: "every problem alike", 1.0: "problems fully different"}.get(
+        spec.heterogeneity, f"problems {spec.heterogeneity:.0%} different")
+    if spec.recovery == "fatal":
+        recovery = "a wrong token is fatal"
+    elif spec.recovery == "constant":
+        recovery = f"a wrong token can be undone (chance {spec.recovery_prob:g} of noticing)"
+    else:
+        recovery = (f"a wrong token can be undone, less so the deeper it is (chance {spec.recovery_prob:g} "
+                    f"at the start, decay {spec.recovery_decay:g})")
+    return (f"{spec.n_problems} training + {spec.n_heldout} held-out problems; {length} steps of {spec.vocab_size} "
+            f"tokens (one correct); {crux}; {spread}; {recovery}")
