@@ -10,7 +10,9 @@ continuations per failed trajectory, ``n_pivots · K``, so they compare at equal
 ``depth-only``            as ``deep`` with P̂ = 1 (utility r_i^γ)
 ``random-pivot``          ``n_pivots`` points uniformly at random, K continuations each
 ``informative``           the ``n_pivots`` points with the highest chance of a mixed K-group per
-                          generated token, (1 - P̂^K - (1 - P̂)^K) / suffix tokens (ties at random)
+                          unit of cost, (1 - q^K - (1 - q)^K) / cost, q the chance that one
+                          continuation succeeds (``p_hat`` here; the core converts a learned
+                          any-of-K P̂), cost the suffix tokens or 1 (``informative_cost``; ties at random)
 ``root-only``            the root only (paper's "root-only" ablation: K extra root samples in
                           their own aux group per failed chain)
 ``max-surprisal``         TreeRL-like: M points whose *next* segment holds the highest-surprisal
@@ -189,7 +191,8 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
         cands: candidate set of N candidates (of one run, or of several replicas:
             :attr:`CandidateSet.replica`).
         config: :class:`ExploreConfig` (strategy, K, gamma, n_pivots, n_cut_points).
-        p_hat: ``[N]`` estimated recoverability (used by ``deep`` and ``informative``; None = all ones).
+        p_hat: ``[N]`` estimated recoverability (used by ``deep`` and ``informative``; None = all ones):
+            for ``informative``, the chance that one continuation succeeds.
         rng: numpy Generator, or one per replica; the only source of randomness. A replica's
             draws come from its own generator and equal those it would make alone.
 
@@ -213,8 +216,9 @@ def plan_branches(cands: CandidateSet, config: ExploreConfig, p_hat: np.ndarray 
         elif s == "root-only":
             scores = np.where(cands.index == 0, 0.0, -1e6)
         elif s == "informative":  # argmax: log-utilities scaled so the Gumbel noise only breaks ties
-            p = np.ones(len(cands)) if p_hat is None else np.asarray(p_hat, dtype=np.float64)
-            u = informative_utility(p, config.K, cands.features["remaining_tokens"])
+            q = np.ones(len(cands)) if p_hat is None else np.asarray(p_hat, dtype=np.float64)
+            cost = cands.features["remaining_tokens"] if config.informative_cost == "tokens" else 1.0
+            u = informative_utility(q, config.K, cost)
             scores = 1e6 * utility_scores(u)
         else:  # random-pivot
             scores = np.zeros_like(r)

@@ -98,6 +98,8 @@ ESTIMATOR_KINDS = ("position", "state", "oracle")
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+INFORMATIVE_COSTS = ("tokens", "rollouts")
+"""What the ``informative`` strategy's chance of a mixed group is divided by (``ExploreConfig.informative_cost``)."""
 
 
 @dataclass
@@ -106,16 +108,20 @@ class ExploreConfig:
 
     Main chain (paper §3.1)
         G: trajectories sampled from the root per prompt (paper: G = 8). With
-            ``strategy="root"`` this is GRPO's group size N. At least 2: a group of one has
+            strategy ``root`` this is GRPO's group size N. At least 2: a group of one has
             advantage 0 by construction and carries no signal.
 
     Pivots and branches (paper §3.2-3.3)
-        strategy: how branch points are chosen in failed trajectories; one of
-            :data:`BRANCHING_STRATEGIES`. ``deep`` is DEEP-GRPO's utility
+        strategy: how branch points are chosen in failed trajectories: ``root`` (none: GRPO),
+            ``deep``, ``random-pivot``, ``depth-only``, ``root-only``, ``informative``,
+            ``max-surprisal``, ``low-prob`` or ``uniform``. ``deep`` is DEEP-GRPO's utility
             Q(i) ∝ P̂(success | r_i) · r_i^γ; ``depth-only`` drops P̂; ``random-pivot`` is uniform
             over candidates; ``informative`` picks the candidate that maximises the chance of a
-            mixed (informative) K-group per generated token, (1 - P̂^K - (1 - P̂)^K) / (suffix
-            tokens), the decomposition ladder's top rung with the oracle estimator;
+            mixed (informative) K-group per unit of cost, (1 - q^K - (1 - q)^K) / cost, where q is
+            the chance that one continuation succeeds (the oracle estimator's exact value; a
+            learned P̂, fitted to "any of the K continuations succeeded", is converted to
+            q = 1 - (1 - P̂)^(1/K)) and the cost is set by ``informative_cost``; with the oracle
+            estimator it is the decomposition ladder's top rung;
             ``root-only`` always branches at the root (the paper's
             root-only ablation: K extra root samples per failed chain, in their own group);
             ``max-surprisal``/``low-prob``/``uniform`` are dispersed tree-style
@@ -132,6 +138,10 @@ class ExploreConfig:
         aux_budget: optional cap on aux rollouts per prompt (None = no cap), used to compare
             methods at equal budget (see :mod:`deepgrpo.ledger`).
         failure_threshold: a trajectory with reward <= this is failed (paper: reward <= 0).
+        informative_cost: what strategy ``informative`` divides a candidate's chance of a mixed
+            group by: ``tokens``, the tokens left to generate after it (for budgets counted in
+            tokens), or ``rollouts``, nothing (for budgets counted in rollouts, where every
+            candidate's K continuations cost the same K rollouts).
     """
 
     G: int = 8
@@ -142,6 +152,7 @@ class ExploreConfig:
     n_cut_points: int = 4
     aux_budget: int | None = None
     failure_threshold: float = 0.0
+    informative_cost: str = "tokens"
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -163,6 +174,7 @@ class ExploreConfig:
         if self.aux_budget is not None:
             check_range(o, "aux_budget", self.aux_budget, 0, None, integer=True)
         check_range(o, "failure_threshold", self.failure_threshold)
+        check_choice(o, "informative_cost", self.informative_cost, INFORMATIVE_COSTS)
 
 
 @dataclass
@@ -208,7 +220,8 @@ class LossConfig:
     """Dual-stream clipped policy-gradient loss (paper §3.4, Eq. for L = L_main + λ·L_aux).
 
     Surrogate
-        clip_low, clip_high: PPO ratio clip range [1 - clip_low, 1 + clip_high] (paper: 0.2).
+        clip_low: lower PPO ratio clip: the ratio is clipped below at 1 - clip_low (paper: 0.2).
+        clip_high: upper PPO ratio clip: the ratio is clipped above at 1 + clip_high (paper: 0.2).
         dual_clip: dual-clip constant c > 1 bounding the loss of negative-advantage tokens at
             -c·A (the authors' verl runs: c = 3; None = off). The log-ratio is clamped to
             [-20, 20] before ``exp`` (as verl does), so extreme log-prob gaps stay finite.
@@ -263,15 +276,15 @@ class LossConfig:
 class EstimatorConfig:
     """Online recoverability estimator P̂(success | candidate) (paper §3.2).
 
-    kind: ``position`` (logistic regression on relative depth r, the paper's choice),
-        ``state`` (logistic regression on r plus state features; see
-        :class:`deepgrpo.estimators.StateLogistic`) or ``oracle`` (the candidate feature
-        ``oracle_success``, the exact P(success | prefix), which only a backend that knows it
-        supplies: the simulator).
-    buffer_size: FIFO buffer of (features, label) pairs (paper: 10,000).
+    kind: which estimator: ``position`` (logistic regression on relative depth r, the paper's
+        choice), ``state`` (logistic regression on r plus state features: the prompt's
+        main-chain success rate and the prefix's mean sampling log-prob) or ``oracle`` (the
+        candidate feature ``oracle_success``, the exact P(success | prefix), which only a
+        backend that knows it supplies: the simulator).
+    buffer_size: size of the estimator's FIFO buffer of (features, label) pairs (paper: 10,000).
     min_per_class: the model is fitted only once the buffer holds more than this many points
         of each class; before that it predicts 1 (paper: 10).
-    l2: L2 penalty on the weights (not the intercept).
+    l2: the estimator's L2 penalty on its weights (not the intercept).
     """
 
     kind: str = "position"

@@ -41,7 +41,14 @@ ORACLE_FEATURE = "oracle_success"
 
 @runtime_checkable
 class RecoverabilityEstimator(Protocol):
-    """P̂(success | candidate features); see the module docstring."""
+    """P̂(success | candidate features); see the module docstring.
+
+    The core labels a branch point y = 1 when *any* of its continuations succeeded, so an
+    estimator that learns from those labels estimates P(at least one of K succeeds). One that
+    returns the chance that a *single* continuation succeeds (the oracle) says so with a class
+    attribute ``per_continuation = True`` (the ``informative`` strategy needs that chance and
+    converts any other P̂ to it: :func:`deepgrpo.pivots.single_continuation`).
+    """
 
     def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
         """Learn from ``labels`` ``[N]`` in {0, 1} of candidates with ``features`` (name -> ``[N]``)."""
@@ -106,8 +113,12 @@ class LogisticEstimator:
 
     Predicts 1 until the buffer holds more than ``min_per_class`` points of each class.
     Features are standardised by fixed ``scales`` (not by data) so that coefficients are
-    comparable over time.
+    comparable over time. Fitted to the core's labels, P̂ estimates the chance that at least one
+    of a point's K continuations succeeds.
     """
+
+    per_continuation = False
+    """P̂ is the chance that any of K continuations succeeds (the labels), not one."""
 
     def __init__(self, feature_names: Sequence[str], config: EstimatorConfig | None = None,
                  scales: Mapping[str, float] | None = None) -> None:
@@ -221,8 +232,14 @@ class FeatureEstimator:
     """P̂ = a candidate feature supplied by the backend, clipped to [0, 1]; learns nothing.
 
     With ``oracle_success`` (the simulator's exact P(success | prefix)) it is the decomposition
-    ladder's oracle pivot: DEEP-GRPO's utility with the true recoverability in place of P̂.
+    ladder's oracle pivot: DEEP-GRPO's utility Q = q·r^γ with q, the exact chance that *one*
+    continuation from the candidate succeeds, in place of P̂ (which the learned rungs fit to the
+    chance that *any* of K continuations succeeds, 1 - (1 - q)^K); and, with strategy
+    ``informative``, the oracle informative pivot, whose mixed-group chance uses q directly.
     """
+
+    per_continuation = True
+    """The feature is the exact chance that one continuation succeeds."""
 
     def __init__(self, feature: str = ORACLE_FEATURE) -> None:
         self.feature = feature

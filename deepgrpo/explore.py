@@ -20,6 +20,7 @@ from deepgrpo.branching import BranchPlan, CandidateSet, cap_plan, plan_branches
 from deepgrpo.config import AlgoConfig
 from deepgrpo.estimators import RecoverabilityEstimator
 from deepgrpo.ledger import BudgetLedger, StepBudget
+from deepgrpo.pivots import single_continuation
 
 
 @dataclass
@@ -291,7 +292,14 @@ def plan_replicas(main: Rollouts, replica: np.ndarray, config: AlgoConfig,
                 parts.append(np.ones(b - a) if e is None else np.asarray(
                     e.predict({k: v[a:b] for k, v in cands.features.items()}), dtype=np.float64))
         p_hat = np.concatenate(parts)
-    plan = cap_plan(plan_branches(cands, ec, p_hat, rngs), ec.aux_budget, rngs)
+    q = p_hat
+    if ec.strategy == "informative" and p_hat is not None:
+        # the informative utility needs the chance that one continuation succeeds; a learned P̂ is
+        # fitted to the labels this core gives it, "any of the point's K continuations succeeded"
+        per_one = np.repeat([bool(getattr(e, "per_continuation", False)) for e in estimators],
+                            np.diff(_spans(cands.replica, R)))
+        q = np.where(per_one, p_hat, single_continuation(p_hat, ec.K))
+    plan = cap_plan(plan_branches(cands, ec, q, rngs), ec.aux_budget, rngs)
     return ExplorationPlan(cands, plan, p_hat, group_success, failed_rows, replica)
 
 

@@ -40,13 +40,24 @@ def pivot_utility(p_hat: np.ndarray, rel_depth: np.ndarray, gamma: float = 2.0) 
     return p * np.power(np.asarray(rel_depth, dtype=np.float64), gamma)
 
 
-def informative_utility(p_hat: np.ndarray, K: int, suffix_tokens: np.ndarray) -> np.ndarray:
+def single_continuation(p_any: np.ndarray, K: int) -> np.ndarray:
+    """The chance q that one continuation succeeds, from the chance ``p_any`` that at least one of
+    K independent continuations does: ``p_any = 1 - (1 - q)^K``, so ``q = 1 - (1 - p_any)^(1/K)``.
+    ``[N]`` from ``[N]`` (clipped to [0, 1])."""
+    p = np.clip(np.asarray(p_any, dtype=np.float64), 0.0, 1.0)
+    return 1.0 - np.power(1.0 - p, 1.0 / K)
+
+
+def informative_utility(q: np.ndarray, K: int, cost: np.ndarray | float = 1.0) -> np.ndarray:
     """Chance that K continuations from a candidate form a *mixed* group (some succeed, some
-    fail: the only groups with non-zero advantages), per generated token:
-    (1 - P̂^K - (1 - P̂)^K) / max(suffix tokens, 1). ``[N]`` from ``[N]`` inputs."""
-    p = np.clip(np.asarray(p_hat, dtype=np.float64), 0.0, 1.0)
+    fail: the only groups with non-zero advantages), per unit of cost:
+    (1 - q^K - (1 - q)^K) / max(cost, 1), where ``q`` ``[N]`` is the chance that *one*
+    continuation succeeds (not that any of K does: see :func:`single_continuation`) and ``cost``
+    the candidate's tokens left to generate (budgets in tokens) or 1 (budgets in rollouts, where
+    every candidate's K continuations cost the same). ``[N]``."""
+    p = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
     mixed = 1.0 - p ** K - (1.0 - p) ** K
-    return np.clip(mixed, 0.0, 1.0) / np.maximum(np.asarray(suffix_tokens, dtype=np.float64), 1.0)
+    return np.clip(mixed, 0.0, 1.0) / np.maximum(np.asarray(cost, dtype=np.float64), 1.0)
 
 
 def utility_scores(utility: np.ndarray) -> np.ndarray:

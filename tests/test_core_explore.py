@@ -215,3 +215,27 @@ def test_ledger_totals_are_the_sums_of_its_steps_however_it_was_filled(counts, c
     assert restored.totals()["prompts"] == sum(c[0] for c in counts[:cut])
     ledger.load_state_dict({"steps": ledger.state_dict()["steps"][:cut]})
     assert ledger.totals() == restored.totals()
+
+
+def test_informative_converts_a_learned_any_of_k_estimate_to_one_continuation():
+    """A learned P̂ is fitted to "any of K succeeded": the informative plan must rank candidates
+    by the mixed-group chance of q = 1 - (1 - P̂)^(1/K), not of P̂ itself (which puts pivots where
+    P̂ ≈ 0.5, i.e. q ≈ 0.08: deep, nearly hopeless states)."""
+    from deepgrpo.pivots import informative_utility, single_continuation
+    K = 8
+    est = PositionLogistic()
+    est.coef = np.array([-9.0, 6.0])  # P̂(r) = σ(6 - 9r): 0.99 near the root, 0.5 at r = 2/3, 0.05 at r = 1
+    res = explore(ToyBackend(seed=3, T=12), PROMPTS, method_config("deep-grpo", strategy="informative", K=K,
+                                                                      informative_cost="rollouts", drop_zero=False),
+                  est, np.random.default_rng(0), BudgetLedger())
+    c, plan = res.candidates, res.plan
+    assert len(plan) > 0
+    p_hat = est.predict(c.features)
+    right = informative_utility(single_continuation(p_hat, K), K)
+    wrong = informative_utility(p_hat, K)
+    moved = 0
+    for j in range(len(plan)):
+        own = np.flatnonzero(c.traj == plan.traj[j])
+        assert right[plan.candidate[j]] == right[own].max()
+        moved += wrong[own].argmax() != right[own].argmax()
+    assert moved > 0  # the conversion changes the choice

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from deepgrpo.branching import CandidateSet, cap_plan, plan_branches
-from deepgrpo.config import ExploreConfig
+from deepgrpo.config import ConfigError, ExploreConfig
 from deepgrpo.pivots import (
     candidate_depths,
     candidate_prefix_lengths,
@@ -172,3 +172,27 @@ def test_informative_utility_hand_computed_and_the_plan_takes_its_argmax():
     for seed in range(20):
         plan = plan_branches(cands, cfg, p_hat, np.random.default_rng(seed))
         assert plan.candidate.tolist() == [2] and plan.n.tolist() == [8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(1, 64))
+def test_single_continuation_inverts_any_of_k(q, K):
+    from deepgrpo.pivots import single_continuation
+    p_any = 1.0 - (1.0 - q) ** K
+    assume(p_any < 1.0 - 1e-9)  # beyond, 1 - p_any has lost the digits that hold q
+    assert single_continuation(np.array([p_any]), K)[0] == pytest.approx(q, abs=1e-6)
+
+
+def test_informative_cost_per_rollout_ignores_the_suffix_length():
+    # K = 8, one failed trajectory: mixed-group chances 0.570, 0.992, 0.942, 0.149; per suffix token
+    # 0.071, 0.165, 0.236, 0.075 (argmax 2), per rollout the chances themselves (argmax 1)
+    cands = CandidateSet(traj=np.zeros(4, np.int64), index=np.arange(4), n_candidates=np.full(4, 4),
+                         prefix_len=np.arange(4), prompt=np.zeros(4, np.int64),
+                         features={"rel_depth": candidate_depths(4), "remaining_tokens": np.array([8., 6., 4., 2.])})
+    q = np.array([0.9, 0.5, 0.3, 0.02])
+    for cost, best in (("tokens", 2), ("rollouts", 1)):
+        cfg = ExploreConfig(strategy="informative", K=8, informative_cost=cost)
+        picks = {plan_branches(cands, cfg, q, np.random.default_rng(seed)).candidate.item() for seed in range(10)}
+        assert picks == {best}
+    with pytest.raises(ConfigError, match="informative_cost"):
+        ExploreConfig(informative_cost="seconds")
