@@ -177,7 +177,8 @@ class Backend(Protocol):
     A backend may also offer ``sample_branches(prompts, tokens, prefix_len, n)``: the rollouts of
     ``sample([SampleRequest(prompts[a], tokens[a, :prefix_len[a]], n[a]) for a in range(A)])``
     from tensors (``tokens [A, >= max prefix_len]``, ``prefix_len [A]``, ``n [A]``), which the core
-    then uses for a step's branches instead of one request object per branch point.
+    then uses for a step's main chains (every prefix empty: root requests) and branches instead of
+    one request object per prompt or branch point.
     """
 
     def sample(self, requests: Sequence[SampleRequest]) -> Rollouts:

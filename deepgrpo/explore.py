@@ -504,12 +504,18 @@ def explore_replicas(backend: Backend, prompts: Sequence[Any], replica: np.ndarr
 
     Returns: :class:`ReplicaStep` (the shared loss-ready batch and one result per run).
     """
-    main = backend.sample([SampleRequest(p, None, config.explore.G) for p in prompts])
+    G, tensors = config.explore.G, hasattr(backend, "sample_branches")
+    if tensors:  # the same rollouts as root requests (empty prefixes), from tensors
+        P = len(prompts)
+        main = backend.sample_branches(prompts, torch.zeros(P, 0, dtype=torch.long), torch.zeros(P, dtype=torch.long),
+                                       torch.full((P,), G, dtype=torch.long))
+    else:
+        main = backend.sample([SampleRequest(p, None, G) for p in prompts])
     planned = plan_replicas(main, replica, config, estimators, rngs)
     aux = None
     if len(planned.plan):
         plan = planned.plan
-        if hasattr(backend, "sample_branches"):  # the same rollouts, from tensors
+        if tensors:  # the same rollouts, from tensors
             aux = backend.sample_branches([prompts[p] for p in plan.prompt.tolist()], main.tokens[plan.traj],
                                           torch.from_numpy(plan.prefix_len), torch.from_numpy(plan.n))
         else:
