@@ -148,8 +148,10 @@ class LogisticEstimator:
     def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
         """Append ``(features, labels)`` to the FIFO buffer and refit when both classes have
         more than ``min_per_class`` points."""
-        X = self._matrix(features)
         y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        if y.size == 0 and all(np.size(features.get(f, 0)) == 0 for f in self.feature_names):
+            return  # nothing to learn (e.g. a step without branches)
+        X = self._matrix(features)
         if X.shape[0] != y.shape[0]:
             raise ValueError(f"{X.shape[0]} feature rows but {y.shape[0]} labels")
         if not np.all((y == 0) | (y == 1)):
