@@ -380,11 +380,36 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
     if config.advantage.drop_zero:
         batch = batch.select(torch.from_numpy(nz))
 
-    main_len = main.lengths.numpy()
-    aux_len = aux.lengths.numpy() if aux is not None else np.zeros(0, np.int64)
-    rewards = main.rewards.detach().double().numpy()
-    aux_rewards = aux.rewards.float().numpy() if aux is not None else np.zeros(0, np.float32)
+    # every run's counts and means at once (rewards are compared, counted and averaged per run)
+    main_run = np.repeat(replica, G)  # [P·G] each main row's run
+    aux_run = np.repeat(plan.replica, plan.n) if aux is not None else np.zeros(0, np.int64)  # [A]
+
+    def per_run(run: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(run, weights=values, minlength=R)[:R]
+
     n_main = P * G
+    tokens_main = per_run(main_run, main.lengths.numpy().astype(np.float64)).astype(np.int64)
+    tokens_aux = per_run(aux_run, aux.lengths.numpy().astype(np.float64)).astype(np.int64) if aux is not None \
+        else np.zeros(R, np.int64)
+    rewards = main.rewards.detach().double().numpy()
+    aux_rewards = aux.rewards.double().numpy() if aux is not None else np.zeros(0)
+    n_aux = np.diff(aux_span)
+    # the branches' mean reward in float32, as numpy's float32 mean of each run's rows gives it
+    aux_mean = (per_run(aux_run, aux_rewards).astype(np.float32) / np.maximum(n_aux, 1).astype(np.float32))
+    stats = {
+        "reward_main": np.where(np.diff(prompt_span) > 0, per_run(main_run, rewards) / np.maximum(per_run(main_run), 1),
+                                0.0),
+        "reward_aux": np.where(n_aux > 0, aux_mean.astype(np.float64), np.nan),
+        "failed": per_run(main_run[planned.failed_rows]),
+        "all_fail_groups": per_run(replica, (planned.group_success == 0).astype(np.float64)),
+        "candidates": np.diff(cand_span).astype(np.float64),
+        "pivots": np.diff(point_span).astype(np.float64),
+        "branch_success": np.where(np.diff(point_span) > 0, per_run(plan.replica, labels)
+                                   / np.maximum(np.diff(point_span), 1), np.nan),
+        "pivot_depth_mean": None,  # below: each run's own mean (its order of summation)
+        "nonzero_main": per_run(main_run, nz[:n_main].astype(np.float64)),
+        "nonzero_aux": per_run(aux_run, nz[n_main:].astype(np.float64)),
+    }
     results = []
     for r in range(R):
         p0, p1 = int(prompt_span[r]), int(prompt_span[r + 1])
@@ -407,29 +432,14 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
                                    features={k: v[c0:c1] for k, v in cands.features.items()},
                                    replica=cands.replica[c0:c1])
             p_hat_r = planned.p_hat[c0:c1] if planned.p_hat is not None else None
-        lab = labels[j0:j1]
-        tokens_main = int(main_len[m0:m1].sum())
-        tokens_aux = int(aux_len[x0:x1].sum())
-        budget = ledgers[r].record(p1 - p0, m1 - m0, x1 - x0, tokens_main, tokens_aux)
-        rw = rewards[m0:m1]
-        fr = planned.failed_rows
+        budget = ledgers[r].record(p1 - p0, m1 - m0, x1 - x0, int(tokens_main[r]), int(tokens_aux[r]))
         depth = plan.rel_depth[j0:j1]
-        stats = {
-            "reward_main": float(rw.mean()) if rw.size else 0.0,
-            "reward_aux": float(aux_rewards[x0:x1].mean()) if x1 > x0 else float("nan"),
-            "failed": float(((fr >= m0) & (fr < m1)).sum()),
-            "all_fail_groups": float((planned.group_success[p0:p1] == 0).sum()),
-            "candidates": float(c1 - c0),
-            "pivots": float(j1 - j0),
-            "branch_success": float(lab.mean()) if lab.size else float("nan"),
-            "pivot_depth_mean": float(depth.mean()) if depth.size else float("nan"),
-            "nonzero_main": float(nz[m0:m1].sum()),
-            "nonzero_aux": float(nz[n_main + x0:n_main + x1].sum()),
-            "rollouts_main": float(budget.rollouts_main), "rollouts_aux": float(budget.rollouts_aux),
-            "tokens_main": float(tokens_main), "tokens_aux": float(tokens_aux),
-        }
+        row = {k: float(v[r]) if v is not None else float(depth.mean()) if depth.size else float("nan")
+               for k, v in stats.items()}
+        row.update(rollouts_main=float(budget.rollouts_main), rollouts_aux=float(budget.rollouts_aux),
+                   tokens_main=float(budget.tokens_main), tokens_aux=float(budget.tokens_aux))
         results.append(ExploreResult(batch=batch, main=main_r, aux=aux_r, candidates=cands_r, plan=plan_r,
-                                     labels=lab, p_hat=p_hat_r, budget=budget, stats=stats))
+                                     labels=labels[j0:j1], p_hat=p_hat_r, budget=budget, stats=row))
     return ReplicaStep(batch=batch, results=results)
 
 
