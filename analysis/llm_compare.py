@@ -124,9 +124,10 @@ def _plain(x: Any) -> Any:
 
 
 def _flag(field_name: str) -> str:
-    """The flag of an :class:`LLMCompareConfig` field (``--lr``, ``--steps-cap``)."""
+    """The flag of an :class:`LLMCompareConfig` field (``--lr``, ``--steps`` for ``steps_cap``)."""
+    from deepgrpo.flags import flag_name
     return "the methods compared (--quick or --set methods)" if field_name == "methods" else \
-        "--" + field_name.replace("_", "-")
+        "--" + flag_name("LLMCompareConfig", field_name)
 
 
 def check_settings(cfg: LLMCompareConfig, out: str | Path) -> None:
@@ -197,18 +198,20 @@ def run_all(cfg: LLMCompareConfig, out: str | Path, progress: bool = True, shard
     from llm.models import check_model_dir
     from llm.trainer import Trainer
     check_model_dir(cfg.model, "--model")
-    dirs = []
-    for index, (label, seed, tc) in enumerate(run_configs(cfg)):
-        d = run_dir(out, label, seed)
-        dirs.append(d)
-        if (d / "summary.json").is_file() or index % shard[1] != shard[0]:
-            continue
+    runs = run_configs(cfg)
+    dirs = [run_dir(out, label, seed) for label, seed, _ in runs]
+    mine = [i for i, d in enumerate(dirs) if i % shard[1] == shard[0] and not (d / "summary.json").is_file()]
+    for k, index in enumerate(mine, 1):
+        (label, seed, tc), d = runs[index], dirs[index]
         lock_output(d, "--out")  # one process per run, held until the command ends
         if (d / "summary.json").is_file():  # finished by the process that held it
             continue
         t0 = time.time()
         recover_interrupted(d / "checkpoint")  # a save cut short between its renames: put the checkpoint back
         resume = has_checkpoint(d / "checkpoint")
+        if progress:  # each run then shows its own bars (evaluations and training)
+            print(f"llm-compare: training run {k} of {len(mine)} here: {label} seed {seed}"
+                  + (" (resumed)" if resume else ""), flush=True)
         Trainer(tc, d, resume=resume, progress=progress).run()
         print(f"llm-compare: {label} seed {seed} done in {time.time() - t0:.0f} s -> {d}", flush=True)
     return dirs
@@ -352,17 +355,28 @@ OPTIONS = OptionSet(LLMCompareSettings, reserved=("out", "quick", "shard", "conf
                     hidden=("compare.methods",))
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-compare") -> int:
-    """``deepgrpo study llm-compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
-    from deepgrpo.flags import OneLineParser
-    from deepgrpo.records import check_writable_dir
-    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
+DESCRIPTION = ("Methods on a real LM at equal generated tokens: every method trains from the same SFT start "
+               "until the same total of generated tokens (cheaper methods take more steps); resumable, and a rerun "
+               "must use the same settings.")
+"""What ``deepgrpo study llm-compare`` does, for its ``--help``."""
+
+
+def add_arguments(p: Any) -> None:
+    """The options of ``deepgrpo study llm-compare`` (on parser ``p``)."""
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="two methods, one seed, a tiny budget (tests)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="train only runs I, I+N, ... (N processes share the runs); the tables are written by "
                         "the process that finds every run finished")
     OPTIONS.add_arguments(p)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo study llm-compare") -> int:
+    """``deepgrpo study llm-compare --model SFT_DIR --out DIR [--budget N --seeds S ...]``."""
+    from deepgrpo.flags import OneLineParser
+    from deepgrpo.records import check_writable_dir
+    p = OneLineParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     try:
         a = p.parse_args(argv)
         quick = {"budget": 3000, "seeds": 1, "prompts_per_step": 4, "eval_problems": 8, "eval_samples": 2,

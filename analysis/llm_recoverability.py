@@ -1,7 +1,7 @@
 """``deepgrpo study llm-recoverability``: is P(success | prefix) a function of relative depth on a
 real language model? A Monte Carlo probe of every candidate pivot of failed chains.
 
-    deepgrpo study llm-recoverability --model DIR [--data arith|FILE] [--prompts 64]
+    deepgrpo study llm-recoverability --model DIR [--data arith|FILE] [--n-problems 64]
         [--n-continuations 32] [--K 8] [--G 8] [--engine hf|vllm] [--quick] --out RESULTS
 
 DEEP-GRPO (arXiv 2602.14169) picks pivots with a position-only estimate P̂(success | r) of
@@ -61,6 +61,7 @@ import pandas as pd
 from analysis.stats import mean_ci, paired_difference
 from analysis.tables import markdown_table
 from deepgrpo.config import ConfigError, ExploreConfig, check_choice, check_range
+from deepgrpo.flags import OptionSet
 from deepgrpo.records import atomic_write, versions, write_csv_atomic, write_json_atomic, write_text_atomic
 
 STUDY = "llm-recoverability"
@@ -235,13 +236,28 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
     prompts = make_prompts(problems, tok)
     P, G = len(prompts), cfg.G
 
+    from tqdm import tqdm
+
+    from llm.engine import reporting_rows
+
+    def sample(requests: list[Any], desc: str) -> Any:
+        """``backend.sample(requests)``, with a progress bar over its rows unless quiet."""
+        rows = sum(int(r.n) for r in requests)
+        with tqdm(total=rows, desc=desc, unit=" rows", disable=not progress) as bar, \
+                reporting_rows(engine, bar.update if progress else None) as live:
+            out = backend.sample(requests)
+            if progress and not live:
+                bar.update(rows)
+        return out
+
     # main chains and each prompt's root probe
-    main = backend.sample([SampleRequest(p, None, G) for p in prompts])
+    main = sample([SampleRequest(p, None, G) for p in prompts], f"main chains (G = {G} per prompt)")
     threshold = ExploreConfig().failure_threshold  # reward <= threshold is a failure (paper: 0)
     rewards = main.rewards.double().numpy()  # [P*G]
     failed = rewards <= threshold  # [P*G]
     p_main = (~failed).reshape(P, G).mean(1)  # [P]
-    roots = backend.sample([SampleRequest(p, None, cfg.n_continuations) for p in prompts])
+    roots = sample([SampleRequest(p, None, cfg.n_continuations) for p in prompts],
+                   f"root probes (n = {cfg.n_continuations} per prompt)")
     root_c = (roots.rewards.double().numpy() > threshold).reshape(P, cfg.n_continuations).sum(1)  # [P]
     t_main = time.perf_counter() - t0
 
@@ -256,7 +272,6 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
     per_call = max(1, cfg.rows_per_call // n)
     chunks = range(0, N, per_call)
     if progress:
-        from tqdm import tqdm
         chunks = tqdm(chunks, desc="probing candidates", unit="call")
     t1 = time.perf_counter()
     for s in chunks:
@@ -764,20 +779,30 @@ def run_study(cfg: LLMRecoverabilityConfig, out: str | Path, quick: bool = False
     d = Path(out) / STUDY
     data = sample_probes(cfg, progress=progress)
     if data.probes.empty:
-        raise ConfigError(f"--prompts = {cfg.prompts} and --G = {cfg.G} are invalid for this policy: none of its "
+        raise ConfigError(f"--n-problems = {cfg.prompts} and --G = {cfg.G} are invalid for this policy: none of its "
                           f"{data.meta['main_chains']} main chains failed, so there is no candidate pivot to probe "
                           "(use more prompts or harder data)")
+    from tqdm import tqdm
+    phases = tqdm(total=4, unit="phase", disable=not progress, desc=f"cross-fitting the estimators ({cfg.folds} folds)")
     preds, full = cross_fit_predictions(data.probes, cfg.folds, np.random.default_rng([cfg.seed, 0xF01D]))
     probes = data.probes.assign(**{f"p_{e}": preds[e] for e in ESTIMATORS})
+    phases.update()
+    phases.set_description(f"calibration intervals ({cfg.bootstrap} bootstrap resamples per estimator)")
     cal = calibration_table(data.probes, preds, cfg.bootstrap, cfg.seed)
+    phases.update()
+    phases.set_description(f"recoverability by depth, pivot placements ({cfg.pivot_draws} draws per strategy)")
     depth = depth_table(data)
     pivots, per_chain = pivot_table(data, preds, cfg.K, cfg.pivot_draws, cfg.seed)
+    phases.update()
+    phases.set_description("tables and figure")
     write_csv_atomic(d / "probes.csv", probes)
     write_csv_atomic(d / "chains.csv", data.chains)
     write_csv_atomic(d / "summary.csv", depth)
     write_csv_atomic(d / "calibration.csv", cal)
     write_csv_atomic(d / "first_error.csv", pivots)
     plot(data, preds, depth, pivots, per_chain, full, d / f"{STUDY}.png")
+    phases.update()
+    phases.close()
     write_json_atomic(d / "study.json", {
         "study": STUDY, "question": QUESTION, "quick": quick, "config": dataclasses.asdict(cfg),
         "sizes": data.meta, "root_check": root_check(data), "estimators": full,
@@ -790,46 +815,48 @@ def run_study(cfg: LLMRecoverabilityConfig, out: str | Path, quick: bool = False
 # command line
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    from deepgrpo.flags import OneLineParser
-    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="policy checkpoint: a model directory or a training run directory")
-    p.add_argument("--data", default="arith", help="'arith' (built-in held-out problems) or a JSONL/parquet file")
-    p.add_argument("--task", default=None, help="arith, gsm8k or math (default: detected from --data)")
-    p.add_argument("--prompts", type=int, default=None, help="problems probed (default 64; --quick 8)")
-    p.add_argument("--G", type=int, default=None, help="main chains per prompt (default 8)")
-    p.add_argument("--n-continuations", type=int, default=None,
-                   help="Monte Carlo continuations per candidate pivot (default 32; --quick 16)")
-    p.add_argument("--K", type=int, default=None, help="continuations behind a DEEP-GRPO label (default 8)")
-    p.add_argument("--max-tokens", type=int, default=None, help="response length cap (default 64)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
-    p.add_argument("--segmenter", default=None, help="step, line, sentence or fixed (default: the task's)")
-    p.add_argument("--engine", default=None, help="hf (default) or vllm")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
-    p.add_argument("--seed", type=int, default=None)
+DESCRIPTION = ("Is P(success | prefix) a function of relative depth on a real language model? A Monte Carlo "
+               "probe of every candidate pivot of failed chains, scored against the position-only and the "
+               "state-aware estimators.")
+"""What ``deepgrpo study llm-recoverability`` does, for its ``--help``."""
+
+OPTIONS = OptionSet(LLMRecoverabilityConfig, reserved=("quick", "out", "no_progress", "config", "set", "help"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``deepgrpo study llm-recoverability`` (on parser ``p``)."""
     p.add_argument("--quick", action="store_true",
-                   help="small sizes: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
-    p.add_argument("--out", default="results", help="results directory (default ./results)")
+                   help="small sizes: " + ", ".join(f"{OPTIONS.flags[k]} {v}" for k, v in QUICK.items())
+                   + " (explicit flags still win)")
+    p.add_argument("--out", default="results", help="results directory (default: ./results)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    OPTIONS.add_arguments(p)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """The parser of ``deepgrpo study llm-recoverability``."""
+    from deepgrpo.flags import OneLineParser
+    p = OneLineParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     return p
 
 
 def config_from_args(a: argparse.Namespace) -> LLMRecoverabilityConfig:
-    """The study configuration of parsed arguments (defaults < --quick sizes < explicit flags)."""
-    kw: dict[str, Any] = dict(QUICK) if a.quick else {}
-    for key, val in (("data", a.data), ("task", a.task), ("prompts", a.prompts), ("G", a.G),
-                     ("n_continuations", a.n_continuations), ("K", a.K), ("max_tokens", a.max_tokens),
-                     ("temperature", a.temperature), ("segmenter", a.segmenter), ("engine", a.engine),
-                     ("threads", a.threads), ("seed", a.seed)):
-        if val is not None:
-            kw[key] = val
-    if kw.get("data", "arith") != "arith" and not Path(kw["data"]).is_file():
-        raise ConfigError(f"--data = {kw['data']!r} is invalid: expected 'arith' or an existing JSONL/parquet file")
+    """The study configuration of parsed arguments (defaults < --quick sizes < --config file <
+    explicit flags < --set)."""
+    from deepgrpo.flags import UsageError
+    base = LLMRecoverabilityConfig(model="", **(dict(QUICK) if a.quick else {}))
+    cfg = OPTIONS.resolve_named(a, base)
+    if not cfg.model:
+        raise UsageError("the following arguments are required: --model (or model in --config)")
+    if cfg.data != "arith" and not Path(cfg.data).is_file():
+        raise ConfigError(f"--data = {cfg.data!r} is invalid: expected 'arith' or an existing JSONL/parquet file",
+                          owner="--data")
     from llm.checkpoint import resolve_model_dir
-    if resolve_model_dir(a.model) is None:
-        raise ConfigError(f"--model = {a.model!r} is invalid: no model directory there (no config.json)")
-    return LLMRecoverabilityConfig(model=a.model, **kw)
+    if resolve_model_dir(cfg.model) is None:
+        raise ConfigError(f"--model = {cfg.model!r} is invalid: no model directory there (no config.json)",
+                          owner="--model")
+    return cfg
 
 
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:

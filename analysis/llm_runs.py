@@ -16,16 +16,18 @@ the label and written as a column. Seeds are ``train.seed``. The outputs, in ``O
   ``metrics.jsonl``;
 - ``curves.csv``: tidy, one row per (run, step, quantity) with ``rollouts``, ``tokens``,
   ``quantity`` (``reward_main`` or a held-out accuracy) and ``value``. Every point is placed at
-  the budget its policy had consumed: a held-out evaluation after step s at the cumulative
-  budget of step s, the reward of step s (sampled *before* its update) at the cumulative budget
-  of step s - 1 (so step 1's reward sits at 0, beside the evaluation before training);
+  the budget spent through its step: the reward of step s (the mean reward of the main chains
+  step s sampled) and the held-out evaluation after step s at the cumulative budget of step s
+  (the evaluation before training at 0). A value read "at a budget" is therefore what a run
+  had measured once it had spent that budget;
 - ``summary.csv``: one row per variant (seeds, budget, first/last reward, held-out accuracy
   before and after, paired change);
 - ``at_budget.csv``: every quantity of every variant at a budget all runs reached, in
   rollouts and in tokens (:func:`at_common_budget`);
 - ``reward.png`` and ``heldout.png``: each quantity against cumulative rollouts and against
   cumulative generated tokens (mean over seeds with a 95 % CI band, on a common grid per
-  variant; dots are the measured points);
+  variant; dots are the measured points), on a y range fitted to the data (so that a change of
+  0.01 is visible);
 - ``REPORT.md``: the tables and the figures.
 
 Everything is read and validated before anything is written: bad input (a missing directory,
@@ -213,13 +215,12 @@ def curves_table(table: pd.DataFrame) -> pd.DataFrame:
     """Tidy curves: one row per (run, step, quantity) where the quantity was measured, with
     ``run``, ``variant``, ``method``, ``seed``, ``step``, ``rollouts``, ``tokens``,
     ``quantity`` and ``value``. Quantities: ``reward_main`` (training steps) and the held-out
-    accuracies (evaluation steps); the budget of a reward is the one before its step (see the
-    module docstring)."""
+    accuracies (evaluation steps), each at the cumulative budget of its step (see the module
+    docstring)."""
     ids = ["run", "variant", "method", "seed", "step", *BUDGETS]
     acc = accuracy_columns(table)
     quantities = [REWARD, *acc]
-    spent = {b: table[b] - table[list(cols)].sum(axis=1) for b, cols in STEP_BUDGETS.items()}
-    reward = table[ids + [REWARD]].assign(**spent).rename(columns={REWARD: "value"}).assign(quantity=REWARD)
+    reward = table[ids + [REWARD]].rename(columns={REWARD: "value"}).assign(quantity=REWARD)
     evals = table[ids + acc].melt(id_vars=ids, value_vars=acc, var_name="quantity", value_name="value")
     long = pd.concat([reward[ids + ["quantity", "value"]], evals], ignore_index=True).dropna(subset=["value"])
     runs = list(dict.fromkeys(long.run))
@@ -229,16 +230,21 @@ def curves_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def on_grid(curves: pd.DataFrame, budget: str, points: int = GRID_POINTS) -> pd.DataFrame:
     """Each run's curve of each quantity, linearly interpolated on a grid of ``points`` values
-    of ``budget`` from 0 to the variant's common range (the smallest final budget among its
-    seeds), so that seeds can be averaged. Runs with fewer than two measured points of a
-    quantity are left out. Columns: ``variant``, ``seed``, ``quantity``, ``budget`` and ``value``."""
+    of ``budget`` over the variant's common range (from the largest first measured budget to the
+    smallest last one among its seeds: the training reward starts at the first step's budget,
+    never extrapolated back to 0), so that seeds can be averaged. Runs with fewer than two
+    measured points of a quantity are left out. Columns: ``variant``, ``seed``, ``quantity``,
+    ``budget`` and ``value``."""
     rows = []
     for (variant, quantity), g in curves.groupby(["variant", "quantity"], sort=False):
         per_run = [r.sort_values(budget) for _, r in g.groupby("run", sort=False) if len(r) >= 2]
         if not per_run:
             continue
+        low = max(float(r[budget].min()) for r in per_run)
         top = min(float(r[budget].max()) for r in per_run)
-        grid = np.linspace(0.0, top, points)
+        if top < low:  # the seeds' measured ranges do not overlap
+            continue
+        grid = np.linspace(low, top, points)
         for r in per_run:
             v = np.interp(grid, r[budget].to_numpy(float), r["value"].to_numpy(float))
             rows += [{"variant": variant, "seed": int(r.seed.iloc[0]), "quantity": quantity, budget: x, "value": y}
@@ -322,6 +328,32 @@ def mean_band(grid: pd.DataFrame, budget: str, confidence: float = 0.95) -> pd.D
     return agg.assign(low=agg["mean"] - half, high=agg["mean"] + half).drop(columns="std")
 
 
+def y_limits(points: pd.Series, *bands: pd.Series, margin: float = 0.08, min_span: float = 0.02
+             ) -> tuple[float, float] | None:
+    """The y range of a panel fitted to its data: from the lowest to the highest measured point
+    or CI band edge, widened by ``margin`` of that span on each side (the span is at least
+    ``min_span``, so that a flat curve is drawn in the middle of a readable scale). For rates
+    (every point in [0, 1]) the range is kept within [-0.02, 1.02]. None if there is no data."""
+    values = pd.concat([points, *bands]).to_numpy(float)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    pad = margin * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    if len(points) and points.between(0, 1).all():  # rates: no room beyond what a rate can be
+        lo, hi = max(lo, -0.02), min(hi, 1.02)
+    return lo, hi
+
+
+def _plural(n: int, noun: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _figure(grid_by_budget: dict[str, pd.DataFrame], curves: pd.DataFrame, quantities: list[str],
             order: list[str], title: str) -> bytes:
     """PNG bytes of one figure: a row per quantity, a column per budget; per variant the mean
@@ -334,6 +366,8 @@ def _figure(grid_by_budget: dict[str, pd.DataFrame], curves: pd.DataFrame, quant
     bands = {b: mean_band(g, b) for b, g in grid_by_budget.items()}
     fig, axes = plt.subplots(len(quantities), len(BUDGETS), figsize=(12, 3.8 * len(quantities)), squeeze=False)
     for i, q in enumerate(quantities):
+        limits = y_limits(curves[curves.quantity == q].value,
+                          *(bands[b].loc[bands[b].quantity == q, c] for b in BUDGETS for c in ("low", "high")))
         for j, b in enumerate(BUDGETS):
             ax = axes[i, j]
             band = bands[b][bands[b].quantity == q]
@@ -347,8 +381,8 @@ def _figure(grid_by_budget: dict[str, pd.DataFrame], curves: pd.DataFrame, quant
                 sns.scatterplot(pts, x=b, y="value", hue="variant", hue_order=order, palette=colors, ax=ax, s=18,
                                 legend=False)
             ax.set(xlabel=labels[b], ylabel=q, title=f"{q} against {labels[b]}")
-            if len(pts) and pts.value.between(0, 1).all():  # rates: keep the CI bands on the axis' scale
-                ax.set_ylim(-0.02, 1.02)
+            if limits is not None:
+                ax.set_ylim(*limits)
             if len(band):
                 ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -366,7 +400,8 @@ def _markdown(table: pd.DataFrame, summary: pd.DataFrame, at_budget: pd.DataFram
                                                 tokens=("tokens", "max")).reset_index()
     acc = accuracy_columns(table)
     lines = ["# LLM runs", "",
-             f"{len(runs)} runs of {summary.variant.nunique()} variants; values are means over seeds, ± a 95 % "
+             f"{_plural(len(runs), 'run')} of {_plural(summary.variant.nunique(), 'variant')}; values are means "
+             "over seeds, ± a 95 % "
              "t-interval of the paired change (end minus start, per seed). Budgets are cumulative rollouts and "
              "generated tokens (a branch counts only its suffix). Every number is computed from the runs' "
              "`metrics.jsonl` when this file is written.", "",

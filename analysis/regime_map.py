@@ -74,7 +74,8 @@ from analysis.protocol import (
 from analysis.stats import ALPHA, EQUIVALENCE_MARGIN, Comparison, compare_arrays, holm, mean_ci
 from analysis.sweep import Cell, run_sweep
 from analysis.theory import HETEROGENEITY, RECOVERY_MODELS
-from deepgrpo.config import ConfigError
+from deepgrpo.config import ConfigError, check_range
+from deepgrpo.flags import OneLineParser, OptionSet
 from deepgrpo.ledger import BUDGET_UNITS
 from deepgrpo.records import Interrupted, atomic_write, versions, write_csv_atomic, write_json_atomic, write_text_atomic
 
@@ -1190,29 +1191,55 @@ def update_readme(readme: str | Path, root: str | Path) -> Path:
 # command line
 
 
+DESCRIPTION = ("In which regime DEEP-GRPO wins, and which of its ingredients does the work: GRPO-N, the "
+               "decomposition ladder and tree baselines in every regime (problem spread x recovery model x "
+               "learner, read in tokens and in rollouts), each method's learning rate tuned on tuning seeds.")
+"""What ``deepgrpo study regime-map`` does, for its ``--help``."""
+
+
+@dataclass
+class RegimeMapOptions:
+    """Settings of the regime map.
+
+    seeds: paired evaluation seeds per method (at least 2 for paired intervals, at most 1000:
+        evaluation seeds stay below the tuning seeds).
+    workers: processes running the map's runs (None = the CPUs this process may use, also the
+        most it takes).
+    """
+
+    seeds: int = 5
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range(type(self).__name__, "seeds", self.seeds, 2, TUNING_SEED_BASE, integer=True)
+        if self.workers is not None:
+            check_range(type(self).__name__, "workers", self.workers, 1, None, integer=True)
+
+
+OPTIONS = OptionSet(RegimeMapOptions, reserved=("quick", "out", "no_progress", "config", "set", "help"))
+
+
+def add_arguments(p: Any) -> None:
+    """The options of ``deepgrpo study regime-map`` (on parser ``p``)."""
+    p.add_argument("--quick", action="store_true", help="the tests' size: 8 problems, 2,000 tokens per run, two rates "
+                   "on one tuning seed (under a minute on 2 cores)")
+    p.add_argument("--out", default="results", help="results directory (default: ./results)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    OPTIONS.add_arguments(p)
+
+
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study regime-map``."""
     from analysis.sweep import cap_workers
-    from deepgrpo.flags import OneLineParser
     from deepgrpo.records import claim_output
-    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--seeds", type=int, default=5, help="paired evaluation seeds per method (default 5)")
-    p.add_argument("--quick", action="store_true", help="the tests' size: 8 problems, 2,000 tokens per run, two rates "
-                   "on one tuning seed (under a minute on 2 cores)")
-    p.add_argument("--out", default="results", help="results directory (default ./results)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default and at most: the CPUs this process "
-                   "may use)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p = OneLineParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     a = p.parse_args(list(argv))
-    if a.workers is not None and a.workers < 1:
-        raise ConfigError(f"--workers = {a.workers} is invalid: expected an integer in [1, inf)", owner="--workers")
-    if not 2 <= a.seeds <= TUNING_SEED_BASE:
-        raise ConfigError(f"--seeds = {a.seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
-                          "intervals need two seeds; evaluation seeds stay below the tuning seeds)", owner="--seeds")
+    opts = OPTIONS.resolve_named(a, RegimeMapOptions())
     claim_output(a.out)
-    workers = cap_workers(a.workers, prog)
+    workers = cap_workers(opts.workers, prog)
     t0 = time.perf_counter()
-    d = run_regime_map(a.out, seeds=a.seeds, size="quick" if a.quick else "full", workers=workers,
+    d = run_regime_map(a.out, seeds=opts.seeds, size="quick" if a.quick else "full", workers=workers,
                        progress=not a.no_progress)
     print(f"{STUDY}: {d} ({time.perf_counter() - t0:.1f} s); `deepgrpo report --results {a.out}` writes the report",
           file=sys.stdout)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from deepgrpo.config import ConfigError
+from deepgrpo.config import ConfigError, check_range
+from deepgrpo.flags import OneLineParser, OptionSet
 from deepgrpo.records import atomic_write, write_csv_atomic, write_text_atomic
 
 STUDY = "theory"
@@ -160,24 +162,49 @@ def run(out: str | Path, K: int = 8, seed: int = 0) -> Path:
     return d
 
 
+DESCRIPTION = ("The exact curves that say where a depth bias can pay off: for each regime (recovery model x "
+               "heterogeneity), the simulator's oracle gives the recoverability of a failed chain's state, the "
+               "chance of a mixed K-group and both per generated token, against the depth, without sampling.")
+"""What ``deepgrpo study theory`` does, for its ``--help``."""
+
+
+@dataclass
+class TheoryOptions:
+    """Settings of the theory curves.
+
+    K: continuations per pivot (the K of the mixed-group chance), at least 2.
+    seed: run seed the problem sets are drawn from (as in sim run).
+    """
+
+    K: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range(type(self).__name__, "K", self.K, 2, None, integer=True)
+        check_range(type(self).__name__, "seed", self.seed, 0, None, integer=True)
+
+
+OPTIONS = OptionSet(TheoryOptions, reserved=("out", "config", "set", "help"))
+
+
+def add_arguments(p: Any) -> None:
+    """The options of ``deepgrpo study theory`` (on parser ``p``)."""
+    p.add_argument("--out", default="results", help="results directory (default: ./results)")
+    OPTIONS.add_arguments(p)
+
+
 def main(argv: Sequence[str], prog: str = f"deepgrpo study {STUDY}") -> int:
     """Entry point of ``deepgrpo study theory``."""
-    from deepgrpo.flags import OneLineParser
     from deepgrpo.records import claim_output
-    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--K", default="8", help="continuations per pivot (default 8)")
-    p.add_argument("--seed", default="0", help="problem-set seed (default 0)")
-    p.add_argument("--out", default="results", help="results directory (default ./results)")
+    p = OneLineParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     a = p.parse_args(list(argv))
-    from deepgrpo.overrides import coerce
     try:
-        K, seed = coerce("theory", "K", int, a.K), coerce("theory", "seed", int, a.seed)
-        if K < 2 or seed < 0:
-            raise ConfigError(f"--K = {K} / --seed = {seed} is invalid: expected K >= 2 and seed >= 0", owner="--K")
+        opts = OPTIONS.resolve_named(a, TheoryOptions())
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     claim_output(a.out)
-    d = run(a.out, K=K, seed=seed)
+    d = run(a.out, K=opts.K, seed=opts.seed)
     print(f"{STUDY}: {d}")
     return 0

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from deepgrpo import __version__
 from deepgrpo.config import ConfigError
+from deepgrpo.flags import OneLineParser
 from deepgrpo.records import (
     Interrupted,
     describe_os_error,
@@ -28,25 +29,41 @@ from deepgrpo.records import (
 )
 
 COMMANDS = {
-    "sim": ("sims.cli", "simulator backend: `sim run`, `sim compare`"),
-    "study": ("analysis.cli", "run a study in the simulator: `study NAME [--seeds 5] [--quick|--smoke] [--out DIR]`"),
-    "report": ("analysis.cli", "write DIR/REPORT.md from study results: `report --results DIR`, or curves of LLM "
-                               "runs: `report --llm-runs RUN [RUN ...] --out DIR`"),
-    "llm": ("llm.cli", "LLM backend: `llm sft`, `llm train`, `llm eval`"),
+    "sim": ("sims.cli", "simulator backend: sim run, sim compare"),
+    "study": ("analysis.cli", "run a study: study NAME [--seeds 5] [--quick|--smoke] [--out DIR] (study --help "
+                              "lists them)"),
+    "report": ("analysis.cli", "write DIR/REPORT.md from study results: report --results DIR, or curves of LLM "
+                               "runs: report --llm-runs RUN [RUN ...] --out DIR"),
+    "llm": ("llm.cli", "LLM backend: llm sft, llm train, llm eval"),
 }
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="deepgrpo",
         description="DEEP-GRPO testbed: pivot-based dense exploration for RL on language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {k:<8} {v[1]}" for k, v in COMMANDS.items())
-        + "\n  methods  list the named methods (the same names in every backend)",
+        + "\n  methods  list the named methods (the same names in every backend)"
+        + "\n\nEvery command takes --help. Flags are never abbreviated.",
     )
     p.add_argument("--version", action="version", version=f"deepgrpo {__version__}")
     p.add_argument("command", choices=[*COMMANDS, "methods"], help="what to run")
     return p
+
+
+def _methods_parser(prog: str = "deepgrpo methods", command: str = "methods") -> argparse.ArgumentParser:
+    return OneLineParser(prog=prog, description="List the named methods and the settings each one changes "
+                                                "(the same names in every backend).")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``deepgrpo COMMAND`` (its sub-commands included), built by the command's
+    own module: what ``--help`` prints, and what ``tests/test_cli_help.py`` walks."""
+    if command == "methods":
+        return _methods_parser()
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.build_parser(f"deepgrpo {command}", command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS and cmd != "methods":
-        parser.error(f"unknown command {cmd!r}: expected one of {', '.join([*COMMANDS, 'methods'])}")
+        print(f"deepgrpo: error: unknown command {cmd!r}: expected one of {', '.join([*COMMANDS, 'methods'])}",
+              file=sys.stderr)
+        return 2
     terminate_like_ctrl_c()  # a scheduler's SIGTERM stops a command the way Ctrl-C does
     try:
         if cmd == "methods":
+            _methods_parser().parse_args(rest)  # --help, or a one-line error for anything else
             from deepgrpo.methods import METHODS
             for name, overrides in METHODS.items():
                 print(f"{name:<16} {overrides}")

@@ -1,20 +1,27 @@
 """Command-line options generated from config dataclasses, and the layering of their sources.
 
-Every command that runs something (``sim run``, ``sim compare``, ``llm train``, ``llm sft``,
-``llm eval``) declares its settings once, as a dataclass tree (:class:`OptionSet`); its flags,
-their help (from the dataclasses' docstrings) and their defaults (from the fields) are
-generated, and every field can be set. The sources are layered the same way everywhere:
+Every command declares its settings once, as a dataclass tree (:class:`OptionSet`); its flags,
+their help (from the dataclasses' docstrings, shown as plain text) and their defaults (from the
+fields) are generated, and every field can be set. The sources are layered the same way
+everywhere:
 
     defaults < method preset < ``--config FILE`` (JSON or YAML) < explicit flags < ``--set KEY=VALUE``
 
 and every value goes through :mod:`deepgrpo.overrides` (typed by the field's annotation).
+
+One vocabulary: a field's flag depends on the field alone (its class and name), never on the
+command it appears in, so the same setting has the same flag in every command
+(:data:`VOCABULARY`, :func:`flag_name`). Flags are never abbreviated (:class:`OneLineParser`).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
-from collections.abc import Iterable, Mapping
+import re
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,8 @@ from deepgrpo.overrides import (
     Leaf,
     apply_overrides,
     coerce,
+    field_docs,
+    field_types,
     flatten_mapping,
     leaves,
     parse_assignments,
@@ -34,19 +43,179 @@ from deepgrpo.overrides import (
 
 _DEST = "cfg:"
 
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    # the held-out evaluation of the LLM commands (sft, train, eval, study llm-compare): --eval-*
+    "eval-problems": ("EvalConfig.n_problems", "LLMCompareConfig.eval_problems"),
+    "eval-samples": ("EvalConfig.samples", "LLMCompareConfig.eval_samples"),
+    "eval-pass-k": ("EvalConfig.pass_k",),
+    "eval-temperature": ("EvalConfig.temperature",),
+    "eval-max-response-tokens": ("EvalConfig.max_response_tokens",),
+    "eval-seed": ("EvalConfig.seed",),
+    # sampling of the LLM commands (llm train, study llm-recoverability)
+    "max-response-tokens": ("SamplingConfig.max_response_tokens", "LLMRecoverabilityConfig.max_tokens"),
+    "temperature": ("SamplingConfig.temperature", "LLMRecoverabilityConfig.temperature"),
+    "prompts-per-step": ("TrainConfig.prompts_per_step", "LLMCompareConfig.prompts_per_step"),
+    "n-problems": ("TokenTreeSpec.n_problems", "LLMRecoverabilityConfig.prompts"),
+    "spec-seed": ("TokenTreeSpec.seed",),
+    "estimator": ("EstimatorConfig.kind",),
+    # a run's loop and optimiser, in whichever command trains
+    "seed": ("SFTConfig.seed", "TrainConfig.seed", "LLMRecoverabilityConfig.seed", "TheoryOptions.seed"),
+    "steps": ("RunnerConfig.steps", "SFTConfig.steps", "TrainConfig.steps", "LLMCompareConfig.steps_cap"),
+    "budget": ("RunnerConfig.budget", "TrainConfig.budget", "LLMCompareConfig.budget", "SimStudyOptions.budget"),
+    "budget-unit": ("RunnerConfig.budget_unit", "TrainConfig.budget_unit", "SimStudyOptions.budget_unit"),
+    "lr": ("RunnerConfig.lr", "SFTConfig.lr", "TrainConfig.lr", "LLMCompareConfig.lr"),
+    "lr-warmup-steps": ("SFTConfig.warmup_steps", "TrainConfig.lr_warmup_steps", "LLMCompareConfig.lr_warmup_steps"),
+    "weight-decay": ("SFTConfig.weight_decay", "TrainConfig.weight_decay"),
+    "max-grad-norm": ("RunnerConfig.max_grad_norm", "SFTConfig.max_grad_norm", "TrainConfig.max_grad_norm"),
+    "micro-batch-size": ("RunnerConfig.micro_batch_size", "TrainConfig.micro_batch_size"),
+    "bf16": ("SFTConfig.bf16", "TrainConfig.bf16"),
+    "eval-every": ("SFTConfig.eval_every", "TrainConfig.eval_every"),
+    "policy": ("RunnerConfig.policy", "SimStudyOptions.policy"),
+    "optimizer": ("RunnerConfig.optimizer", "SimStudyOptions.optimizer"),
+    # what a command runs on and with
+    "model": ("TrainConfig.model", "LLMCompareConfig.model", "LLMRecoverabilityConfig.model"),
+    "data": ("TrainConfig.data", "LLMRecoverabilityConfig.data"),
+    "task": ("TrainConfig.task", "LLMRecoverabilityConfig.task"),
+    "segmenter": ("TrainConfig.segmenter", "LLMRecoverabilityConfig.segmenter"),
+    "engine": ("TrainConfig.engine", "LLMRecoverabilityConfig.engine"),
+    "threads": ("TrainConfig.threads", "LLMCompareConfig.threads", "LLMRecoverabilityConfig.threads"),
+    "G": ("ExploreConfig.G", "LLMRecoverabilityConfig.G"),
+    "K": ("ExploreConfig.K", "LLMRecoverabilityConfig.K", "TheoryOptions.K"),
+    # studies
+    "seeds": ("LLMCompareConfig.seeds", "SimStudyOptions.seeds", "RegimeMapOptions.seeds", "SimCompareSettings.seeds"),
+    "workers": ("SimStudyOptions.workers", "RegimeMapOptions.workers"),
+}
+"""The command line's vocabulary: ``{flag: the fields ("Class.field") that hold this setting}``.
+
+A field listed here gets this flag in every command; any other field's flag is its own name
+(``--kl-coef`` for ``kl_coef``). A flag generated from two different fields (in one command or
+in several) must be declared here for both: they are then one setting under one name (e.g. the
+held-out size is ``EvalConfig.n_problems`` in ``llm eval`` and ``LLMCompareConfig.eval_problems``
+in ``study llm-compare``: ``--eval-problems`` in both). ``tests/test_cli_help.py`` checks it."""
+
+_FLAG_OF_FIELD = {f: flag for flag, fields in VOCABULARY.items() for f in fields}
+
+
+def flag_name(owner: str, name: str) -> str:
+    """The flag (without ``--``) of field ``name`` of config class ``owner`` in every command:
+    its :data:`VOCABULARY` entry, else the field's name with dashes (``kl_coef`` -> ``kl-coef``)."""
+    return _FLAG_OF_FIELD.get(f"{owner}.{name}", name.replace("_", "-"))
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)\s*(?:<[^>]*>)?`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` (a docstring's description) without reStructuredText markup: roles such as
+    :class:`~a.B` become their name (``B``; ``a.B`` without the ``~``), double and single back-ticks
+    are dropped, and whitespace is collapsed to single spaces."""
+    def role(m: re.Match[str]) -> str:
+        target = m.group(1)
+        return target.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") else target
+    text = _ROLE.sub(role, text)
+    text = text.replace("``", "").replace("`", "")
+    return " ".join(text.split())
+
+
+def format_value(value: Any) -> str:
+    """``value`` as it would be written on the command line: ``none``, ``on``/``off``,
+    ``0.9,0.999`` for a tuple, JSON for a mapping, ``empty`` for an empty string."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value) if value else "empty"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return value if value else "empty"
+    return str(value)
+
+
+def metavar(tp: Any) -> str:
+    """The metavar of a field of annotation ``tp``: ``INT``, ``FLOAT|none``, ``FLOAT,FLOAT``
+    (a pair), ``FLOAT,...`` (any number), ``TEXT``, ``JSON``."""
+    name = type_name(tp)
+    optional = name.endswith(" or none")
+    inner = tp
+    if optional:
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(inner) is tuple:
+        args = typing.get_args(inner)
+        variable = bool(args) and args[-1] is Ellipsis
+        items = [metavar(a) for a in (args[:1] if variable else args)] or ["VALUE"]
+        meta = ",".join(items) + (",..." if variable else "")
+    else:
+        meta = "VALUE"
+        for word, m in (("integer", "INT"), ("number", "FLOAT"), ("string", "TEXT"), ("JSON", "JSON")):
+            if word in name:
+                meta = m
+                break
+    return meta + ("|none" if optional else "")
+
 
 class UsageError(ConfigError):
     """A command-line argument error: a :class:`ConfigError`, so ``deepgrpo`` prints it as one
     line ``deepgrpo CMD: error: ...`` and exits 2."""
 
 
+_LEAF = "_deepgrpo_parser"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit code 2 (raised as :class:`UsageError`)
-    instead of a usage block; ``--help`` is unchanged. Every command's parser is one."""
+    instead of a usage block; ``--help`` is unchanged. Flags are never abbreviated
+    (``allow_abbrev=False``: ``--prompts`` is not ``--prompts-per-step``); an unknown flag is
+    answered with the closest real one. Every command's parser and sub-parser is one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        """Sub-parsers that are :class:`OneLineParser` too."""
+        kwargs.setdefault("parser_class", OneLineParser)
+        return super().add_subparsers(**kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         """Raise :class:`UsageError` with ``message`` (argparse would print its usage and exit)."""
         raise UsageError(message)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        """argparse's, remembering which (sub-)parser met the first unknown argument."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and not hasattr(ns, _LEAF):  # the innermost sub-parser answers first
+            setattr(ns, _LEAF, self)
+        return ns, extras
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """argparse's; unknown arguments are one :class:`UsageError` naming the closest flags."""
+        ns, extras = self.parse_known_args(args, namespace)
+        leaf = vars(ns).pop(_LEAF, self)
+        if extras:
+            self.error(_unrecognized(extras, leaf))
+        return ns
+
+
+def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's "unrecognized arguments" message, with the closest flag of ``parser`` for
+    each unknown one (an abbreviation names the flags it abbreviates)."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        if not arg.startswith("--"):
+            continue
+        name = arg.split("=", 1)[0]
+        longer = sorted(o for o in known if o.startswith(name))
+        if longer:
+            hints.append(f"{name} is not a flag, and flags are never abbreviated (did you mean "
+                         f"{' or '.join(longer[:3])}?)")
+            continue
+        close = sorted(o for o in known if o.endswith("-" + name[2:])) or difflib.get_close_matches(name, known, n=2)
+        if close:
+            hints.append(f"{name} is not a flag (did you mean {' or '.join(close[:3])}?)")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f"; {'; '.join(hints)}" if hints else "")
 
 
 def load_config_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
@@ -123,52 +292,91 @@ class OptionSet:
 
     cls: the dataclass tree (e.g. a dataclass with fields ``algo: AlgoConfig``,
         ``spec: TokenTreeSpec``, ``runner: RunnerConfig``).
-    reserved: names the command uses for its own (non-config) arguments (``out``, ``seed``...):
-        a field with such a short name gets a longer, prefixed flag (``--spec-seed``).
+    reserved: names of the command's own (non-config) arguments (``out``, ``seed``...); a
+        field whose flag would be one of them is a programming error (give it a
+        :data:`VOCABULARY` entry).
     hidden: dotted keys that get no flag (still settable by ``--set`` and ``--config``).
+
+    Each field's flag is :func:`flag_name` of its class and name (the same in every command);
+    ``--set`` and ``--config`` take a dotted key, a flag's name (``eval-seed`` or
+    ``eval_seed``) or a field's shortest unambiguous name (:func:`~deepgrpo.overrides.short_names`).
     """
 
     cls: type
     reserved: Iterable[str] = ()
     hidden: Iterable[str] = ()
     names: dict[str, Leaf] = field(init=False)
+    flags: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.reserved = tuple(self.reserved)
         self.hidden = tuple(self.hidden)
-        self.names = short_names(leaves(self.cls), self.reserved)
+        all_leaves = leaves(self.cls)
+        by_flag: dict[str, Leaf] = {}
+        for leaf in all_leaves:
+            name = flag_name(leaf.owner.__name__, leaf.name)
+            other = by_flag.get(name)
+            if other is not None or name.replace("-", "_") in self.reserved:
+                what = f"{other.key}" if other is not None else "an argument of the command"
+                raise ValueError(f"{self.cls.__name__}: --{name} would set both {leaf.key} and {what}; give one of "
+                                 "them its own flag in deepgrpo.flags.VOCABULARY")
+            by_flag[name] = leaf
+        self.flags = {leaf.key: "--" + name for name, leaf in by_flag.items()}
+        self.names = short_names(all_leaves, self.reserved)
+        self.names.update({name.replace("-", "_"): leaf for name, leaf in by_flag.items()})  # a flag's name wins
 
     def flag(self, leaf: Leaf) -> str:
-        """The flag of ``leaf`` (``--G``, ``--kl-coef``, ``--spec-seed``)."""
-        for name, other in self.names.items():
-            if other.key == leaf.key:
-                return "--" + name.replace("_", "-")
-        return "--set"
+        """The flag of ``leaf`` (``--G``, ``--kl-coef``, ``--spec-seed``), or ``--set`` for a hidden one."""
+        return "--set" if leaf.key in self.hidden else self.flags[leaf.key]
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add one flag per field (grouped by section), ``--config FILE`` and ``--set KEY=VALUE``."""
+    def add_arguments(self, parser: argparse.ArgumentParser, layering: bool = True) -> None:
+        """Add one flag per field (grouped by section, help from the docstrings in plain text,
+        the default as it would be typed) and, with ``layering``, ``--config FILE`` and
+        ``--set KEY=VALUE``. Each flag's action carries ``setting = "Class.field"`` and its
+        :class:`~deepgrpo.overrides.Leaf` as ``leaf``."""
         groups: dict[str, Any] = {}
-        name_of = {leaf.key: name for name, leaf in self.names.items()}
         for leaf in leaves(self.cls):  # in declaration order
-            name = name_of[leaf.key]
             if leaf.key in self.hidden:
                 continue
-            section = leaf.owner.__name__
-            group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
-            help_ = f"{leaf.doc} (default: {leaf.default!r})".replace("%", "%%")
-            flag = "--" + name.replace("_", "-")
+            section = leaf.path[:-1]
+            title = ".".join(section) or "settings"
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title, self._section_doc(section))
+            default = "required" if leaf.required else f"default: {format_value(leaf.default)}"
+            help_ = f"{plain_text(leaf.doc)} ({default})".replace("%", "%%")
+            flag = self.flags[leaf.key]
             if leaf.type is bool:
-                group.add_argument(flag, dest=_DEST + leaf.key, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_)
+                action = groups[title].add_argument(flag, dest=_DEST + leaf.key, action=argparse.BooleanOptionalAction,
+                                                    default=argparse.SUPPRESS, help=help_)
             else:
-                group.add_argument(flag, dest=_DEST + leaf.key, default=argparse.SUPPRESS, help=help_,
-                                   metavar=_metavar(leaf))
+                action = groups[title].add_argument(flag, dest=_DEST + leaf.key, default=argparse.SUPPRESS,
+                                                    help=help_, metavar=metavar(leaf.type))
+            action.setting = f"{leaf.owner.__name__}.{leaf.name}"  # type: ignore[attr-defined]
+            action.leaf = leaf  # type: ignore[attr-defined]
+        if not layering:
+            return
         parser.add_argument("--config", default=None, metavar="FILE",
                             help="JSON or YAML file of settings (sections as in the run's resolved config, or "
                                  "KEY: VALUE pairs as for --set); flags and --set override it")
+        example = ""
+        for leaf in [leaf for leaf in leaves(self.cls) if leaf.key not in self.hidden
+                     and isinstance(leaf.default, (int, float)) and not isinstance(leaf.default, bool)][:1]:
+            keys = dict.fromkeys((leaf.key, self.flags[leaf.key][2:]))  # dotted key, flag name (once if equal)
+            example = " (e.g. " + " or ".join(f"--set {k}={format_value(leaf.default)}" for k in keys) + ")"
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
-                            help="any setting by dotted key or name (e.g. --set explore.G=16 --set scale_std=on); "
-                                 "applied last")
+                            help=f"any setting by dotted key or flag name{example}; repeatable, applied last"
+                            .replace("%", "%%"))
+
+    def _section_doc(self, section: tuple[str, ...]) -> str | None:
+        """The plain-text description of a section (its field's doc in its parent class); for
+        the root, the first paragraph of the tree's docstring."""
+        if not section:
+            first = (self.cls.__doc__ or "").strip().split("\n\n")[0]
+            return plain_text(first) or None
+        owner = self.cls
+        for part in section[:-1]:
+            owner = field_types(owner)[part]
+        return plain_text(field_docs(owner).get(section[-1], "")) or None
 
     def flag_values(self, args: argparse.Namespace) -> dict[str, Any]:
         """``{dotted key: typed value}`` of the flags given on the command line."""
@@ -223,20 +431,36 @@ class OptionSet:
                 merged[resolve_key(self.cls, key, self.names).key] = value
         return apply_overrides(base, merged, self.names)
 
+    def resolve(self, args: argparse.Namespace, base: Any, extra: Iterable[str] = ()) -> tuple[Any, dict[str, Any]]:
+        """``(settings, own)``: ``base`` with the ``--config`` file, the flags and ``--set``
+        applied (:meth:`build`), and the file's keys in ``extra`` (the command's own settings)."""
+        file_layer: dict[str, Any] = {}
+        own: dict[str, Any] = {}
+        if getattr(args, "config", None) is not None:
+            file_layer, own = self.file_values(load_config_file(args.config), extra=extra)
+        return self.build(base, file_layer, self.flag_values(args), self.set_values(getattr(args, "set", []))), own
+
+    def resolve_named(self, args: argparse.Namespace, base: Any) -> Any:
+        """:meth:`resolve`'s settings; a :class:`ConfigError` is raised again with its flag
+        in front (``--seeds: SimStudyOptions.seeds = 0 is invalid: ...``, :meth:`named`)."""
+        try:
+            return self.resolve(args, base)[0]
+        except ConfigError as e:
+            raise self.named(e) from None
+
+    def named(self, error: ConfigError) -> ConfigError:
+        """``error`` with the flag it is about in front of its message (unless already there)."""
+        option = self.option_of(error)
+        if option is None or str(error).startswith(option):
+            return error
+        return ConfigError(f"{option}: {error}", owner=option, field=error.field, value=error.value,
+                           allowed=error.allowed)
+
     def option_of(self, error: ConfigError) -> str | None:
         """The flag (or ``--set``/``--config``) a :class:`ConfigError` is about, if any."""
         if error.owner in ("--set", "--config"):
             return error.owner
-        for name, leaf in self.names.items():
+        for leaf in leaves(self.cls):
             if leaf.owner.__name__ == error.owner and leaf.name == error.field:
-                return "--set" if leaf.key in self.hidden else "--" + name.replace("_", "-")
+                return self.flag(leaf)
         return None
-
-
-def _metavar(leaf: Leaf) -> str:
-    name = type_name(leaf.type)
-    for word, meta in (("integer", "INT"), ("number", "FLOAT"), ("string", "TEXT"), ("list", "A,B"),
-                       ("JSON", "JSON")):
-        if word in name:
-            return meta + ("|none" if name.endswith("or none") else "")
-    return "VALUE"

@@ -59,21 +59,33 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
+_NOUNS = {bool: ("a boolean (true/false, on/off, yes/no, 1/0)", "booleans"), int: ("an integer", "integers"),
+          float: ("a finite number", "finite numbers"), str: ("a string", "strings")}
+"""``{type: (singular phrase, plural noun)}`` of the scalar annotations."""
+
+
 def type_name(tp: Any) -> str:
-    """A short human name of annotation ``tp`` (``int``, ``float or none``, ``tuple of 2 floats``)."""
+    """A short human name of annotation ``tp``: ``an integer``, ``a finite number or none``,
+    ``2 comma-separated finite numbers (e.g. 0.9,0.999)``."""
     optional, inner = _is_optional(tp)
     if optional:
         return f"{type_name(inner)} or none"
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
-        return f"a comma-separated list of {len(args)} {type_name(args[0])}s" if args else "a list"
+        if not args:
+            return "comma-separated values"
+        variable = args[-1] is Ellipsis
+        kinds = set(args[:-1] if variable else args)
+        noun = _NOUNS[next(iter(kinds))][1] if len(kinds) == 1 and next(iter(kinds)) in _NOUNS else "values"
+        example = {"finite numbers": "0.9,0.999", "integers": "1,2", "strings": "a,b"}.get(noun)
+        count = "" if variable else f"{len(args)} "
+        return f"{count}comma-separated {noun}" + (f" (e.g. {example})" if example else "")
     if origin is dict or tp is dict:
         return "a JSON object"
     if dataclasses.is_dataclass(tp):
         return f"a {tp.__name__} mapping"
-    return {bool: "a boolean (true/false, on/off, yes/no, 1/0)", int: "an integer",
-            float: "a finite number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return _NOUNS[tp][0] if tp in _NOUNS else getattr(tp, "__name__", str(tp))
 
 
 def coerce(owner: str, name: str, tp: Any, value: Any) -> Any:
@@ -202,7 +214,8 @@ class Leaf:
 
     path: field names from the root (``("explore", "G")``); owner: the dataclass that declares
     the field; name: the field's name; type: its annotation; default: its default value;
-    doc: its description from the owner's docstring.
+    doc: its description from the owner's docstring; required: the field has no default (its
+    ``default`` is then None).
     """
 
     path: tuple[str, ...]
@@ -211,6 +224,7 @@ class Leaf:
     type: Any
     default: Any
     doc: str
+    required: bool = False
 
     @property
     def key(self) -> str:
@@ -227,9 +241,10 @@ def leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[Leaf]:
         if dataclasses.is_dataclass(tp):
             out += leaves(tp, prefix + (f.name,))
         else:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            out.append(Leaf(prefix + (f.name,), cls, f.name, tp, default, docs.get(f.name, "")))
+            out.append(Leaf(prefix + (f.name,), cls, f.name, tp, default, docs.get(f.name, ""), required))
     return out
 
 

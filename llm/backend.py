@@ -36,8 +36,8 @@ class SamplingConfig:
     max_response_tokens: cap on a response's length in tokens, prefix included (a branch from
         a pivot at depth P may generate max_response_tokens - P tokens); hitting it without EOS
         is a truncation (reward 0). At most the model's context (max_position_embeddings)
-        less the longest prompt, and small enough that a step's responses fit in memory
-        (:func:`check_sampling_fits`); both are checked before a run starts.
+        less the longest prompt, and small enough that a step's responses fit in memory; both
+        are checked before a run starts.
     temperature: sampling temperature (> 0 for RL; the trainer's log-probs use the same T).
     top_p: nucleus mass; the trainer's log-probs ignore the nucleus, so keep 1.0 for exact
         ratios (the rollout-vs-trainer mismatch metric shows the effect otherwise).

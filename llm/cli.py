@@ -5,7 +5,7 @@
     deepgrpo llm train --model PATH --data FILE [--eval-data FILE] --method grpo --out DIR
     deepgrpo llm train --config recipes/gsm8k-qwen2.5-0.5b.json --lr 1e-5 --out DIR
     deepgrpo llm train --resume --out DIR [--steps N]
-    deepgrpo llm eval  --checkpoint DIR [--data arith|FILE] [--samples 4 --pass-k 4]
+    deepgrpo llm eval  --checkpoint DIR [--data arith|FILE] [--eval-samples 4 --eval-pass-k 4]
 
 Every field of the command's config dataclasses is a flag generated from them
 (:mod:`deepgrpo.flags`); sources are layered as defaults < method preset < ``--config FILE``
@@ -69,7 +69,8 @@ class LLMEvalSettings:
 
 
 TRAIN_OPTIONS = OptionSet(LLMTrainSettings, reserved=("preset", "out", "resume", "config", "set", "help"),
-                          hidden=("train.overrides",))
+                          # the evaluation during training uses the training cap (--max-response-tokens)
+                          hidden=("train.overrides", "train.eval.max_response_tokens"))
 SFT_OPTIONS = OptionSet(LLMSFTSettings, reserved=("preset", "out", "force", "threads", "config", "set", "help"))
 EVAL_OPTIONS = OptionSet(LLMEvalSettings, reserved=("checkpoint", "data", "task", "threads", "out", "config", "set",
                                                     "help"))
@@ -77,19 +78,22 @@ OPTIONS = {"train": TRAIN_OPTIONS, "sft": SFT_OPTIONS, "eval": EVAL_OPTIONS}
 
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
+def build_parser(prog: str = "deepgrpo llm", command: str = "llm") -> argparse.ArgumentParser:
     """The ``deepgrpo llm`` parser with its three sub-commands."""
     p = OneLineParser(prog=prog, description="LLM backend: SFT of the tiny preset, RL training, evaluation.")
-    sub = p.add_subparsers(dest="sub", required=True, parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="sub", required=True)
 
-    s = sub.add_parser("sft", help="train the tiny-arith preset from scratch and save a checkpoint")
+    what = "train the tiny-arith preset from scratch and save a checkpoint"
+    s = sub.add_parser("sft", help=what, description=what[0].upper() + what[1:] + ".")
     s.add_argument("--preset", default="tiny-arith", choices=["tiny-arith"], help="model/task preset")
     s.add_argument("--out", required=True, help="output directory (a transformers checkpoint)")
     s.add_argument("--threads", default="2", help="torch CPU threads (default: 2)")
     s.add_argument("--force", action="store_true", help="overwrite an existing --out")
     SFT_OPTIONS.add_arguments(s)
 
-    t = sub.add_parser("train", help="RL training with the core's exploration step and loss")
+    what = "RL training with the core's exploration step and loss"
+    t = sub.add_parser("train", help=what, description=what + "; the held-out evaluation runs before the first and "
+                       "after the last step (and every --eval-every steps).")
     t.add_argument("--preset", choices=["tiny-arith"], default=None,
                    help="tiny-arith: built-in arithmetic task; --model defaults to an SFT run in OUT/init")
     t.add_argument("--out", required=True, help="run directory")
@@ -99,10 +103,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "--eval-every and --tensorboard may change; they are recorded)")
     TRAIN_OPTIONS.add_arguments(t)
 
-    e = sub.add_parser("eval", help="greedy mean@1 and sampled pass@k of a checkpoint")
+    what = "greedy mean@1 and sampled pass@k of a checkpoint"
+    e = sub.add_parser("eval", help=what, description="Held-out " + what + ".")
     e.add_argument("--checkpoint", required=True, help="model directory or training run directory")
     e.add_argument("--data", default="arith", help="'arith' (built-in held-out set) or a JSONL/parquet file")
-    e.add_argument("--task", choices=["arith", "gsm8k", "math"], default=None, help="override task detection")
+    e.add_argument("--task", choices=["arith", "gsm8k", "math"], default=None,
+                   help="the task of --data (default: detected from the file)")
     e.add_argument("--threads", default="2", help="torch CPU threads (default: 2)")
     e.add_argument("--out", default=None,
                    help="JSON file for the results (default CHECKPOINT/eval/DATA.json, beside a run's checkpoint "
@@ -333,15 +339,20 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _eval_out(a: argparse.Namespace) -> Path:
     """Where ``llm eval`` writes: ``--out``, or ``CHECKPOINT/eval/DATA.json`` (``DATA`` = ``arith``
-    or the data file's stem). Never inside a run's ``checkpoint/``, which the next save replaces."""
+    or the data file's stem). Never inside a run's ``checkpoint/``, which the next save replaces:
+    ``--checkpoint RUN/checkpoint`` writes ``RUN/eval/DATA.json``, as ``--checkpoint RUN`` does."""
     if a.out is not None:
         out = Path(a.out)
         if out.is_dir() or not out.name:
             raise ConfigError(f"--out = {a.out!r} is invalid: it is a directory; expected a JSON file path",
                               owner="--out")
         return out
+    from llm.models import is_model_dir
     name = "arith" if a.data in ("arith", "tiny-arith") else Path(a.data).stem
-    return Path(a.checkpoint) / "eval" / f"{name}.json"
+    base = Path(a.checkpoint)
+    if base.name == "checkpoint" and (base.parent / "config.json").is_file() and not is_model_dir(base.parent):
+        base = base.parent  # a training run's checkpoint: write beside it, in the run directory
+    return base / "eval" / f"{name}.json"
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -397,9 +408,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     lock_output(out, "--out")  # one writer per results file, held until the command ends
     torch.set_num_threads(threads)
     model = load_causal_lm(model_dir, trainable=False, option="--checkpoint")
-    res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, prompts, cfg)
+    res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, prompts, cfg, progress=True)
     record = {"checkpoint": str(model_dir), "data": a.data, **res, "config": dataclasses.asdict(cfg)}
     write_json_atomic(out, record)
+    print(f"{a.prog} eval: results written to {out}", file=sys.stderr)
     print(json.dumps({"out": str(out), **res}))
     return 0
 

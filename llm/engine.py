@@ -27,7 +27,8 @@ Conventions shared by every engine:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -109,3 +110,24 @@ def normalize_requests(prompt_ids: Sequence[Sequence[int]], n: int | Sequence[in
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     return ns, mx, pf
+
+
+@contextmanager
+def reporting_rows(engine: Any, update: Callable[[int], None] | None) -> Iterator[bool]:
+    """Report the generations of ``engine`` as they end, for a progress bar.
+
+    Inside the block, an engine with a ``row_progress`` attribute (:class:`llm.hf_engine.HFEngine`)
+    calls ``update(k)`` whenever k more rows of a ``generate`` call have ended (a stop token or
+    the length cap), while it decodes; what it samples is unchanged. Yields True if it does,
+    False if the engine has no such attribute (or ``update`` is None): the caller then counts a
+    call's rows when it returns. The previous hook is restored on exit.
+    """
+    if update is None or not hasattr(engine, "row_progress"):
+        yield False
+        return
+    before = engine.row_progress
+    engine.row_progress = update
+    try:
+        yield True
+    finally:
+        engine.row_progress = before

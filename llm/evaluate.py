@@ -5,7 +5,7 @@ Used by the trainer (periodic evaluation), by SFT, and by ``deepgrpo llm eval``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import comb
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from deepgrpo.config import check_range
-from llm.engine import RolloutEngine
+from llm.engine import RolloutEngine, reporting_rows
 from llm.rewards import score
 from llm.tasks import Prompt
 
@@ -24,8 +24,7 @@ class EvalConfig:
 
     n_problems: held-out problems (512 carries about ±2 points of sampling noise at 40 %).
         n_problems x samples responses are sampled at once: a count whose responses cannot fit
-        in this machine's memory (:func:`llm.backend.check_sampling_fits`) is refused before
-        anything is drawn.
+        in this machine's memory is refused before anything is drawn.
     samples: sampled responses per problem at ``temperature`` (for sampled mean@1 and pass@k).
     pass_k: the k of pass@k (<= samples; unbiased estimator of Chen et al. 2021); None = samples.
     temperature: sampling temperature of the sampled metrics (paper: 1.0).
@@ -67,9 +66,13 @@ def unbiased_pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _rewards(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Prompt], n: int, temperature: float,
-             max_tokens: int, seed: int) -> np.ndarray:
+             max_tokens: int, seed: int, count: Callable[[int], Any] | None = None) -> np.ndarray:
+    """``[P, n]`` rewards of n responses per prompt; ``count(rows)`` after the call (for an
+    engine that does not report its rows while it decodes)."""
     gens = engine.generate([list(p.ids) for p in prompts], n, max_new_tokens=max_tokens,
                            temperature=temperature, stop_token_ids=[int(tokenizer.eos_token_id)], seed=seed)
+    if count is not None:
+        count(len(gens))
     r = np.zeros(len(gens))
     for j, g in enumerate(gens):
         p = prompts[j // n].problem
@@ -78,20 +81,31 @@ def _rewards(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Prompt], n
 
 
 def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Prompt],
-             config: EvalConfig | None = None) -> dict[str, float]:
+             config: EvalConfig | None = None, progress: bool = False,
+             desc: str = "held-out evaluation") -> dict[str, float]:
     """Greedy and sampled accuracy of the engine's current model on ``prompts``.
+
+    ``progress`` shows a progress bar named ``desc`` on stderr, counting responses as they end
+    (``n_problems`` x (1 + ``samples``) in all); the numbers are the same with or without it.
 
     Returns: ``greedy_mean@1`` (accuracy of greedy decoding), ``sampled_mean@1`` (mean
     accuracy of the ``samples`` responses at ``temperature``), ``pass@k`` and ``n_problems``.
     """
+    from tqdm.auto import tqdm
+
     cfg = config or EvalConfig()
     prompts = list(prompts)[:cfg.n_problems]
-    greedy = _rewards(engine, tokenizer, prompts, 1, 0.0, cfg.max_response_tokens, cfg.seed)[:, 0]
-    out = {"greedy_mean@1": float(greedy.mean()), "n_problems": float(len(prompts))}
-    if cfg.samples > 0:
-        sampled = _rewards(engine, tokenizer, prompts, cfg.samples, cfg.temperature, cfg.max_response_tokens,
-                           cfg.seed + 1)  # [P, n]
-        out["sampled_mean@1"] = float(sampled.mean())
-        c = sampled.sum(1).astype(int)
-        out[f"pass@{cfg.k}"] = float(np.mean([unbiased_pass_at_k(cfg.samples, int(ci), cfg.k) for ci in c]))
+    # a bar shown below another one (a training run's) is cleared when done; on its own it stays
+    with tqdm(total=len(prompts) * (1 + cfg.samples), desc=desc, unit=" answers", leave=None,
+              disable=not progress) as bar, \
+            reporting_rows(engine, bar.update if progress else None) as live:
+        count = None if live or not progress else bar.update
+        greedy = _rewards(engine, tokenizer, prompts, 1, 0.0, cfg.max_response_tokens, cfg.seed, count)[:, 0]
+        out = {"greedy_mean@1": float(greedy.mean()), "n_problems": float(len(prompts))}
+        if cfg.samples > 0:
+            sampled = _rewards(engine, tokenizer, prompts, cfg.samples, cfg.temperature, cfg.max_response_tokens,
+                               cfg.seed + 1, count)  # [P, n]
+            out["sampled_mean@1"] = float(sampled.mean())
+            c = sampled.sum(1).astype(int)
+            out[f"pass@{cfg.k}"] = float(np.mean([unbiased_pass_at_k(cfg.samples, int(ci), cfg.k) for ci in c]))
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -147,6 +147,9 @@ class HFEngine:
         max_batch_size: rows decoded together (memory bound); larger calls are split.
         prune_fraction: drop finished rows from the batch and cache once at least this fraction
             of the current rows has finished.
+
+    ``row_progress``, when set (see :func:`llm.engine.reporting_rows`), is called with the number
+    of rows that ended (stop token or length cap) after each decoding step that ended some.
     """
 
     def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_token_id: int,
@@ -158,6 +161,7 @@ class HFEngine:
         self.prune_fraction = float(prune_fraction)
         self._logits_kw: str | None = None
         self._cache_kw: str | None = None
+        self.row_progress: Callable[[int], None] | None = None
 
     def sync_weights(self, model: Any) -> None:
         """No-op when ``model`` is the engine's module; otherwise sample from ``model`` from now on."""
@@ -224,6 +228,7 @@ class HFEngine:
         logprobs = torch.zeros(B, max(steps, 0))  # [B, S]
         length = torch.zeros(B, dtype=torch.long)  # [B]
         finished = torch.zeros(B, dtype=torch.bool)  # [B]
+        report, ended = self.row_progress, 0  # rows reported as ended so far
         if steps > 0:
             cache, logits, attn, next_pos = self._prefill_shared([ids for ids, _ in rows], steps)
             alive = torch.arange(B)  # cache row -> original row
@@ -240,6 +245,9 @@ class HFEngine:
                 stopped = active & torch.isin(tok, stop_set)
                 finished[alive[stopped]] = True
                 running = active & ~stopped & (t + 1 < limits[alive])
+                if report is not None and (done := B - int(running.sum())) > ended:
+                    report(done - ended)
+                    ended = done
                 if not bool(running.any()):
                     break
                 if float((~running).float().mean()) >= self.prune_fraction:
@@ -253,6 +261,8 @@ class HFEngine:
                 cache = getattr(out, self._cache_name())
                 logits = out.logits[:, -1, :]
                 next_pos = next_pos + 1
+        if report is not None and ended < B:  # rows that never decoded (no room for a token)
+            report(B - ended)
         result = []
         for b in range(B):
             n_b = int(length[b])

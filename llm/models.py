@@ -59,7 +59,10 @@ class TinyModelConfig:
     """Size of the ``tiny-arith`` Llama-style model (defaults: ~0.33 M parameters, which learns
     3-5-term addition chains on a CPU in about a minute and a half of SFT).
 
-    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads: transformer shape.
+    hidden_size: width of the model (embedding and attention size).
+    intermediate_size: width of each MLP's hidden layer.
+    num_hidden_layers: transformer blocks.
+    num_attention_heads: attention heads per block (hidden_size must be a multiple of it).
     max_position_embeddings: longest prompt + response in tokens.
     """
 

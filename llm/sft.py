@@ -21,7 +21,7 @@ from deepgrpo.records import atomic_directory, json_line, versions, write_json_a
 from llm.evaluate import EvalConfig, evaluate
 from llm.hf_engine import HFEngine
 from llm.models import TinyModelConfig, build_char_tokenizer, build_tiny_model, count_parameters, save_pretrained_dir
-from llm.tasks import ArithmeticConfig, ArithmeticStream, Problem, arithmetic_heldout, encode_prompt, make_prompts
+from llm.tasks import ArithmeticConfig, ArithmeticStream, Problem, arithmetic_heldout, make_prompts, prompt_text
 
 
 @dataclass
@@ -32,13 +32,16 @@ class SFTConfig:
     steps: optimizer steps; accuracy stays near 0 for a few hundred steps, then jumps.
     batch_size: sequences per step.
     lr: peak AdamW learning rate (linear warm-up, then cosine decay to ``lr * min_lr_ratio``).
-    warmup_steps, min_lr_ratio, weight_decay, max_grad_norm: optimizer schedule and regulariser.
+    warmup_steps: steps of the learning rate's linear warm-up from 0.
+    min_lr_ratio: the learning rate at the end of the cosine decay, as a fraction of ``lr``.
+    weight_decay: AdamW's decoupled weight decay.
+    max_grad_norm: gradient clipping.
     bf16: bfloat16 autocast for the training step on the model's device (faster on GPUs and on
         CPUs with native bf16 support, slower on other CPUs).
     eval_every: quick greedy accuracy on 128 held-out problems every this many steps (0 = off),
         logged to ``sft_metrics.jsonl``.
     seed: model initialisation and data order.
-    task: the arithmetic task's difficulty knobs.
+    task: the arithmetic task's difficulty knobs (as in llm train).
     model: the model's shape.
     eval: held-out evaluation after training.
     """
@@ -78,23 +81,21 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 def sft_batch(problems: list[Problem], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids [B, L], attention_mask [B, L], labels [B, L])`` of
-    prompt + solution + EOS; labels are -100 on the prompt and on padding."""
-    seqs, n_prompt = [], []
-    for p in problems:
-        ids = encode_prompt(p, tokenizer, use_chat_template=False)
-        resp = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append(ids + resp)
-        n_prompt.append(len(ids))
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
-    input_ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros(B, L, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    for b, (s, n) in enumerate(zip(seqs, n_prompt)):
-        input_ids[b, :len(s)] = torch.tensor(s)
-        attn[b, :len(s)] = 1
-        labels[b, n:len(s)] = torch.tensor(s[n:])
-    return input_ids, attn, labels
+    prompt + solution + EOS; labels are -100 on the prompt and on padding.
+
+    The prompts are encoded as :func:`~llm.tasks.encode_prompt` encodes them without a chat
+    template (one tokenizer call for the batch)."""
+    prompts = tokenizer([prompt_text(p) for p in problems])["input_ids"]
+    solutions = tokenizer([p.solution for p in problems], add_special_tokens=False)["input_ids"]
+    seqs = [[*ids, *resp, tokenizer.eos_token_id] for ids, resp in zip(prompts, solutions)]
+    B, L = len(seqs), max(len(s) for s in seqs)
+    input_ids = np.full((B, L), tokenizer.pad_token_id, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        input_ids[b, :len(s)] = s
+    col = np.arange(L)  # [L]
+    attn = col < np.array([len(s) for s in seqs])[:, None]  # [B, L]
+    labels = np.where(attn & (col >= np.array([len(ids) for ids in prompts])[:, None]), input_ids, -100)
+    return torch.from_numpy(input_ids), torch.from_numpy(attn.astype(np.int64)), torch.from_numpy(labels)
 
 
 def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -118,14 +119,14 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio))
     rows = []
-    quick_prompts = make_prompts(arithmetic_heldout(128, config.task), tokenizer)
+    quick_prompts = make_prompts(arithmetic_heldout(128, config.task), tokenizer) if config.eval_every else []
     bar = tqdm(range(config.steps), desc="sft", disable=not progress)
     for step in bar:
         problems = [stream.problem_at(step * config.batch_size + i) for i in range(config.batch_size)]
         input_ids, attn, labels = sft_batch(problems, tokenizer)
         position = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position).logits
+            logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=False).logits
         logits = logits[:, :-1].float()  # [B, L-1, V]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100)
@@ -149,7 +150,8 @@ def train_sft(config: SFTConfig, out: str | Path | None = None, progress: bool =
     model.eval()
     engine = HFEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     heldout = make_prompts(arithmetic_heldout(config.eval.n_problems, config.task), tokenizer)
-    result = evaluate(engine, tokenizer, heldout, config.eval)
+    result = evaluate(engine, tokenizer, heldout, config.eval, progress=progress,
+                      desc="held-out evaluation of the SFT model")
     wall = time.time() - t0
     if out is not None:
         def write(d: Path) -> None:  # the model directory appears complete or not at all

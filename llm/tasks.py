@@ -65,8 +65,12 @@ class ArithmeticConfig:
     ``14+0+11+74=`` is answered ``14+0=14,14+11=25,25+74=99;99``: one step per addition
     (separated by ``,``, a natural segment end for pivots), then ``;`` and the final answer.
 
-    min_terms, max_terms: number of terms, drawn uniformly (difficulty knob).
-    min_digits, max_digits: digits per operand, drawn uniformly per operand (difficulty knob).
+    min_terms: fewest terms of a question (the number of terms is drawn uniformly in
+        [min_terms, max_terms]; a difficulty knob).
+    max_terms: most terms of a question.
+    min_digits: fewest digits of an operand (drawn uniformly per operand in [min_digits,
+        max_digits]; a difficulty knob).
+    max_digits: most digits of an operand.
     heldout_mod: a question is held out (never trained on) iff crc32(question) % heldout_mod == 0.
     """
 

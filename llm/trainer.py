@@ -92,7 +92,7 @@ class TrainConfig:
         task: ``arith`` | ``gsm8k`` | ``math`` (None = detected from ``data``).
         arith: difficulty knobs of the arithmetic task.
     Algorithm
-        method: a name of :data:`deepgrpo.methods.METHODS` (grpo, deep-grpo, ...).
+        method: a method name (grpo, deep-grpo, ...; ``deepgrpo methods`` lists them).
         overrides: overrides of the method's :class:`AlgoConfig` by dotted key or field name
             (``explore.G`` or ``G``, ``loss.lam``...; GRPO's N is ``G``). The command line
             fills it from the algorithm's flags and ``--set`` with the keys that differ from the
@@ -136,12 +136,12 @@ class TrainConfig:
         seed: every random choice of the run.
         threads: torch CPU threads.
         tensorboard: also write TensorBoard events.
-        engine: rollout engine, ``hf`` (:class:`~llm.hf_engine.HFEngine`, samples with the
-            trainer's module) or ``vllm`` (:class:`~llm.vllm_engine.VLLMEngine`, weights synced
-            after every update).
-        vllm: options of :class:`~llm.vllm_engine.VLLMEngineConfig` for ``engine = "vllm"``
-            (e.g. ``{"dtype": "bfloat16", "gpu_memory_utilization": 0.4, "enforce_eager": false}``
-            on a GPU); ``seed`` defaults to the run's.
+        engine: rollout engine, ``hf`` (transformers generate, with the trainer's own module) or
+            ``vllm`` (a vLLM engine, weights synced after every update).
+        vllm: options of the vLLM engine (the fields of ``VLLMEngineConfig`` in
+            llm/vllm_engine.py) for engine ``vllm``, e.g. ``{"dtype": "bfloat16",
+            "gpu_memory_utilization": 0.4, "enforce_eager": false}`` on a GPU; ``seed`` defaults
+            to the run's.
         device: where policy and reference live: ``auto`` (CUDA if available), ``cpu``, ``cuda``.
     """
 
@@ -464,6 +464,7 @@ class Trainer:
         self.rows: list[dict[str, Any]] = []
         self.wall_time = 0.0
         self._warned_grad_norm = False
+        self._spent: tuple[int | None, int] = (None, 0)  # (step, budget spent over all ranks) of finished()
         if state is not None:
             self._load_state(state)
             self.saved_step = self.step
@@ -570,8 +571,11 @@ class Trainer:
                           "a warning); lower --lr if it repeats", RuntimeWarning, stacklevel=2)
 
     def run_eval(self) -> dict[str, float]:
+        """The held-out evaluation of the current policy (with a progress bar unless quiet)."""
         cfg = dataclasses.replace(self.cfg.eval, max_response_tokens=self.cfg.sampling.max_response_tokens)
-        res = evaluate(self.engine, self.tokenizer, self.heldout, cfg)
+        when = f"after step {self.step}" if self.step else "before training"
+        res = evaluate(self.engine, self.tokenizer, self.heldout, cfg, progress=self.progress,
+                       desc=f"held-out evaluation {when}")
         return {f"eval/{k}": v for k, v in res.items()}
 
     # -- the loop -------------------------------------------------------------------------------
@@ -618,7 +622,13 @@ class Trainer:
             self.rows.append(row)
             self._log(writer, row)
             self.write_outputs()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress)
+        budget_bound = cfg.budget is not None
+        if budget_bound:  # the budget ends the run (--steps only caps it): count what is spent
+            bar = tqdm(total=cfg.budget, initial=min(self.spent(), cfg.budget), desc=f"train {cfg.method}",
+                       unit=f" {cfg.budget_unit}", unit_scale=True, disable=not self.progress)
+        else:
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.method}", unit="step",
+                       disable=not self.progress)
         while not self.finished():
             t = time.time()
             row = self.train_step()
@@ -633,8 +643,9 @@ class Trainer:
             self.write_outputs()
             if self.step % cfg.checkpoint_every == 0 or last:
                 self.save()
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_main']:.3f}", rollouts=int(row["rollouts"]))
+            bar.update(min(self.spent(), cfg.budget) - bar.n if budget_bound else 1)
+            bar.set_postfix(**({"step": self.step} if budget_bound else {}), reward=f"{row['reward_main']:.3f}",
+                            rollouts=int(row["rollouts"]))
             if until is not None and self.step >= until:
                 break
         bar.close()
@@ -659,7 +670,14 @@ class Trainer:
             t = torch.tensor([float(spent)], dtype=torch.float64)
             dist.all_reduce(t)
             spent = int(t.item())
+        self._spent = (self.step, spent)
         return spent >= self.cfg.budget
+
+    def spent(self) -> int:
+        """The budget spent so far in ``budget_unit``, summed over ranks as :meth:`finished`
+        last summed it (this rank's own spending before the first call)."""
+        step, spent = self._spent
+        return spent if step == self.step else budget_spent(self.ledger, self.cfg.budget_unit) * self.world_size
 
     def _log(self, writer: Any, row: dict[str, Any]) -> None:
         if writer is None:

@@ -58,25 +58,35 @@ class SimCompareSettings:
     runner: the training loop of every compared method; by default every method runs until it
         has spent the same budget of generated tokens (``--budget``, ``--budget-unit``;
         ``--steps`` is then only a cap).
+    seeds: runs per method, with the run seeds --seed, --seed + 1, ... (each its own problem set
+        unless --spec-seed pins one); with more than one, the table shows means and 95 % intervals
+        and the figure mean curves with bands.
     """
 
     spec: TokenTreeSpec = field(default_factory=TokenTreeSpec)
     runner: RunnerConfig = field(default_factory=_compare_runner)
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        from deepgrpo.config import check_range
+        check_range(type(self).__name__, "seeds", self.seeds, 1, 1000, integer=True)
 
 
-RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "quiet", "force", "config", "set"))
+RUN_OPTIONS = OptionSet(SimRunSettings, reserved=("method", "seed", "out", "no_progress", "force", "config", "set"))
 COMPARE_OPTIONS = OptionSet(SimCompareSettings, reserved=("seed", "out", "no_figure", "config", "set"))
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def build_parser(prog: str = "deepgrpo sim", command: str = "sim") -> argparse.ArgumentParser:
+    """The ``deepgrpo sim`` parser with its sub-commands ``run`` and ``compare``."""
     top = OneLineParser(prog=prog, description="Token-tree simulator: train with the DEEP-GRPO core, compare methods.")
-    sub = top.add_subparsers(dest="sub", metavar="{run,compare}", parser_class=OneLineParser)
+    sub = top.add_subparsers(dest="sub", metavar="{run,compare}")
     run = sub.add_parser("run", help="one training run -> DIR/history.csv, DIR/run.json",
                          description="Train one method; write DIR/history.csv (one row per step) and DIR/run.json.")
-    run.add_argument("--method", default=None, help="a method name (see `deepgrpo methods`); may come from --config")
-    run.add_argument("--seed", default=None, help="run seed (default: 0)")
+    run.add_argument("--method", default=None, help="a method name (deepgrpo methods lists them); may come from "
+                                                     "--config")
+    run.add_argument("--seed", default=None, metavar="INT", help="run seed (default: 0)")
     run.add_argument("--out", type=_out_path, default=None, help="output directory (default: runs/sim-METHOD-seedS)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--force", action="store_true", help="replace a finished run in --out (by default a directory "
                                                           "holding one is refused)")
     RUN_OPTIONS.add_arguments(run)
@@ -85,7 +95,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                           description="Compare GRPO (N in 8, 16, 32, 64), the root-only ablation, a TreeRL-like "
                                       "baseline and DEEP-GRPO at an equal token budget on a problem set drawn "
                                       "from the seed (training and held-out pass@1).")
-    cmp_.add_argument("--seed", default=None, help="run seed (default: 0)")
+    cmp_.add_argument("--seed", default=None, metavar="INT", help="run seed (default: 0)")
     cmp_.add_argument("--out", type=_out_path, default=Path("runs/sim-compare"),
                       help="output directory (default: runs/sim-compare)")
     cmp_.add_argument("--no-figure", action="store_true", help="skip the SVG figure")
@@ -168,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_fits(s.spec, s.runner, s.algo)
     out = args.out if args.out is not None else Path("runs") / f"sim-{method}-seed{seed}"
     _claim_out(out, force=args.force)
-    result = train(s.spec, s.algo, s.runner, seed=seed, method=method, progress=not args.quiet)
+    result = train(s.spec, s.algo, s.runner, seed=seed, method=method, progress=not args.no_progress)
     hist, rec = write_run(out, s.spec, s.algo, s.runner, seed, method, result)
     last, k = result.history[-1], s.runner.pass_k
     first = result.history[0]
@@ -191,7 +201,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for _, name, overrides in COMPARE_METHODS:
         check_fits(s.spec, s.runner, method_config(name, **overrides))
     _claim_out(args.out)
-    result = run_compare(s.spec, s.runner, seed=seed)
+    result = run_compare(s.spec, s.runner, seed=seed, seeds=s.seeds)
     paths = write_compare(args.out, result, figure=not args.no_figure)
     print(format_header(result))
     print(format_table(summary_rows(result)))
@@ -208,7 +218,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "deepgrpo sim", command:
     torch.set_num_threads(1)
     options = COMPARE_OPTIONS if argv[:1] == ["compare"] else RUN_OPTIONS
     try:
-        parser = _parser(prog)
+        parser = build_parser(prog)
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help

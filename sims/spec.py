@@ -79,12 +79,17 @@ class TokenTreeSpec:
         segment_len: steps per segment, the unit of candidate pivots (paper §3.2: an LLM
             cuts at sentences/lines; the simulator at steps). The last segment may be shorter.
     Base ("pre-trained") policy
-        ability_mean, ability_std: logit of per-step correctness a_p ~ N(mean, std²).
+        ability_mean: mean of a problem's ability a_p, the logit of per-step correctness
+            (a_p ~ N(ability_mean, ability_std²)).
+        ability_std: spread of the problems' abilities a_p across problems.
         n_crux: crux steps per problem.
-        crux_depth_low, crux_depth_high: crux positions are drawn uniformly in this range of
-            relative depth t/L_p (deep by default: the paper's failures happen late).
-        crux_hardness_mean, crux_hardness_std: logits subtracted at a crux step,
-            ~ N(mean, (h·std)²), clipped at 0.
+        crux_depth_low: shallowest relative depth t/L_p of a crux step (crux positions are drawn
+            uniformly in [crux_depth_low, crux_depth_high]; deep by default: the paper's
+            failures happen late).
+        crux_depth_high: deepest relative depth t/L_p of a crux step.
+        crux_hardness_mean: mean of the logits subtracted at a crux step (its hardness, drawn
+            ~ N(crux_hardness_mean, (h·crux_hardness_std)²) and clipped at 0).
+        crux_hardness_std: spread of the crux hardness across problems (scaled by h).
         heterogeneity: h ∈ [0, 1] scales how much crux positions and hardness vary between
             problems: each problem's crux sits at ``shared + h·(own - shared)`` where the shared
             layout spaces the cruxes evenly over [crux_depth_low, crux_depth_high] with the mean

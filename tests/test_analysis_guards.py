@@ -110,10 +110,10 @@ def test_an_out_that_is_a_file_is_one_line_before_any_work(micro_dir, tmp_path, 
 
 @pytest.mark.parametrize("argv,fragment", [
     (["study"], "the following arguments are required: name"),
-    (["study", "lambda-k", "--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
+    (["study", "lambda-k", "--seeds", "two"], "--seeds: SimStudyOptions.seeds = 'two' is invalid"),
     (["study", "lambda-k", "--bogus"], "unrecognized arguments: --bogus"),
     (["study", "lambda-k", "--quick", "--smoke"], "not allowed with argument"),
-    (["study", "regime-map", "--workers", "x"], "argument --workers: invalid int value"),
+    (["study", "regime-map", "--workers", "x"], "--workers: RegimeMapOptions.workers = 'x' is invalid"),
     (["study", "theory", "--bogus"], "unrecognized arguments: --bogus"),
     (["study", "llm-compare", "--model", "m"], "the following arguments are required: --out"),
     (["study", "llm-recoverability", "--out", "x"], "the following arguments are required: --model"),

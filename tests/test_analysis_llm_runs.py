@@ -82,7 +82,7 @@ def test_runs_table_groups_by_method_and_seed(report):
     assert (grpo.rollouts == grpo.step * P * G).all() and (grpo.rollouts_aux == 0).all()
 
 
-def test_curves_place_each_point_at_the_budget_its_policy_had_consumed(report):
+def test_curves_place_each_point_at_the_budget_spent_through_its_step(report):
     root, names, out, _ = report
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.quantity) == {"reward_main", "eval/greedy_mean@1", "eval/sampled_mean@1", "eval/pass@2"}
@@ -91,10 +91,9 @@ def test_curves_place_each_point_at_the_budget_its_policy_had_consumed(report):
         c = curves[curves.run.str.endswith("/" + name)]
         reward = c[c.quantity == "reward_main"].set_index("step")
         assert list(reward.index) == list(range(1, STEPS + 1))
-        for s in reward.index:  # sampled before step s's update: at the budget after step s - 1
-            before = rows[s - 1].get("rollouts", 0)
+        for s in reward.index:  # the main chains of step s: at the budget spent through step s
             assert reward.loc[s, "value"] == pytest.approx(rows[s]["reward_main"])
-            assert reward.loc[s, "rollouts"] == before and reward.loc[s, "tokens"] == rows[s - 1].get("tokens", 0)
+            assert reward.loc[s, "rollouts"] == rows[s]["rollouts"] and reward.loc[s, "tokens"] == rows[s]["tokens"]
         greedy = c[c.quantity == "eval/greedy_mean@1"].set_index("step")
         assert list(greedy.index) == list(range(STEPS + 1))
         for s in greedy.index:  # evaluated after step s: at the budget after step s
@@ -176,3 +175,67 @@ def test_mean_band_is_mean_ci_per_point():
     assert band.loc[("a", 0), ["mean", "low", "high"]].tolist() == pytest.approx([e.mean, e.low, e.high])
     assert band.loc[("a", 1), ["low", "high"]].tolist() == pytest.approx([0.5, 0.5])  # equal values: no width
     assert band.loc[("b", 1), ["mean", "low", "high", "n"]].tolist() == pytest.approx([0.6, 0.6, 0.6, 1])
+
+
+def _write_run(d, method, seed, overrides, steps, evals):
+    """A run directory as ``llm train`` writes it: ``steps`` = [(rollouts_main, rollouts_aux,
+    tokens_main, tokens_aux, reward_main)] per step, ``evals`` = {step: greedy accuracy}."""
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"train": {"method": method, "seed": seed, "overrides": overrides}}))
+    rows, rollouts, tokens = [{"step": 0, "eval/greedy_mean@1": evals[0]}], 0, 0
+    for s, (rm, ra, tm, ta, reward) in enumerate(steps, 1):
+        rollouts, tokens = rollouts + rm + ra, tokens + tm + ta
+        row = {"step": s, "rollouts": rollouts, "tokens": tokens, "step_rollouts_main": rm, "step_rollouts_aux": ra,
+               "step_tokens_main": tm, "step_tokens_aux": ta, "reward_main": reward}
+        if s in evals:
+            row["eval/greedy_mean@1"] = evals[s]
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_a_value_at_a_budget_is_the_one_measured_once_that_budget_was_spent(tmp_path):
+    """Hand-computed: GRPO spends 8 rollouts / 100 tokens per step (rewards 0.25, 0.5, 0.75),
+    DEEP-GRPO 6 + 6 rollouts and 150 then 130 tokens (rewards 0.1, 0.3). Each step's reward sits
+    at the budget spent through that step, so at the common 24 rollouts the table reads GRPO's
+    third step (0.75), not its second (the old placement, at the budget before the step, read
+    0.625 at 12 rollouts)."""
+    from analysis.llm_runs import write_llm_report
+    grpo = _write_run(tmp_path / "grpo", "grpo", 0, {"G": 8}, [(8, 0, 100, 0, 0.25), (8, 0, 100, 0, 0.5),
+                                                                (8, 0, 100, 0, 0.75)], {0: 0.40, 3: 0.43})
+    deep = _write_run(tmp_path / "deep", "deep-grpo", 0, {}, [(6, 6, 80, 70, 0.1), (6, 6, 70, 60, 0.3)],
+                      {0: 0.40, 2: 0.41})
+    out = tmp_path / "report"
+    write_llm_report([grpo, deep], out)
+    curves = pd.read_csv(out / "curves.csv")
+    reward = curves[curves.quantity == "reward_main"]
+    assert reward[reward.method == "grpo"][["step", "rollouts", "tokens", "value"]].values.tolist() == \
+        [[1, 8, 100, 0.25], [2, 16, 200, 0.5], [3, 24, 300, 0.75]]
+    assert reward[reward.method == "deep-grpo"][["step", "rollouts", "tokens", "value"]].values.tolist() == \
+        [[1, 12, 150, 0.1], [2, 24, 280, 0.3]]
+    at = pd.read_csv(out / "at_budget.csv").set_index(["budget", "quantity", "variant"])
+    # rollouts: both runs end at 24; tokens: DEEP-GRPO ends at 280, where GRPO is 4/5 of the way from 0.5 to 0.75
+    expected = {("rollouts", "reward_main"): (24, 0.75, 0.3), ("tokens", "reward_main"): (280, 0.7, 0.3),
+                ("rollouts", "eval/greedy_mean@1"): (24, 0.43, 0.41),
+                ("tokens", "eval/greedy_mean@1"): (280, 0.40 + 0.03 * 280 / 300, 0.41)}
+    for (budget, q), (where, g, d) in expected.items():
+        assert at.loc[(budget, q, "grpo G=8"), "at"] == where == at.loc[(budget, q, "deep-grpo"), "at"]
+        assert at.loc[(budget, q, "grpo G=8"), "mean"] == pytest.approx(g)
+        assert at.loc[(budget, q, "deep-grpo"), "mean"] == pytest.approx(d)
+    text = (out / "REPORT.md").read_text()
+    assert "2 runs of 2 variants;" in text
+    assert "| reward_main | 24 | 0.750 | 0.300 |" in text and "| reward_main | 280 | 0.700 | 0.300 |" in text
+    write_llm_report([grpo], tmp_path / "one")
+    assert "1 run of 1 variant;" in (tmp_path / "one" / "REPORT.md").read_text()
+
+
+def test_panels_are_scaled_to_their_data():
+    """A held-out curve moving from 0.40 to 0.43 fills its panel (a 0-1 axis would show a flat
+    line); a flat curve gets a range of 0.02 around it; rates stay within [-0.02, 1.02]."""
+    from analysis.llm_runs import y_limits
+    assert y_limits(pd.Series([0.40, 0.43])) == pytest.approx((0.40 - 0.0024, 0.43 + 0.0024))
+    assert y_limits(pd.Series([0.41]), pd.Series([0.39]), pd.Series([0.45])) == pytest.approx((0.3852, 0.4548))
+    assert y_limits(pd.Series([0.5, 0.5])) == pytest.approx((0.49 - 0.0016, 0.51 + 0.0016))
+    assert y_limits(pd.Series([0.2, 1.0]), pd.Series([0.1]), pd.Series([1.3])) == pytest.approx((0.1 - 0.096, 1.02))
+    assert y_limits(pd.Series([3.0, 5.0])) == pytest.approx((2.84, 5.16))  # not a rate: not clipped
+    assert y_limits(pd.Series([], dtype=float)) is None

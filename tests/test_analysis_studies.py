@@ -302,13 +302,14 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys):
     from deepgrpo.cli import main
     assert main(["study", "root-saturation", "--seeds", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--seeds = 0" in err and len(err.strip().splitlines()) == 1
+    assert "--seeds: SimStudyOptions.seeds = 0 is invalid" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
     assert main(["report", "--results", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "no study results" in err and len(err.strip().splitlines()) == 1
-    for args, what in ((["--budget", "0"], "--budget = 0"), (["--lr-grid", "0.1,x"], "--lr-grid"),
-                       (["--lr-grid", "-1"], "--lr-grid"), (["--seeds", "1001"], "--seeds = 1001")):
+    for args, what in ((["--budget", "0"], "--budget: SimStudyOptions.budget = 0"),
+                       (["--lr-grid", "0.1,x"], "--lr-grid"), (["--lr-grid", "-1"], "--lr-grid"),
+                       (["--seeds", "1001"], "--seeds: SimStudyOptions.seeds = 1001")):
         assert main(["study", "lambda-k", "--smoke", "--out", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert what in err and len(err.strip().splitlines()) == 1

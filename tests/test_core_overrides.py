@@ -116,7 +116,7 @@ def _sim(argv, capsys):
 def test_sim_run_set_scale_std_off_is_recorded_false_and_g_8_0_runs_with_8(tmp_path, capsys, one_torch_thread):
     out = tmp_path / "r"
     code, _ = _sim(["run", "--method", "grpo", "--steps", "1", "--n-problems", "4", "--set", "scale_std=off",
-                    "--set", "G=8.0", "--quiet", "--out", str(out)], capsys)
+                    "--set", "G=8.0", "--no-progress", "--out", str(out)], capsys)
     assert code == 0
     rec = json.loads((out / "run.json").read_text())
     assert rec["config"]["algo"]["advantage"]["scale_std"] is False
@@ -138,7 +138,7 @@ def test_sim_run_layering_preset_file_flags_set(tmp_path, capsys, one_torch_thre
     cfg.write_text("method: drgrpo\nseed: 4\naggregation: token-mean\nalgo:\n  loss: {lam: 0.3}\n"
                    "spec: {depth: 5, n_problems: 4}\nrunner: {steps: 1}\nK: 2\n")
     out = tmp_path / "r"
-    code, cap = _sim(["run", "--config", str(cfg), "--lam", "0.7", "--K", "3", "--set", "K=5", "--quiet",
+    code, cap = _sim(["run", "--config", str(cfg), "--lam", "0.7", "--K", "3", "--set", "K=5", "--no-progress",
                       "--out", str(out)], capsys)
     assert code == 0, cap.err
     rec = json.loads((out / "run.json").read_text())

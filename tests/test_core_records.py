@@ -73,7 +73,7 @@ def test_the_command_line_refuses_a_busy_directory_in_one_line(tmp_path, capsys)
     out = tmp_path / "cmp"
     proc = _holder(out)
     try:
-        code = deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", str(out), "--quiet"])
+        code = deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", str(out), "--no-progress"])
     finally:
         proc.kill()
         proc.wait()
@@ -84,7 +84,7 @@ def test_the_command_line_refuses_a_busy_directory_in_one_line(tmp_path, capsys)
 
 def test_a_command_releases_its_lock_when_it_ends(tmp_path):
     out = tmp_path / "run"
-    assert deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+    assert deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", str(out), "--no-progress"]) == 0
     code = subprocess.run([sys.executable, "-c", "import sys; from deepgrpo.records import lock_output; "
                            "lock_output(sys.argv[1])", str(out)], capture_output=True, text=True)
     assert code.returncode == 0, code.stderr
@@ -149,7 +149,7 @@ def test_an_empty_or_unwritable_out_is_refused(tmp_path):
 
 def test_the_command_line_refuses_an_empty_out_before_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", "", "--quiet"]) == 2
+    assert deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--out", "", "--no-progress"]) == 2
     assert "--out is empty" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
@@ -167,7 +167,7 @@ def test_a_seed_above_2_to_the_53_reaches_the_run_record_exactly(tmp_path):
     seed = 2**60 + 1
     out = tmp_path / "run"
     assert deepgrpo_main(["sim", "run", "--method", "grpo", "--steps", "1", "--seed", str(seed), "--spec-seed",
-                          str(seed + 2), "--out", str(out), "--quiet"]) == 0
+                          str(seed + 2), "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["seed"] == seed and record["problem_set_seed"] == seed + 2
 
@@ -205,7 +205,7 @@ def test_sigterm_stops_a_command_like_ctrl_c_with_exit_143(tmp_path):
     import time
     out = tmp_path / "cmp"
     proc = subprocess.Popen([sys.executable, "-m", "deepgrpo.cli", "sim", "run", "--method", "deep-grpo",
-                             "--steps", "100000", "--out", str(out), "--quiet"],
+                             "--steps", "100000", "--out", str(out), "--no-progress"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 60
     while not lock_path(out).exists() and time.monotonic() < deadline:

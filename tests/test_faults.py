@@ -98,8 +98,8 @@ def _train_args(model_dir: Path, out: Path) -> list[str]:
     heldout = Path(model_dir).parent / "heldout.jsonl"
     return ["llm", "train", "--model", str(model_dir), "--data", str(DATA), "--eval-data", str(heldout),
             "--method", "deep-grpo", "--G", "4", "--K", "4", "--prompts-per-step", "4", "--steps", "6", "--lr", "3e-3",
-            "--checkpoint-every", "1", "--n-problems", "4", "--samples", "2", "--sampling-max-response-tokens", "40",
-            "--eval-max-response-tokens", "40", "--threads", "1", "--no-tensorboard", "--seed", "5",
+            "--checkpoint-every", "1", "--eval-problems", "4", "--eval-samples", "2", "--max-response-tokens", "40",
+            "--threads", "1", "--no-tensorboard", "--seed", "5",
             "--out", str(out)]
 
 
@@ -147,7 +147,7 @@ def test_llm_training_killed_at_random_moments_and_during_saves_resumes_to_the_s
 
 def test_sft_killed_while_saving_leaves_no_model_directory(tmp_path):
     out = tmp_path / "sft"
-    args = ["llm", "sft", "--steps", "3", "--batch-size", "8", "--n-problems", "8", "--samples", "0",
+    args = ["llm", "sft", "--steps", "3", "--batch-size", "8", "--eval-problems", "8", "--eval-samples", "0",
             "--threads", "1", "--out", str(out)]
     p = _deepgrpo(args, tmp_path, DEEPGRPO_FAILPOINT="atomic-directory")
     assert p.returncode == -signal.SIGKILL
@@ -164,7 +164,7 @@ def test_sft_killed_while_saving_leaves_no_model_directory(tmp_path):
 
 
 def test_sim_run_killed_anywhere_leaves_complete_files_and_reruns_identically(tmp_path):
-    args = ["sim", "run", "--method", "deep-grpo", "--steps", "40", "--n-problems", "16", "--quiet"]
+    args = ["sim", "run", "--method", "deep-grpo", "--steps", "40", "--n-problems", "16", "--no-progress"]
     ref = tmp_path / "ref"
     assert _deepgrpo([*args, "--out", str(ref)], tmp_path).returncode == 0
     reference = (ref / "history.csv").read_bytes()
@@ -230,7 +230,7 @@ def test_every_kind_of_corrupt_input_is_one_line_and_exit_2(micro_dir, tmp_path)
         p = _deepgrpo([*train, "--model", str(m), "--data", str(DATA), "--out", str(out)], d)
         _one_line_exit_2(p, "--model", str(m))
         assert not out.exists(), name
-        p = _deepgrpo(["llm", "eval", "--checkpoint", str(m), "--n-problems", "2", "--samples", "0"], d)
+        p = _deepgrpo(["llm", "eval", "--checkpoint", str(m), "--eval-problems", "2", "--eval-samples", "0"], d)
         _one_line_exit_2(p, "--checkpoint")
     files = {"empty.jsonl": "", "bad.jsonl": '{"question": "1+1=", "answer": "2"}\n{"question": \n',
              "list.jsonl": "[1, 2]\n", "bad.parquet": "PAR1 not really", "notes.txt": "hello"}
@@ -252,8 +252,8 @@ def test_every_kind_of_corrupt_input_is_one_line_and_exit_2(micro_dir, tmp_path)
     # a run to resume, then its checkpoint state and its config corrupted
     run = d / "run"
     p = _deepgrpo([*train, "--model", str(micro_dir), "--data", str(DATA), "--G", "2", "--prompts-per-step", "2",
-                   "--n-problems", "2", "--samples", "0", "--sampling-max-response-tokens", "30",
-                   "--eval-max-response-tokens", "30", "--out", str(run)], d)
+                   "--eval-problems", "2", "--eval-samples", "0", "--max-response-tokens", "30",
+                   "--out", str(run)], d)
     assert p.returncode == 0, p.stderr[-1500:]
     metrics = (run / "metrics.jsonl").read_bytes()
     state = run / "checkpoint" / "trainer_state.pt"

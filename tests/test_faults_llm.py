@@ -84,8 +84,8 @@ def _train_args(micro: tuple[Path, Path], out: Path, steps: int = 12) -> list[st
     model, heldout = micro
     return ["llm", "train", "--model", str(model), "--data", str(DATA), "--eval-data", str(heldout),
             "--method", "deep-grpo", "--G", "4", "--K", "4", "--prompts-per-step", "4", "--steps", str(steps),
-            "--lr", "3e-3", "--checkpoint-every", "1", "--n-problems", "4", "--samples", "2",
-            "--sampling-max-response-tokens", "40", "--threads", "1", "--seed", "5", "--out", str(out)]
+            "--lr", "3e-3", "--checkpoint-every", "1", "--eval-problems", "4", "--eval-samples", "2",
+            "--max-response-tokens", "40", "--threads", "1", "--seed", "5", "--out", str(out)]
 
 
 def _in_private_mounts(script: str, mount_setup: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -150,8 +150,8 @@ def test_disk_full_during_training_and_sft_is_one_line_and_resumes_to_the_same_r
         # same command works once space is freed
         shutil.rmtree(run)
         fill(leave=32768)
-        sft_args = cli + ["llm", "sft", "--steps", "3", "--batch-size", "8", "--n-problems", "8", "--samples", "0",
-                          "--threads", "1", "--out", sft]
+        sft_args = cli + ["llm", "sft", "--steps", "3", "--batch-size", "8", "--eval-problems", "8",
+                          "--eval-samples", "0", "--threads", "1", "--out", sft]
         p = subprocess.run(sft_args, env=env, capture_output=True, text=True)
         out["sft_full"] = {{"code": p.returncode, "err": p.stderr, "visible": visible()}}
         os.remove(os.path.join(mnt, "filler"))
@@ -232,7 +232,7 @@ def test_eval_to_a_read_only_place_is_refused_before_evaluating(micro, tmp_path)
     mnt.mkdir()
     script = f"""
         import json, subprocess, sys, time
-        cli = [sys.executable, "-m", "deepgrpo.cli", "llm", "eval", "--n-problems", "256", "--samples", "8",
+        cli = [sys.executable, "-m", "deepgrpo.cli", "llm", "eval", "--eval-problems", "256", "--eval-samples", "8",
                "--threads", "1"]
         out = {{}}
         for name, args in (("out", ["--checkpoint", {str(model)!r}, "--out", {str(mnt / "ro" / "ev.json")!r}]),

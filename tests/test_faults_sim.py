@@ -22,7 +22,7 @@ from private_mounts import needs_root, run_in_private_mounts  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
-ARGS = ["sim", "run", "--method", "deep-grpo", "--steps", "40", "--n-problems", "16", "--quiet"]
+ARGS = ["sim", "run", "--method", "deep-grpo", "--steps", "40", "--n-problems", "16", "--no-progress"]
 
 
 def _env() -> dict[str, str]:

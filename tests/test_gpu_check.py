@@ -156,6 +156,9 @@ def gpu_machine_run(tmp_path_factory):
     return run_dry(tmp_path_factory.mktemp("gpu-machine"), blocked=blocked_modules())
 
 
+# the whole GPU check as a CPU dry run in a subprocess (about 15 s on 2 shared cores): slow tier,
+# which CI runs; the script's sizes and parts are checked below in the default tier
+@pytest.mark.slow
 def test_dry_run_passes_with_the_gpu_machines_packages(gpu_machine_run):
     proc, summary, modules, seconds = gpu_machine_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -177,6 +180,7 @@ def test_dry_run_passes_with_the_gpu_machines_packages(gpu_machine_run):
     assert summary["packages"]["datasets"]["found"] is False
 
 
+@pytest.mark.slow
 def test_dry_run_figures_are_finite_and_the_zero_gradient_check_ran(gpu_machine_run):
     _, summary, _, _ = gpu_machine_run
     runs = summary["items"]["trainer"]["runs"]

@@ -75,7 +75,7 @@ def test_shared_prefill_equals_a_fresh_prefill_per_row(trained, problems):
         nxt = torch.tensor([7, 8, 9, 10, 11, 12])
         attn = torch.cat([attn, torch.ones(6, 1, dtype=attn.dtype)], 1)
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{engine._cache_name(): cache})
         for b, ctx in enumerate(contexts):
             fresh = model(input_ids=torch.tensor([ctx + [int(nxt[b])]])).logits[0, -1]
             assert torch.allclose(out.logits[b, -1], fresh, atol=1e-5)
@@ -142,16 +142,18 @@ def test_reserved_cache_matches_dynamic_cache_and_falls_back():
     ids = torch.randint(4, 20, (4, 7), generator=g)  # [B, L]
     steps = torch.randint(4, 20, (4, 6), generator=g)  # [B, 6] tokens fed one at a time
 
+    name = HFEngine(model, [tok.eos_token_id], tok.pad_token_id)._cache_name()  # the current API's name (cache)
+
     def decode(cache):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache, logits, rows = out.past_key_values, [out.logits[:, -1]], torch.arange(4)
+        out = model(input_ids=ids, use_cache=True, **{name: cache})
+        cache, logits, rows = getattr(out, name), [out.logits[:, -1]], torch.arange(4)
         for t in range(6):
             if t == 3:  # drop rows 1 and 3 as the engine does for finished rows
                 rows = rows[[0, 2]]
                 cache.batch_select_indices(torch.tensor([0, 2]))
-            out = model(input_ids=steps[rows, t:t + 1], past_key_values=cache, use_cache=True,
-                        position_ids=torch.full((len(rows), 1), 7 + t))
-            cache = out.past_key_values
+            out = model(input_ids=steps[rows, t:t + 1], use_cache=True, position_ids=torch.full((len(rows), 1), 7 + t),
+                        **{name: cache})
+            cache = getattr(out, name)
             logits.append(out.logits[:, -1])
         return logits
 

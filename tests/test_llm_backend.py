@@ -331,7 +331,7 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
         (["train", "--out", str(out)], "--model"),
         (["eval", "--checkpoint", str(tmp_path / "nope")], "--checkpoint"),
         (["eval", "--checkpoint", str(model_dir), "--data", "nofile.jsonl"], "--data"),
-        (["eval", "--checkpoint", str(model_dir), "--samples", "2", "--pass-k", "3"], "--pass-k"),
+        (["eval", "--checkpoint", str(model_dir), "--eval-samples", "2", "--eval-pass-k", "3"], "--eval-pass-k"),
         (["sft", "--out", str(out), "--steps", "-3"], "--steps"),
     ]
     for args, option in cases:
@@ -345,7 +345,7 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
 def test_cli_eval_writes_results(model_dir, tmp_path, capsys):
     out = tmp_path / "ev.json"
     code, cap = _cli(["eval", "--checkpoint", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
-                      "--samples", "4", "--pass-k", "2", "--max-response-tokens", "40", "--threads", "1",
+                      "--eval-samples", "4", "--eval-pass-k", "2", "--eval-max-response-tokens", "40", "--threads", "1",
                       "--out", str(out)],
                      capsys)
     assert code == 0
@@ -405,8 +405,8 @@ def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path,
     out = tmp_path / "run"
     base = ["train", "--model", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
             "--eval-data", _heldout(model_dir), "--method", "grpo", "--G", "2",
-            "--prompts-per-step", "2", "--n-problems", "2", "--samples", "0", "--sampling-max-response-tokens", "30",
-            "--eval-max-response-tokens", "30", "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1"]
+            "--prompts-per-step", "2", "--eval-problems", "2", "--eval-samples", "0", "--max-response-tokens", "30",
+            "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1"]
     code, cap = _cli([*base, "--steps", "2", "--out", str(out)], capsys)
     assert code == 0, cap.err
     written = json.loads((out / "config.json").read_text())
@@ -424,7 +424,7 @@ def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path,
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     # the README's `llm eval --checkpoint RUN_DIR`: a run directory's config.json is the run's, its model
     # is in checkpoint/ (this used to crash on the run's config.json)
-    code, cap = _cli(["eval", "--checkpoint", str(out), "--n-problems", "2", "--samples", "0", "--threads", "1",
+    code, cap = _cli(["eval", "--checkpoint", str(out), "--eval-problems", "2", "--eval-samples", "0", "--threads", "1",
                       "--out", str(tmp_path / "ev.json")], capsys)
     assert code == 0, cap.err
     assert json.loads((tmp_path / "ev.json").read_text())["checkpoint"] == str(out / "checkpoint")

@@ -40,3 +40,36 @@ def test_equal_token_comparison_tables(micro_dir, tmp_path):
     assert (tmp_path / "report" / "at_budget.csv").is_file()
     # a rerun finds every run finished and trains nothing
     assert run_all(cfg, tmp_path, progress=False) == dirs
+
+
+def test_the_readme_command_states_the_settings_of_the_readme_table(micro_dir, tmp_path, capsys):
+    """The README's `study llm-compare` command resolves to the settings the committed table
+    (docs/reports/llm-compare-400k/COMPARISON.md, which the README shows) was made with. The
+    command is run as a shard that trains none of the 18 runs: it resolves and records its
+    settings (settings.json) and stops."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from analysis.llm_compare import DEFAULT_METHODS, main
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    commands = re.findall(r"`(deepgrpo study llm-compare [^`]*)`", readme)
+    assert len(commands) == 1, commands
+    args = shlex.split(commands[0])[3:]
+    args[args.index("--model") + 1] = str(micro_dir)
+    args[args.index("--out") + 1] = str(tmp_path / "cmp")
+    runs = len(DEFAULT_METHODS) * 3
+    assert main([*args, "--shard", f"{runs + 1}/{runs + 2}"]) == 0
+    assert "shard" in capsys.readouterr().out
+    used = json.loads((tmp_path / "cmp" / "settings.json").read_text())["compare"]
+    record = (root / "docs" / "reports" / "llm-compare-400k" / "COMPARISON.md").read_text().splitlines()[0]
+    stated = re.search(r"every run generated ([\d,]+) tokens .* (\d+) training seeds, (\d+) prompts/step, AdamW lr "
+                       r"([\d.e-]+) \((\d+)-step warm-up\); (\d+) held-out problems, (\d+) samples each", record)
+    assert stated, record
+    budget, seeds, prompts, lr, warmup, problems, samples = stated.groups()
+    assert (used["budget"], used["seeds"], used["prompts_per_step"], used["lr"], used["lr_warmup_steps"],
+            used["eval_problems"], used["eval_samples"]) == \
+        (int(budget.replace(",", "")), int(seeds), int(prompts), float(lr), int(warmup), int(problems), int(samples))
+    assert [m[0] for m in used["methods"]] == [m[0] for m in DEFAULT_METHODS]  # the table's rows
+    assert "400,000 generated tokens" in readme and "256 held-out problems" in readme  # the README's own words

@@ -57,7 +57,7 @@ def study_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm_recov")
     model = save_micro_model(root / "model", load_problems(SAMPLE), steps=80, seed=0)
     code = deepgrpo_main(["study", STUDY, "--model", str(model), "--data", str(SAMPLE), "--quick", "--threads", "1",
-                          "--max-tokens", "40", "--out", str(root / "results"), "--no-progress"])
+                          "--max-response-tokens", "40", "--out", str(root / "results"), "--no-progress"])
     assert code == 0
     return root / "results"
 

@@ -35,8 +35,8 @@ def micro(tmp_path_factory) -> tuple[Path, Path]:
 def _train_args(micro: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     model, heldout = micro
     return ["train", "--model", str(model), "--data", str(DATA), "--eval-data", str(heldout), "--method", "grpo",
-            "--G", "2", "--prompts-per-step", "2", "--steps", "2", "--n-problems", "2", "--samples", "0",
-            "--sampling-max-response-tokens", "20", "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1",
+            "--G", "2", "--prompts-per-step", "2", "--steps", "2", "--eval-problems", "2", "--eval-samples", "0",
+            "--max-response-tokens", "20", "--threads", "1", "--no-tensorboard", "--checkpoint-every", "1",
             "--seed", "3", *extra, "--out", str(out)]
 
 
@@ -120,10 +120,10 @@ def test_a_directory_another_process_writes_is_refused(micro, run, tmp_path, cap
     commands = [
         (_train_args(micro, tmp_path / "new"), tmp_path / "new"),
         (["train", "--resume", "--steps", "3", "--out", str(copy)], copy),
-        (["sft", "--steps", "1", "--batch-size", "2", "--n-problems", "2", "--samples", "0", "--threads", "1",
+        (["sft", "--steps", "1", "--batch-size", "2", "--eval-problems", "2", "--eval-samples", "0", "--threads", "1",
           "--out", str(tmp_path / "sft")], tmp_path / "sft"),
-        (["eval", "--checkpoint", str(copy), "--n-problems", "2", "--samples", "0", "--max-response-tokens", "20",
-          "--threads", "1", "--out", str(eval_out)], eval_out),
+        (["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
+          "--eval-max-response-tokens", "20", "--threads", "1", "--out", str(eval_out)], eval_out),
     ]
     for args, target in commands:
         with open(lock_path(target), "a+") as held:
@@ -147,19 +147,26 @@ def test_resume_refuses_a_checkpoint_written_with_another_config(run, tmp_path, 
 
 def test_eval_writes_beside_the_checkpoint_and_survives_the_next_save(run, tmp_path, capsys):
     copy = _copy(run, tmp_path)
-    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--n-problems", "2", "--samples", "0",
-                           "--max-response-tokens", "20", "--threads", "1"], capsys)
+    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
+                           "--eval-max-response-tokens", "20", "--threads", "1"], capsys)
     assert code == 0, err
     written = copy / "eval" / "arith.json"
     assert json.loads(out.strip().splitlines()[-1])["out"] == str(written)
+    assert f"results written to {written}" in err  # said in words, not only in the JSON
     result = written.read_bytes()
     assert json.loads(result)["checkpoint"] == str(copy / "checkpoint")
+    # naming the run's checkpoint directory itself writes to the same place, beside it
+    code, out, err = _cli(["eval", "--checkpoint", str(copy / "checkpoint"), "--eval-problems", "2",
+                           "--eval-samples", "0", "--eval-max-response-tokens", "20", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["out"] == str(written) and written.read_bytes() == result
+    assert not (copy / "checkpoint" / "eval").exists()
     code, _, err = _cli(["train", "--resume", "--steps", "3", "--out", str(copy)], capsys)
     assert code == 0, err
     assert written.read_bytes() == result and not list((copy / "checkpoint").glob("eval*"))
     # an --out that cannot be written is refused before the evaluation
     (tmp_path / "afile").write_text("x")
-    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--n-problems", "2", "--samples", "0",
+    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
                            "--out", str(tmp_path / "afile" / "ev.json")], capsys)
     _one_error_line(code, err, "--out", "afile")
     assert out == ""
@@ -192,9 +199,9 @@ def test_a_nonfinite_gradient_norm_warns_once_and_metrics_stay_strict_json(micro
     (["--method", "deep-grpo", "--G", "1000000"], "--G", "memory"),
     (["--method", "deep-grpo", "--K", "1000000"], "--K", "memory"),
     (["--method", "deep-grpo", "--prompts-per-step", "1000000000"], "--prompts-per-step", "memory"),
-    (["--sampling-max-response-tokens", "1000000000"], "--sampling-max-response-tokens", "context"),
-    (["--sampling-max-response-tokens", "90"], "--sampling-max-response-tokens", "context"),  # prompt + 90 > 96
-    (["--data", "arith", "--n-problems", "1000000000"], "--n-problems", "memory"),  # the built-in held-out set
+    (["--max-response-tokens", "1000000000"], "--max-response-tokens", "context"),
+    (["--max-response-tokens", "90"], "--max-response-tokens", "context"),  # prompt + 90 > 96
+    (["--data", "arith", "--eval-problems", "1000000000"], "--eval-problems", "memory"),  # the built-in held-out set
 ])
 def test_sizes_that_cannot_fit_are_refused_before_anything_is_written(micro, tmp_path, capsys, flags, option, why):
     model, heldout = micro
@@ -217,8 +224,8 @@ def test_a_prompt_or_response_longer_than_the_context_is_refused(micro, tmp_path
                          "--out", str(out)], capsys)
     _one_error_line(code, err, "--data", "long.jsonl", "context of 96 tokens")
     assert not out.exists()
-    for flags, option in ((["--max-response-tokens", "1000000000"], "--max-response-tokens"),
-                          (["--n-problems", "1000000000"], "--n-problems")):
+    for flags, option in ((["--eval-max-response-tokens", "1000000000"], "--eval-max-response-tokens"),
+                          (["--eval-problems", "1000000000"], "--eval-problems")):
         code, _, err = _cli(["eval", "--checkpoint", str(model), *flags, "--out", str(tmp_path / "ev.json")], capsys)
         _one_error_line(code, err, option)
     assert not (tmp_path / "ev.json").exists()

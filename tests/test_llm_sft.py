@@ -30,6 +30,30 @@ def test_sft_batch_masks_the_prompt():
         assert torch.equal(labels[b, n_prompt:n], ids[b, n_prompt:n])
 
 
+def test_sft_batch_tensors_by_hand():
+    """``1+2=`` -> ``1+2=3;3``, padded after ``2+30=`` -> ``2+30=32;32`` (one token per character)."""
+    from llm.models import char_vocab
+    from llm.tasks import DATA_DIR, encode_prompt, load_problems
+    v = char_vocab()
+    tok = build_char_tokenizer()
+    ids, attn, labels = sft_batch([arithmetic_problem([1, 2]), arithmetic_problem([2, 30])], tok)
+
+    def chars(text):
+        return [v[c] for c in text]
+    first = [v["<bos>"], *chars("1+2="), *chars("1+2=3;3"), v["<eos>"]]
+    second = [v["<bos>"], *chars("2+30="), *chars("2+30=32;32"), v["<eos>"]]
+    assert ids.tolist() == [first + [v["<pad>"]] * 4, second]
+    assert attn.tolist() == [[1] * 13 + [0] * 4, [1] * 17]
+    assert labels.tolist() == [[-100] * 5 + first[5:] + [-100] * 4, [-100] * 6 + second[6:]]
+    assert ids.dtype == attn.dtype == labels.dtype == torch.int64
+    # prompts are encoded as encode_prompt encodes them without a chat template (GSM8K: with its instruction)
+    gsm = load_problems(DATA_DIR / "gsm8k_sample.jsonl")[:1]
+    ids, attn, labels = sft_batch(gsm, tok)
+    n = len(encode_prompt(gsm[0], tok, use_chat_template=False))
+    assert ids[0, :n].tolist() == encode_prompt(gsm[0], tok, use_chat_template=False)
+    assert (labels[0, :n] == -100).all() and labels[0, n] == ids[0, n] != -100
+
+
 def test_lr_schedule():
     assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)

@@ -13,7 +13,7 @@ import torch
 from deepgrpo.cli import main as deepgrpo_main
 
 RUN = ["sim", "run", "--method", "grpo", "--steps", "2", "--n-problems", "4", "--n-heldout", "0", "--depth", "4",
-       "--quiet"]
+       "--no-progress"]
 HOLDER = textwrap.dedent("""
     import sys
     from deepgrpo.records import lock_output

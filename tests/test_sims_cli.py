@@ -66,7 +66,7 @@ def test_bad_input_through_the_deepgrpo_command(tmp_path, capsys):
 def test_run_writes_history_and_run_record(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--method", "deep-grpo", "--steps", "3", "--seed", "2", "--n-problems", "12", "--depth", "8",
-            "--K", "4", "--set", "aggregation=seq-mean-token-mean", "--quiet", "--out", str(out)]
+            "--K", "4", "--set", "aggregation=seq-mean-token-mean", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     assert "deep-grpo: exact pass@1" in capsys.readouterr().out
     hist = pd.read_csv(out / "history.csv")

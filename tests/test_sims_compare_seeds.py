@@ -78,3 +78,18 @@ def test_figure_draws_a_mean_and_a_band_per_method_and_says_why_held_out_is_flat
 def test_seeds_must_be_positive():
     with pytest.raises(ValueError, match="seeds = 0"):
         run_compare(SPEC, RUNNER, methods=METHODS, seeds=0)
+
+
+def test_the_command_takes_seeds_and_refuses_none(tmp_path, capsys):
+    import pandas as pd
+
+    from deepgrpo.cli import main
+    out = tmp_path / "cmp"
+    assert main(["sim", "compare", "--seeds", "2", "--seed", "3", "--budget", "2000", "--n-problems", "8",
+                 "--batch-problems", "4", "--no-figure", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "seeds 3-4 (2 runs per method" in printed and "±" in printed
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary["seeds"] == 2).all() and summary["pass1_at_budget_ci95"].notna().all()
+    assert main(["sim", "compare", "--seeds", "0", "--out", str(tmp_path / "none")]) == 2
+    assert "--seeds" in capsys.readouterr().err and not (tmp_path / "none").exists()

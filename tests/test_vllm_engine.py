@@ -249,7 +249,7 @@ def test_llm_recoverability_study_runs_on_the_vllm_engine(tmp_path):
     model = save_micro_model(tmp_path / "model", load_problems(sample), steps=80, seed=0, config=SHAPE)
     out = tmp_path / "results"
     assert deepgrpo_main(["study", "llm-recoverability", "--model", str(model), "--data", str(sample), "--quick",
-                          "--threads", "1", "--max-tokens", "40", "--engine", "vllm", "--out", str(out),
+                          "--threads", "1", "--max-response-tokens", "40", "--engine", "vllm", "--out", str(out),
                           "--no-progress"]) == 0
     meta = json.loads((out / "llm-recoverability" / "study.json").read_text())
     assert meta["config"]["engine"] == "vllm" and meta["sizes"]["candidates"] > 0
