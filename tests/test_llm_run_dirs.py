@@ -278,10 +278,16 @@ def test_recover_interrupted_puts_the_newest_complete_checkpoint_in_place(tmp_pa
 def test_ctrl_c_waits_for_the_checkpoint_swap_to_end():
     from deepgrpo.records import signals_held
     reached = False
-    with pytest.raises(KeyboardInterrupt):
-        with signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            reached = True  # not interrupted inside the block
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job starts
+    # with SIGINT ignored, and the held signal then goes where it was meant to: nowhere)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached = True  # not interrupted inside the block
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert reached
 
 
