@@ -1,4 +1,5 @@
-"""Test-session setup: one torch thread per test process, caches under a temporary directory.
+"""Test-session setup: one torch thread per test process, caches under a temporary directory,
+and (with pytest-xdist installed) one test process per core.
 
 Torch's OpenMP threads spin while waiting; with several test processes (or another CPU-heavy
 job) on two cores they fight over the cores and the suite slows down many-fold. Every test
@@ -26,6 +27,32 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/toy_backend.py
 torch.set_num_threads(1)
+
+
+MAX_WORKERS = 4  # more processes than this cost more in start-up and memory than they save here
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With pytest-xdist installed and no ``-n`` given, run the tests in one process per core
+    (at most :data:`MAX_WORKERS`), each test file whole in one process so that its module
+    fixtures are built once. One file named on the command line runs in this process (starting
+    workers would cost more than it saves), as does everything with ``-n 0``; without pytest-xdist
+    (a machine that has only pytest) nothing changes."""
+    opt = config.option
+    targets = {arg.split("::")[0] for arg in config.args}
+    one_file = len(targets) == 1 and os.path.isfile(next(iter(targets)))
+    if (getattr(opt, "numprocesses", "absent") is None and not one_file
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        opt.numprocesses = "auto"
+        if opt.dist == "no":
+            opt.dist = "loadfile"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

@@ -188,14 +188,17 @@ def test_sigterm_stops_the_study_like_ctrl_c_and_a_rerun_resumes(reference, tmp_
 
 def test_a_second_study_process_on_the_same_out_is_refused_and_the_first_finishes(tmp_path):
     out = tmp_path / "two"
-    # a budget ten times the smoke size's, so that the first study is still running when the
-    # second one (about a second to start) reaches the directory
-    first = subprocess.Popen([*_args(out), "--budget", "40000"], env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(_args(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     _wait_for_cells(first, out)
-    second = subprocess.run([*_args(out), "--budget", "40000"], env=_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert first.poll() is None, "the first study ended before the second one started"
+    # the first study (and its pool) is paused while the second one tries the directory, so that
+    # the first is surely still running, however fast it is and however loaded the machine
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(_args(out), env=_env(), capture_output=True, text=True, timeout=600)
+        assert first.poll() is None, "the first study ended before the second one started"
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
     assert second.returncode == 2, second.stderr
