@@ -74,7 +74,10 @@ def _write_features_t(problems: ProblemSet, dim: int, out: torch.Tensor, scratch
         out.copy_(phi)
         return
     draw = torch.randn(out.shape[1], dim, generator=_feature_generator(problems), out=scratch)
-    torch.div(draw.t(), dim ** 0.5, out=out)
+    # a blocked transposing copy, then the divide in place: the same bits as dividing while
+    # transposing, about 4x faster (the element-wise kernel walks the transposed draw by strides)
+    out.copy_(draw.t())
+    out.div_(dim ** 0.5)
     if keep:
         _FEATURE_CACHE[key] = out.clone()
         while sum(t.numel() * t.element_size() for t in _FEATURE_CACHE.values()) > FEATURE_CACHE_BYTES \

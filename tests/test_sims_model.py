@@ -379,3 +379,19 @@ def test_oracle_ladder_methods_train_in_the_simulator(method, one_torch_thread):
                  seed=0).history
     assert hist[-1]["pivots"] > 0 and hist[-1]["rollouts_aux"] > 0
     assert 0 <= hist[-1]["pivot_oracle_success"] <= 1
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_features_buffer_holds_the_bits_of_random_features_transposed(cached, monkeypatch):
+    """The features policy writes each run's φ straight into its buffer (transposed, divided in
+    place, or copied from the per-process cache): exactly :func:`random_features`' numbers."""
+    import sims.policy as policy_module
+    from sims.policy import random_features
+    monkeypatch.setattr(policy_module, "_FEATURE_CACHE", type(policy_module._FEATURE_CACHE)())
+    sets = [TokenTreeSpec(n_problems=3, n_heldout=2, seed=s).build() for s in (11, 12)]
+    if cached:
+        TokenTreePolicy(sets, "features", 24)  # fills the cache
+        assert len(policy_module._FEATURE_CACHE) == 2
+    policy = TokenTreePolicy(sets, "features", 24)
+    for r, ps in enumerate(sets):
+        assert torch.equal(policy.features[r], random_features(ps, 24).t())
