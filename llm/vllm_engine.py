@@ -34,7 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,37 @@ CPU_BLOCK_SIZE = 32
 
 
 @dataclass
+class _RowReports:
+    """What vLLM's ``LLM.generate(use_tqdm=...)`` uses of a progress bar (``update``, ``n``,
+    ``postfix``, ``format_dict["elapsed"]``, ``refresh``, ``close``), drawing nothing: each
+    finished request's rows go to ``report``."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self.report, self.n, self.postfix, self._start = report, 0, "", time.perf_counter()
+
+    @classmethod
+    def factory(cls, report: Callable[[int], None]) -> Callable[..., Any]:
+        """The ``use_tqdm`` callable: the prompts vLLM renders pass through untouched (no bar),
+        the requests it runs are counted."""
+        def make(iterable: Any = None, **_: Any) -> Any:
+            return iterable if iterable is not None else cls(report)
+        return make
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        return {"elapsed": max(time.perf_counter() - self._start, 1e-9)}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.report(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class VLLMEngineConfig:
     """Settings of the in-process vLLM engine (the paper's runs use vLLM rollouts; these are
     engine mechanics, not algorithm settings, of DEEP-GRPO arXiv 2602.14169).
@@ -204,6 +236,9 @@ class VLLMEngine:
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.rng = np.random.default_rng(c.seed)
         self.weight_version = 0
+        self.row_progress: Callable[[int], None] | None = None
+        """Called with k whenever k more rows of a ``generate`` call have ended (see
+        :func:`llm.engine.reporting_rows`), from vLLM's own loop as its requests finish."""
         self.reset_counters()
 
     # -- RolloutEngine -----------------------------------------------------------------------
@@ -240,9 +275,14 @@ class VLLMEngine:
                 n=1, temperature=float(temperature), top_p=float(top_p), max_tokens=limit, logprobs=0,
                 seed=int(row_seeds[r]), ignore_eos=True, stop_token_ids=list(stops), detokenize=False))
             todo.append(r)
+        report = self.row_progress
+        if report is not None and len(todo) < len(rows):
+            report(len(rows) - len(todo))  # rows with nothing to generate end at once
         if prompts:
+            # one request per row: vLLM calls the bar's update(1) as each one finishes
+            progress = _RowReports.factory(report) if report is not None else False
             with torch_threads(None if self.on_gpu else self.config.generate_threads):
-                results = self.llm.generate(prompts, params, use_tqdm=False)
+                results = self.llm.generate(prompts, params, use_tqdm=progress)
             for r, res in zip(todo, results):
                 o = res.outputs[0]
                 toks = [int(t) for t in o.token_ids]

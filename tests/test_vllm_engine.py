@@ -111,6 +111,21 @@ def test_rows_counts_limits_stops_and_seeds(engine):
     assert g.token_ids == greedy[:first + 1] and len(g.logprobs) == first + 1
 
 
+def test_rows_are_reported_as_they_end_and_sample_the_same(engine):
+    """With a progress hook (llm.engine.reporting_rows) every row is reported once — the rows with
+    nothing to generate at once, the others as vLLM finishes them — and the tokens are those of
+    the same call without the hook."""
+    from llm.engine import reporting_rows
+    kw = dict(max_new_tokens=[12, 5, 0], stop_token_ids=[], seed=3)
+    plain = engine.generate([PROMPT, [1, 5], [1, 6, 7]], [2, 1, 3], **kw)
+    seen: list[int] = []
+    with reporting_rows(engine, seen.append) as live:
+        hooked = engine.generate([PROMPT, [1, 5], [1, 6, 7]], [2, 1, 3], **kw)
+    assert live and engine.row_progress is None
+    assert seen[0] == 3 and seen[1:] == [1, 1, 1]  # the 3 empty rows first, then one per request
+    assert [g.token_ids for g in hooked] == [g.token_ids for g in plain]
+
+
 def test_rows_stop_at_max_model_len(engine):
     long_prompt = [1] + [5] * (engine.max_model_len - 11)
     g = engine.generate([long_prompt], 1, max_new_tokens=50, stop_token_ids=[], seed=0)[0]
