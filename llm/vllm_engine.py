@@ -56,7 +56,6 @@ CPU_BLOCK_SIZE = 32
 """KV block size of a CPU engine when none is configured (the smallest the CPU attention takes)."""
 
 
-@dataclass
 class _RowReports:
     """What vLLM's ``LLM.generate(use_tqdm=...)`` uses of a progress bar (``update``, ``n``,
     ``postfix``, ``format_dict["elapsed"]``, ``refresh``, ``close``), drawing nothing: each
@@ -88,6 +87,7 @@ class _RowReports:
         pass
 
 
+@dataclass
 class VLLMEngineConfig:
     """Settings of the in-process vLLM engine (the paper's runs use vLLM rollouts; these are
     engine mechanics, not algorithm settings, of DEEP-GRPO arXiv 2602.14169).
