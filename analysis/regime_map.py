@@ -43,8 +43,10 @@ tuning runs), ``tuned_lr.csv`` (per regime, method, unit and rate: criterion, ch
 the budget; every later table, figure and finding is computed from it), ``map.csv`` (one row per
 cell and method: mean and 95 % CI over seeds), ``effects.csv`` (one row per cell and
 comparison), ``cells.csv`` (one row per cell: winner, best GRPO-N, the two headline
-differences), ``heatmap.png``, ``waterfall_tokens.png``, ``waterfall_rollouts.png``,
-``theory/`` (the exact oracle curves of every spread x recovery on the map's problem sets) and
+differences), ``readouts.csv`` (the headline and ladder comparisons under every readout:
+pass@1 at 1/8, 1/4, 1/2 and the whole budget, its AUC, the budget to halfway; and each cell's
+headline readout by a saturation rule fixed before comparing), ``heatmap.png``,
+``waterfall_tokens.png``, ``waterfall_rollouts.png``, ``theory/`` (the exact oracle curves of every spread x recovery on the map's problem sets) and
 ``study.json``. ``deepgrpo report --results OUT`` adds the map and the paper's claims to
 ``REPORT.md``; ``--readme README.md`` rewrites the README's simulator results from it.
 """
@@ -177,6 +179,21 @@ VERDICTS = ("holds", "partly", "fails", "inconclusive")
 CEILING = 0.95
 """A cell is *at the ceiling* when every method of GRPO-N and the ladder ends with mean pass@1 at
 least this (the report lists them: no method can show a gain there)."""
+READOUT_FRACTIONS: dict[str, float] = {"pass1_at_1_8": 1 / 8, "pass1_at_1_4": 1 / 4, "pass1_at_1_2": 1 / 2}
+"""Earlier readouts of training exact pass@1: per-run columns at these fractions of the cell's
+budget (``pass1_at`` is the whole budget)."""
+READOUTS: dict[str, str] = {"pass1_at_1_8": "1/8 budget", "pass1_at_1_4": "1/4 budget",
+                            "pass1_at_1_2": "1/2 budget", "pass1_at": "budget", "pass1_auc": "AUC",
+                            "budget_to_half": "budget to halfway"}
+"""Every readout the verdicts are shown under (column -> label): training exact pass@1 at four
+budgets, its AUC over [0, budget], and the budget needed to reach a threshold."""
+LOWER_IS_BETTER = frozenset({"budget_to_half"})
+"""Readouts where a lower value is the better one (the comparisons' ``higher`` means slower)."""
+HEADLINE_SATURATION = 0.9
+"""The rule for a cell's headline readout, fixed before any method is compared: the largest of
+the four budgets (1/8, 1/4, 1/2, 1) at which the best method's mean training pass@1 (best of
+GRPO-N and the ladder) is still below this, so the best method is not saturated there; the
+smallest budget if it is saturated at all four."""
 
 
 def claim_verdict(rule: str, verdicts: Sequence[str]) -> str:
@@ -281,15 +298,42 @@ def _optimizer(cell: Cell) -> str:
 # tables
 
 
+def budget_to_threshold(curves: RunCurves, unit: str, budget: float, share: float = 0.5) -> np.ndarray:
+    """``[R]`` the fraction of ``budget`` (in ``unit``) each run spent before its training exact
+    pass@1 first reached the threshold ``start + share · (1 - start)`` (halfway from its own
+    start to 1 by default; its start is the same for every method on a seed, so the comparison is
+    paired): the spending is interpolated linearly between the last step below the threshold and
+    the first at or above it. A run that never reaches it within the budget counts as 1 (the
+    whole budget): the readout is capped, so a difference involving such runs is a lower bound on
+    the real one."""
+    spend = curves.column(unit).astype(np.float64)
+    value = curves.column("pass1").astype(np.float64)
+    start = curves.first("pass1").to_numpy(np.float64)
+    goal = start + share * (1.0 - start)  # [R]
+    hit = (value >= goal[curves.run]) & (spend <= budget)
+    first = curves.first_where(hit)
+    out = np.ones(curves.n_runs)
+    ok = first >= 0
+    i = first[ok]
+    prev = np.maximum(i - 1, curves.starts[ok])  # the step before (the run's first step: itself)
+    x0, x1, y0, y1 = spend[prev], spend[i], value[prev], value[i]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(y1 > y0, (goal[ok] - y0) / (y1 - y0), 1.0)
+    out[ok] = (x0 + np.clip(w, 0.0, 1.0) * (x1 - x0)) / budget
+    return out
+
+
 def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int]) -> pd.DataFrame:
     """One row per (evaluation run, unit) at that unit's chosen rate: the cell and method
     columns, ``seed``, ``problem_set_seed``, ``lr``, ``lr_edge``, ``budget`` (the unit's),
     ``reached`` (the run spent it), ``steps`` (steps taken to reach it: the first step at which the
     run had spent at least the budget), ``pass1_start``, ``pass1_at`` / ``pass1_auc`` (training
     exact pass@1 at the budget / mean over [0, budget]), ``heldout_pass1_at`` /
-    ``heldout_pass1_auc`` and ``pivot_oracle_success`` (mean exact P(success | branch prefix) over
-    the run's steps; NaN for root sampling). Every run is read in one vectorised pass
-    (:class:`~analysis.protocol.RunCurves`)."""
+    ``heldout_pass1_auc``, the earlier readouts ``pass1_at_1_8`` / ``pass1_at_1_4`` /
+    ``pass1_at_1_2`` (training exact pass@1 at that fraction of the budget),
+    ``budget_to_half`` (:func:`budget_to_threshold`) and ``pivot_oracle_success`` (mean exact
+    P(success | branch prefix) over the run's steps; NaN for root sampling). Every run is read in
+    one vectorised pass (:class:`~analysis.protocol.RunCurves`)."""
     keep = (*REGIME, "name", "family")
     curves = RunCurves(runs, ["variant", "lr", "seed"])
     table = budget_table(runs, keep=keep, ends={u: float(e) for u, e in ends.items()}, curves=curves)
@@ -301,6 +345,9 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
     for u in BUDGET_UNITS:
         first = curves.first_where(curves.column(u) >= ends[u] - 1e-9)
         steps_to[u] = np.array([float(step[i]) if i >= 0 else float("nan") for i in first])
+    early = {(u, col): curves.value_and_auc(u, "pass1", frac * ends[u])[0]
+             for u in BUDGET_UNITS for col, frac in READOUT_FRACTIONS.items()}
+    to_half = {u: budget_to_threshold(curves, u, ends[u]) for u in BUDGET_UNITS}
     chosen = tuned[tuned.chosen.astype(bool)]
     frames = []
     for u in BUDGET_UNITS:
@@ -315,6 +362,9 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
         if f"heldout_pass1_at_{u}" in sel:
             f["heldout_pass1_at"] = sel[f"heldout_pass1_at_{u}"].to_numpy()
             f["heldout_pass1_auc"] = sel[f"heldout_pass1_auc_{u}"].to_numpy()
+        for col in READOUT_FRACTIONS:
+            f[col] = early[(u, col)][mask]
+        f["budget_to_half"] = to_half[u][mask]
         f["problem_set_seed"] = problem_set_seed[mask].tolist()
         f["pivot_oracle_success"] = pivot_oracle_success[mask].tolist()
         f["steps"] = steps_to[u][mask].tolist()
@@ -443,9 +493,10 @@ def map_table(per: pd.DataFrame) -> pd.DataFrame:
     """One row per (cell, method): the cell's columns, ``name``, ``family``, ``lr`` (chosen for
     the unit), ``lr_edge``, ``budget``, ``seeds``, ``steps`` (mean steps to the budget), and
     mean with 95 % t-interval over seeds (``*_low``, ``*_high``) of training and held-out
-    pass@1 at the budget and of the training AUC."""
+    pass@1 at the budget, of the training AUC and of every other readout of :data:`READOUTS`."""
     rows = []
-    values = [v for v in ("pass1_at", "heldout_pass1_at", "pass1_auc") if v in per]
+    values = [v for v in ("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUT_FRACTIONS, "budget_to_half")
+              if v in per]
     by = [*CELL, "name"]
     col = _columns(per, (*by, "family", "lr", "lr_edge", "budget", "seed"))
     steps = per.steps.to_numpy(np.float64)
@@ -496,6 +547,61 @@ def cells_table(per: pd.DataFrame, effects: pd.DataFrame, tuned: pd.DataFrame) -
                         and abs(diff) >= EQUIVALENCE_MARGIN})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def headline_readouts(per: pd.DataFrame) -> dict[tuple, str]:
+    """``{cell: readout column}``: each cell's headline readout by the :data:`HEADLINE_SATURATION`
+    rule (decided from the best method's mean pass@1 alone, before any comparison)."""
+    budgets = [b for b in (*READOUT_FRACTIONS, "pass1_at") if b in per]  # in increasing budget (a map
+    # written before the earlier readouts existed has only the whole budget)
+    pool = per[per.name.isin(WINNER_POOL)]
+    means = pool.groupby([*CELL, "name"], sort=False)[budgets].mean()
+    best = means.groupby(level=list(range(len(CELL))), sort=False).max()
+    out = {}
+    for key, row in zip(best.index, best.to_numpy(np.float64)):
+        below = [b for b, v in zip(budgets, row) if v < HEADLINE_SATURATION]
+        out[tuple(key)] = below[-1] if below else budgets[0]
+    return out
+
+
+def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
+    """The headline and ladder comparisons of :func:`effects_table` under every readout of
+    :data:`READOUTS` present in ``per``: its rows with ``readout`` (the label), ``better`` (the
+    verdict read in the readout's direction: ``better``/``worse`` for a significant difference,
+    else the verdict), ``pair`` (the comparison without the cell's best N) and ``headline`` (this
+    readout is the cell's :func:`headline_readouts`)."""
+    head = headline_readouts(per)
+    frames = []
+    for metric, label in READOUTS.items():
+        if metric not in per:
+            continue
+        e = effects_table(per, tuned, metric)
+        e = e[e.family.isin(("headline", "ladder"))].copy()
+        good, bad = ("lower", "higher") if metric in LOWER_IS_BETTER else ("higher", "lower")
+        e["readout"] = label
+        e["pair"] = e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True)  # the best N differs by cell
+        e["better"] = e.verdict.map({good: "better", bad: "worse"}).fillna(e.verdict)
+        e["headline"] = [head.get(k) == metric for k in zip(*(e[c] for c in CELL))]
+        frames.append(e)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
+    """A markdown table: per comparison (rows) and readout (columns), in how many cells the
+    reference is significantly better / worse (Holm within the cell), and the same at each cell's
+    headline readout."""
+    from analysis.tables import markdown_table
+    labels = list(dict.fromkeys(readouts.readout))
+    rows = []
+    for pair, g in readouts.groupby("pair", sort=False):
+        row = {"comparison": pair}
+        for label in labels:
+            r = g[g.readout == label]
+            row[label] = f"{int((r.better == 'better').sum())} / {int((r.better == 'worse').sum())}"
+        h = g[g.headline]
+        row["headline readout"] = f"{int((h.better == 'better').sum())} / {int((h.better == 'worse').sum())}"
+        rows.append(row)
+    return [markdown_table(pd.DataFrame(rows)), ""]
 
 
 # ------------------------------------------------------------------------------------------
@@ -889,6 +995,7 @@ def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame) -> None:
     write_csv_atomic(d / "map.csv", map_table(per))
     write_csv_atomic(d / "effects.csv", effects)
     write_csv_atomic(d / "cells.csv", cells)
+    write_csv_atomic(d / "readouts.csv", readouts_table(per, tuned))
     heatmaps(cells, d / "heatmap.png")
     for u in BUDGET_UNITS:
         waterfalls(per, effects, tuned, u, d / f"waterfall_{u}.png")
@@ -1082,6 +1189,18 @@ def report_section(root: str | Path) -> list[str] | None:
     ladder_land = [(n, land.get(n, np.nan)) for n in LADDER if n != BEST_GRPO]
     lines.append("- Exact P(success | branch prefix) of the branch points, mean over the map (tokens): "
                  + "; ".join(f"{n} {x:.3f}" for n, x in ladder_land if np.isfinite(x)) + ".")
+    readouts = readouts_table(per, tuned)
+    if len(readouts):
+        head = pd.Series(headline_readouts(per)).map(READOUTS).value_counts()
+        lines += ["", "**How the verdicts move with the readout** (cells where the first method is significantly "
+                  f"better / worse than the second, of {n_cells}; Holm within each cell and readout; pass@1 at 1/8, "
+                  "1/4, 1/2 and the whole budget, its AUC, and the budget needed to get halfway from the run's start "
+                  "to pass@1 = 1, where less is better and a run that never gets there counts as the whole budget). "
+                  "The *headline readout* of a cell is fixed by a rule before any comparison: the largest of the four "
+                  f"budgets at which the best method's mean pass@1 is still below {HEADLINE_SATURATION:g}, so that it "
+                  "is not saturated there (the smallest budget if it is at all four); it is "
+                  + ", ".join(f"{label} in {k}" for label, k in head.items()) + f" of the {n_cells} cells.", ""]
+        lines += readout_lines(readouts, n_cells)
     lines += ["", "![ladder, tokens](regime-map/waterfall_tokens.png)", "",
               "![ladder, rollouts](regime-map/waterfall_rollouts.png)", "", "**Cells**", ""]
     show = cells.assign(**{
@@ -1161,6 +1280,16 @@ def readme_block(root: str | Path) -> str:
                + "; ".join(f"{name.split(' minus ')[0]} {int((g.verdict == 'higher').sum())}/"
                            f"{int((g.verdict == 'lower').sum())}" for name, g in lad.groupby("comparison", sort=False))
                + ".")
+    readouts = readouts_table(per, tuned)
+    if len(readouts):
+        deep = readouts[readouts.pair == f"{DEEP} minus {BEST_GRPO}"]
+        parts = [f"{label} {int((g.better == 'better').sum())}/{int((g.better == 'worse').sum())}"
+                 for label, g in deep.groupby("readout", sort=False)]
+        h = deep[deep.headline]
+        out.append("- By readout, DEEP-GRPO vs the best GRPO-N significantly better/worse (of " + str(n) + " cells): "
+                   + "; ".join(parts) + f"; at each cell's headline readout (the largest budget where the best "
+                   f"method is below {HEADLINE_SATURATION:g}) {int((h.better == 'better').sum())}/"
+                   f"{int((h.better == 'worse').sum())}.")
     for c in CLAIMS:
         t = table[table.claim == c.key]
         out.append(f"- ({c.key}) {c.title}: " + _count(t, "verdict", VERDICTS) + " cells (fails: "

@@ -161,6 +161,60 @@ def test_quick_map_best_grpo_and_holm_come_from_their_definitions(quick_map):
         assert (e[e.family == f"claim {c.key}"].groupby(list(rm.CELL)).size() == len(c.others)).all()
 
 
+def _budget_to_half(spend, value, budget):
+    """The capped budget-to-threshold of one run, written out step by step."""
+    goal = value[0] + 0.5 * (1.0 - value[0])
+    for k in range(len(spend)):
+        if spend[k] > budget:
+            break
+        if value[k] >= goal:
+            j = max(k - 1, 0)
+            w = (goal - value[j]) / (value[k] - value[j]) if value[k] > value[j] else 1.0
+            return (spend[j] + min(max(w, 0.0), 1.0) * (spend[k] - spend[j])) / budget
+    return 1.0
+
+
+def test_quick_map_readouts_come_from_their_definitions(quick_map):
+    """pass@1 at 1/8, 1/4 and 1/2 of the budget and the budget to halfway are each run's own
+    curve read there; every readout has the headline and ladder comparisons of every cell, one
+    headline readout per cell chosen by the saturation rule, and the whole-budget readout's
+    comparisons are effects.csv's."""
+    from analysis.protocol import value_and_auc
+    per = _read(quick_map, "per_run.csv")
+    runs = _read(quick_map, "runs.csv")
+    readouts = _read(quick_map, "readouts.csv")
+    effects = _read(quick_map, "effects.csv")
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(per), size=12, replace=False):
+        r = per.iloc[i]
+        run = runs[(runs.variant == r.variant) & np.isclose(runs.lr, r.lr) & (runs.seed == r.seed)].sort_values("step")
+        spend, value = run[r.unit].to_numpy(np.float64), run.pass1.to_numpy(np.float64)
+        for col, frac in rm.READOUT_FRACTIONS.items():
+            assert r[col] == value_and_auc(spend, value, frac * r.budget)[0], (col, r.variant)
+        assert r.budget_to_half == pytest.approx(_budget_to_half(spend, value, r.budget), rel=1e-12, abs=1e-12)
+    assert per.budget_to_half.between(0, 1).all() and (per.budget_to_half < 1).any()
+    n_cells = per.groupby(list(rm.CELL)).ngroups
+    assert set(readouts.readout) == set(rm.READOUTS.values())
+    per_readout = readouts.groupby("readout").size()
+    assert (per_readout == n_cells * (2 + len(rm.LADDER) - 1)).all()
+    # one headline readout per cell and comparison: the largest budget where the best mean is below the rule's level
+    assert (readouts.groupby([*rm.CELL, "pair"]).headline.sum() == 1).all()
+    budgets = [*rm.READOUT_FRACTIONS, "pass1_at"]
+    pool = per[per.name.isin(rm.WINNER_POOL)]
+    best = pool.groupby([*rm.CELL, "name"])[budgets].mean().groupby(level=list(range(len(rm.CELL)))).max()
+    for key, row in best.iterrows():
+        below = [b for b in budgets if row[b] < rm.HEADLINE_SATURATION]
+        label = rm.READOUTS[below[-1] if below else budgets[0]]
+        sel = readouts[np.logical_and.reduce([readouts[c] == v for c, v in zip(rm.CELL, key)]) & readouts.headline]
+        assert set(sel.readout) == {label}, key
+    # the whole-budget readout is effects.csv's; "better" reads a lower-is-better readout downward
+    whole = readouts[readouts.readout == rm.READOUTS["pass1_at"]]
+    e = effects[(effects.metric == "pass1_at") & effects.family.isin(["headline", "ladder"])]
+    assert whole["diff"].to_numpy() == pytest.approx(e["diff"].to_numpy(), nan_ok=True)
+    slow = readouts[readouts.readout == rm.READOUTS["budget_to_half"]]
+    assert ((slow.better == "better") == (slow.verdict == "lower")).all()
+
+
 @pytest.mark.slow
 def test_quick_map_rerun_does_no_repeated_work(quick_map, tmp_path):
     """A second run in the same directory runs nothing and rewrites the same per-run table (slow
@@ -189,6 +243,7 @@ def test_quick_map_report_and_readme_block(quick_map, tmp_path, capsys):
     assert "old text" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
     assert rm.readme_block(quick_map) in text
     assert "(a) root saturation" in text and "DEEP-GRPO vs the best GRPO-N" in text
+    assert "By readout, DEEP-GRPO vs the best GRPO-N" in text and "**How the verdicts move with the readout**" in report
     bad = tmp_path / "BAD.md"
     bad.write_text("no markers\n")
     assert deepgrpo_main(["report", "--results", str(quick_map), "--readme", str(bad)]) == 2
