@@ -46,8 +46,8 @@ comparison), ``cells.csv`` (one row per cell: winner, best GRPO-N, the two headl
 differences), ``readouts.csv`` (the headline and ladder comparisons under every readout:
 pass@1 at 1/8, 1/4, 1/2 and the whole budget, its AUC, the budget to halfway; and each cell's
 headline readout by a saturation rule fixed before comparing), ``heatmap.png``,
-``waterfall_tokens.png``, ``waterfall_rollouts.png``, ``theory/`` (the exact oracle curves of every spread x recovery on the map's problem sets) and
-``study.json``. ``deepgrpo report --results OUT`` adds the map and the paper's claims to
+``waterfall_tokens.png``, ``waterfall_rollouts.png``, ``theory/`` (the exact oracle curves of
+every spread x recovery on the map's problem sets) and ``study.json``. ``deepgrpo report --results OUT`` adds the map and the paper's claims to
 ``REPORT.md``; ``--readme README.md`` rewrites the README's simulator results from it.
 """
 
