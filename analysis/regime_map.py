@@ -41,14 +41,15 @@ Outputs in ``OUT/regime-map/`` (atomic writes; resumable like every sweep): ``tu
 tuning runs), ``tuned_lr.csv`` (per regime, method, unit and rate: criterion, chosen, edge),
 ``runs.csv`` (evaluation step histories), ``per_run.csv`` (one row per run and unit: the values at
 the budget; every later table, figure and finding is computed from it), ``map.csv`` (one row per
-cell and method: mean and 95 % CI over seeds), ``effects.csv`` (one row per cell and
-comparison), ``cells.csv`` (one row per cell: winner, best GRPO-N, the two headline
-differences), ``readouts.csv`` (the headline and ladder comparisons under every readout:
-pass@1 at 1/8, 1/4, 1/2 and the whole budget, its AUC, the budget to halfway; and each cell's
-headline readout by a saturation rule fixed before comparing), ``heatmap.png``,
-``waterfall_tokens.png``, ``waterfall_rollouts.png``, ``theory/`` (the exact oracle curves of
-every spread x recovery on the map's problem sets) and ``study.json``. ``deepgrpo report --results OUT`` adds the map and the paper's claims to
-``REPORT.md``; ``--readme README.md`` rewrites the README's simulator results from it.
+cell and method: mean and 95 % CI over seeds), ``effects.csv`` (one row per cell and comparison),
+``cells.csv`` (one row per cell: winner, best GRPO-N, the two headline differences),
+``readouts.csv`` (the headline and ladder comparisons under every readout: pass@1 at 1/8, 1/4, 1/2
+and the whole budget, its AUC, the budget to halfway; and each cell's headline readout by a
+saturation rule fixed before comparing), ``heatmap.png``, ``waterfall_tokens.png``,
+``waterfall_rollouts.png``, ``theory/`` (the exact oracle curves of every spread x recovery on the
+map's problem sets) and ``study.json``. ``deepgrpo report --results OUT`` adds the map and the
+paper's claims to ``REPORT.md``; ``--readme README.md`` rewrites the README's simulator results
+from it.
 """
 
 from __future__ import annotations
