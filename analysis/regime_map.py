@@ -74,7 +74,16 @@ from analysis.protocol import (
     tuning_cells,
     with_protocol,
 )
-from analysis.stats import ALPHA, EQUIVALENCE_MARGIN, Comparison, compare_arrays, holm, mean_ci
+from analysis.stats import (
+    ALPHA,
+    EQUIVALENCE_MARGIN,
+    POWER,
+    Comparison,
+    compare_arrays,
+    holm,
+    mean_ci,
+    minimum_detectable_effect,
+)
 from analysis.sweep import Cell, run_sweep
 from analysis.theory import HETEROGENEITY, RECOVERY_MODELS
 from deepgrpo.config import ConfigError, check_range
@@ -447,8 +456,9 @@ def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_a
     cell's top method minus each other of :data:`WINNER_POOL`; ``claim a`` ... ``claim e``),
     ``comparison``, ``reference``, ``other``, ``diff``, ``low``, ``high`` (the Holm interval
     within the cell's family), ``confidence``, ``p``, ``p_holm``, ``p_tost_holm``, ``verdict``,
-    ``n`` (paired seeds). Headline rows also get ``p_holm_map`` and ``verdict_map``: Holm over
-    every headline comparison of the unit (the whole map)."""
+    ``n`` (paired seeds), ``mde`` (the minimum detectable effect at 80 % power at Holm's strictest level
+    in the family, :func:`~analysis.stats.minimum_detectable_effect`). Headline rows also get
+    ``p_holm_map`` and ``verdict_map``: Holm over every headline comparison of the unit (the whole map)."""
     best = _best_n(tuned)
     keys, seed, names = _columns(per, CELL), per.seed.to_numpy(), per.name.to_numpy()
     value = per[metric].to_numpy(np.float64)
@@ -472,7 +482,8 @@ def effects_table(per: pd.DataFrame, tuned: pd.DataFrame, metric: str = "pass1_a
             for (name, a, b), r in zip(comps, res):
                 rows.append({**cell, "metric": metric, "family": family, "comparison": name,
                              "reference": f"grpo N={n_best}" if a == BEST_GRPO else a,
-                             "other": f"grpo N={n_best}" if b == BEST_GRPO else b, **_comparison_row(r)})
+                             "other": f"grpo N={n_best}" if b == BEST_GRPO else b, **_comparison_row(r),
+                             "mde": minimum_detectable_effect(cols[a], cols[b], tests=len(comps))})
     out = pd.DataFrame(rows)
     out["p_holm_map"] = np.nan
     out["verdict_map"] = ""
@@ -587,10 +598,18 @@ def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _median_range(x: pd.Series) -> str:
+    """``median (min-max)`` of the finite values, in pass@1 units."""
+    v = x.to_numpy(np.float64)
+    v = v[np.isfinite(v)]
+    return f"{np.median(v):.3f} ({v.min():.3f}-{v.max():.3f})" if v.size else "—"
+
+
 def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
     """A markdown table: per comparison (rows) and readout (columns), in how many cells the
-    reference is significantly better / worse (Holm within the cell), and the same at each cell's
-    headline readout."""
+    reference is significantly better / worse (Holm within the cell), the same at each cell's
+    headline readout, and the minimum detectable effect over the cells (median and range) at the
+    whole budget and at the headline readout."""
     from analysis.tables import markdown_table
     labels = list(dict.fromkeys(readouts.readout))
     rows = []
@@ -601,6 +620,9 @@ def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
             row[label] = f"{int((r.better == 'better').sum())} / {int((r.better == 'worse').sum())}"
         h = g[g.headline]
         row["headline readout"] = f"{int((h.better == 'better').sum())} / {int((h.better == 'worse').sum())}"
+        whole = g[g.readout == READOUTS["pass1_at"]]
+        row["MDE at the budget"] = _median_range(whole.mde)
+        row["MDE at the headline"] = _median_range(h.mde)
         rows.append(row)
     return [markdown_table(pd.DataFrame(rows)), ""]
 
@@ -1200,7 +1222,10 @@ def report_section(root: str | Path) -> list[str] | None:
                   "The *headline readout* of a cell is fixed by a rule before any comparison: the largest of the four "
                   f"budgets at which the best method's mean pass@1 is still below {HEADLINE_SATURATION:g}, so that it "
                   "is not saturated there (the smallest budget if it is at all four); it is "
-                  + ", ".join(f"{label} in {k}" for label, k in head.items()) + f" of the {n_cells} cells.", ""]
+                  + ", ".join(f"{label} in {k}" for label, k in head.items()) + f" of the {n_cells} cells. "
+                  f"*MDE*: the minimum detectable effect of a comparison, the true difference in pass@1 its paired "
+                  f"t-test would find with {POWER:.0%} power at Holm's strictest level in its family, at the spread "
+                  "of the observed differences; a true effect below it is more likely missed than found.", ""]
         lines += readout_lines(readouts, n_cells)
     lines += ["", "![ladder, tokens](regime-map/waterfall_tokens.png)", "",
               "![ladder, rollouts](regime-map/waterfall_rollouts.png)", "", "**Cells**", ""]
@@ -1290,7 +1315,8 @@ def readme_block(root: str | Path) -> str:
         out.append("- By readout, DEEP-GRPO vs the best GRPO-N significantly better/worse (of " + str(n) + " cells): "
                    + "; ".join(parts) + f"; at each cell's headline readout (the largest budget where the best "
                    f"method is below {HEADLINE_SATURATION:g}) {int((h.better == 'better').sum())}/"
-                   f"{int((h.better == 'worse').sum())}.")
+                   f"{int((h.better == 'worse').sum())}, with a minimum detectable effect ({POWER:.0%} power) of "
+                   f"{_median_range(h.mde)} in pass@1 (median and range over cells).")
     for c in CLAIMS:
         t = table[table.claim == c.key]
         out.append(f"- ({c.key}) {c.title}: " + _count(t, "verdict", VERDICTS) + " cells (fails: "

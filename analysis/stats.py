@@ -120,6 +120,24 @@ its area over the budget range, both in [0, 1]): two methods are called equivale
 their paired difference is shown to lie within (-δ, +δ)."""
 
 
+POWER = 0.8
+"""Power at which a minimum detectable effect is stated."""
+
+
+def minimum_detectable_effect(a, b, tests: int = 1, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean of ``a - b`` (paired arrays) that a two-sided paired t-test at level
+    ``alpha / tests`` (the strictest step of Holm over ``tests`` comparisons) detects with
+    probability ``power``, at the spread of the observed differences:
+    ``(t_{1 - α/(2·tests), n-1} + t_{power, n-1}) · sd / √n`` (the usual approximation that
+    ignores the non-central t). NaN with fewer than two pairs; 0 if every difference is equal."""
+    d = _paired_diffs(a, b)
+    n = d.size
+    if n < 2:
+        return float("nan")
+    q = float(special.stdtrit(n - 1, 1 - alpha / (2 * tests)) + special.stdtrit(n - 1, power))
+    return q * float(d.std(ddof=1)) / float(np.sqrt(n))
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm-adjusted p-values of a family (step-down: the i-th smallest of m p-values is
     multiplied by m - i + 1 (i = 1..m), then made non-decreasing and capped at 1). NaN entries
