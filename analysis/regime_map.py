@@ -186,6 +186,9 @@ CLAIMS: tuple[Claim, ...] = (
 """The paper's claims (arXiv 2602.14169): (a) root saturation, (b) DEEP-GRPO beats GRPO N = 64 at
 equal budget, (c) γ ≈ 2, (d) dense over dispersed, (e) λ = 1."""
 VERDICTS = ("holds", "partly", "fails", "inconclusive")
+SATURATION_NS = (8, 16, 32, 64)
+"""Claim (a) as the paper states it: the increments of pass@1 from N = 8 to 16, 32 and 64 roots at
+equal steps are positive and shrink."""
 CEILING = 0.95
 """A cell is *at the ceiling* when every method of GRPO-N and the ladder ends with mean pass@1 at
 least this (the report lists them: no method can show a gain there)."""
@@ -598,6 +601,84 @@ def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def equal_steps_table(runs: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
+    """Claim (a) at equal steps: one row per (regime, seed, N of :data:`SATURATION_NS`) with
+    ``steps`` (S: the fewest steps any of these GRPO runs of the regime and seed took to its token
+    budget, normally N = 64's) and ``pass1_at_steps`` (training exact pass@1 after S steps), each
+    N at the rate tuned for the token budget."""
+    names = [f"grpo N={n}" for n in SATURATION_NS]
+    chosen = tuned[tuned.chosen.astype(bool) & (tuned.unit == "tokens") & tuned.name.isin(names)]
+    rate = chosen.set_index("variant").lr
+    sel = runs[runs.name.isin(names)]
+    sel = sel[np.isclose(sel.lr.to_numpy(np.float64), rate.reindex(sel.variant).to_numpy(np.float64), rtol=1e-9,
+                         atol=0)]
+    last = sel.groupby([*REGIME, "seed", "name"], sort=False).step.max()
+    common = last.groupby(level=[*range(len(REGIME)), len(REGIME)], sort=False).min().rename("steps")  # [regime, seed]
+    at = sel.merge(common.reset_index(), on=[*REGIME, "seed"])
+    at = at[at.step == at.steps]
+    out = at[[*REGIME, "seed", "name", "steps", "pass1"]].rename(columns={"pass1": "pass1_at_steps"})
+    out.insert(len(REGIME) + 2, "N", out.name.str.split("=").str[1].astype(int))
+    return out.sort_values([*REGIME, "seed", "N"], key=_map_order, kind="stable").reset_index(drop=True)
+
+
+def saturation_table(eq: pd.DataFrame) -> pd.DataFrame:
+    """Per regime, the increments of :func:`equal_steps_table`'s pass@1 from each N to the next
+    (paired over seeds, Holm over the three): ``increment`` (e.g. ``16 - 8``), ``diff``, ``low``,
+    ``high``, ``verdict``, ``mde``; and the regime's ``claim``: *holds* if every increment is
+    significantly positive and each is smaller than the one before; *fails (reversed)* if one is
+    significantly negative; *fails (not shrinking)* if every one is significantly positive but
+    they do not shrink; *partly* if every mean increment is positive and they shrink, but not every
+    one is significant; *inconclusive* otherwise."""
+    rows = []
+    for key, g in eq.groupby(list(REGIME), sort=False):
+        wide = g.pivot_table(index="seed", columns="N", values="pass1_at_steps")
+        pairs = [(f"{b} - {a}", wide[b].to_numpy(np.float64), wide[a].to_numpy(np.float64))
+                 for a, b in zip(SATURATION_NS, SATURATION_NS[1:]) if a in wide and b in wide]
+        res = compare_arrays(pairs)
+        means = [r.diff.mean for r in res]
+        verdicts = [r.verdict for r in res]
+        shrinking = all(x > y for x, y in zip(means, means[1:]))
+        if "lower" in verdicts:
+            claim = "fails (reversed)"
+        elif all(v == "higher" for v in verdicts):
+            claim = "holds" if shrinking else "fails (not shrinking)"
+        elif all(m > 0 for m in means) and shrinking:
+            claim = "partly"
+        else:
+            claim = "inconclusive"
+        for (name, a, b), r in zip(pairs, res):
+            rows.append({**dict(zip(REGIME, key)), "increment": name, "steps": float(g.steps.mean()),
+                         **_comparison_row(r), "mde": minimum_detectable_effect(a, b, tests=len(pairs)),
+                         "claim": claim})
+    return pd.DataFrame(rows)
+
+
+def saturation_lines(sat: pd.DataFrame) -> list[str]:
+    """Claim (a) as the paper states it: counts over regimes, and the increments pooled over the
+    regimes with the regime as block (each regime's mean increment, then a t-interval over the
+    regimes)."""
+    from analysis.tables import markdown_table
+    claims = sat.groupby(list(REGIME), sort=False).claim.first()
+    n = len(claims)
+    counts = ", ".join(f"{v} in {k}/{n}" for v, k in claims.value_counts().items())
+    pooled = []
+    for inc, g in sat.groupby("increment", sort=False):
+        e = mean_ci(g["diff"].to_numpy(np.float64))
+        pooled.append(f"{inc}: {e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]")
+    lines = ["#### (a) root saturation at equal steps (the paper's form)", "",
+             f"*Tested:* at equal steps (the fewest any of N = {', '.join(map(str, SATURATION_NS))} took to the token "
+             "budget), the increments of training pass@1 from each N to the next are positive and shrink; each N at "
+             "its rate tuned for tokens; paired over seeds, Holm over the three increments of a regime. The "
+             "equal-budget comparison of N = 64 with N = 32 above is a different question.", "",
+             f"- {counts} regimes.",
+             "- Increments pooled over the regimes (mean of each regime's mean increment, 95 % t-interval over the "
+             f"{n} regimes): " + "; ".join(pooled) + ".", "",
+             markdown_table(sat.assign(increment=[f"{i}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}" for i, d, lo, hi, v in
+                                                  zip(sat.increment, sat["diff"], sat.low, sat.high, sat.verdict)])
+                            .groupby([*REGIME, "claim"], sort=False).increment.agg("; ".join).reset_index()), ""]
+    return lines
+
+
 def _median_range(x: pd.Series) -> str:
     """``median (min-max)`` of the finite values, in pass@1 units."""
     v = x.to_numpy(np.float64)
@@ -986,7 +1067,7 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
         stage = "writing the tables and figures"
         per = per_run_table(runs, tuned, ends)
         write_csv_atomic(d / "per_run.csv", per)
-        write_outputs(d, per, tuned)
+        write_outputs(d, per, tuned, runs)
         stage = "the theory panel"
         from analysis.theory import figure, theory_table
         curves = theory_table(K=8, seed=0, spec=sz.spec)
@@ -1010,8 +1091,12 @@ def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers:
     return d
 
 
-def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame) -> None:
-    """``map.csv``, ``effects.csv``, ``cells.csv`` and the figures, from ``per_run.csv``'s table."""
+def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.DataFrame | None = None) -> None:
+    """``map.csv``, ``effects.csv``, ``cells.csv``, ``readouts.csv`` and the figures, from
+    ``per_run.csv``'s table; with the evaluation ``runs``, also ``equal_steps.csv``
+    (:func:`equal_steps_table`)."""
+    if runs is not None:
+        write_csv_atomic(d / "equal_steps.csv", equal_steps_table(runs, tuned))
     effects = pd.concat([effects_table(per, tuned, m) for m in ("pass1_at", "heldout_pass1_at", "pass1_auc")
                          if m in per], ignore_index=True)
     cells = cells_table(per, effects, tuned)
@@ -1248,6 +1333,8 @@ def report_section(root: str | Path) -> list[str] | None:
         lines += section(pd.read_csv(theory), 8, heading="### Theory panel (exact, pre-trained policy, evaluation "
                          "seed 0's problem set of each spread x recovery)", image="regime-map/theory/theory.png")
     lines += claims_section(effects)
+    if (d / "equal_steps.csv").is_file():
+        lines += saturation_lines(saturation_table(pd.read_csv(d / "equal_steps.csv")))
     return lines
 
 
@@ -1322,6 +1409,16 @@ def readme_block(root: str | Path) -> str:
         out.append(f"- ({c.key}) {c.title}: " + _count(t, "verdict", VERDICTS) + " cells (fails: "
                    f"{int((t.why == 'reversed').sum())} reversed, {int((t.why == 'no difference').sum())} no "
                    "difference); holds by level: " + _axis_breakdown(t, "verdict", "holds") + ".")
+    eq = Path(root) / STUDY / "equal_steps.csv"
+    if eq.is_file():
+        sat = saturation_table(pd.read_csv(eq))
+        claims = sat.groupby(list(REGIME), sort=False).claim.first()
+        pooled = "; ".join(f"{inc} {mean_ci(g['diff'].to_numpy(np.float64)).mean:+.3f}"
+                           for inc, g in sat.groupby("increment", sort=False))
+        out.append("- (a) as the paper states it, at equal steps (increments of pass@1 from N = 8 to 16, 32, 64 "
+                   "positive and shrinking): " + ", ".join(f"{v} {k}/{len(claims)}" for v, k in
+                                                           claims.value_counts().items())
+                   + f" regimes; mean increments over the regimes {pooled}.")
     return "\n".join(out)
 
 

@@ -215,6 +215,44 @@ def test_quick_map_readouts_come_from_their_definitions(quick_map):
     assert ((slow.better == "better") == (slow.verdict == "lower")).all()
 
 
+def test_quick_map_equal_steps_read_each_grpo_run_after_the_fewest_steps(quick_map):
+    eq = _read(quick_map, "equal_steps.csv")
+    runs = _read(quick_map, "runs.csv")
+    tuned = _read(quick_map, "tuned_lr.csv")
+    rate = tuned[tuned.chosen & (tuned.unit == "tokens")].set_index("variant").lr
+    n_regimes = len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.LEARNERS)
+    assert len(eq) == n_regimes * SEEDS * len(rm.SATURATION_NS)
+    for key, g in eq.groupby([*rm.REGIME, "seed"]):
+        lasts, values = [], {}
+        for n in rm.SATURATION_NS:
+            variant = rm._variant(dict(zip(rm.REGIME, key[:3])), f"grpo N={n}")
+            run = runs[(runs.variant == variant) & np.isclose(runs.lr, rate[variant]) & (runs.seed == key[3])]
+            lasts.append(int(run.step.max()))
+            values[n] = run.set_index("step").pass1
+        S = min(lasts)
+        assert (g.steps == S).all()
+        assert g.set_index("N").pass1_at_steps.to_dict() == {n: values[n][S] for n in rm.SATURATION_NS}
+
+
+def test_saturation_claim_rule_on_constructed_increments():
+    rng = np.random.default_rng(1)
+    rows = []
+    for learner, inc in (("tabular/adam", (0.10, 0.05, 0.02)), ("tabular/sgd", (0.10, 0.05, -0.05)),
+                         ("features/adam", (0.02, 0.05, 0.10)), ("features/sgd", (0.0, 0.0, 0.0))):
+        for seed in range(8):
+            level = 0.3 + rng.normal(0, 0.05)
+            for n, total in zip(rm.SATURATION_NS, np.cumsum((0.0, *inc))):
+                rows.append({"spread": "h=1", "recovery": "fatal", "learner": learner, "seed": seed,
+                             "name": f"grpo N={n}", "N": n, "steps": 5,
+                             "pass1_at_steps": level + total + rng.normal(0, 0.002)})
+    sat = rm.saturation_table(pd.DataFrame(rows))
+    claim = sat.groupby("learner", sort=False).claim.first().to_dict()
+    assert claim == {"tabular/adam": "holds", "tabular/sgd": "fails (reversed)",
+                     "features/adam": "fails (not shrinking)", "features/sgd": "inconclusive"}
+    first = sat[(sat.learner == "tabular/adam") & (sat.increment == "16 - 8")].iloc[0]
+    assert first["diff"] == pytest.approx(0.10, abs=0.003) and first.verdict == "higher"
+
+
 @pytest.mark.slow
 def test_quick_map_rerun_does_no_repeated_work(quick_map, tmp_path):
     """A second run in the same directory runs nothing and rewrites the same per-run table (slow
@@ -244,6 +282,7 @@ def test_quick_map_report_and_readme_block(quick_map, tmp_path, capsys):
     assert rm.readme_block(quick_map) in text
     assert "(a) root saturation" in text and "DEEP-GRPO vs the best GRPO-N" in text
     assert "By readout, DEEP-GRPO vs the best GRPO-N" in text and "**How the verdicts move with the readout**" in report
+    assert "#### (a) root saturation at equal steps (the paper's form)" in report and "at equal steps" in text
     bad = tmp_path / "BAD.md"
     bad.write_text("no markers\n")
     assert deepgrpo_main(["report", "--results", str(quick_map), "--readme", str(bad)]) == 2
