@@ -689,8 +689,10 @@ def _median_range(x: pd.Series) -> str:
 def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
     """A markdown table: per comparison (rows) and readout (columns), in how many cells the
     reference is significantly better / worse (Holm within the cell), the same at each cell's
-    headline readout, and the minimum detectable effect over the cells (median and range) at the
-    whole budget and at the headline readout."""
+    headline readout, the minimum detectable effect over the cells (median and range) at the
+    whole budget and at the headline readout, and the difference at the headline readout pooled
+    over the regimes with the regime as block (the mean of the cells' mean differences with a
+    95 % t-interval over the cells), for each unit on its own."""
     from analysis.tables import markdown_table
     labels = list(dict.fromkeys(readouts.readout))
     rows = []
@@ -704,6 +706,9 @@ def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
         whole = g[g.readout == READOUTS["pass1_at"]]
         row["MDE at the budget"] = _median_range(whole.mde)
         row["MDE at the headline"] = _median_range(h.mde)
+        for unit in BUDGET_UNITS:  # each unit on its own: the two units' cells share runs
+            e = mean_ci(h[h.unit == unit]["diff"].to_numpy(np.float64))
+            row[f"pooled at the headline, {unit}"] = f"{e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
         rows.append(row)
     return [markdown_table(pd.DataFrame(rows)), ""]
 
@@ -1310,7 +1315,10 @@ def report_section(root: str | Path) -> list[str] | None:
                   + ", ".join(f"{label} in {k}" for label, k in head.items()) + f" of the {n_cells} cells. "
                   f"*MDE*: the minimum detectable effect of a comparison, the true difference in pass@1 its paired "
                   f"t-test would find with {POWER:.0%} power at Holm's strictest level in its family, at the spread "
-                  "of the observed differences; a true effect below it is more likely missed than found.", ""]
+                  "of the observed differences; a true effect below it is more likely missed than found. *Pooled*: "
+                  "the mean over the regimes of each cell's mean difference at its headline readout, with a 95 % "
+                  "t-interval over the regimes (the regime as block), in each unit on its own (the two units read "
+                  "the same runs, so they are not independent).", ""]
         lines += readout_lines(readouts, n_cells)
     lines += ["", "![ladder, tokens](regime-map/waterfall_tokens.png)", "",
               "![ladder, rollouts](regime-map/waterfall_rollouts.png)", "", "**Cells**", ""]
