@@ -242,8 +242,8 @@ class MapSize:
     """How big a regime map is: ``spec`` (TokenTreeSpec overrides), ``batch_problems``,
     ``tokens`` (the token budget of every run; the rollout budget is ``tokens // depth``),
     ``max_steps`` (a cap), ``lr_factors`` (the tuning grid as multiples of the optimizer's
-    :data:`~sims.optim.DEFAULT_LR`), ``tuning_seeds`` and ``max_extensions`` (doublings past
-    either end of a grid)."""
+    :data:`~sims.optim.DEFAULT_LR`), ``tuning_seeds``, ``max_extensions`` (doublings past
+    either end of a grid) and ``seeds`` (evaluation seeds unless ``--seeds`` says otherwise)."""
 
     spec: dict[str, Any]
     batch_problems: int
@@ -252,20 +252,21 @@ class MapSize:
     lr_factors: tuple[float, ...]
     tuning_seeds: int
     max_extensions: int
+    seeds: int
 
 
 FULL = MapSize(spec={}, batch_problems=16, tokens=100_000, max_steps=2000, lr_factors=(1.0, 4.0, 16.0),
-               tuning_seeds=1, max_extensions=3)
+               tuning_seeds=3, max_extensions=3, seeds=20)
 """The default spec (32 training and 16 held-out problems of 12 steps), 16 problems per step,
 100,000 tokens (8,333 rollouts) per run, three rates 4x apart (1x, 4x, 16x the optimizer's
-default: at this budget almost every method tuned to 2x or more of it on a 0.5x-2x grid, and
-tabular runs to 8x and beyond), extended by 2x past an end up to three times (to 128x: with a
-single extension most tabular and some SGD runs still chose the highest rate, GRPO more often than
-DEEP-GRPO), on one tuning seed (rates are compared on the same problem set, so the choice is
-paired). Sized for the 20-minute limit on 2 cores: two tuning seeds took 21.6 minutes."""
+default), extended by 2x past an end up to three times (to 128x), on three tuning seeds (the rate
+and the best GRPO-N are chosen on their mean), and 20 evaluation seeds: with 5, the minimum
+detectable effect of DEEP-GRPO minus the best GRPO-N was about 0.1 pass@1 (median over cells),
+above the effects that matter."""
 QUICK = MapSize(spec={"n_problems": 8, "n_heldout": 4}, batch_problems=4, tokens=2_000, max_steps=200,
-                lr_factors=(1.0, 4.0), tuning_seeds=1, max_extensions=0)
-"""``--quick`` (the tests' size): 8 problems, 4 per step, 2,000 tokens, two rates on one tuning seed."""
+                lr_factors=(1.0, 4.0), tuning_seeds=1, max_extensions=0, seeds=2)
+"""``--quick`` (the tests' size): 8 problems, 4 per step, 2,000 tokens, two rates on one tuning seed,
+two evaluation seeds."""
 SIZES = {"full": FULL, "quick": QUICK}
 
 
@@ -1016,12 +1017,14 @@ def _tuned_table(tables: dict[str, pd.DataFrame], base: list[Cell]) -> pd.DataFr
     return out[["variant", *CELL, "name", "family", "lr", "criterion", "criterion_sd", "n", "chosen", "edge"]]
 
 
-def run_regime_map(out: str | Path, seeds: int = 5, size: str = "full", workers: int | None = None,
+def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full", workers: int | None = None,
                    progress: bool = True) -> Path:
     """Run the regime map (tuning, then evaluation; resumable) and write its tables and figures to
-    ``out/regime-map`` (see the module docstring); returns that directory."""
+    ``out/regime-map`` (see the module docstring); returns that directory. ``seeds``: evaluation
+    seeds (None: the size's, :attr:`MapSize.seeds`)."""
     if size not in SIZES:
         raise ConfigError(f"size = {size!r} is invalid: expected one of {', '.join(SIZES)}")
+    seeds = SIZES[size].seeds if seeds is None else seeds
     if not 2 <= seeds <= TUNING_SEED_BASE:
         raise ConfigError(f"--seeds = {seeds} is invalid: expected an integer in [2, {TUNING_SEED_BASE}] (paired "
                           "intervals need two seeds; evaluation seeds stay below the tuning seeds)")
@@ -1463,16 +1466,17 @@ class RegimeMapOptions:
     """Settings of the regime map.
 
     seeds: paired evaluation seeds per method (at least 2 for paired intervals, at most 1000:
-        evaluation seeds stay below the tuning seeds).
+        evaluation seeds stay below the tuning seeds; None = 20, or 2 with --quick).
     workers: processes running the map's runs (None = the CPUs this process may use, also the
         most it takes).
     """
 
-    seeds: int = 5
+    seeds: int | None = None
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        check_range(type(self).__name__, "seeds", self.seeds, 2, TUNING_SEED_BASE, integer=True)
+        if self.seeds is not None:
+            check_range(type(self).__name__, "seeds", self.seeds, 2, TUNING_SEED_BASE, integer=True)
         if self.workers is not None:
             check_range(type(self).__name__, "workers", self.workers, 1, None, integer=True)
 
@@ -1483,7 +1487,7 @@ OPTIONS = OptionSet(RegimeMapOptions, reserved=("quick", "out", "no_progress", "
 def add_arguments(p: Any) -> None:
     """The options of ``deepgrpo study regime-map`` (on parser ``p``)."""
     p.add_argument("--quick", action="store_true", help="the tests' size: 8 problems, 2,000 tokens per run, two rates "
-                   "on one tuning seed (under a minute on 2 cores)")
+                   "on one tuning seed, two evaluation seeds (about 15 s on 2 cores)")
     p.add_argument("--out", default="results", help="results directory (default: ./results)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     OPTIONS.add_arguments(p)
