@@ -37,6 +37,12 @@ minus the best GRPO-N and minus root-only (Holm over the two within the cell, an
 cell of the unit map-wide), each ladder step, and the families of the paper's claims
 (:data:`CLAIMS`).
 
+**Headline** (:func:`headline_table`): the cells of :data:`HEADLINE_LEARNERS` (the shared-features
+learners; the tabular one is a sanity check, for the reason given there), each read at its
+headline readout (:data:`HEADLINE_SATURATION`), each unit tallied on its own, every comparison and
+claim (b)-(e) also pooled over the regimes with the regime as block, with its minimum detectable
+effect; claim (a) as the paper states it, at equal steps (:func:`saturation_table`).
+
 Outputs in ``OUT/regime-map/`` (atomic writes; resumable like every sweep): ``tuning/`` (the
 tuning runs), ``tuned_lr.csv`` (per regime, method, unit and rate: criterion, chosen, edge),
 ``runs.csv`` (evaluation step histories), ``per_run.csv`` (one row per run and unit: the values at
@@ -202,6 +208,15 @@ READOUTS: dict[str, str] = {"pass1_at_1_8": "1/8 budget", "pass1_at_1_4": "1/4 b
 budgets, its AUC over [0, budget], and the budget needed to reach a threshold."""
 LOWER_IS_BETTER = frozenset({"budget_to_half"})
 """Readouts where a lower value is the better one (the comparisons' ``higher`` means slower)."""
+HEADLINE_LEARNERS = ("features/adam", "features/sgd")
+"""The learners whose cells carry the map's headline; the tabular learner is a sanity check. Its
+policy has one logit per (state, token), so one update can lock a token in: its tuned rates pile up
+at the top of the grid (the tuning criterion is flat from 16x to 128x the default), most of its
+runs end near pass@1 = 1, and it searches rather than learns. A per-step bound on its policy change
+would not fix that: every rate above the bound would then tie, so the chosen rate would still sit
+at the grid's edge and mean only "the bound". Its cells stay in every table and figure."""
+HEADLINE_CLAIMS = ("b", "c", "d", "e")
+"""The claims tested at every readout (claim (a) is root saturation, tested at equal steps)."""
 HEADLINE_SATURATION = 0.9
 """The rule for a cell's headline readout, fixed before any method is compared: the largest of
 the four budgets (1/8, 1/4, 1/2, 1) at which the best method's mean training pass@1 (best of
@@ -581,8 +596,8 @@ def headline_readouts(per: pd.DataFrame) -> dict[tuple, str]:
 
 
 def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
-    """The headline and ladder comparisons of :func:`effects_table` under every readout of
-    :data:`READOUTS` present in ``per``: its rows with ``readout`` (the label), ``better`` (the
+    """The headline, ladder and claim (:data:`HEADLINE_CLAIMS`) comparisons of :func:`effects_table`
+    under every readout of :data:`READOUTS` present in ``per``: its rows with ``readout`` (the label), ``better`` (the
     verdict read in the readout's direction: ``better``/``worse`` for a significant difference,
     else the verdict), ``pair`` (the comparison without the cell's best N) and ``headline`` (this
     readout is the cell's :func:`headline_readouts`)."""
@@ -592,7 +607,7 @@ def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
         if metric not in per:
             continue
         e = effects_table(per, tuned, metric)
-        e = e[e.family.isin(("headline", "ladder"))].copy()
+        e = e[e.family.isin(("headline", "ladder", *(f"claim {c}" for c in HEADLINE_CLAIMS)))].copy()
         good, bad = ("lower", "higher") if metric in LOWER_IS_BETTER else ("higher", "lower")
         e["readout"] = label
         e["pair"] = e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True)  # the best N differs by cell
@@ -687,9 +702,15 @@ def _median_range(x: pd.Series) -> str:
     return f"{np.median(v):.3f} ({v.min():.3f}-{v.max():.3f})" if v.size else "—"
 
 
+def _tally(r: pd.DataFrame) -> str:
+    """``tokens 3/1 · rollouts 2/0``: cells significantly better / worse, each unit on its own."""
+    return " · ".join(f"{u} {int(((r.unit == u) & (r.better == 'better')).sum())}/"
+                      f"{int(((r.unit == u) & (r.better == 'worse')).sum())}" for u in BUDGET_UNITS)
+
+
 def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
-    """A markdown table: per comparison (rows) and readout (columns), in how many cells the
-    reference is significantly better / worse (Holm within the cell), the same at each cell's
+    """A markdown table: per comparison (rows) and readout (columns), in how many cells of each unit
+    the reference is significantly better / worse (Holm within the cell), the same at each cell's
     headline readout, the minimum detectable effect over the cells (median and range) at the
     whole budget and at the headline readout, and the difference at the headline readout pooled
     over the regimes with the regime as block (the mean of the cells' mean differences with a
@@ -697,13 +718,12 @@ def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
     from analysis.tables import markdown_table
     labels = list(dict.fromkeys(readouts.readout))
     rows = []
-    for pair, g in readouts.groupby("pair", sort=False):
+    for pair, g in readouts[readouts.family.isin(("headline", "ladder"))].groupby("pair", sort=False):
         row = {"comparison": pair}
         for label in labels:
-            r = g[g.readout == label]
-            row[label] = f"{int((r.better == 'better').sum())} / {int((r.better == 'worse').sum())}"
+            row[label] = _tally(g[g.readout == label])
         h = g[g.headline]
-        row["headline readout"] = f"{int((h.better == 'better').sum())} / {int((h.better == 'worse').sum())}"
+        row["headline readout"] = _tally(h)
         whole = g[g.readout == READOUTS["pass1_at"]]
         row["MDE at the budget"] = _median_range(whole.mde)
         row["MDE at the headline"] = _median_range(h.mde)
@@ -712,6 +732,137 @@ def readout_lines(readouts: pd.DataFrame, n_cells: int) -> list[str]:
             row[f"pooled at the headline, {unit}"] = f"{e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
         rows.append(row)
     return [markdown_table(pd.DataFrame(rows)), ""]
+
+
+def claim_readouts(readouts: pd.DataFrame) -> pd.DataFrame:
+    """One row per (claim of :data:`HEADLINE_CLAIMS`, cell, readout) of :func:`readouts_table`:
+    ``verdict`` (:func:`claim_verdict` on the readout's comparisons, a significant difference read
+    in the readout's direction), ``why`` (as :func:`claim_table`) and ``headline`` (the cell's
+    headline readout)."""
+    rule = {c.key: c.rule for c in CLAIMS}
+    r = readouts[readouts.family.str.startswith("claim ")]
+    rows = []
+    for key, g in r.groupby(["family", *CELL, "readout"], sort=False):
+        claim = key[0].split(" ")[1]
+        v = list(g.better.map({"better": "higher", "worse": "lower"}).fillna(g.better))
+        verdict = claim_verdict(rule[claim], v)
+        why = "" if verdict != "fails" else "reversed" if "lower" in v else "no difference"
+        rows.append({"claim": claim, **dict(zip(CELL, key[1:-1])), "readout": key[-1], "verdict": verdict,
+                     "why": why, "headline": bool(g.headline.iloc[0])})
+    return pd.DataFrame(rows, columns=["claim", *CELL, "readout", "verdict", "why", "headline"])
+
+
+def _pooled_verdict(low: Sequence[float], high: Sequence[float]) -> str:
+    """A claim pooled over regimes: *holds* if every comparison's interval lies above 0, *fails
+    (reversed)* if one lies below, *partly* if some but not all lie above, else *inconclusive*."""
+    above = [lo > 0 for lo in low]
+    if any(hi < 0 for hi in high):
+        return "fails (reversed)"
+    return "holds" if all(above) else "partly" if any(above) else "inconclusive"
+
+
+def headline_table(readouts: pd.DataFrame) -> pd.DataFrame:
+    """The map's headline: the cells of :data:`HEADLINE_LEARNERS` at their headline readout, each
+    unit on its own. One row per (comparison or claim, unit): ``kind`` (``headline``, ``ladder``
+    or ``claim``), ``what``, ``unit``, ``cells``; for a comparison ``better`` / ``worse`` (cells
+    significant either way, Holm within the cell), ``diff`` / ``low`` / ``high`` (pooled: the
+    mean over the regimes of each cell's mean difference, 95 % t-interval over the regimes, the
+    regime as block), ``mde`` / ``mde_min`` / ``mde_max`` (median and range of the cells' minimum
+    detectable effects); for a claim ``verdicts`` (counts of the per-cell verdicts),
+    ``pooled`` (each comparison pooled as above) and ``pooled_verdict`` (:func:`_pooled_verdict`)."""
+    h = readouts[readouts.learner.isin(HEADLINE_LEARNERS) & readouts.headline]
+    claims = claim_readouts(h)
+    rows = []
+    for unit in BUDGET_UNITS:
+        hu = h[h.unit == unit]
+        for pair, g in hu[hu.family.isin(("headline", "ladder"))].groupby("pair", sort=False):
+            e, mde = mean_ci(g["diff"].to_numpy(np.float64)), g.mde.to_numpy(np.float64)
+            mde = mde[np.isfinite(mde)]
+            rows.append({"kind": g.family.iloc[0], "what": pair, "unit": unit, "cells": len(g),
+                         "better": int((g.better == "better").sum()), "worse": int((g.better == "worse").sum()),
+                         "diff": e.mean, "low": e.low, "high": e.high,
+                         "mde": float(np.median(mde)) if mde.size else np.nan,
+                         "mde_min": float(mde.min()) if mde.size else np.nan,
+                         "mde_max": float(mde.max()) if mde.size else np.nan})
+        for c in HEADLINE_CLAIMS:
+            t = claims[(claims.claim == c) & (claims.unit == unit)]
+            g = hu[hu.family == f"claim {c}"]
+            pooled = [(other, mean_ci(x["diff"].to_numpy(np.float64))) for other, x in g.groupby("other", sort=False)]
+            counts = [f"{v} {int((t.verdict == v).sum())}" for v in VERDICTS if (t.verdict == v).any()]
+            if (t.why == "reversed").any():
+                counts.append(f"of the fails reversed {int((t.why == 'reversed').sum())}")
+            rows.append({"kind": "claim", "what": f"({c}) {next(x.title for x in CLAIMS if x.key == c)}",
+                         "unit": unit, "cells": len(t), "verdicts": ", ".join(counts),
+                         "pooled": "; ".join(f"minus {o} {e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
+                                             for o, e in pooled),
+                         "pooled_verdict": _pooled_verdict([e.low for _, e in pooled], [e.high for _, e in pooled])})
+    return pd.DataFrame(rows)
+
+
+def _headline_comparison(r: Any) -> str:
+    return (f"{int(r.better)}/{int(r.worse)} of {int(r.cells)}, pooled {r.diff:+.3f} [{r.low:+.3f}, "
+            f"{r.high:+.3f}], MDE {r.mde:.3f} ({r.mde_min:.3f}-{r.mde_max:.3f})")
+
+
+def headline_rates(tuned: pd.DataFrame) -> tuple[int, int]:
+    """(chosen rates at the edge of their grid, chosen rates) over the cells of :data:`HEADLINE_LEARNERS`."""
+    chosen = tuned[tuned.chosen.astype(bool) & tuned.learner.isin(HEADLINE_LEARNERS)]
+    return int(chosen.edge.astype(bool).sum()), len(chosen)
+
+
+def sanity_line(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFrame) -> str:
+    """The learners outside :data:`HEADLINE_LEARNERS` (the tabular one) as a sanity check: rates at
+    their grid's edge, runs that end at the ceiling, and DEEP-GRPO vs the best GRPO-N at the
+    headline readout, per unit."""
+    others = [x for x in LEARNERS if x not in HEADLINE_LEARNERS]
+    chosen = tuned[tuned.chosen.astype(bool) & tuned.learner.isin(others)]
+    runs = per[per.learner.isin(others)]
+    deep = readouts[readouts.learner.isin(others) & readouts.headline
+                    & (readouts.pair == f"{DEEP} minus {BEST_GRPO}")]
+    return (f"{' and '.join(others)} (a sanity check, not in the headline: see `HEADLINE_LEARNERS`): "
+            f"{int(chosen.edge.astype(bool).sum())} of {len(chosen)} chosen rates at the edge of their grid; "
+            f"{(runs.pass1_at >= CEILING).mean():.0%} of their runs end at pass@1 >= {CEILING:g}; DEEP-GRPO vs the "
+            "best GRPO-N at the headline readout better/worse: " + ", ".join(
+                f"{u} {int(((deep.unit == u) & (deep.better == 'better')).sum())}/"
+                f"{int(((deep.unit == u) & (deep.better == 'worse')).sum())} of {int((deep.unit == u).sum())}"
+                for u in BUDGET_UNITS) + ".")
+
+
+def headline_lines(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFrame) -> list[str]:
+    """The report's headline section (markdown lines): :func:`headline_table` as two tables, the
+    rates at a grid edge, and :func:`sanity_line`."""
+    from analysis.tables import markdown_table
+    table = headline_table(readouts)
+    edge, n_rates = headline_rates(tuned)
+    heads = pd.Series({k: v for k, v in headline_readouts(per).items()
+                       if k[REGIME.index("learner")] in HEADLINE_LEARNERS}).map(READOUTS).value_counts()
+    comp, claims = table[table.kind != "claim"], table[table.kind == "claim"]
+    return ["**Headline: the shared-features learners, each cell at its headline readout**", "",
+            f"The headline reads the cells of {' and '.join(HEADLINE_LEARNERS)} only ({len(comp.unit.unique())} units "
+            f"x {int(comp.cells.max()) if len(comp) else 0} regimes); the tabular learner is a sanity check (last "
+            "line) because it searches rather than learns: one update can lock a token in, so its tuned rates pile up "
+            "at the top of the grid and most of its runs end at the ceiling. Each cell is read at its headline "
+            f"readout, fixed before any comparison (the largest of 1/8, 1/4, 1/2 and the whole budget at which the "
+            f"best method's mean pass@1 is below {HEADLINE_SATURATION:g}): "
+            + ", ".join(f"{label} in {k}" for label, k in heads.items()) + " cells. The two units read the same "
+            "runs, so they are tallied on their own and never summed. *better/worse*: cells where the difference is "
+            "significant (Holm within the cell's family); *pooled*: the mean over the regimes of each cell's mean "
+            "difference, with a 95 % t-interval over the regimes (the regime as block); *MDE*: median (range) over "
+            f"the cells of the minimum detectable effect ({POWER:.0%} power). Chosen learning rates at the edge of "
+            f"their grid among these cells: {edge} of {n_rates}.", "",
+            markdown_table(pd.DataFrame({
+                "comparison": comp.what, "unit": comp.unit,
+                "better / worse": [f"{int(b)}/{int(w)} of {int(n)}" for b, w, n in
+                                   zip(comp.better, comp.worse, comp.cells)],
+                "pooled": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(comp["diff"], comp.low, comp.high)],
+                "MDE": [f"{m:.3f} ({a:.3f}-{b:.3f})" for m, a, b in zip(comp.mde, comp.mde_min, comp.mde_max)]})),
+            "",
+            "The paper's claims (b)-(e) at the same readouts (per-cell verdicts as in the claim sections below; "
+            "*pooled verdict*: holds if every comparison's pooled interval lies above 0, fails (reversed) if one "
+            "lies below, partly if some lie above):", "",
+            markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
+                columns={"what": "claim", "pooled_verdict": "pooled verdict"})), "",
+            "- " + sanity_line(per, tuned, readouts), ""]
 
 
 # ------------------------------------------------------------------------------------------
@@ -1143,9 +1294,20 @@ def _as_bool(col: pd.Series, name: str) -> pd.Series:
 
 
 def _count(frame: pd.DataFrame, column: str, values: Sequence[str]) -> str:
-    n = len(frame)
-    return ", ".join(f"{column_value} in {int((frame[column] == column_value).sum())}/{n}" for column_value in values
-                     if (frame[column] == column_value).any())
+    """``holds in 3/24 (tokens) + 2/24 (rollouts), ...``: each unit tallied on its own (the two units
+    read the same runs, so their cells are not independent)."""
+    units = [u for u in BUDGET_UNITS if (frame.unit == u).any()] if "unit" in frame else []
+    parts = []
+    for v in values:
+        hit = frame[column] == v
+        if not hit.any():
+            continue
+        if units:
+            parts.append(f"{v} in " + " + ".join(
+                f"{int((hit & (frame.unit == u)).sum())}/{int((frame.unit == u).sum())} ({u})" for u in units))
+        else:
+            parts.append(f"{v} in {int(hit.sum())}/{len(frame)}")
+    return ", ".join(parts)
 
 
 def _axis_breakdown(frame: pd.DataFrame, column: str, value: str) -> str:
@@ -1167,12 +1329,13 @@ def _where(frame: pd.DataFrame, mask: pd.Series, limit: int = 12) -> str:
 
 
 def _material(cells: pd.DataFrame, tag: str, ceiling: pd.Series) -> str:
-    """``higher by >= 0.02 in 5, lower by >= 0.02 in 9; 2 of the significant ones at the ceiling``."""
+    """``higher by >= 0.02 in 3/24 (rollouts), 2/24 (tokens), lower by ...; of the significant ones at
+    the ceiling: ...``, each unit on its own."""
     v, mat = cells[f"deep_minus_{tag}_verdict"], cells[f"deep_minus_{tag}_material"].astype(bool)
     sig = v.isin(["higher", "lower"])
-    return (f"higher by at least the ±{EQUIVALENCE_MARGIN:g} margin in {int(((v == 'higher') & mat).sum())}, lower by "
-            f"at least it in {int(((v == 'lower') & mat).sum())}; {int((sig & ceiling).sum())} of the significant "
-            "ones are cells at the ceiling")
+    return (f"higher by at least the ±{EQUIVALENCE_MARGIN:g} margin in {_by_unit(cells, (v == 'higher') & mat)}, lower "
+            f"by at least it in {_by_unit(cells, (v == 'lower') & mat)}; of the significant ones at the ceiling: "
+            f"{_by_unit(cells, sig & ceiling)}")
 
 
 def at_ceiling(per: pd.DataFrame, cells: pd.DataFrame) -> pd.Series:
@@ -1260,8 +1423,11 @@ def report_section(root: str | Path) -> list[str] | None:
              "inside the margin, after Holm), so an equivalent difference's printed (Holm) interval may reach past it. "
              "Values: training exact pass@1 at the budget, and its AUC over [0, budget] in the cell's unit.", "",
              "![regime map](regime-map/heatmap.png)", ""]
+    readouts = readouts_table(per, tuned)
+    if len(readouts):
+        lines += headline_lines(per, tuned, readouts)
     # where DEEP-GRPO wins
-    lines += ["**Where DEEP-GRPO wins** (training exact pass@1 at the budget)", ""]
+    lines += ["**Where DEEP-GRPO wins** (every learner, training exact pass@1 at the budget)", ""]
     ceiling = at_ceiling(per, cells)
     for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
         col = f"deep_minus_{tag}_verdict"
@@ -1271,8 +1437,8 @@ def report_section(root: str | Path) -> list[str] | None:
                        f"{_where(cells, cells[col] == 'higher')}; lower in: "
                        f"{_where(cells, cells[col] == 'lower')}. Higher by axis level: "
                      + _axis_breakdown(cells, col, "higher") + ". Lower by axis level: "
-                     + _axis_breakdown(cells, col, "lower") + ". Map-wide Holm keeps "
-                     + f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())} of them.")
+                     + _axis_breakdown(cells, col, "lower") + ". Map-wide Holm (per unit) keeps "
+                     + f"{_by_unit(cells, cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']))}.")
     for metric, what in (("heldout_pass1_at", "held-out exact pass@1 at the budget"),
                          ("pass1_auc", "mean training pass@1 over [0, budget] (AUC)")):
         if metric in per:
@@ -1305,11 +1471,11 @@ def report_section(root: str | Path) -> list[str] | None:
     ladder_land = [(n, land.get(n, np.nan)) for n in LADDER if n != BEST_GRPO]
     lines.append("- Exact P(success | branch prefix) of the branch points, mean over the map (tokens): "
                  + "; ".join(f"{n} {x:.3f}" for n, x in ladder_land if np.isfinite(x)) + ".")
-    readouts = readouts_table(per, tuned)
     if len(readouts):
         head = pd.Series(headline_readouts(per)).map(READOUTS).value_counts()
-        lines += ["", "**How the verdicts move with the readout** (cells where the first method is significantly "
-                  f"better / worse than the second, of {n_cells}; Holm within each cell and readout; pass@1 at 1/8, "
+        lines += ["", "**How the verdicts move with the readout** (every learner; cells where the first method is "
+                  f"significantly better / worse than the second, of the {n_cells // len(BUDGET_UNITS)} cells of "
+                  "each unit; Holm within each cell and readout; pass@1 at 1/8, "
                   "1/4, 1/2 and the whole budget, its AUC, and the budget needed to get halfway from the run's start "
                   "to pass@1 = 1, where less is better and a run that never gets there counts as the whole budget). "
                   "The *headline readout* of a cell is fixed by a rule before any comparison: the largest of the four "
@@ -1373,25 +1539,65 @@ def claims_section(effects: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _by_unit(frame: pd.DataFrame, mask: pd.Series) -> str:
+    """``14/24 (tokens), 8/24 (rollouts)``: the rows where ``mask`` holds, each unit on its own."""
+    return ", ".join(f"{int((mask & (frame.unit == u)).sum())}/{int((frame.unit == u).sum())} ({u})"
+                     for u in BUDGET_UNITS if (frame.unit == u).any())
+
+
 def readme_block(root: str | Path) -> str:
-    """The README's simulator results (markdown), computed from the map in ``root``."""
+    """The README's simulator results (markdown), computed from the map in ``root``: the headline
+    (:func:`headline_table`), the tabular sanity check, then every learner at the whole budget."""
     per, tuned, meta = load(root)
     effects = effects_table(per, tuned)
     cells = cells_table(per, effects, tuned)
     table = claim_table(effects)
+    readouts = readouts_table(per, tuned)
     n = len(cells)
     ends = per.groupby("unit").budget.first()
     out = [f"Regime map ({per.groupby(list(REGIME)).ngroups} regimes x 2 budget units = {n} cells; "
            f"{per.name.nunique()} methods, {per.seed.nunique()} seeds with their own problem sets, rates tuned per "
            f"cell; {int(ends['tokens']):,} tokens / {int(ends['rollouts']):,} rollouts per run"
-           + (f"; {meta['wall_time_s'] / 60:.1f} min of wall time in all" if 'wall_time_s' in meta else "") + "):", ""]
+           + (f"; {meta['wall_time_s'] / 60:.1f} min of wall time in all" if 'wall_time_s' in meta else "") + ").", ""]
+    eq = Path(root) / STUDY / "equal_steps.csv"
+    sat = saturation_table(pd.read_csv(eq)) if eq.is_file() else None
+    if len(readouts):
+        ht = headline_table(readouts)
+        edge, n_rates = headline_rates(tuned)
+        out += [f"**Headline** ({' and '.join(HEADLINE_LEARNERS)}, each cell at its headline readout: the largest of "
+                f"1/8, 1/4, 1/2 and the whole budget where the best method's mean pass@1 is below "
+                f"{HEADLINE_SATURATION:g}; better/worse = cells significant either way of the regimes of one unit; "
+                "pooled = mean over regimes, 95 % t-interval, regime as block; MDE = minimum detectable effect, "
+                f"{POWER:.0%} power, median (range) over cells; {edge} of {n_rates} chosen rates at a grid edge):", ""]
+        for kind in ("headline", "ladder"):
+            for what, g in ht[ht.kind == kind].groupby("what", sort=False):
+                label = (what.replace(DEEP, "DEEP-GRPO").replace(" minus ", " vs ") if kind == "headline"
+                         else f"ladder step {what.replace(' minus ', ' over ')}")
+                out.append(f"- {label}: " + "; ".join(f"{r.unit} {_headline_comparison(r)}"
+                                                      for r in g.itertuples()) + ".")
+        for what, g in ht[ht.kind == "claim"].groupby("what", sort=False):
+            out.append(f"- {what}: " + "; ".join(f"{r.unit} {r.verdicts} of {int(r.cells)} cells, pooled "
+                                                 f"{r.pooled_verdict} ({r.pooled})" for r in g.itertuples()) + ".")
+        if sat is not None:
+            fs = sat[sat.learner.isin(HEADLINE_LEARNERS)]
+            claims = fs.groupby(list(REGIME), sort=False).claim.first()
+            pooled = "; ".join(f"{inc} {e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]" for inc, e in
+                               ((inc, mean_ci(g['diff'].to_numpy(np.float64))) for inc, g in
+                                fs.groupby("increment", sort=False)))
+            out.append("- (a) root saturation as the paper states it, at equal steps (increments of pass@1 from N = 8 "
+                       "to 16, 32, 64 positive and shrinking): " + ", ".join(
+                           f"{v} {k}/{len(claims)}" for v, k in claims.value_counts().items())
+                       + f" regimes; pooled increments {pooled}.")
+        out += [f"- {sanity_line(per, tuned, readouts)}", ""]
+    out += ["Every learner, read at the whole budget (counts per unit: the two units read the same runs):", ""]
     ceiling = at_ceiling(per, cells)
     for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
         col = f"deep_minus_{tag}_verdict"
-        out.append(f"- DEEP-GRPO vs {what}: higher in {int((cells[col] == 'higher').sum())}/{n} cells, lower in "
-                   f"{int((cells[col] == 'lower').sum())}/{n}, equivalent in {int((cells[col] == 'equivalent').sum())}"
-                   f"/{n} (Holm within each cell; map-wide Holm keeps "
-                   f"{int(cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']).sum())}; "
+        out.append(f"- DEEP-GRPO vs {what}: higher in {_by_unit(cells, cells[col] == 'higher')}, lower in "
+                   f"{_by_unit(cells, cells[col] == 'lower')}, equivalent in "
+                   f"{_by_unit(cells, cells[col] == 'equivalent')} (Holm within each cell; map-wide Holm, per "
+                   "unit, keeps "
+                   f"{_by_unit(cells, cells[f'deep_minus_{tag}_map'].isin(['higher', 'lower']))}; "
                    f"{_material(cells, tag, ceiling)}). Higher by level: "
                    + _axis_breakdown(cells, col, "higher") + ".")
     wins = cells.winner.value_counts()
@@ -1400,35 +1606,29 @@ def readme_block(root: str | Path) -> str:
                + f"; {int(ceiling.sum())}/{n} cells are at the ceiling (every one of those methods "
                f">= {CEILING:g}).")
     lad = effects[(effects.metric == "pass1_at") & (effects.family == "ladder")]
-    out.append("- Ladder steps significantly up / down (of " + str(n) + " cells): "
-               + "; ".join(f"{name.split(' minus ')[0]} {int((g.verdict == 'higher').sum())}/"
-                           f"{int((g.verdict == 'lower').sum())}" for name, g in lad.groupby("comparison", sort=False))
-               + ".")
-    readouts = readouts_table(per, tuned)
+    out.append("- Ladder steps significantly up / down: "
+               + "; ".join(f"{name.split(' minus ')[0]} " + ", ".join(
+                   f"{int(((g.unit == u) & (g.verdict == 'higher')).sum())}/"
+                   f"{int(((g.unit == u) & (g.verdict == 'lower')).sum())} ({u})" for u in BUDGET_UNITS)
+                   for name, g in lad.groupby("comparison", sort=False)) + ".")
     if len(readouts):
         deep = readouts[readouts.pair == f"{DEEP} minus {BEST_GRPO}"]
-        parts = [f"{label} {int((g.better == 'better').sum())}/{int((g.better == 'worse').sum())}"
-                 for label, g in deep.groupby("readout", sort=False)]
+        parts = [f"{label} {_tally(g)}" for label, g in deep.groupby("readout", sort=False)]
         h = deep[deep.headline]
-        out.append("- By readout, DEEP-GRPO vs the best GRPO-N significantly better/worse (of " + str(n) + " cells): "
-                   + "; ".join(parts) + f"; at each cell's headline readout (the largest budget where the best "
-                   f"method is below {HEADLINE_SATURATION:g}) {int((h.better == 'better').sum())}/"
-                   f"{int((h.better == 'worse').sum())}, with a minimum detectable effect ({POWER:.0%} power) of "
-                   f"{_median_range(h.mde)} in pass@1 (median and range over cells).")
+        out.append("- By readout, DEEP-GRPO vs the best GRPO-N significantly better/worse: " + "; ".join(parts)
+                   + f"; at each cell's headline readout {_tally(h)}, with a minimum detectable effect "
+                   f"({POWER:.0%} power) of {_median_range(h.mde)} in pass@1 (median and range over cells).")
     for c in CLAIMS:
         t = table[table.claim == c.key]
-        out.append(f"- ({c.key}) {c.title}: " + _count(t, "verdict", VERDICTS) + " cells (fails: "
+        out.append(f"- ({c.key}) {c.title}, at the budget: " + _count(t, "verdict", VERDICTS) + " (fails: "
                    f"{int((t.why == 'reversed').sum())} reversed, {int((t.why == 'no difference').sum())} no "
                    "difference); holds by level: " + _axis_breakdown(t, "verdict", "holds") + ".")
-    eq = Path(root) / STUDY / "equal_steps.csv"
-    if eq.is_file():
-        sat = saturation_table(pd.read_csv(eq))
+    if sat is not None:
         claims = sat.groupby(list(REGIME), sort=False).claim.first()
         pooled = "; ".join(f"{inc} {mean_ci(g['diff'].to_numpy(np.float64)).mean:+.3f}"
                            for inc, g in sat.groupby("increment", sort=False))
-        out.append("- (a) as the paper states it, at equal steps (increments of pass@1 from N = 8 to 16, 32, 64 "
-                   "positive and shrinking): " + ", ".join(f"{v} {k}/{len(claims)}" for v, k in
-                                                           claims.value_counts().items())
+        out.append("- (a) as the paper states it, at equal steps, every learner: " + ", ".join(
+            f"{v} {k}/{len(claims)}" for v, k in claims.value_counts().items())
                    + f" regimes; mean increments over the regimes {pooled}.")
     return "\n".join(out)
 

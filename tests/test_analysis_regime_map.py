@@ -196,7 +196,9 @@ def test_quick_map_readouts_come_from_their_definitions(quick_map):
     n_cells = per.groupby(list(rm.CELL)).ngroups
     assert set(readouts.readout) == set(rm.READOUTS.values())
     per_readout = readouts.groupby("readout").size()
-    assert (per_readout == n_cells * (2 + len(rm.LADDER) - 1)).all()
+    claims = {c.key: c for c in rm.CLAIMS}
+    n_claim_rows = sum(len(claims[k].others) for k in rm.HEADLINE_CLAIMS)
+    assert (per_readout == n_cells * (2 + len(rm.LADDER) - 1 + n_claim_rows)).all()
     # one headline readout per cell and comparison: the largest budget where the best mean is below the rule's level
     assert (readouts.groupby([*rm.CELL, "pair"]).headline.sum() == 1).all()
     budgets = [*rm.READOUT_FRACTIONS, "pass1_at"]
@@ -209,10 +211,58 @@ def test_quick_map_readouts_come_from_their_definitions(quick_map):
         assert set(sel.readout) == {label}, key
     # the whole-budget readout is effects.csv's; "better" reads a lower-is-better readout downward
     whole = readouts[readouts.readout == rm.READOUTS["pass1_at"]]
-    e = effects[(effects.metric == "pass1_at") & effects.family.isin(["headline", "ladder"])]
+    families = ["headline", "ladder", *(f"claim {k}" for k in rm.HEADLINE_CLAIMS)]
+    e = effects[(effects.metric == "pass1_at") & effects.family.isin(families)]
     assert whole["diff"].to_numpy() == pytest.approx(e["diff"].to_numpy(), nan_ok=True)
     slow = readouts[readouts.readout == rm.READOUTS["budget_to_half"]]
     assert ((slow.better == "better") == (slow.verdict == "lower")).all()
+
+
+def test_quick_map_claims_at_every_readout_and_the_headline_from_their_definitions(quick_map):
+    """At the whole budget the claims' verdicts by readout are claim_table's; the headline table
+    counts and pools only the features learners' cells at their headline readout, each unit on
+    its own, with the regime as block."""
+    per, tuned = _read(quick_map, "per_run.csv"), _read(quick_map, "tuned_lr.csv")
+    readouts = _read(quick_map, "readouts.csv")
+    by_readout = rm.claim_readouts(readouts)
+    whole = by_readout[by_readout.readout == rm.READOUTS["pass1_at"]]
+    table = rm.claim_table(rm.effects_table(per, tuned))
+    table = table[table.claim.isin(rm.HEADLINE_CLAIMS)]
+    merged = whole.merge(table, on=["claim", *rm.CELL], suffixes=("", "_budget"))
+    assert len(merged) == len(table) > 0
+    assert (merged.verdict == merged.verdict_budget).all() and (merged.why == merged.why_budget).all()
+    assert set(by_readout.readout) == set(rm.READOUTS.values())
+
+    ht = rm.headline_table(readouts)
+    n_regimes = len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.HEADLINE_LEARNERS)
+    assert (ht.cells == n_regimes).all() and set(ht.unit) == set(rm.BUDGET_UNITS)
+    heads = rm.headline_readouts(per)
+    for r in ht[ht.kind != "claim"].itertuples():
+        diffs, better, worse = [], 0, 0
+        for key, metric in heads.items():
+            cell = dict(zip(rm.CELL, key))
+            if cell["learner"] not in rm.HEADLINE_LEARNERS or cell["unit"] != r.unit:
+                continue
+            e = rm.effects_table(per[np.logical_and.reduce([per[c] == v for c, v in cell.items()])], tuned, metric)
+            e = e[e.family.isin(["headline", "ladder"])
+                  & (e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True) == r.what)]
+            assert len(e) == 1
+            diffs.append(float(e["diff"].iloc[0]))
+            good = "lower" if metric in rm.LOWER_IS_BETTER else "higher"
+            better += int(e.verdict.iloc[0] == good)
+            worse += int(e.verdict.iloc[0] not in (good, "equivalent", "inconclusive"))
+        assert (r.better, r.worse) == (better, worse), r.what
+        assert r.diff == pytest.approx(np.mean(diffs), nan_ok=True)
+    claims = ht[ht.kind == "claim"]
+    assert len(claims) == len(rm.HEADLINE_CLAIMS) * len(rm.BUDGET_UNITS)
+    assert set(claims.pooled_verdict) <= {"holds", "partly", "fails (reversed)", "inconclusive"}
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    ((0.01, 0.02), (0.1, 0.1), "holds"), ((0.01, -0.1), (0.1, 0.1), "partly"),
+    ((0.01, -0.1), (0.1, -0.01), "fails (reversed)"), ((-0.1, -0.1), (0.1, 0.1), "inconclusive")])
+def test_pooled_claim_verdict_rule(low, high, expected):
+    assert rm._pooled_verdict(low, high) == expected
 
 
 def test_quick_map_equal_steps_read_each_grpo_run_after_the_fewest_steps(quick_map):
@@ -283,6 +333,8 @@ def test_quick_map_report_and_readme_block(quick_map, tmp_path, capsys):
     assert "(a) root saturation" in text and "DEEP-GRPO vs the best GRPO-N" in text
     assert "By readout, DEEP-GRPO vs the best GRPO-N" in text and "**How the verdicts move with the readout**" in report
     assert "#### (a) root saturation at equal steps (the paper's form)" in report and "at equal steps" in text
+    assert "**Headline: the shared-features learners, each cell at its headline readout**" in report
+    assert "**Headline** (features/adam and features/sgd" in text and "(a sanity check, not in the headline" in text
     bad = tmp_path / "BAD.md"
     bad.write_text("no markers\n")
     assert deepgrpo_main(["report", "--results", str(quick_map), "--readme", str(bad)]) == 2
