@@ -595,18 +595,20 @@ def headline_readouts(per: pd.DataFrame) -> dict[tuple, str]:
     return out
 
 
-def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
+def readouts_table(per: pd.DataFrame, tuned: pd.DataFrame,
+                   effects: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """The headline, ladder and claim (:data:`HEADLINE_CLAIMS`) comparisons of :func:`effects_table`
-    under every readout of :data:`READOUTS` present in ``per``: its rows with ``readout`` (the label), ``better`` (the
-    verdict read in the readout's direction: ``better``/``worse`` for a significant difference,
-    else the verdict), ``pair`` (the comparison without the cell's best N) and ``headline`` (this
-    readout is the cell's :func:`headline_readouts`)."""
+    under every readout of :data:`READOUTS` present in ``per``: its rows with ``readout`` (the
+    label), ``better`` (the verdict read in the readout's direction: ``better``/``worse`` for a
+    significant difference, else the verdict), ``pair`` (the comparison without the cell's best N)
+    and ``headline`` (this readout is the cell's :func:`headline_readouts`). ``effects``: tables of
+    :func:`effects_table` already computed, by metric (the others are computed here)."""
     head = headline_readouts(per)
     frames = []
     for metric, label in READOUTS.items():
         if metric not in per:
             continue
-        e = effects_table(per, tuned, metric)
+        e = effects[metric] if effects is not None and metric in effects else effects_table(per, tuned, metric)
         e = e[e.family.isin(("headline", "ladder", *(f"claim {c}" for c in HEADLINE_CLAIMS)))].copy()
         good, bad = ("lower", "higher") if metric in LOWER_IS_BETTER else ("higher", "lower")
         e["readout"] = label
@@ -1256,13 +1258,13 @@ def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.Data
     (:func:`equal_steps_table`)."""
     if runs is not None:
         write_csv_atomic(d / "equal_steps.csv", equal_steps_table(runs, tuned))
-    effects = pd.concat([effects_table(per, tuned, m) for m in ("pass1_at", "heldout_pass1_at", "pass1_auc")
-                         if m in per], ignore_index=True)
+    by_metric = {m: effects_table(per, tuned, m) for m in ("pass1_at", "heldout_pass1_at", "pass1_auc") if m in per}
+    effects = pd.concat(list(by_metric.values()), ignore_index=True)
     cells = cells_table(per, effects, tuned)
     write_csv_atomic(d / "map.csv", map_table(per))
     write_csv_atomic(d / "effects.csv", effects)
     write_csv_atomic(d / "cells.csv", cells)
-    write_csv_atomic(d / "readouts.csv", readouts_table(per, tuned))
+    write_csv_atomic(d / "readouts.csv", readouts_table(per, tuned, by_metric))
     heatmaps(cells, d / "heatmap.png")
     for u in BUDGET_UNITS:
         waterfalls(per, effects, tuned, u, d / f"waterfall_{u}.png")
@@ -1277,6 +1279,37 @@ def load(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         for c in cols:
             frame[c] = _as_bool(frame[c], c)
     return per, tuned, meta
+
+
+@dataclass(frozen=True)
+class MapAnalysis:
+    """A map's tables as the report reads them (:func:`analyse`): ``per`` and ``tuned`` as
+    :func:`load` returns them, ``meta`` (``study.json``), ``effects`` (:func:`effects_table` by
+    metric: the whole-budget pass@1 and every other readout present) and ``readouts``
+    (:func:`readouts_table`). Read-only: every caller shares one instance."""
+
+    per: pd.DataFrame
+    tuned: pd.DataFrame
+    meta: dict
+    effects: dict[str, pd.DataFrame]
+    readouts: pd.DataFrame
+
+
+_ANALYSES: dict[tuple, MapAnalysis] = {}
+
+
+def analyse(root: str | Path) -> MapAnalysis:
+    """:class:`MapAnalysis` of the map under ``root``, computed once per version of its
+    ``per_run.csv`` and ``tuned_lr.csv`` (the report and the README block share it)."""
+    d = (Path(root) / STUDY).resolve()
+    key = (str(d), *((d / f).stat().st_mtime_ns for f in ("per_run.csv", "tuned_lr.csv")))
+    if key not in _ANALYSES:
+        per, tuned, meta = load(root)
+        metrics = [m for m in ("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUTS) if m in per]
+        effects = {m: effects_table(per, tuned, m) for m in dict.fromkeys(metrics)}
+        _ANALYSES.clear()  # one map at a time
+        _ANALYSES[key] = MapAnalysis(per, tuned, meta, effects, readouts_table(per, tuned, effects))
+    return _ANALYSES[key]
 
 
 def _as_bool(col: pd.Series, name: str) -> pd.Series:
@@ -1374,8 +1407,8 @@ def report_section(root: str | Path) -> list[str] | None:
     d = Path(root) / STUDY
     if not (d / "per_run.csv").is_file():
         return None
-    per, tuned, meta = load(root)
-    effects = effects_table(per, tuned)
+    a = analyse(root)
+    per, tuned, meta, effects = a.per, a.tuned, a.meta, a.effects["pass1_at"]
     cells = cells_table(per, effects, tuned)
     n_cells = len(cells)
     seeds = int(per.seed.nunique())
@@ -1423,7 +1456,7 @@ def report_section(root: str | Path) -> list[str] | None:
              "inside the margin, after Holm), so an equivalent difference's printed (Holm) interval may reach past it. "
              "Values: training exact pass@1 at the budget, and its AUC over [0, budget] in the cell's unit.", "",
              "![regime map](regime-map/heatmap.png)", ""]
-    readouts = readouts_table(per, tuned)
+    readouts = a.readouts
     if len(readouts):
         lines += headline_lines(per, tuned, readouts)
     # where DEEP-GRPO wins
@@ -1442,7 +1475,7 @@ def report_section(root: str | Path) -> list[str] | None:
     for metric, what in (("heldout_pass1_at", "held-out exact pass@1 at the budget"),
                          ("pass1_auc", "mean training pass@1 over [0, budget] (AUC)")):
         if metric in per:
-            h = effects_table(per, tuned, metric)
+            h = a.effects[metric]
             h = h[h.family == "headline"]
             parts = (("the best GRPO-N", h[h.other.str.startswith("grpo N=")]), ("root-only", h[h.other == ROOT_ONLY]))
             lines.append(f"- On {what}: " + "; ".join(
@@ -1548,11 +1581,10 @@ def _by_unit(frame: pd.DataFrame, mask: pd.Series) -> str:
 def readme_block(root: str | Path) -> str:
     """The README's simulator results (markdown), computed from the map in ``root``: the headline
     (:func:`headline_table`), the tabular sanity check, then every learner at the whole budget."""
-    per, tuned, meta = load(root)
-    effects = effects_table(per, tuned)
+    a = analyse(root)
+    per, tuned, meta, effects, readouts = a.per, a.tuned, a.meta, a.effects["pass1_at"], a.readouts
     cells = cells_table(per, effects, tuned)
     table = claim_table(effects)
-    readouts = readouts_table(per, tuned)
     n = len(cells)
     ends = per.groupby("unit").budget.first()
     out = [f"Regime map ({per.groupby(list(REGIME)).ngroups} regimes x 2 budget units = {n} cells; "

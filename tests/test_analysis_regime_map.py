@@ -237,15 +237,19 @@ def test_quick_map_claims_at_every_readout_and_the_headline_from_their_definitio
     n_regimes = len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.HEADLINE_LEARNERS)
     assert (ht.cells == n_regimes).all() and set(ht.unit) == set(rm.BUDGET_UNITS)
     heads = rm.headline_readouts(per)
+    effects = {}
+    for metric in set(heads.values()):
+        e = rm.effects_table(per, tuned, metric)
+        e = e[e.family.isin(["headline", "ladder"])]
+        effects[metric] = e.assign(pair=e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True)).set_index(
+            [*rm.CELL, "pair"])
     for r in ht[ht.kind != "claim"].itertuples():
         diffs, better, worse = [], 0, 0
         for key, metric in heads.items():
             cell = dict(zip(rm.CELL, key))
             if cell["learner"] not in rm.HEADLINE_LEARNERS or cell["unit"] != r.unit:
                 continue
-            e = rm.effects_table(per[np.logical_and.reduce([per[c] == v for c, v in cell.items()])], tuned, metric)
-            e = e[e.family.isin(["headline", "ladder"])
-                  & (e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True) == r.what)]
+            e = effects[metric].loc[[(*key, r.what)]]
             assert len(e) == 1
             diffs.append(float(e["diff"].iloc[0]))
             good = "lower" if metric in rm.LOWER_IS_BETTER else "higher"
