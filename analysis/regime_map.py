@@ -140,8 +140,10 @@ LADDER: dict[str, str] = {
     "deep-depth-only": "pivots by depth alone (r^γ)",
     DEEP: "the position-only P̂ (DEEP-GRPO)",
     "deep-state": "a state-aware P̂",
-    "oracle-pivot": "the exact P(success | prefix) in the paper's utility (simulator truth)",
-    "oracle-informative": "the pivot most likely to give a mixed K-group per generated token (simulator truth)",
+    "oracle-pivot": "the exact chance q that one continuation succeeds in place of P̂ in the paper's utility q·r^γ "
+                    "(simulator truth)",
+    "oracle-informative": "the pivot most likely to give a mixed K-group, 1 - q^K - (1 - q)^K, per generated token "
+                          "(per rollout in the rollouts unit; simulator truth)",
 }
 """The decomposition ladder (DESIGN.md): rung -> the ingredient it adds to the rung before."""
 
@@ -156,8 +158,16 @@ METHODS: tuple[MapMethod, ...] = (
               "K = 8 continuations split over 2 uniform cut points (group advantages)"),
     MapMethod("TreeRL M=2", "tree-surprisal", {"n_cut_points": 2, "tree": True}, "dispersed",
               "K = 8 continuations split over 2 max-surprisal cut points with TreeRL's tree advantages"),
+    MapMethod("oracle-informative per rollout", "oracle-informative", {"informative_cost": "rollouts"}, "per-unit",
+              "the pivot most likely to give a mixed K-group per rollout (simulator truth)"),
 )
 """Every method of every regime (DEEP-GRPO's defaults: G = K = 8, γ = 2, λ = 1)."""
+PER_UNIT: dict[str, tuple[str, str]] = {"oracle-informative": ("rollouts", "oracle-informative per rollout")}
+"""Rungs read from another method in one unit: ``{rung: (unit, method)}``. The oracle informative
+pivot maximises the chance of a mixed K-group per unit of the budget: per generated token in the
+tokens unit (``informative_cost = tokens``), per rollout in the rollouts unit (``informative_cost =
+rollouts``, every pivot costs K rollouts), so in the rollouts unit the rung is read from the
+per-rollout runs (:func:`per_run_table` renames them; they are tuned like every method)."""
 METHOD_NAMES = tuple(m.name for m in METHODS)
 WINNER_POOL = tuple(m.name for m in METHODS if m.family in ("grpo", "ladder"))
 """The methods a cell's winner is chosen from: GRPO at every N and the ladder."""
@@ -397,6 +407,12 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
         f["problem_set_seed"] = problem_set_seed[mask].tolist()
         f["pivot_oracle_success"] = pivot_oracle_success[mask].tolist()
         f["steps"] = steps_to[u][mask].tolist()
+        for rung, (unit, alt) in PER_UNIT.items():  # the rung's runs in this unit (see PER_UNIT)
+            if u == unit:
+                f = f[f.name != rung].copy()
+                f.loc[f.name == alt, ["name", "family"]] = (rung, "ladder")
+            else:
+                f = f[f.name != alt]
         frames.append(f)
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values([*CELL, "name", "seed"], key=_map_order, kind="stable").reset_index(drop=True)

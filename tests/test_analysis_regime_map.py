@@ -78,7 +78,7 @@ def _read(root, name):
 def test_quick_map_has_one_row_per_cell_and_method_with_unit_seeds_and_intervals(quick_map):
     table = _read(quick_map, "map.csv")
     n_regimes = len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.LEARNERS)
-    assert len(table) == n_regimes * 2 * len(rm.METHODS)
+    assert len(table) == n_regimes * 2 * (len(rm.METHODS) - len(rm.PER_UNIT))
     assert not table.duplicated([*rm.CELL, "name"]).any()
     assert set(table.unit) == {"tokens", "rollouts"}
     assert (table.seeds == SEEDS).all()
@@ -88,6 +88,14 @@ def test_quick_map_has_one_row_per_cell_and_method_with_unit_seeds_and_intervals
         assert table[v].between(0, 1).all()
         assert np.isfinite(table[f"{v}_low"]).all() and (table[f"{v}_low"] <= table[v] + 1e-12).all()
         assert (table[f"{v}_high"] >= table[v] - 1e-12).all()
+    # a rung read from another method in one unit (PER_UNIT): the oracle informative pivot per rollout
+    per = _read(quick_map, "per_run.csv")
+    for rung, (unit, alt) in rm.PER_UNIT.items():
+        assert alt not in set(per.name)
+        rows = per[per.name == rung]
+        assert len(rows) == n_regimes * 2 * SEEDS
+        assert (rows.variant.str.endswith(f"| {alt}") == (rows.unit == unit)).all()
+        assert (rows.family == "ladder").all()
     cells = _read(quick_map, "cells.csv")
     assert len(cells) == n_regimes * 2 and set(cells.winner) <= set(rm.WINNER_POOL)
     for f in ("heatmap.png", "waterfall_tokens.png", "waterfall_rollouts.png", "theory/theory.png"):
@@ -101,7 +109,8 @@ def test_quick_map_equal_budget_in_both_units_at_the_rates_tuned_per_unit(quick_
     ends = rm.budgets(rm.QUICK)
     assert per.reached.all() and (per.budget == per.unit.map(ends)).all()
     # whole-chain methods reach both budgets at the same step; suffix-only branching reaches rollouts first
-    wide = per.pivot_table(index=["variant", "seed"], columns="unit", values="steps")
+    wide = per.pivot_table(index=["variant", "seed"], columns="unit", values="steps").dropna()  # PER_UNIT's
+    # variants are read in one unit only
     fam = per.groupby("variant").family.first().reindex(wide.index.get_level_values(0)).to_numpy()
     name = per.groupby("variant").name.first().reindex(wide.index.get_level_values(0)).to_numpy()
     whole = (fam == "grpo") | (name == rm.ROOT_ONLY)
