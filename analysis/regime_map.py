@@ -234,6 +234,15 @@ GRPO-N and the ladder) is still below this, so the best method is not saturated 
 smallest budget if it is saturated at all four."""
 
 
+def _claim_verdict_why(rule: str, verdicts: Sequence[str]) -> tuple[str, str]:
+    """(:func:`claim_verdict`, and when it fails ``reversed`` if a comparison goes the other way,
+    else ``no difference``; empty otherwise)."""
+    verdict = claim_verdict(rule, verdicts)
+    if verdict != "fails":
+        return verdict, ""
+    return verdict, "reversed" if ("higher" if rule == "saturates" else "lower") in verdicts else "no difference"
+
+
 def claim_verdict(rule: str, verdicts: Sequence[str]) -> str:
     """The verdict of a claim in one cell from its comparisons' verdicts (``higher``, ``lower``,
     ``equivalent``, ``inconclusive``; :attr:`analysis.stats.Comparison.verdict`).
@@ -763,8 +772,7 @@ def claim_readouts(readouts: pd.DataFrame) -> pd.DataFrame:
     for key, g in r.groupby(["family", *CELL, "readout"], sort=False):
         claim = key[0].split(" ")[1]
         v = list(g.better.map({"better": "higher", "worse": "lower"}).fillna(g.better))
-        verdict = claim_verdict(rule[claim], v)
-        why = "" if verdict != "fails" else "reversed" if "lower" in v else "no difference"
+        verdict, why = _claim_verdict_why(rule[claim], v)
         rows.append({"claim": claim, **dict(zip(CELL, key[1:-1])), "readout": key[-1], "verdict": verdict,
                      "why": why, "headline": bool(g.headline.iloc[0])})
     return pd.DataFrame(rows, columns=["claim", *CELL, "readout", "verdict", "why", "headline"])
@@ -1405,9 +1413,7 @@ def claim_table(effects: pd.DataFrame) -> pd.DataFrame:
     for c in CLAIMS:
         fam = e[e.family == f"claim {c.key}"]
         for key, g in fam.groupby(list(CELL), sort=False):
-            verdict = claim_verdict(c.rule, list(g.verdict))
-            why = ("" if verdict != "fails" else "reversed" if any(
-                v == ("higher" if c.rule == "saturates" else "lower") for v in g.verdict) else "no difference")
+            verdict, why = _claim_verdict_why(c.rule, list(g.verdict))
             rows.append({"claim": c.key, **dict(zip(CELL, key)), "verdict": verdict, "why": why,
                          "comparisons": "; ".join(f"{o}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] {v}" for o, d, lo, hi, v in
                                                   zip(g.other, g["diff"], g.low, g.high, g.verdict))})
