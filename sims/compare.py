@@ -31,7 +31,7 @@ from deepgrpo.methods import method_config
 from deepgrpo.records import versions, write_json_atomic, write_text_atomic
 from sims.figure import pass1_vs_budget_svg
 from sims.runner import RunnerConfig, TrainResult, train_replicas
-from sims.spec import TokenTreeSpec, describe, explain
+from sims.spec import TokenTreeSpec, explain
 
 COMPARE_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("GRPO N=8", "grpo", {"G": 8}),
@@ -208,7 +208,7 @@ def _seed_words(result: CompareResult) -> str:
 def format_header(result: CompareResult) -> str:
     """The lines above the table: spec, seeds, problem sets, and the budget with its unit."""
     r, spec = result.runner, result.spec
-    lines = [f"sim compare: {describe(spec)}; {r.batch_problems} problems per step, {_seed_words(result)}, "
+    lines = [f"sim compare: {explain(spec)}", f"{r.batch_problems} problems per step, {_seed_words(result)}, "
              f"{r.policy} policy, {r.optimizer} lr {r.lr:g}"]
     if r.budget is None:
         lines.append(f"equal steps ({r.steps} per method; no budget): values after the last step")

@@ -386,20 +386,8 @@ def _draw_problems(spec: TokenTreeSpec, rng: np.random.Generator, count: int) ->
             "hardness": hardness.reshape(n, C), "lengths": lengths, "p_correct": p_correct}
 
 
-def describe(spec: TokenTreeSpec) -> str:
-    """One line summarising a spec (for logs and tables)."""
-    length = f"T={spec.depth}" if spec.min_depth is None else f"T={spec.min_depth}-{spec.depth}"
-    return (f"{length} V={spec.vocab_size} problems={spec.n_problems}+{spec.n_heldout} held-out crux={spec.n_crux}"
-            f"@[{spec.crux_depth_low:g},{spec.crux_depth_high:g}] hardness={spec.crux_hardness_mean:g}"
-            f"±{spec.crux_hardness_std:g} ability={spec.ability_mean:g}±{spec.ability_std:g}"
-            f" h={spec.heterogeneity:g} recovery={spec.recovery}"
-            + ("" if spec.recovery == "fatal" else f"(rho={spec.recovery_prob:g}"
-               + (f", decay={spec.recovery_decay:g})" if spec.recovery == "decay" else ")")))
-
-
-
 def explain(spec: TokenTreeSpec) -> str:
-    """:func:`describe` in plain words, for figure titles read by someone who has not read the code."""
+    """One line summarising a spec in plain words, for output read by someone who has not read the code."""
     length = f"{spec.depth}" if spec.min_depth is None else f"{spec.min_depth}-{spec.depth}"
     crux = (f"{spec.n_crux} hard step{'s' if spec.n_crux != 1 else ''} per problem at "
             f"{spec.crux_depth_low:.0%}-{spec.crux_depth_high:.0%} of its length" if spec.n_crux else "no hard steps")

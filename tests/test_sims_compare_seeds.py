@@ -89,6 +89,7 @@ def test_the_command_takes_seeds_and_refuses_none(tmp_path, capsys):
                  "--batch-problems", "4", "--no-figure", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "seeds 3-4 (2 runs per method" in printed and "±" in printed
+    assert "8 training + 16 held-out problems" in printed and "crux=" not in printed  # plain words, as in the figure
     summary = pd.read_csv(out / "summary.csv")
     assert (summary["seeds"] == 2).all() and summary["pass1_at_budget_ci95"].notna().all()
     assert main(["sim", "compare", "--seeds", "0", "--out", str(tmp_path / "none")]) == 2
