@@ -47,14 +47,17 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
     # the held-out evaluation of the LLM commands (sft, train, eval, study llm-compare): --eval-*
     "eval-problems": ("EvalConfig.n_problems", "LLMCompareConfig.eval_problems"),
     "eval-samples": ("EvalConfig.samples", "LLMCompareConfig.eval_samples"),
-    "eval-pass-k": ("EvalConfig.pass_k",),
+    # the k of the pass@k an evaluation reports (the LLM's held-out one; the simulator's exact one)
+    "eval-pass-k": ("EvalConfig.pass_k", "RunnerConfig.pass_k"),
     "eval-temperature": ("EvalConfig.temperature",),
     "eval-max-response-tokens": ("EvalConfig.max_response_tokens",),
     "eval-seed": ("EvalConfig.seed",),
     # sampling of the LLM commands (llm train, study llm-recoverability)
     "max-response-tokens": ("SamplingConfig.max_response_tokens", "LLMRecoverabilityConfig.max_tokens"),
     "temperature": ("SamplingConfig.temperature", "LLMRecoverabilityConfig.temperature"),
-    "prompts-per-step": ("TrainConfig.prompts_per_step", "LLMCompareConfig.prompts_per_step"),
+    # problems (prompts) per training step, in the simulator too
+    "prompts-per-step": ("TrainConfig.prompts_per_step", "LLMCompareConfig.prompts_per_step",
+                         "RunnerConfig.batch_problems"),
     "n-problems": ("TokenTreeSpec.n_problems", "LLMRecoverabilityConfig.prompts"),
     "spec-seed": ("TokenTreeSpec.seed",),
     "estimator": ("EstimatorConfig.kind",),
@@ -103,17 +106,20 @@ def flag_name(owner: str, name: str) -> str:
 
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)\s*(?:<[^>]*>)?`")
+_EMPHASIS = re.compile(r"(?<![\w*])\*{1,2}(\w(?:[^*]*?\w)?)\*{1,2}(?![\w*])")
 
 
 def plain_text(text: str) -> str:
     """``text`` (a docstring's description) without reStructuredText markup: roles such as
     :class:`~a.B` become their name (``B``; ``a.B`` without the ``~``), double and single back-ticks
-    are dropped, and whitespace is collapsed to single spaces."""
+    and the stars of emphasis (``*sample*``, ``**both**``) are dropped, and whitespace is collapsed to
+    single spaces (``lr * ratio`` keeps its star)."""
     def role(m: re.Match[str]) -> str:
         target = m.group(1)
         return target.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") else target
     text = _ROLE.sub(role, text)
     text = text.replace("``", "").replace("`", "")
+    text = _EMPHASIS.sub(r"\1", text)
     return " ".join(text.split())
 
 
@@ -361,7 +367,9 @@ class OptionSet:
         example = ""
         for leaf in [leaf for leaf in leaves(self.cls) if leaf.key not in self.hidden
                      and isinstance(leaf.default, (int, float)) and not isinstance(leaf.default, bool)][:1]:
-            keys = dict.fromkeys((leaf.key, self.flags[leaf.key][2:]))  # dotted key, flag name (once if equal)
+            # a dotted key (of a section) and the flag's name; a top-level field's own name is not shown
+            # beside its flag when the two differ (the flag is the name a user knows)
+            keys = dict.fromkeys(((leaf.key,) if "." in leaf.key else ()) + (self.flags[leaf.key][2:],))
             example = " (e.g. " + " or ".join(f"--set {k}={format_value(leaf.default)}" for k in keys) + ")"
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
                             help=f"any setting by dotted key or flag name{example}; repeatable, applied last"

@@ -5,7 +5,7 @@
     deepgrpo llm train --model PATH --data FILE [--eval-data FILE] --method grpo --out DIR
     deepgrpo llm train --config recipes/gsm8k-qwen2.5-0.5b.json --lr 1e-5 --out DIR
     deepgrpo llm train --resume --out DIR [--steps N]
-    deepgrpo llm eval  --checkpoint DIR [--data arith|FILE] [--eval-samples 4 --eval-pass-k 4]
+    deepgrpo llm eval  --model DIR [--data arith|FILE] [--eval-samples 4 --eval-pass-k 4]
 
 Every field of the command's config dataclasses is a flag generated from them
 (:mod:`deepgrpo.flags`); sources are layered as defaults < method preset < ``--config FILE``
@@ -68,11 +68,15 @@ class LLMEvalSettings:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+BUILTIN_DATA = ("arith", "tiny-arith")
+"""``--data`` values that name the built-in arithmetic task (in ``llm train``, ``llm eval`` and the studies)."""
+EVAL_CAP = "train.eval.max_response_tokens"
+"""Tied to ``train.sampling.max_response_tokens`` in ``llm train`` (the evaluation during training
+uses the training cap): no flag, and ``--set``/``--config`` may only repeat that cap."""
 TRAIN_OPTIONS = OptionSet(LLMTrainSettings, reserved=("preset", "out", "resume", "config", "set", "help"),
-                          # the evaluation during training uses the training cap (--max-response-tokens)
-                          hidden=("train.overrides", "train.eval.max_response_tokens"))
+                          hidden=("train.overrides", EVAL_CAP))
 SFT_OPTIONS = OptionSet(LLMSFTSettings, reserved=("preset", "out", "force", "threads", "config", "set", "help"))
-EVAL_OPTIONS = OptionSet(LLMEvalSettings, reserved=("checkpoint", "data", "task", "threads", "out", "config", "set",
+EVAL_OPTIONS = OptionSet(LLMEvalSettings, reserved=("model", "data", "task", "threads", "out", "config", "set",
                                                     "help"))
 OPTIONS = {"train": TRAIN_OPTIONS, "sft": SFT_OPTIONS, "eval": EVAL_OPTIONS}
 
@@ -105,13 +109,13 @@ def build_parser(prog: str = "deepgrpo llm", command: str = "llm") -> argparse.A
 
     what = "greedy mean@1 and sampled pass@k of a checkpoint"
     e = sub.add_parser("eval", help=what, description="Held-out " + what + ".")
-    e.add_argument("--checkpoint", required=True, help="model directory or training run directory")
+    e.add_argument("--model", required=True, help="a model directory, or a training run directory holding one")
     e.add_argument("--data", default="arith", help="'arith' (built-in held-out set) or a JSONL/parquet file")
     e.add_argument("--task", choices=["arith", "gsm8k", "math"], default=None,
                    help="the task of --data (default: detected from the file)")
     e.add_argument("--threads", default="2", help="torch CPU threads (default: 2)")
     e.add_argument("--out", default=None,
-                   help="JSON file for the results (default CHECKPOINT/eval/DATA.json, beside a run's checkpoint "
+                   help="JSON file for the results (default MODEL/eval/DATA.json, beside a run's checkpoint "
                         "directory, never inside it)")
     EVAL_OPTIONS.add_arguments(e)
     return p
@@ -187,12 +191,28 @@ def resolve_train(a: argparse.Namespace, base_train: TrainConfig | None = None) 
     ``base_train`` when resuming): the algorithm's settings end in ``train.overrides`` as the
     keys that differ from the method's preset."""
     layers = _layers(TRAIN_OPTIONS, a)
+    fresh = base_train is None  # a resumed run keeps the evaluation cap its config.json recorded
     base_train = base_train or TrainConfig()
     method = _method_of(layers, base_train.method)
     base = LLMTrainSettings(train=dataclasses.replace(base_train, method=method),
                             algo=base_train.algo() if method == base_train.method else method_config(method))
     settings = TRAIN_OPTIONS.build(base, *layers)
-    return dataclasses.replace(settings.train, overrides=preset_overrides(method, settings.algo))
+    train = settings.train
+    # the evaluation during training uses the training cap: another value is refused, never ignored,
+    # and a new run records the cap it evaluates with
+    cap = train.sampling.max_response_tokens
+    asked = [(source, layer[EVAL_CAP]) for source, layer in zip(("--config", "--flags", "--set"), layers)
+             if EVAL_CAP in layer]
+    if asked and asked[-1][1] != cap:
+        source, value = asked[-1]
+        raise ConfigError(f"{source}: {EVAL_CAP} = {value!r} is invalid: llm train evaluates with the training cap, "
+                          f"--max-response-tokens (now {cap}); set that instead", owner=source,
+                          field="max_response_tokens", value=value, allowed=f"{cap} (= --max-response-tokens)")
+    if fresh:
+        train = dataclasses.replace(train, eval=dataclasses.replace(train.eval, max_response_tokens=cap))
+    if train.data in BUILTIN_DATA:  # the built-in arithmetic task, spelled as in llm eval and the studies
+        train = dataclasses.replace(train, data=None)
+    return dataclasses.replace(train, overrides=preset_overrides(method, settings.algo))
 
 
 def _check_paths(cfg: TrainConfig, preset: str | None) -> None:
@@ -338,9 +358,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _eval_out(a: argparse.Namespace) -> Path:
-    """Where ``llm eval`` writes: ``--out``, or ``CHECKPOINT/eval/DATA.json`` (``DATA`` = ``arith``
+    """Where ``llm eval`` writes: ``--out``, or ``MODEL/eval/DATA.json`` (``DATA`` = ``arith``
     or the data file's stem). Never inside a run's ``checkpoint/``, which the next save replaces:
-    ``--checkpoint RUN/checkpoint`` writes ``RUN/eval/DATA.json``, as ``--checkpoint RUN`` does."""
+    ``--model RUN/checkpoint`` writes ``RUN/eval/DATA.json``, as ``--model RUN`` does."""
     if a.out is not None:
         out = Path(a.out)
         if out.is_dir() or not out.name:
@@ -348,8 +368,8 @@ def _eval_out(a: argparse.Namespace) -> Path:
                               owner="--out")
         return out
     from llm.models import is_model_dir
-    name = "arith" if a.data in ("arith", "tiny-arith") else Path(a.data).stem
-    base = Path(a.checkpoint)
+    name = "arith" if a.data in BUILTIN_DATA else Path(a.data).stem
+    base = Path(a.model)
     if base.name == "checkpoint" and (base.parent / "config.json").is_file() and not is_model_dir(base.parent):
         base = base.parent  # a training run's checkpoint: write beside it, in the run directory
     return base / "eval" / f"{name}.json"
@@ -369,24 +389,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     threads = _positive_int("--threads", a.threads)
     cfg = EVAL_OPTIONS.build(LLMEvalSettings(), *_layers(EVAL_OPTIONS, a)).eval
-    model_dir = resolve_model_dir(a.checkpoint)
+    model_dir = resolve_model_dir(a.model)
     if model_dir is None:
-        check_model_dir(a.checkpoint, "--checkpoint")  # says what is wrong with it
-    check_model_dir(model_dir, "--checkpoint")
+        check_model_dir(a.model, "--model")  # says what is wrong with it
+    check_model_dir(model_dir, "--model")
     out = _eval_out(a)
     try:  # before the evaluation, not after it
         check_writable_dir(out.parent, "--out")
     except ConfigError as e:
         why = str(e).split(" is invalid: ", 1)[-1]
-        default = "" if a.out is not None else " (the default beside --checkpoint; pass --out FILE elsewhere)"
+        default = "" if a.out is not None else " (the default beside --model; pass --out FILE elsewhere)"
         raise ConfigError(f"--out = {str(out)!r} is invalid: {why}{default}", owner="--out", value=str(out),
                           allowed=e.allowed) from None
-    tok = load_tokenizer(model_dir, option="--checkpoint")
-    limits = model_limits(model_dir, "--checkpoint")
+    tok = load_tokenizer(model_dir, option="--model")
+    limits = model_limits(model_dir, "--model")
     samples = max(cfg.samples, 1)
     factors = [("EvalConfig", "n_problems", cfg.n_problems, 512), ("EvalConfig", "samples", samples, 4),
                ("EvalConfig", "max_response_tokens", cfg.max_response_tokens, 64)]
-    if a.data in ("arith", "tiny-arith"):
+    if a.data in BUILTIN_DATA:
         a_cfg = ArithmeticConfig()
         worst = make_prompts([arithmetic_problem([10 ** a_cfg.max_digits - 1] * a_cfg.max_terms)], tok)[0]
         check_context(len(worst.ids), cfg.max_response_tokens, limits.context, "EvalConfig", "--data", a.data,
@@ -407,7 +427,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                         limits.kv_bytes_per_token, DEFAULT_MAX_BATCH_SIZE)
     lock_output(out, "--out")  # one writer per results file, held until the command ends
     torch.set_num_threads(threads)
-    model = load_causal_lm(model_dir, trainable=False, option="--checkpoint")
+    model = load_causal_lm(model_dir, trainable=False, option="--model")
     res = evaluate(HFEngine(model, [tok.eos_token_id], tok.pad_token_id), tok, prompts, cfg, progress=True)
     record = {"checkpoint": str(model_dir), "data": a.data, **res, "config": dataclasses.asdict(cfg)}
     write_json_atomic(out, record)

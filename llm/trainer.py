@@ -84,7 +84,8 @@ class TrainConfig:
         model: local model directory of the initial policy (for ``tiny-arith``: an SFT checkpoint
             from ``deepgrpo llm sft``).
         reference: frozen reference model directory (None = ``model``).
-        data: JSONL/parquet file in GSM8K/MATH/arith format (None = the built-in arithmetic task).
+        data: JSONL/parquet file in GSM8K/MATH/arith format (None = the built-in arithmetic task; on the
+            command line also ``arith``, as in ``llm eval``).
         eval_data: held-out file (None = a crc32 split of ``data``, or the arithmetic held-out set).
             Training never sees a held-out question: problems of ``data`` whose question
             (whitespace ignored) is also in ``eval_data`` are dropped, with a counted warning;

@@ -24,8 +24,9 @@ import pytest
 from deepgrpo.cli import build_parser, main
 from deepgrpo.flags import VOCABULARY, flag_name, format_value, metavar
 
-MARKUP = re.compile(r"`|:[a-z]+:`|\*\*")
-"""Back-ticks (RST literals and Sphinx roles such as :class:`X`, Markdown code) and bold."""
+MARKUP = re.compile(r"`|:[a-z]+:`|\*\*|(?<![\w*])\*\w(?:[^*]*?\w)?\*(?![\w*])")
+"""Back-ticks (RST literals and Sphinx roles such as :class:`X`, Markdown code), bold and emphasis
+(``*word*``; a product such as ``lr * ratio`` is no markup)."""
 DEFAULT = re.compile(r"\s*\((default: .*|required)\)$", re.S)
 
 
@@ -112,7 +113,7 @@ def test_abbreviations_are_refused_everywhere(commands):
 
 @pytest.mark.parametrize("argv,meant", [
     (["llm", "train", "--out", "OUT", "--prompts", "8"], "--prompts-per-step"),
-    (["llm", "eval", "--checkpoint", "DIR", "--eval-samp", "2"], "--eval-samples"),
+    (["llm", "eval", "--model", "DIR", "--eval-samp", "2"], "--eval-samples"),
     (["sim", "run", "--method", "grpo", "--ste", "3"], "--steps"),
     (["study", "dilution", "--seed", "3"], "--seeds"),
     (["study", "theory", "--spec", "3"], None),
@@ -165,12 +166,14 @@ def test_the_settings_of_issue_22_have_one_flag_each(commands):
     for c in ("llm train", "study llm-recoverability"):
         assert {"--max-response-tokens", "--temperature"} <= _flags(commands[c]), c
     gone = {"--prompts", "--max-tokens", "--sampling-max-response-tokens", "--sampling-temperature", "--samples",
-            "--pass-k", "--quiet", "--steps-cap", "--warmup-steps", "--kind"}
+            "--pass-k", "--quiet", "--steps-cap", "--warmup-steps", "--kind", "--checkpoint", "--batch-problems"}
     for name, parser in commands.items():
-        if name.startswith("sim ") and "--pass-k" in _flags(parser):  # the simulator's logged pass@k
-            assert _flags(parser) & gone == {"--pass-k"}, name
-            continue
         assert not _flags(parser) & gone, (name, _flags(parser) & gone)
+    # the same input and the same settings under one name in the simulator and the LLM commands
+    for name in ("llm train", "llm eval", "study llm-compare", "study llm-recoverability"):
+        assert "--model" in _flags(commands[name]), name
+    for name in ("sim run", "sim compare"):
+        assert {"--prompts-per-step", "--eval-pass-k"} <= _flags(commands[name]), name
     for name in ("llm sft", "llm eval"):  # the evaluation's temperature is --eval-temperature there too
         assert "--temperature" not in _flags(commands[name]) and "--seed" not in _flags(commands["llm eval"])
 
@@ -178,7 +181,32 @@ def test_the_settings_of_issue_22_have_one_flag_each(commands):
 def test_eval_seed_is_accepted_by_llm_eval(tmp_path):
     from llm.cli import EVAL_OPTIONS, LLMEvalSettings
     from llm.cli import build_parser as llm_parser
-    a = llm_parser("deepgrpo llm").parse_args(["eval", "--checkpoint", str(tmp_path), "--eval-seed", "7",
+    a = llm_parser("deepgrpo llm").parse_args(["eval", "--model", str(tmp_path), "--eval-seed", "7",
                                                "--eval-temperature", "0.5", "--set", "eval-samples=3"])
     cfg, _ = EVAL_OPTIONS.resolve(a, LLMEvalSettings())
     assert (cfg.eval.seed, cfg.eval.temperature, cfg.eval.samples) == (7, 0.5, 3)
+
+
+def test_llm_train_refuses_an_evaluation_cap_it_would_not_use_and_records_the_one_it_uses():
+    from deepgrpo.config import ConfigError
+    from llm.cli import build_parser as llm_parser
+    from llm.cli import resolve_train
+    p = llm_parser("deepgrpo llm")
+    cfg = resolve_train(p.parse_args(["train", "--out", "OUT", "--max-response-tokens", "40"]))
+    assert cfg.eval.max_response_tokens == cfg.sampling.max_response_tokens == 40  # what config.json records
+    same = resolve_train(p.parse_args(["train", "--out", "OUT", "--max-response-tokens", "40",
+                                       "--set", "eval.max_response_tokens=40"]))
+    assert same.eval.max_response_tokens == 40
+    with pytest.raises(ConfigError, match=r"--set: train.eval.max_response_tokens = 10 is invalid: .*--max-response-"
+                                          r"tokens \(now 40\)"):
+        resolve_train(p.parse_args(["train", "--out", "OUT", "--max-response-tokens", "40",
+                                    "--set", "eval-max-response-tokens=10"]))
+    assert "--eval-max-response-tokens" not in _flags(p._subparsers._group_actions[0].choices["train"])
+
+
+def test_data_arith_is_the_built_in_task_in_llm_train_too():
+    from llm.cli import build_parser as llm_parser
+    from llm.cli import resolve_train
+    p = llm_parser("deepgrpo llm")
+    for argv in (["--data", "arith"], ["--data", "tiny-arith"], []):
+        assert resolve_train(p.parse_args(["train", "--out", "OUT", *argv])).data is None, argv

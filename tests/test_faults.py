@@ -230,8 +230,8 @@ def test_every_kind_of_corrupt_input_is_one_line_and_exit_2(micro_dir, tmp_path)
         p = _deepgrpo([*train, "--model", str(m), "--data", str(DATA), "--out", str(out)], d)
         _one_line_exit_2(p, "--model", str(m))
         assert not out.exists(), name
-        p = _deepgrpo(["llm", "eval", "--checkpoint", str(m), "--eval-problems", "2", "--eval-samples", "0"], d)
-        _one_line_exit_2(p, "--checkpoint")
+        p = _deepgrpo(["llm", "eval", "--model", str(m), "--eval-problems", "2", "--eval-samples", "0"], d)
+        _one_line_exit_2(p, "--model")
     files = {"empty.jsonl": "", "bad.jsonl": '{"question": "1+1=", "answer": "2"}\n{"question": \n',
              "list.jsonl": "[1, 2]\n", "bad.parquet": "PAR1 not really", "notes.txt": "hello"}
     for name, text in files.items():

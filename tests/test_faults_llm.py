@@ -235,8 +235,8 @@ def test_eval_to_a_read_only_place_is_refused_before_evaluating(micro, tmp_path)
         cli = [sys.executable, "-m", "deepgrpo.cli", "llm", "eval", "--eval-problems", "256", "--eval-samples", "8",
                "--threads", "1"]
         out = {{}}
-        for name, args in (("out", ["--checkpoint", {str(model)!r}, "--out", {str(mnt / "ro" / "ev.json")!r}]),
-                           ("default", ["--checkpoint", {str(mnt / "ro" / "model")!r}])):
+        for name, args in (("out", ["--model", {str(model)!r}, "--out", {str(mnt / "ro" / "ev.json")!r}]),
+                           ("default", ["--model", {str(mnt / "ro" / "model")!r}])):
             t0 = time.time()
             p = subprocess.run(cli + args, capture_output=True, text=True)
             out[name] = {{"code": p.returncode, "err": p.stderr, "out": p.stdout, "seconds": time.time() - t0}}

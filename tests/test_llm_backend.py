@@ -329,9 +329,9 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
         (["train", "--model", str(model_dir), "--set", "nonsense=1", "--out", str(out)], "nonsense"),
         (["train", "--model", str(model_dir), "--lr", "-1", "--out", str(out)], "--lr"),
         (["train", "--out", str(out)], "--model"),
-        (["eval", "--checkpoint", str(tmp_path / "nope")], "--checkpoint"),
-        (["eval", "--checkpoint", str(model_dir), "--data", "nofile.jsonl"], "--data"),
-        (["eval", "--checkpoint", str(model_dir), "--eval-samples", "2", "--eval-pass-k", "3"], "--eval-pass-k"),
+        (["eval", "--model", str(tmp_path / "nope")], "--model"),
+        (["eval", "--model", str(model_dir), "--data", "nofile.jsonl"], "--data"),
+        (["eval", "--model", str(model_dir), "--eval-samples", "2", "--eval-pass-k", "3"], "--eval-pass-k"),
         (["sft", "--out", str(out), "--steps", "-3"], "--steps"),
     ]
     for args, option in cases:
@@ -344,7 +344,7 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(model_dir, tmp_p
 
 def test_cli_eval_writes_results(model_dir, tmp_path, capsys):
     out = tmp_path / "ev.json"
-    code, cap = _cli(["eval", "--checkpoint", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
+    code, cap = _cli(["eval", "--model", str(model_dir), "--data", str(DATA_DIR / "arith_sample.jsonl"),
                       "--eval-samples", "4", "--eval-pass-k", "2", "--eval-max-response-tokens", "40", "--threads", "1",
                       "--out", str(out)],
                      capsys)
@@ -422,9 +422,9 @@ def test_cli_resume_applies_steps_and_refuses_other_changes(model_dir, tmp_path,
     rec = json.loads((out / "config.json").read_text())
     assert rec["train"]["steps"] == 3 and rec["resumes"] == [{"at_step": 2, "changed": {"steps": 3}}]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
-    # the README's `llm eval --checkpoint RUN_DIR`: a run directory's config.json is the run's, its model
+    # the README's `llm eval --model RUN_DIR`: a run directory's config.json is the run's, its model
     # is in checkpoint/ (this used to crash on the run's config.json)
-    code, cap = _cli(["eval", "--checkpoint", str(out), "--eval-problems", "2", "--eval-samples", "0", "--threads", "1",
+    code, cap = _cli(["eval", "--model", str(out), "--eval-problems", "2", "--eval-samples", "0", "--threads", "1",
                       "--out", str(tmp_path / "ev.json")], capsys)
     assert code == 0, cap.err
     assert json.loads((tmp_path / "ev.json").read_text())["checkpoint"] == str(out / "checkpoint")

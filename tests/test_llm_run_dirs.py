@@ -122,7 +122,7 @@ def test_a_directory_another_process_writes_is_refused(micro, run, tmp_path, cap
         (["train", "--resume", "--steps", "3", "--out", str(copy)], copy),
         (["sft", "--steps", "1", "--batch-size", "2", "--eval-problems", "2", "--eval-samples", "0", "--threads", "1",
           "--out", str(tmp_path / "sft")], tmp_path / "sft"),
-        (["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
+        (["eval", "--model", str(copy), "--eval-problems", "2", "--eval-samples", "0",
           "--eval-max-response-tokens", "20", "--threads", "1", "--out", str(eval_out)], eval_out),
     ]
     for args, target in commands:
@@ -147,7 +147,7 @@ def test_resume_refuses_a_checkpoint_written_with_another_config(run, tmp_path, 
 
 def test_eval_writes_beside_the_checkpoint_and_survives_the_next_save(run, tmp_path, capsys):
     copy = _copy(run, tmp_path)
-    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
+    code, out, err = _cli(["eval", "--model", str(copy), "--eval-problems", "2", "--eval-samples", "0",
                            "--eval-max-response-tokens", "20", "--threads", "1"], capsys)
     assert code == 0, err
     written = copy / "eval" / "arith.json"
@@ -156,7 +156,7 @@ def test_eval_writes_beside_the_checkpoint_and_survives_the_next_save(run, tmp_p
     result = written.read_bytes()
     assert json.loads(result)["checkpoint"] == str(copy / "checkpoint")
     # naming the run's checkpoint directory itself writes to the same place, beside it
-    code, out, err = _cli(["eval", "--checkpoint", str(copy / "checkpoint"), "--eval-problems", "2",
+    code, out, err = _cli(["eval", "--model", str(copy / "checkpoint"), "--eval-problems", "2",
                            "--eval-samples", "0", "--eval-max-response-tokens", "20", "--threads", "1"], capsys)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["out"] == str(written) and written.read_bytes() == result
@@ -166,7 +166,7 @@ def test_eval_writes_beside_the_checkpoint_and_survives_the_next_save(run, tmp_p
     assert written.read_bytes() == result and not list((copy / "checkpoint").glob("eval*"))
     # an --out that cannot be written is refused before the evaluation
     (tmp_path / "afile").write_text("x")
-    code, out, err = _cli(["eval", "--checkpoint", str(copy), "--eval-problems", "2", "--eval-samples", "0",
+    code, out, err = _cli(["eval", "--model", str(copy), "--eval-problems", "2", "--eval-samples", "0",
                            "--out", str(tmp_path / "afile" / "ev.json")], capsys)
     _one_error_line(code, err, "--out", "afile")
     assert out == ""
@@ -226,7 +226,7 @@ def test_a_prompt_or_response_longer_than_the_context_is_refused(micro, tmp_path
     assert not out.exists()
     for flags, option in ((["--eval-max-response-tokens", "1000000000"], "--eval-max-response-tokens"),
                           (["--eval-problems", "1000000000"], "--eval-problems")):
-        code, _, err = _cli(["eval", "--checkpoint", str(model), *flags, "--out", str(tmp_path / "ev.json")], capsys)
+        code, _, err = _cli(["eval", "--model", str(model), *flags, "--out", str(tmp_path / "ev.json")], capsys)
         _one_error_line(code, err, option)
     assert not (tmp_path / "ev.json").exists()
 

@@ -44,7 +44,7 @@ def restore_torch_threads():
     (["run", "--method", "grpo", "--G", str(10**9)], "--G"),
     (["run", "--method", "deep-grpo", "--depth", str(10**9)], "--depth"),
     (["run", "--method", "grpo", "--vocab-size", str(10**9)], "--vocab-size"),
-    (["run", "--method", "grpo", "--n-problems", str(10**9), "--batch-problems", "4"], "--n-problems"),
+    (["run", "--method", "grpo", "--n-problems", str(10**9), "--prompts-per-step", "4"], "--n-problems"),
     (["run", "--method", "grpo", "--n-heldout", str(10**9)], "--n-heldout"),
     (["run", "--method", "deep-grpo", "--K", str(10**9)], "--K"),
     (["compare", "--n-problems", str(10**9)], "--n-problems"),
@@ -85,7 +85,7 @@ def test_run_writes_history_and_run_record(tmp_path, capsys):
 def test_compare_runs_every_method_to_the_same_token_budget(tmp_path, capsys):
     out = tmp_path / "cmp"
     budget = 3000
-    assert deepgrpo_main(["sim", "compare", "--budget", str(budget), "--n-problems", "8", "--batch-problems", "4",
+    assert deepgrpo_main(["sim", "compare", "--budget", str(budget), "--n-problems", "8", "--prompts-per-step", "4",
                           "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"equal budget: {budget:,} generated tokens" in printed and "held-out" in printed
@@ -136,7 +136,7 @@ def test_compare_without_a_budget_runs_equal_steps_on_a_pinned_problem_set(tmp_p
 
 def test_compare_with_a_step_cap_below_the_budget_reports_what_each_run_reached(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--steps", "2", "--n-problems", "8", "--batch-problems", "4", "--no-figure",
+    assert main(["compare", "--steps", "2", "--n-problems", "8", "--prompts-per-step", "4", "--no-figure",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "nan" not in printed.lower()
@@ -148,7 +148,7 @@ def test_compare_with_a_step_cap_below_the_budget_reports_what_each_run_reached(
         assert f"{r.tokens:,}" in line
     assert "* stopped by the step cap (2 steps) before the budget of 50,000 tokens: 7 of 7 runs" in printed
     # a cap the budget binds first marks nothing
-    assert main(["compare", "--steps", "50", "--budget", "2000", "--n-problems", "8", "--batch-problems", "4",
+    assert main(["compare", "--steps", "50", "--budget", "2000", "--n-problems", "8", "--prompts-per-step", "4",
                  "--no-figure", "--out", str(tmp_path / "ok")]) == 0
     printed = capsys.readouterr().out
     assert "*" not in printed and pd.read_csv(tmp_path / "ok" / "summary.csv")["reached_budget"].all()

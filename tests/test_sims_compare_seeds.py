@@ -86,7 +86,7 @@ def test_the_command_takes_seeds_and_refuses_none(tmp_path, capsys):
     from deepgrpo.cli import main
     out = tmp_path / "cmp"
     assert main(["sim", "compare", "--seeds", "2", "--seed", "3", "--budget", "2000", "--n-problems", "8",
-                 "--batch-problems", "4", "--no-figure", "--out", str(out)]) == 0
+                 "--prompts-per-step", "4", "--no-figure", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "seeds 3-4 (2 runs per method" in printed and "±" in printed
     assert "8 training + 16 held-out problems" in printed and "crux=" not in printed  # plain words, as in the figure
