@@ -116,6 +116,7 @@ def build_parser(prog: str = "deepgrpo study", command: str = "study", own: bool
         for name, module_name in OWN_PARSERS.items():
             module = importlib.import_module(module_name)
             module.add_arguments(sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION))
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing study is named by its choices, not "name"
     return p
 
 

@@ -118,6 +118,7 @@ def build_parser(prog: str = "deepgrpo llm", command: str = "llm") -> argparse.A
                    help="JSON file for the results (default MODEL/eval/DATA.json, beside a run's checkpoint "
                         "directory, never inside it)")
     EVAL_OPTIONS.add_arguments(e)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing sub-command is named by its choices
     return p
 
 
