@@ -109,7 +109,7 @@ def test_an_out_that_is_a_file_is_one_line_before_any_work(micro_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["study"], "the following arguments are required: name"),
+    (["study"], "the following arguments are required: {root-saturation,"),
     (["study", "lambda-k", "--seeds", "two"], "--seeds: SimStudyOptions.seeds = 'two' is invalid"),
     (["study", "lambda-k", "--bogus"], "unrecognized arguments: --bogus"),
     (["study", "lambda-k", "--quick", "--smoke"], "not allowed with argument"),
