@@ -26,8 +26,9 @@ from llm.tasks import ArithmeticConfig, ArithmeticStream, Problem, arithmetic_he
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning of the tiny-arith preset (the defaults, measured: greedy 62.3 %,
-    sampled 35.5 %, pass@4 70.1 % on 512 held-out problems, in 4.7 minutes on 2 idle CPU cores).
+    """Supervised fine-tuning of the tiny-arith preset (the defaults, measured with torch 2.13.0+cpu
+    and transformers 5.25.0: greedy 64.5 %, sampled 46.9 %, pass@4 80.3 % on 512 held-out problems,
+    in 2.7 minutes on 2 idle CPU cores).
 
     steps: optimizer steps; accuracy stays near 0 for a few hundred steps, then jumps.
     batch_size: sequences per step.
