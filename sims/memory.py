@@ -9,8 +9,8 @@ for hours. The rule, checked by :func:`check_fits` before the problem set is dra
   log-softmax with its autograd copies, the sampler's CDF and the oracle's float64 copies —
   about :data:`TABLE_ENTRY_BYTES` per entry, ``(n_problems + n_heldout) · depth · 2 ·
   vocab_size`` entries, plus :data:`PROBLEM_BYTES` per problem (its segment ends and the
-  problem-set draws); the ``features`` policy adds its fixed features, ``feature_dim`` float32
-  per entry;
+  problem-set draws); the ``features`` policy adds its feature bank, ``feature_dim`` float32
+  per entry (one bank, shared by every run of that size in a process);
 * **one step's rollouts**: every tensor of a step over (row, step) — tokens, log-probs under
   three policies, masks, statuses, advantages, the exact value of every prefix, the loss's
   autograd intermediates — about :data:`ROW_STEP_BYTES` per (row, step), for at most
@@ -88,7 +88,7 @@ def footprint(spec: TokenTreeSpec, runner: RunnerConfig | None = None, algo: Alg
                   f"{spec.vocab_size:,} tokens", entries * TABLE_ENTRY_BYTES + n * PROBLEM_BYTES, size)]
     if runner is not None and runner.policy == "features":
         dim = int(runner.feature_dim)
-        terms.append(Term("the features policy's features", f"{dim:,} per table entry", entries * dim * FEATURE_BYTES,
+        terms.append(Term("the features policy's feature bank", f"{dim:,} per table entry", entries * dim * FEATURE_BYTES,
                           [*size, (R, "feature_dim", dim, type(runner).feature_dim)]))
     if runner is not None and algo is not None:
         ex, d = algo.explore, ExploreConfig

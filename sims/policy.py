@@ -8,7 +8,7 @@ initial policy *is* the pre-trained one. Two classes (:data:`POLICY_CLASSES`):
   a problem that is never trained on (a held-out one) keeps its pre-trained logits exactly.
 * ``features``: ``delta[p, t, s, v] = φ(p, t, s, v) · w`` with ``w ∈ R^D`` shared trainable
   weights and ``φ`` fixed random features ``~ N(0, 1/D)`` of dimension ``D = feature_dim``,
-  drawn from the problem-set seed. ``φ`` is a function of the indices (problem, step, status,
+  one per table entry, i.i.d. ``φ`` is a function of the indices (problem, step, status,
   token) only: the policy is never told which token is correct (swapping the correct tokens of
   a problem set leaves every ``delta`` unchanged), so what it learns on one problem moves every
   other problem's logits through the overlap of their features — transfer and interference,
@@ -16,6 +16,17 @@ initial policy *is* the pre-trained one. Two classes (:data:`POLICY_CLASSES`):
   ``D >= n·T·2·V`` the features span every table; with fewer, updates must share directions.
   (1/D variance: ||φ||² ≈ 1, so one SGD step moves an entry's own logit as a table would, and
   its overlap with any other entry is of order 1/√D.)
+
+  How φ is drawn: one *feature bank* ``[D, M]`` (``M = n·T·2·V`` i.i.d. ``N(0, 1/D)`` columns, a
+  fixed draw per (M, D)) serves every problem set of that size, and each problem set's seed draws
+  its *feature map*, a uniformly random permutation of the columns and a fair random sign per
+  entry (:func:`random_features`). A permuted, sign-flipped set of i.i.d. symmetric columns is
+  again i.i.d. ``N(0, 1/D)``, so each run's φ is distributed exactly as a fresh draw of its own;
+  what runs of different problem sets share is the bank's set of columns (their feature Gram
+  matrices are relabelings of one another, not independent). This is what lets R runs be
+  computed as one matrix product over the bank (``[R, D] @ [D, M]``, in tiles of
+  :data:`FEATURE_TILE` runs) instead of R products over R private tables of ``D·M`` floats
+  each, which is memory-bound (about 4.7 MB per run and step at the defaults).
 
 Everything a training step reads from the policy without gradient (sampling tables, the
 oracle's input, the entropy) is derived from one :class:`PolicySnapshot` per set of weights
@@ -39,50 +50,63 @@ POLICY_CLASSES = ("tabular", "features")
 """Policy classes of :class:`TokenTreePolicy` (``RunnerConfig.policy``)."""
 
 FEATURE_STREAM = 2
-"""``np.random.SeedSequence([problem_set_seed, FEATURE_STREAM])`` draws the features φ."""
+"""``np.random.SeedSequence([problem_set_seed, FEATURE_STREAM])`` draws a problem set's feature map
+(which bank column, with which sign, is the feature of each table entry)."""
+FEATURE_BANK_STREAM = 3
+"""``np.random.SeedSequence([FEATURE_BANK_STREAM, entries, dim])`` draws the feature bank."""
+FEATURE_TILE = 8
+"""Runs per matrix product of the features policy: every product has this many weight rows (the
+last group padded with zero rows), so a run's logits and gradient come out of the same kernel, with
+the same bits, whatever its position and however many runs share the batch."""
 
 
-def _feature_generator(problems: ProblemSet) -> torch.Generator:
-    seed = np.random.SeedSequence([problems.seed, FEATURE_STREAM]).generate_state(1, np.uint64)[0]
+def _generator(*entropy: int) -> torch.Generator:
+    seed = np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(seed >> np.uint64(1)))
 
 
+FEATURE_BANK_CACHE_BYTES = 256 << 20
+"""Feature banks kept per process (one per table size and dimension: a study's runs share one)."""
+_BANKS: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+
+def feature_bank(entries: int, dim: int) -> torch.Tensor:
+    """``FloatTensor [dim, entries]`` the feature bank of every problem set with ``entries`` table
+    entries (n·T·2·V): i.i.d. ``N(0, 1/dim)``, a fixed draw (the same in every process), kept per
+    process. Read-only: it is shared by every policy of that size."""
+    key = (int(entries), int(dim))
+    bank = _BANKS.get(key)
+    if bank is None:
+        draw = torch.randn(entries, dim, generator=_generator(FEATURE_BANK_STREAM, entries, dim))  # [M, D]
+        bank = draw.t().contiguous().div_(dim ** 0.5)  # [D, M]
+        _BANKS[key] = bank
+        while sum(b.numel() * b.element_size() for b in _BANKS.values()) > FEATURE_BANK_CACHE_BYTES \
+                and len(_BANKS) > 1:
+            _BANKS.popitem(last=False)
+    else:
+        _BANKS.move_to_end(key)
+    return bank
+
+
+def feature_map(problems: ProblemSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LongTensor [M], FloatTensor [M])`` with ``M = n·T·2·V``: the bank column and the sign
+    (±1) of each table entry's feature (row-major (problem, step, status, token)), a uniformly
+    random permutation and independent fair signs drawn from the problem-set seed only (never from
+    the correct tokens)."""
+    M = problems.n * problems.T * 2 * problems.V
+    gen = _generator(problems.seed, FEATURE_STREAM)
+    column = torch.randperm(M, generator=gen)
+    sign = torch.randint(0, 2, (M,), generator=gen).float().mul_(2).sub_(1)
+    return column, sign
+
+
 def random_features(problems: ProblemSet, dim: int) -> torch.Tensor:
-    """``FloatTensor [n·T·2·V, dim]`` the fixed features φ of every (problem, step, status,
-    token), row-major in that order, ``~ N(0, 1/dim)``; drawn from the problem-set seed only
-    (never from the correct tokens)."""
+    """``FloatTensor [n·T·2·V, dim]`` the fixed features φ of every (problem, step, status, token)
+    of ``problems``, row-major in that order: bank column ``column[m]`` times ``sign[m]``
+    (:func:`feature_bank`, :func:`feature_map`), so i.i.d. ``N(0, 1/dim)`` like a fresh draw."""
     n, T, V = problems.n, problems.T, problems.V
-    return torch.randn(n * T * 2 * V, dim, generator=_feature_generator(problems)) / dim ** 0.5
-
-
-FEATURE_CACHE_BYTES = 256 << 20
-"""The features of recent problem sets kept per process (a study trains many runs on the same
-few problem sets: drawing φ again costs more than a short run)."""
-_FEATURE_CACHE: OrderedDict[tuple[int, int, int, int, int], torch.Tensor] = OrderedDict()
-
-
-def _write_features_t(problems: ProblemSet, dim: int, out: torch.Tensor, scratch: torch.Tensor | None,
-                      keep: bool) -> None:
-    """Write ``[dim, n·T·2·V]`` :func:`random_features` transposed into ``out`` (the same bits:
-    the same draw, divided element by element as it is written), from a per-process cache of
-    recent ones; ``scratch`` (``[n·T·2·V, dim]``, or None) receives the draw, and with ``keep``
-    a copy enters the cache."""
-    key = (problems.seed, problems.n, problems.T, problems.V, dim)
-    phi = _FEATURE_CACHE.get(key)
-    if phi is not None:
-        _FEATURE_CACHE.move_to_end(key)
-        out.copy_(phi)
-        return
-    draw = torch.randn(out.shape[1], dim, generator=_feature_generator(problems), out=scratch)
-    # a blocked transposing copy, then the divide in place: the same bits as dividing while
-    # transposing, about 4x faster (the element-wise kernel walks the transposed draw by strides)
-    out.copy_(draw.t())
-    out.div_(dim ** 0.5)
-    if keep:
-        _FEATURE_CACHE[key] = out.clone()
-        while sum(t.numel() * t.element_size() for t in _FEATURE_CACHE.values()) > FEATURE_CACHE_BYTES \
-                and len(_FEATURE_CACHE) > 1:
-            _FEATURE_CACHE.popitem(last=False)
+    column, sign = feature_map(problems)
+    return (feature_bank(n * T * 2 * V, dim)[:, column] * sign).t()
 
 
 class TokenTreePolicy(torch.nn.Module):
@@ -94,8 +118,9 @@ class TokenTreePolicy(torch.nn.Module):
             the oracle's input, never for the trainable part), or the problem sets of R runs
             (same shape): then every table is that of :meth:`ProblemSet.stack` (run r's problem p
             is row r·n + p) and every parameter has the run as its first dimension (``delta``
-            ``[R, n, T, 2, V]``, ``weight`` ``[R, D]``), each run its own weights and features
-            (``features`` ``[R, D, n·T·2·V]``: run r's φ transposed).
+            ``[R, n, T, 2, V]``, ``weight`` ``[R, D]``), each run its own weights and feature map
+            (``feature_column``, ``feature_sign`` ``[R, n·T·2·V]``, over the shared
+            ``feature_bank`` ``[D, n·T·2·V]``).
         kind: ``tabular`` or ``features``.
         feature_dim: D, the features policy's number of shared weights.
     """
@@ -121,23 +146,27 @@ class TokenTreePolicy(torch.nn.Module):
             self.delta = torch.nn.Parameter(torch.zeros(R, n // R, T, 2, V))
         else:
             D, M = int(feature_dim), n // R * T * 2 * V
-            phi = torch.empty(R, D, M)  # [R, D, n/R·T·2·V] each run's φ transposed, written in place
-            scratch = torch.empty(M, D)
-            # a batch larger than the cache would only evict its own entries: its features are not kept
-            keep = R * D * M * phi.element_size() <= FEATURE_CACHE_BYTES
-            for r, ps in enumerate(sets):
-                _write_features_t(ps, D, phi[r], scratch, keep)
-            self.register_buffer("features", phi)
-            self.weight = torch.nn.Parameter(torch.zeros(R, int(feature_dim)))  # [R, D]
+            maps = [feature_map(ps) for ps in sets]
+            # [D, M] the bank, shared (not copied) by every policy of this size: never written
+            self.register_buffer("feature_bank", feature_bank(M, D), persistent=False)
+            self.register_buffer("feature_column", torch.stack([c for c, _ in maps]))  # [R, M] each run's map
+            self.register_buffer("feature_sign", torch.stack([s for _, s in maps]))  # [R, M]
+            self.weight = torch.nn.Parameter(torch.zeros(R, D))  # [R, D]
 
     def logit_delta(self) -> torch.Tensor:
         """``[n, T, 2, V]`` the trainable part of the logits (with gradient)."""
         if self.kind == "tabular":
             return self.delta.view(self.shape)
-        # [R, 1, D] @ [R, D, M]: each run's weights times its features, laid out so that the product
-        # and its gradient stream through φ (several times faster than [R, M, D] @ [R, D, 1]); one
-        # run gives the same numbers alone as inside a batch of runs
-        return torch.bmm(self.weight.unsqueeze(1), self.features).view(self.shape)
+        # every run's weights times the shared bank, FEATURE_TILE runs per product:
+        # [R8 / 8, 8, D] @ [D, M] (the bank broadcast, not copied) -> [R8, M], then each run's
+        # entries picked from its own columns with its own signs -> [R, M]
+        R, D = self.weight.shape
+        pad = -R % FEATURE_TILE
+        w = torch.cat([self.weight, self.weight.new_zeros(pad, D)]) if pad else self.weight  # [R8, D]
+        bank = self.feature_bank
+        tiles = torch.bmm(w.view(-1, FEATURE_TILE, D), bank.expand(w.shape[0] // FEATURE_TILE, *bank.shape))
+        out = tiles.view(w.shape[0], -1)[:R]  # [R, M] w_r · bank column j
+        return (out.gather(1, self.feature_column) * self.feature_sign).view(self.shape)
 
     def logits(self) -> torch.Tensor:
         """``[n, T, 2, V]`` current logits (with gradient)."""

@@ -11,7 +11,7 @@ import torch
 from deepgrpo import ConfigError, SampleRequest, explore, make_estimator, method_config
 from sims.backend import SimBackend
 from sims.oracle import ExactOracle, exact_pass_at_k, success_table
-from sims.policy import TokenTreePolicy
+from sims.policy import TokenTreePolicy, feature_bank, feature_map, random_features
 from sims.sampler import replay_status, sample_chains, suffixes
 from sims.spec import DERAILED, ON_TRACK, TokenTreeSpec, derived_problem_set_seed
 
@@ -230,8 +230,12 @@ def test_features_policy_never_reads_the_correct_tokens():
         b.weight.copy_(a.weight)
     assert not torch.equal(a.base, b.base)  # the swap did change the problem set
     assert torch.equal(a.logit_delta(), b.logit_delta()) and a.logit_delta().abs().min() > 0
-    assert torch.equal(a.features, b.features) and a.features.shape == (1, 32, 8 * problems.T * 2 * problems.V)
-    assert abs(float(a.features.pow(2).sum(1).mean()) - 1.0) < 0.05  # ||φ||² ≈ 1 (variance 1/D)
+    assert torch.equal(a.feature_column, b.feature_column) and torch.equal(a.feature_sign, b.feature_sign)
+    phi = random_features(problems, 32)  # [n·T·2·V, D]
+    assert torch.equal(phi, random_features(swapped, 32)) and phi.shape == (8 * problems.T * 2 * problems.V, 32)
+    assert abs(float(phi.pow(2).sum(1).mean()) - 1.0) < 0.05  # ||φ||² ≈ 1 (variance 1/D)
+    # the deltas are φ · w, whatever the order the bank's products are computed in
+    assert torch.allclose(a.logit_delta().reshape(-1), phi @ a.weight[0].detach(), atol=1e-6)
 
 
 def test_features_policy_couples_problems_and_tabular_does_not():
@@ -381,17 +385,47 @@ def test_oracle_ladder_methods_train_in_the_simulator(method, one_torch_thread):
     assert 0 <= hist[-1]["pivot_oracle_success"] <= 1
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_features_buffer_holds_the_bits_of_random_features_transposed(cached, monkeypatch):
-    """The features policy writes each run's φ straight into its buffer (transposed, divided in
-    place, or copied from the per-process cache): exactly :func:`random_features`' numbers."""
-    import sims.policy as policy_module
-    from sims.policy import random_features
-    monkeypatch.setattr(policy_module, "_FEATURE_CACHE", type(policy_module._FEATURE_CACHE)())
-    sets = [TokenTreeSpec(n_problems=3, n_heldout=2, seed=s).build() for s in (11, 12)]
-    if cached:
-        TokenTreePolicy(sets, "features", 24)  # fills the cache
-        assert len(policy_module._FEATURE_CACHE) == 2
-    policy = TokenTreePolicy(sets, "features", 24)
-    for r, ps in enumerate(sets):
-        assert torch.equal(policy.features[r], random_features(ps, 24).t())
+def test_feature_maps_are_permutations_with_fair_signs_and_phi_is_distributed_as_a_fresh_draw():
+    """Each problem set's φ is the shared bank's columns, permuted and sign-flipped by its own seed:
+    every column used once, the maps of different seeds differ, and the entries of φ look i.i.d.
+    N(0, 1/D) (mean 0, variance 1/D, features of different entries uncorrelated)."""
+    sets = [TokenTreeSpec(n_problems=6, n_heldout=2, seed=s).build() for s in (1, 2)]
+    M = 8 * sets[0].T * 2 * sets[0].V
+    maps = [feature_map(ps) for ps in sets]
+    for column, sign in maps:
+        assert torch.equal(column.sort().values, torch.arange(M))
+        assert set(sign.tolist()) == {-1.0, 1.0} and abs(float(sign.mean())) < 0.1
+    assert not torch.equal(maps[0][0], maps[1][0]) and torch.equal(feature_map(sets[0])[0], maps[0][0])
+    D = 64
+    phi = random_features(sets[0], D)  # [M, D]
+    assert abs(float(phi.mean())) < 3 / (M * D) ** 0.5 * D ** -0.5
+    assert abs(float(phi.var()) * D - 1.0) < 0.05
+    gram = phi @ phi.t()  # [M, M]: about 1 on the diagonal, O(1/√D) off it
+    off = gram[~torch.eye(M, dtype=torch.bool)]
+    assert abs(float(off.mean())) < 0.01 and abs(float(off.std()) * D ** 0.5 - 1.0) < 0.1
+    bank = feature_bank(M, D)
+    assert torch.equal(phi[5], bank[:, maps[0][0][5]] * maps[0][1][5]) and bank is feature_bank(M, D)
+
+
+def test_features_runs_give_the_same_bits_alone_and_in_any_batch():
+    """A run's deltas and weight gradient are bit-identical alone and at any position of batches of
+    several sizes (the bank's products are tiled by FEATURE_TILE runs, padded with zero weights)."""
+    from sims.policy import FEATURE_TILE
+    sets = [TokenTreeSpec(n_problems=5, n_heldout=3, seed=s).build() for s in range(2 * FEATURE_TILE + 3)]
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(len(sets), 48, generator=gen)
+    upstream = torch.randn(len(sets), 8, sets[0].T, 2, sets[0].V, generator=gen)
+
+    def run(members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        policy = TokenTreePolicy([sets[i] for i in members], "features", 48)
+        with torch.no_grad():
+            policy.weight.copy_(weights[members])
+        delta = policy.logit_delta()  # [R·n, T, 2, V]
+        delta.backward(upstream[members].reshape(delta.shape))
+        return delta.detach().view(len(members), -1), policy.weight.grad
+
+    alone_delta, alone_grad = run([4])
+    for members in ([4, 0], [0, 1, 2, 3, 4], list(range(len(sets)))[::-1], [9, 8, 7, 6, 5, 4, 3, 2, 1]):
+        delta, grad = run(members)
+        i = members.index(4)
+        assert torch.equal(delta[i], alone_delta[0]) and torch.equal(grad[i], alone_grad[0]), members
