@@ -1227,7 +1227,7 @@ def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full"
             ran += len(tune) - tune_tables.count_finished(tune)
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
                                     batch_worker=run_sim_cells, batch_key=sim_batch_key,
-                                    complete=sim_run_complete, tables=tune_tables)
+                                    complete=sim_run_complete, tables=tune_tables, write_table=False)
             per_tuning = budget_table(tuning_runs, ends=float_ends)  # both units' readings, once
             tables = {u: choose_rates(tuning_runs, unit=u, ends=float_ends, per=per_tuning) for u in BUDGET_UNITS}
             grown = False
@@ -1238,6 +1238,7 @@ def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full"
             if not grown:
                 break
             tune = tuning_cells(base, grids, sz.tuning_seeds, ends["tokens"], "tokens", sz.max_steps)
+        write_csv_atomic(d / "tuning" / "runs.csv", tuning_runs)  # once, when the grids stop growing
         stage = "choosing the learning rates"
         tuned = _tuned_table(tables, base)
         write_csv_atomic(d / "tuned_lr.csv", tuned)

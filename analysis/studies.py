@@ -186,6 +186,39 @@ def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
     return last_step == max_steps
 
 
+def _sim_runs_complete(cells: list[Cell], frame: pd.DataFrame, bounds: list[tuple[int, int]]) -> list[bool]:
+    """:func:`sim_run_complete` of every ``(cell, frame.iloc[a:b])`` at once (each table at least
+    one row): the same answers, column operations instead of a slice per cell."""
+    if "step" not in frame or "pass1" not in frame:
+        return [False] * len(cells)
+    a = np.array([lo for lo, _ in bounds], dtype=np.int64)
+    b = np.array([hi for _, hi in bounds], dtype=np.int64)
+    rows = b - a
+    idx = np.repeat(a - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))  # every cell's rows, in order
+    local = idx - np.repeat(a, rows)  # each row's position in its cell's table
+    cell_of = np.repeat(np.arange(len(cells)), rows)
+
+    def count(bad: np.ndarray) -> np.ndarray:  # [cells] how many of each cell's rows are flagged
+        return np.bincount(cell_of[bad], minlength=len(cells))
+
+    steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy()
+    ok = (count(frame["pass1"].isna().to_numpy()[idx]) == 0) & (count(steps[idx] != local) == 0)
+    out = []
+    for i, cell in enumerate(cells):
+        if not ok[i]:
+            out.append(False)
+            continue
+        budget, unit, max_steps = _stopping_rule(cell.params.get("runner", {}))
+        last_step = int(rows[i]) - 1  # the steps are 0, 1, ..., so the last one is the count
+        if budget is not None and unit in frame:
+            out.append(bool(frame[unit].iat[int(b[i]) - 1] >= budget) or last_step == max_steps)
+        else:
+            out.append(last_step == max_steps)
+    return out
+
+
+sim_run_complete.many = _sim_runs_complete  # type: ignore[attr-defined]
+
 _STOPPING_RULES: dict[str, tuple[Any, str, int]] = {}
 
 
@@ -1049,11 +1082,12 @@ def run_study(name: str, out: str | Path, seeds: int = 5, size: str = "full", wo
         while True:  # extend a variant's grid past an end where its best rate lies, up to the limits
             tuning_runs = run_sweep(tune, run_sim_cell, d / "tuning", "runs", workers=workers, progress=progress,
                                     batch_worker=run_sim_cells, batch_key=sim_batch_key,
-                                    complete=sim_run_complete, tables=tune_tables)
+                                    complete=sim_run_complete, tables=tune_tables, write_table=False)
             table = choose_rates(tuning_runs)
             if not extend_grids(table, grids, *limits):
                 break
             tune = tuning_cells(base, grids, sz.tuning_seeds, total, budget_unit, sz.max_steps)
+        write_csv_atomic(d / "tuning" / "runs.csv", tuning_runs)  # once, when the grids stop growing
         stage = "choosing the learning rates"
         write_csv_atomic(d / "tuned_lr.csv", table)
         chosen = chosen_rates(table)

@@ -88,8 +88,8 @@ def footprint(spec: TokenTreeSpec, runner: RunnerConfig | None = None, algo: Alg
                   f"{spec.vocab_size:,} tokens", entries * TABLE_ENTRY_BYTES + n * PROBLEM_BYTES, size)]
     if runner is not None and runner.policy == "features":
         dim = int(runner.feature_dim)
-        terms.append(Term("the features policy's feature bank", f"{dim:,} per table entry", entries * dim * FEATURE_BYTES,
-                          [*size, (R, "feature_dim", dim, type(runner).feature_dim)]))
+        terms.append(Term("the features policy's feature bank", f"{dim:,} per table entry",
+                          entries * dim * FEATURE_BYTES, [*size, (R, "feature_dim", dim, type(runner).feature_dim)]))
     if runner is not None and algo is not None:
         ex, d = algo.explore, ExploreConfig
         batch = min(int(runner.batch_problems), spec.n_problems)

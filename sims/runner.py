@@ -270,44 +270,41 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
                       f"at most {MAX_FEATURE_ENTRIES // (one.n * one.T * 2 * one.V):,} for this problem "
                       f"set ({one.n} problems x {one.T} steps x 2 x {one.V} tokens): the features "
                       f"policy stores one {first.feature_dim}-dim feature per (problem, step, status, token)")
-    stacked = ProblemSet.stack(sets)  # run r's problem p is r·n + p
     n = one.n
-    policy = TokenTreePolicy(sets, first.policy, first.feature_dim)
     streams = [run_streams(seed) for seed in seeds]
-    backend = SimBackend(stacked, policy, [s[0] for s in streams])
     batch_rngs = [s[1] for s in streams]
     core_rngs = [s[2] for s in streams]
     estimators = [make_estimator(algo.estimator) for _ in range(R)]
     ledgers = [BudgetLedger() for _ in range(R)]
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(first.optimizer, params, [c.lr for c in configs])
     k = first.pass_k
     n_train = one.n_train
     n_batch = min(first.batch_problems, n_train)
-    step_masks = stacked.step_mask().numpy()  # [R·n, T] steps a chain visits
     nan = float("nan")
-    table: list[torch.Tensor] = []  # the latest oracle table [R·n, T+1, 2] (= the next step's sampling policy)
-
-    train_mask = step_masks.reshape(R, n, -1)[:, :n_train]  # [R, n_train, T]
-    n_steps = train_mask.sum(axis=(1, 2))  # [R]
+    # The runs still training sit in slots: slot i holds run slots[i] (its problem p is problem
+    # i·n + p of the stack, its weights row i). When enough runs have stopped, the slots are
+    # compacted (:func:`_Slots.compact`): the step's per-run tensors then hold only the live runs.
+    S = _Slots(list(range(R)), sets, first, configs, [s[0] for s in streams], n_train)
 
     def evaluate(runs: Sequence[int]) -> dict[int, dict[str, float]]:
         # the weights' tables, computed once: the next step samples from the same snapshot
-        snap = policy.snapshot()
-        W = snap.success_table(stacked)  # [R·n, T+1, 2]
-        table[:] = [W]
+        snap = S.policy.snapshot()
+        W = snap.success_table(S.stacked)  # [R·n, T+1, 2] (R: the slots)
+        S.table = W
+        Rs = len(S.runs)
         # every run's values at once, each row reduced on its own (the same numbers for a run alone)
-        p1 = np.ascontiguousarray(W.numpy()[:, 0, ON_TRACK].reshape(R, n))  # [R, n] training problems first
+        p1 = np.ascontiguousarray(W.numpy()[:, 0, ON_TRACK].reshape(Rs, n))  # [R, n] training problems first
         tr, ho = np.ascontiguousarray(p1[:, :n_train]), np.ascontiguousarray(p1[:, n_train:])
-        ent = snap.entropy[:, :, ON_TRACK].double().numpy().reshape(R, n, -1)[:, :n_train]  # [R, n_train, T]
-        entropy = np.where(train_mask, ent, 0.0).reshape(R, -1).sum(1) / n_steps  # [R]
+        ent = snap.entropy[:, :, ON_TRACK].double().numpy().reshape(Rs, n, -1)[:, :n_train]  # [R, n_train, T]
+        entropy = np.where(S.train_mask, ent, 0.0).reshape(Rs, -1).sum(1) / S.n_steps  # [R]
         pass1, passk = tr.mean(1), exact_pass_at_k(tr, k).mean(1)
         if ho.shape[1]:
             h1, hk = ho.mean(1), exact_pass_at_k(ho, k).mean(1)
         else:
-            h1 = hk = np.full(R, nan)
-        return {r: {"pass1": float(pass1[r]), f"pass{k}": float(passk[r]), "heldout_pass1": float(h1[r]),
-                    f"heldout_pass{k}": float(hk[r]), "entropy": float(entropy[r])} for r in runs}
+            h1 = hk = np.full(Rs, nan)
+        at = S.slot_of
+        return {r: {"pass1": float(pass1[at[r]]), f"pass{k}": float(passk[at[r]]),
+                    "heldout_pass1": float(h1[at[r]]), f"heldout_pass{k}": float(hk[at[r]]),
+                    "entropy": float(entropy[at[r]])} for r in runs}
 
     histories: list[list[dict[str, Any]]] = [[] for _ in range(R)]
     step_wall: list[list[float]] = [[] for _ in range(R)]
@@ -324,7 +321,7 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
     def finish(r: int) -> None:
         own = sets[r]
         results[r] = TrainResult(history=histories[r], wall_time_s=time.perf_counter() - t_start,
-                                 step_wall_time_s=step_wall[r], ledger=ledgers[r], problems=own, policy=policy,
+                                 step_wall_time_s=step_wall[r], ledger=ledgers[r], problems=own, policy=S.policy,
                                  estimator=estimators[r], problem_set_seed=ps_seeds[r],
                                  problem_set_pinned=specs[r].pinned)
         if on_finish:
@@ -347,13 +344,16 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
         if not live:
             break
         t0 = time.perf_counter()
+        if len(live) <= COMPACT_FRACTION * len(S.runs):
+            S.compact(live)
         prompts: list[int] = []
         for r in live:
             # training problems only (indices < n_train): held-out problems are never in a batch
-            prompts += [r * n + int(p) for p in np.sort(batch_rngs[r].choice(n_train, size=n_batch, replace=False))]
+            base = S.slot_of[r] * n
+            prompts += [base + int(p) for p in np.sort(batch_rngs[r].choice(n_train, size=n_batch, replace=False))]
         replica = np.repeat(np.arange(len(live)), n_batch)
-        W = table[0]  # [R·n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
-        rs = explore_replicas(backend, prompts, replica, algo, [estimators[r] for r in live],
+        W = S.table  # [R·n, T+1, 2] exact values under the sampling policy (evaluated after the last update)
+        rs = explore_replicas(S.backend, prompts, replica, algo, [estimators[r] for r in live],
                               [core_rngs[r] for r in live], [ledgers[r] for r in live])
         extra: list[dict[str, float]] = []
         for i, r in enumerate(live):
@@ -368,13 +368,15 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
                 cols["pivot_oracle_success"] = float(prefix_success(W, res.main.extras, traj, plen).mean())
             if probes[r]:
                 ctx = StepContext(step=step, W=W, estimator=estimators[r], algo=algo, spec=specs[r], problems=sets[r],
-                                  policy=policy)
+                                  policy=S.policy)
                 for probe in probes[r]:
                     cols.update(probe(res, ctx))
             extra.append(cols)
-        rs.batch.replica = torch.as_tensor(live, dtype=torch.long)[rs.batch.replica]  # the runs' own parameter rows
-        updates = update_replicas(backend, rs.batch, algo.loss, optimizer, params, R,
+        slot = torch.as_tensor([S.slot_of[r] for r in live], dtype=torch.long)
+        rs.batch.replica = slot[rs.batch.replica]  # the runs' own parameter rows
+        by_slot = update_replicas(S.backend, rs.batch, algo.loss, S.optimizer, S.params, len(S.runs),
                                   micro_batch_size=first.micro_batch_size, max_grad_norm=first.max_grad_norm)
+        updates = {r: by_slot[S.slot_of[r]] for r in live}
         ev = evaluate(live)
         share = (time.perf_counter() - t0) / len(live)
         for i, r in enumerate(live):
@@ -389,6 +391,55 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
     if bar is not None:
         bar.close()
     return [res for res in results if res is not None]
+
+
+COMPACT_FRACTION = 0.75
+""":func:`train_replicas` drops the stopped runs from its tensors once the runs still training are at
+most this share of those the tensors hold (a step's policy pass, oracle tables and update then
+cost what the live runs need; each run's numbers are the same, as they are in any batch)."""
+
+
+class _Slots:
+    """The per-run state of :func:`train_replicas` that is stacked over runs: the problem sets'
+    stack, the policy, its optimizer, the backend (with each run's own sampling generator) and
+    the latest oracle table, for the runs ``runs`` (slot i holds run ``runs[i]``)."""
+
+    def __init__(self, runs: list[int], sets: Sequence[ProblemSet], first: RunnerConfig,
+                 configs: Sequence[RunnerConfig], generators: Sequence[torch.Generator], n_train: int) -> None:
+        self._sets, self._first, self._configs, self._generators = sets, first, configs, generators
+        self._n_train = n_train
+        self._build(runs, None)
+
+    def _build(self, runs: list[int], old: _Slots | None) -> None:
+        self.runs = runs
+        self.slot_of = {r: i for i, r in enumerate(runs)}
+        sets = [self._sets[r] for r in runs]
+        self.stacked = ProblemSet.stack(sets)  # slot i's problem p is i·n + p
+        n = sets[0].n
+        policy = TokenTreePolicy(sets, self._first.policy, self._first.feature_dim)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self._first.optimizer, params, [self._configs[r].lr for r in runs])
+        if old is not None:  # carry every kept run's weights and optimizer state over, bit for bit
+            keep = torch.as_tensor([old.slot_of[r] for r in runs], dtype=torch.long)
+            with torch.no_grad():
+                for p, q in zip(params, old.params):
+                    p.copy_(q[keep])
+            for st, prev in zip(getattr(optimizer, "state", []), getattr(old.optimizer, "state", [])):
+                for key, value in prev.items():
+                    st[key] = value[keep].clone()
+            R_old = len(old.runs)
+            self.table = old.table.view(R_old, n, *old.table.shape[1:])[keep].reshape(-1, *old.table.shape[1:])
+        self.policy, self.params, self.optimizer = policy, params, optimizer
+        self.backend = SimBackend(self.stacked, policy, [self._generators[r] for r in runs])
+        step_masks = self.stacked.step_mask().numpy()  # [R·n, T] steps a chain visits
+        self.train_mask = step_masks.reshape(len(runs), n, -1)[:, :self._n_train]  # [R, n_train, T]
+        self.n_steps = self.train_mask.sum(axis=(1, 2))  # [R]
+
+    def compact(self, live: list[int]) -> None:
+        """Keep only the runs ``live`` (in that order)."""
+        old = _Slots.__new__(_Slots)
+        old.__dict__.update(self.__dict__)
+        self._build(list(live), old)
 
 
 def _or_none(x: float) -> float | None:

@@ -197,6 +197,35 @@ def test_a_study_cell_cut_at_a_line_boundary_is_computed_again(tmp_path):
     assert (tmp_path / "runs.csv").read_bytes() == reference
 
 
+
+def test_the_batched_completeness_check_answers_as_the_per_cell_one():
+    """``sim_run_complete.many`` (what the sweep's reader uses for files read together) gives
+    every table the answer :func:`sim_run_complete` gives it alone: whole runs, runs cut short,
+    a missing pass@1, steps out of order, a step cap reached before the budget."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis.protocol import with_protocol
+    from analysis.studies import SMOKE, _cell, run_sim_cell, sim_run_complete
+    budget = with_protocol(_cell("t", "grpo", 0, SMOKE, "grpo"), lr=0.2, budget=1500, unit="tokens", max_steps=50)
+    capped = with_protocol(_cell("t", "grpo", 1, SMOKE, "grpo"), lr=0.2, budget=10 ** 9, unit="tokens", max_steps=3)
+    tables = {c.seed: pd.DataFrame(run_sim_cell(c)) for c in (budget, capped)}
+    cases = []
+    for cell in (budget, capped):
+        whole = tables[cell.seed]
+        cases += [(cell, whole), (cell, whole.iloc[:-1]), (cell, whole.iloc[:1]), (cell, whole.iloc[1:])]
+        cases.append((cell, whole.assign(pass1=whole.pass1.where(whole.step != 1))))
+        cases.append((cell, whole.assign(step=whole.step.to_numpy()[::-1])))
+    frame = pd.concat([t for _, t in cases], ignore_index=True)
+    ends = np.cumsum([len(t) for _, t in cases])
+    bounds = list(zip((ends - [len(t) for _, t in cases]).tolist(), ends.tolist()))
+    alone = [sim_run_complete(c, t.reset_index(drop=True)) for c, t in cases]
+    assert alone[0] and alone[6] and not any(alone[1:6]) and not alone[7]  # the two whole runs, and only they
+    assert sim_run_complete.many([c for c, _ in cases], frame, bounds) == alone
+    shuffled = [5, 0, 9, 3]  # any subset, in any order
+    assert (sim_run_complete.many([cases[i][0] for i in shuffled], frame, [bounds[i] for i in shuffled])
+            == [alone[i] for i in shuffled])
+
 # -- llm-compare: the settings a comparison started with -------------------------------------------
 
 

@@ -85,6 +85,28 @@ def test_runs_with_different_budgets_drop_out_and_the_others_go_on():
     assert _bits(res[0].history) == _bits(train(SPECS[0], algo, cfgs[0], seed=1).history)
 
 
+
+@pytest.mark.parametrize("policy,optimizer,method", [("tabular", "adam", "deep-grpo"), ("features", "sgd", "deep-grpo"),
+                                                     ("features", "adam", "grpo")])
+def test_runs_that_stop_at_different_steps_keep_their_histories_when_the_batch_is_compacted(policy, optimizer,
+                                                                                            method):
+    """Eight runs with step caps 2..9: as they stop, the batch drops them from its tensors
+    (several times, COMPACT_FRACTION), and every run's history is still the one it has alone."""
+    from sims.runner import COMPACT_FRACTION
+    algo = method_config(method)
+    caps = [9, 2, 7, 3, 8, 4, 6, 5]
+    cfgs = [RunnerConfig(steps=s, batch_problems=4, policy=policy, feature_dim=32, optimizer=optimizer,
+                         lr=DEFAULT_LR[optimizer] * (1.0 + 0.25 * i)) for i, s in enumerate(caps)]
+    specs = [SPECS[i % 3] for i in range(len(caps))]
+    seeds = list(range(11, 11 + len(caps)))
+    together = train_replicas(specs, algo, cfgs, seeds, [method] * len(caps))
+    rows = {r: (res.policy.weight if policy == "features" else res.policy.delta).shape[0]
+            for r, res in enumerate(together)}
+    assert rows[0] <= COMPACT_FRACTION * len(caps) and len(set(rows.values())) > 2  # compacted, more than once
+    for spec, cfg, seed, res in zip(specs, cfgs, seeds, together):
+        assert len(res.history) == cfg.steps + 1
+        assert _bits(res.history) == _bits(train(spec, algo, cfg, seed=seed, method=method).history), cfg.steps
+
 def test_runs_trained_together_must_share_the_loop_settings():
     with pytest.raises(ValueError, match="batch_problems"):
         train_replicas(SPECS[:2], method_config("grpo"),
