@@ -57,7 +57,7 @@ from analysis.protocol import (
     with_protocol,
 )
 from analysis.stats import ALPHA, EQUIVALENCE_MARGIN, ci_errorbar, compare_pairs, mean_ci, summarize
-from analysis.sweep import Cell, CellTables, run_sweep
+from analysis.sweep import Cell, CellTables, run_sweep, span_rows
 from deepgrpo.ledger import BUDGET_UNITS
 from deepgrpo.records import Interrupted, atomic_write, versions, write_csv_atomic, write_json_atomic
 
@@ -170,39 +170,25 @@ def run_sim_cells(cells: list[Cell], done: Callable[[Cell, list[dict[str, Any]]]
                    probes=[_cell_probes(c, algo.explore.K) for c in cells])
 
 
-def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
-    """Whether ``frame`` (a cell file's table) is the whole history of the simulator run of
-    ``cell``: steps 0, 1, ..., k in order, ending where the run stops (its step cap, or the
-    first step at which it had spent its budget). A table cut at a line boundary fails this."""
-    budget, unit, max_steps = _stopping_rule(cell.params.get("runner", {}))
-    if "step" not in frame or "pass1" not in frame or frame["pass1"].isna().any():
-        return False
-    steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy()
-    if not np.array_equal(steps, np.arange(len(frame))):
-        return False
-    last_step = int(frame["step"].iloc[-1])
-    if budget is not None and unit in frame:
-        return bool(frame[unit].iloc[-1] >= budget) or last_step == max_steps
-    return last_step == max_steps
-
-
-def _sim_runs_complete(cells: list[Cell], frame: pd.DataFrame, bounds: list[tuple[int, int]]) -> list[bool]:
-    """:func:`sim_run_complete` of every ``(cell, frame.iloc[a:b])`` at once (each table at least
-    one row): the same answers, column operations instead of a slice per cell."""
+def sim_runs_complete(cells: list[Cell], frame: pd.DataFrame, bounds: list[tuple[int, int]]) -> list[bool]:
+    """Whether each table ``frame.iloc[a:b]`` (``bounds``) is the whole history of the simulator
+    run of its cell: at least one row, no missing pass@1, steps 0, 1, ..., k in order, ending where
+    the run stops (its step cap, or the first step at which it had spent its budget). A table cut
+    at a line boundary fails this. Column operations over all the tables at once."""
     if "step" not in frame or "pass1" not in frame:
         return [False] * len(cells)
     a = np.array([lo for lo, _ in bounds], dtype=np.int64)
     b = np.array([hi for _, hi in bounds], dtype=np.int64)
     rows = b - a
-    idx = np.repeat(a - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))  # every cell's rows, in order
-    local = idx - np.repeat(a, rows)  # each row's position in its cell's table
-    cell_of = np.repeat(np.arange(len(cells)), rows)
+    idx = span_rows(a, rows)  # every table's rows, in order
+    local = idx - np.repeat(a, rows)  # each row's position in its own table
+    table_of = np.repeat(np.arange(len(cells)), rows)
 
-    def count(bad: np.ndarray) -> np.ndarray:  # [cells] how many of each cell's rows are flagged
-        return np.bincount(cell_of[bad], minlength=len(cells))
+    def count(bad: np.ndarray) -> np.ndarray:  # [tables] how many of each table's rows are flagged
+        return np.bincount(table_of[bad], minlength=len(cells))
 
     steps = pd.to_numeric(frame["step"], errors="coerce").to_numpy()
-    ok = (count(frame["pass1"].isna().to_numpy()[idx]) == 0) & (count(steps[idx] != local) == 0)
+    ok = (rows > 0) & (count(frame["pass1"].isna().to_numpy()[idx]) == 0) & (count(steps[idx] != local) == 0)
     out = []
     for i, cell in enumerate(cells):
         if not ok[i]:
@@ -217,7 +203,12 @@ def _sim_runs_complete(cells: list[Cell], frame: pd.DataFrame, bounds: list[tupl
     return out
 
 
-sim_run_complete.many = _sim_runs_complete  # type: ignore[attr-defined]
+def sim_run_complete(cell: Cell, frame: pd.DataFrame) -> bool:
+    """:func:`sim_runs_complete` of one table (a cell file's)."""
+    return sim_runs_complete([cell], frame, [(0, len(frame))])[0]
+
+
+sim_run_complete.many = sim_runs_complete  # type: ignore[attr-defined]  # the sweep reader's batched form
 
 _STOPPING_RULES: dict[str, tuple[Any, str, int]] = {}
 

@@ -410,6 +410,12 @@ the tables ``frame.iloc[a:b]`` of many cells at once (``bounds``: their ``(a, b)
 least one row), which :class:`CellTables` then uses for the files it reads together."""
 
 
+def span_rows(starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[sum(rows)]`` the positions ``starts[i], ..., starts[i] + rows[i] - 1`` of every span, span
+    after span (the rows of several cells' tables in one frame)."""
+    return np.repeat(starts - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))
+
+
 CSV_DTYPES = {"study": str, "variant": str}
 """How a cell file's columns are typed when read (the rest: as pandas infers them)."""
 
@@ -649,7 +655,7 @@ class CellTables:
         columns = set(frame.columns)
         starts = np.array([a for a, _ in bounds], dtype=np.int64)
         rows = np.array([b - a for a, b in bounds], dtype=np.int64)
-        idx = np.repeat(starts - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))  # every cell's rows
+        idx = span_rows(starts, rows)  # every cell's rows
         ok = rows > 0
         ok &= [{"study", "variant", "seed", *c.columns} <= columns for c in cells]
         if ok.any() and {"study", "variant", "seed"} <= columns:
@@ -710,7 +716,7 @@ class CellTables:
         spans = [self._rows[c.key] for c in cells]
         starts = np.array([at[id(part)] + a for part, a, _ in spans], dtype=np.int64)
         rows = np.array([b - a for _, a, b in spans], dtype=np.int64)
-        idx = np.repeat(starts - np.cumsum(rows) + rows, rows) + np.arange(int(rows.sum()))
+        idx = span_rows(starts, rows)
         whole = pd.concat([p.frame for p in parts], ignore_index=True) if len(parts) > 1 else parts[0].frame
         columns = list(dict.fromkeys(name for part in parts for name in part.frame.columns))  # as pd.concat
         return whole.take(idx).reset_index(drop=True)[columns]

@@ -44,6 +44,7 @@ the evaluation after an update and the next step's main chains and branches shar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -437,9 +438,7 @@ class _Slots:
 
     def compact(self, live: list[int]) -> None:
         """Keep only the runs ``live`` (in that order)."""
-        old = _Slots.__new__(_Slots)
-        old.__dict__.update(self.__dict__)
-        self._build(list(live), old)
+        self._build(list(live), copy.copy(self))
 
 
 def _or_none(x: float) -> float | None:

@@ -197,7 +197,6 @@ def test_a_study_cell_cut_at_a_line_boundary_is_computed_again(tmp_path):
     assert (tmp_path / "runs.csv").read_bytes() == reference
 
 
-
 def test_the_batched_completeness_check_answers_as_the_per_cell_one():
     """``sim_run_complete.many`` (what the sweep's reader uses for files read together) gives
     every table the answer :func:`sim_run_complete` gives it alone: whole runs, runs cut short,
@@ -221,10 +220,12 @@ def test_the_batched_completeness_check_answers_as_the_per_cell_one():
     bounds = list(zip((ends - [len(t) for _, t in cases]).tolist(), ends.tolist()))
     alone = [sim_run_complete(c, t.reset_index(drop=True)) for c, t in cases]
     assert alone[0] and alone[6] and not any(alone[1:6]) and not alone[7]  # the two whole runs, and only they
+    assert alone == [True, False, False, False, False, False] * 2
     assert sim_run_complete.many([c for c, _ in cases], frame, bounds) == alone
     shuffled = [5, 0, 9, 3]  # any subset, in any order
     assert (sim_run_complete.many([cases[i][0] for i in shuffled], frame, [bounds[i] for i in shuffled])
             == [alone[i] for i in shuffled])
+
 
 # -- llm-compare: the settings a comparison started with -------------------------------------------
 
