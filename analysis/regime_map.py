@@ -1253,12 +1253,7 @@ def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full"
         stage = "writing the tables and figures"
         per = per_run_table(runs, tuned, ends)
         write_csv_atomic(d / "per_run.csv", per)
-        write_outputs(d, per, tuned, runs)
-        stage = "the theory panel"
-        from analysis.theory import figure, theory_table
-        curves = theory_table(K=8, seed=0, spec=sz.spec)
-        write_csv_atomic(d / "theory" / "curves.csv", curves)
-        figure(curves, d / "theory" / "theory.png")
+        write_outputs(d, per, tuned, runs, workers=workers, theory_spec=sz.spec)
     except KeyboardInterrupt:  # also the sweeps' Interrupted
         raise Interrupted(f"study {STUDY}, during {stage}: finished runs are kept in {d}; rerun the same command "
                           "to resume") from None
@@ -1277,22 +1272,37 @@ def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full"
     return d
 
 
-def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.DataFrame | None = None) -> None:
+def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.DataFrame | None = None,
+                  workers: int | None = None, theory_spec: dict | None = None) -> None:
     """``map.csv``, ``effects.csv``, ``cells.csv``, ``readouts.csv`` and the figures, from
     ``per_run.csv``'s table; with the evaluation ``runs``, also ``equal_steps.csv``
-    (:func:`equal_steps_table`)."""
+    (:func:`equal_steps_table`); with ``theory_spec`` (the map's TokenTreeSpec overrides), also
+    the theory panel ``theory/curves.csv`` and ``theory/theory.png``.
+
+    The effects of every readout, then the figures, are shared among ``workers`` processes
+    (:func:`analysis.sweep.run_parallel`; default: the usable CPUs); the tables are the same
+    with any number."""
+    from analysis.sweep import run_parallel
     if runs is not None:
         write_csv_atomic(d / "equal_steps.csv", equal_steps_table(runs, tuned))
-    by_metric = {m: effects_table(per, tuned, m) for m in ("pass1_at", "heldout_pass1_at", "pass1_auc") if m in per}
+    metrics = [m for m in dict.fromkeys(("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUTS)) if m in per]
+    effects_by = dict(zip(metrics, run_parallel([(effects_table, (per, tuned, m)) for m in metrics], workers)))
+    by_metric = {m: effects_by[m] for m in ("pass1_at", "heldout_pass1_at", "pass1_auc") if m in effects_by}
     effects = pd.concat(list(by_metric.values()), ignore_index=True)
     cells = cells_table(per, effects, tuned)
     write_csv_atomic(d / "map.csv", map_table(per))
     write_csv_atomic(d / "effects.csv", effects)
     write_csv_atomic(d / "cells.csv", cells)
-    write_csv_atomic(d / "readouts.csv", readouts_table(per, tuned, by_metric))
-    heatmaps(cells, d / "heatmap.png")
-    for u in BUDGET_UNITS:
-        waterfalls(per, effects, tuned, u, d / f"waterfall_{u}.png")
+    write_csv_atomic(d / "readouts.csv", readouts_table(per, tuned, effects_by))
+    figures = [(heatmaps, (cells, d / "heatmap.png"))]
+    figures += [(waterfalls, (per, effects, tuned, u, d / f"waterfall_{u}.png")) for u in BUDGET_UNITS]
+    if theory_spec is not None:
+        from analysis.theory import figure, theory_table
+        curves = theory_table(K=8, seed=0, spec=theory_spec)
+        write_csv_atomic(d / "theory" / "curves.csv", curves)
+        figures.append((figure, (curves, d / "theory" / "theory.png")))
+    import matplotlib.pyplot  # noqa: F401  (once, here: the workers are forked with it)
+    run_parallel(figures, workers)
 
 
 def load(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

@@ -879,6 +879,27 @@ def _run_units(units: list[_Unit], worker: Callable[[Cell], list[dict[str, Any]]
     pool.shutdown(wait=True)
 
 
+def run_parallel(calls: Sequence[tuple[Callable[..., Any], tuple]], workers: int | None = None) -> list[Any]:
+    """``[f(*args) for f, args in calls]``, the calls shared among a pool of ``workers`` processes
+    (default and at most: the usable CPUs; one, or a single call, runs them here). Each ``f`` is
+    a module-level function; arguments and results travel between this process and its forked
+    workers by pickling (never through a file). A call's exception is raised here, after the
+    pool is stopped; Ctrl-C and SIGTERM are this process's to handle, as in a sweep."""
+    workers = max(1, min(workers or usable_cpus(), usable_cpus(), len(calls)))
+    if workers == 1:
+        return [f(*args) for f, args in calls]
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        with signals_held():  # the first submit forks every worker (see _run_units)
+            futures = [pool.submit(f, *args) for f, args in calls]
+        results = [f.result() for f in futures]
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
 def _close(bar) -> None:
     """Close the progress bar (if any), so that a message after it starts on its own line."""
     if bar is not None:

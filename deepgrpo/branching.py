@@ -318,10 +318,9 @@ def plan_tree(plan: BranchPlan, main_lengths: torch.Tensor, aux_lengths: torch.T
     A = int(aux_lengths.shape[0])
     n_prompts = Bm // group_size
     main_len = main_lengths.long().numpy()  # [Bm]
-    cuts: dict[int, list[int]] = {}
-    for t, c in zip(plan.traj.tolist(), plan.prefix_len.tolist()):
-        cuts.setdefault(int(t), []).append(int(c))
-    stride = max(len(c) for c in cuts.values()) + 2 if cuts else 2
+    traj = np.asarray(plan.traj, dtype=np.int64)  # [P]
+    cut = np.asarray(plan.prefix_len, dtype=np.int64)  # [P]
+    stride = int(np.bincount(traj, minlength=1).max()) + 2 if traj.size else 2
     D = stride + 1  # root + at most (cuts + 1) segments, or root + segments above a cut + leaf
     path = np.full((Bm + A, D), -1, dtype=np.int64)
     weight = np.zeros((Bm + A, D))
@@ -330,28 +329,51 @@ def plan_tree(plan: BranchPlan, main_lengths: torch.Tensor, aux_lengths: torch.T
     path[:Bm, 0] = rows // group_size
     path[:Bm, 1] = n_prompts + rows * stride
     weight[:Bm, 1] = main_len
-    point_path: dict[tuple[int, int], list[int]] = {}  # (main row, cut) -> path down to the node ending there
-    for b, cs in cuts.items():  # chains with branch points: one node per segment between them
-        bounds = sorted(set(cs)) + [int(main_len[b])]
-        nodes, w, start = [b // group_size], [0.0], 0
-        point_path[(b, 0)] = [b // group_size]
-        for k, end in enumerate(bounds):
-            if end > start or k == len(bounds) - 1:
-                nodes.append(n_prompts + b * stride + k)
-                w.append(float(end - start))
-            point_path[(b, end)] = list(nodes)  # a branch at prefix length `end` hangs below the last node
-            start = end
-        path[b, :len(nodes)] = nodes
-        weight[b, :len(w)] = w
+    if not traj.size:
+        return torch.from_numpy(path), torch.from_numpy(weight).float()
+    # chains with branch points: their distinct cuts in order, then the chain's end, are the
+    # bounds k = 0..m of the segments [previous bound, bound k) (node n_prompts + b·stride + k);
+    # only a first segment of no tokens (a cut at 0) is left out
+    order = np.lexsort((cut, traj))  # [P] chain-major, cuts ascending
+    distinct = np.ones(order.size, dtype=bool)
+    distinct[1:] = (traj[order][1:] != traj[order][:-1]) | (cut[order][1:] != cut[order][:-1])
+    ub, uc = traj[order][distinct], cut[order][distinct]  # [U] distinct (chain, cut) pairs
+    new_chain = np.ones(ub.size, dtype=bool)
+    new_chain[1:] = ub[1:] != ub[:-1]
+    chain = np.cumsum(new_chain) - 1  # [U] index among the chains with cuts
+    first = np.flatnonzero(new_chain)  # [C] first distinct cut of each chain
+    k = np.arange(ub.size) - first[chain]  # [U] rank of the cut in its chain
+    m = np.diff(np.append(first, ub.size))  # [C] distinct cuts per chain
+    b_c = ub[first]  # [C]
+    skip = (uc[first] == 0).astype(np.int64)  # [C] the chain's first segment is empty
+    # bounds: chain c's m_c cuts then its end, at positions first_c + c .. first_c + c + m_c
+    eb = np.concatenate([ub, b_c])
+    ek = np.concatenate([k, m])
+    eend = np.concatenate([uc, main_len[b_c]])
+    echain = np.concatenate([chain, np.arange(b_c.size)])
+    pos = np.concatenate([np.arange(ub.size) + chain, first + m + np.arange(b_c.size)])
+    by = np.empty_like(pos)
+    by[pos] = np.arange(pos.size)
+    eb, ek, eend, echain = eb[by], ek[by], eend[by], echain[by]  # [U + C] bounds in order
+    estart = np.where(ek > 0, np.roll(eend, 1), 0)
+    kept = (ek > 0) | (eend > 0)
+    col = 1 + ek - skip[echain]
+    path[eb[kept], col[kept]] = n_prompts + eb[kept] * stride + ek[kept]
+    weight[eb[kept], col[kept]] = (eend - estart)[kept]
     if A:
-        leaf_base = n_prompts + Bm * stride
-        first = np.concatenate([[0], np.cumsum(plan.n)[:-1]])  # [P] first aux row of each point
-        suffix = aux_lengths.long().numpy()  # [A]
-        for j, (b, c) in enumerate(zip(plan.traj.tolist(), plan.prefix_len.tolist())):
-            above = point_path[(int(b), int(c))]
-            r0, r1 = Bm + int(first[j]), Bm + int(first[j]) + int(plan.n[j])
-            d = len(above)
-            path[r0:r1, :d] = above
-            path[r0:r1, d] = leaf_base + np.arange(r0 - Bm, r1 - Bm)
-            weight[r0:r1, d] = suffix[r0 - Bm:r1 - Bm]
+        # point j's continuations: leaves below the path of its chain down to the node ending at
+        # its cut (the root alone for a cut at 0)
+        u = np.empty(order.size, dtype=np.int64)
+        u[order] = np.cumsum(distinct) - 1  # [P] the point's distinct (chain, cut) pair
+        # [P] nodes above its leaves: the root and the segments up to its cut (at the chain's end:
+        # also the end's segment, of no tokens)
+        depth = 2 + k[u] - skip[chain[u]] + (cut == main_len[traj])
+        n = np.asarray(plan.n, dtype=np.int64)
+        parent = np.repeat(traj, n)  # [A]
+        d = np.repeat(depth, n)  # [A]
+        aux = np.arange(Bm, Bm + A)
+        above = np.arange(D)[None, :] < d[:, None]  # [A, D]
+        path[Bm:] = np.where(above, path[parent], -1)
+        path[aux, d] = n_prompts + Bm * stride + np.arange(A)
+        weight[aux, d] = aux_lengths.long().numpy()
     return torch.from_numpy(path), torch.from_numpy(weight).float()

@@ -62,18 +62,18 @@ def check_range(owner: str, name: str, value: Any, lo: float | None = None, hi: 
     Used by every config dataclass of the project (core and backends) so that messages look
     alike: ``ExploreConfig.K = 0 is invalid: expected an integer in [1, inf)``.
     """
-    lb = "(" if lo_open else "["
-    rb = ")" if hi_open or hi is None else "]"
-    kind = "an integer" if integer else "a finite number"
-    allowed = f"{kind} in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
     bad = isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
     if not bad:
         v = float(value)
         bad = (not math.isfinite(v)
                or (lo is not None and (v < lo or (lo_open and v == lo)))
                or (hi is not None and (v > hi or (hi_open and v == hi))))
-    if bad:
-        raise invalid(owner, name, value, allowed)
+    if bad:  # the message only when it is needed (configs are checked thousands of times in a study)
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open or hi is None else "]"
+        kind = "an integer" if integer else "a finite number"
+        raise invalid(owner, name, value, f"{kind} in {lb}{'-inf' if lo is None else lo}, "
+                      f"{'inf' if hi is None else hi}{rb}")
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:

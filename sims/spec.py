@@ -194,7 +194,7 @@ class TokenTreeSpec:
         from sims.memory import check_fits
         check_fits(self)
         seed = self.problem_set_seed(run_seed)
-        key = (tuple(sorted(self.to_dict().items())), seed)
+        key = (tuple(getattr(self, f.name) for f in dataclasses.fields(self)), seed)  # every field is a scalar
         hit = _PROBLEM_SETS.get(key)
         if hit is None:
             hit = _PROBLEM_SETS[key] = ProblemSet.from_spec(self, seed)
@@ -306,7 +306,10 @@ class ProblemSet:
             allowed = np.ones(T, dtype=bool)
         p_recover = np.clip(p_recover, MIN_PROB, 1.0 - MIN_PROB)
         S = spec.segment_len
-        ends = [torch.from_numpy(np.unique(np.minimum(np.arange(S, int(L) + S, S), int(L)))).long() for L in lengths]
+        by_length: dict[int, torch.Tensor] = {}  # problems of one length share their (read-only) segment ends
+        for L in dict.fromkeys(lengths.tolist()):
+            by_length[L] = torch.from_numpy(np.unique(np.minimum(np.arange(S, L + S, S), L))).long()
+        ends = [by_length[L] for L in lengths.tolist()]
         return cls(spec=spec, correct=torch.from_numpy(d["correct"]).long(),
                    p_correct=torch.from_numpy(d["p_correct"]), p_recover=torch.from_numpy(p_recover),
                    recovery_allowed=torch.from_numpy(allowed), ability=torch.from_numpy(d["ability"]),

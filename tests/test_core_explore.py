@@ -196,6 +196,57 @@ def test_tree_advantages_follow_the_sampling_tree():
     assert (b.advantages != 0).any()
 
 
+def _plan_tree_by_chain(plan, main_len, aux_len, G):
+    """plan_tree's tree built chain by chain and point by point (the reference)."""
+    Bm, A, n_prompts = len(main_len), len(aux_len), len(main_len) // G
+    cuts = {}
+    for t, c in zip(plan.traj.tolist(), plan.prefix_len.tolist()):
+        cuts.setdefault(t, []).append(c)
+    stride = max(map(len, cuts.values())) + 2 if cuts else 2
+    path = np.full((Bm + A, stride + 1), -1)
+    weight = np.zeros((Bm + A, stride + 1))
+    above = {}
+    for b in range(Bm):
+        nodes, w, start = [b // G], [0], 0
+        above[(b, 0)] = list(nodes)
+        bounds = sorted(set(cuts.get(b, []))) + [main_len[b]]
+        for k, end in enumerate(bounds):
+            if end > start or k == len(bounds) - 1:
+                nodes.append(n_prompts + b * stride + k)
+                w.append(end - start)
+            above[(b, end)] = list(nodes)
+            start = end
+        path[b, :len(nodes)], weight[b, :len(w)] = nodes, w
+    row = Bm
+    for b, c, n in zip(plan.traj.tolist(), plan.prefix_len.tolist(), plan.n.tolist()):
+        for _ in range(n):
+            nodes = above[(b, c)]
+            path[row, :len(nodes)] = nodes
+            path[row, len(nodes)] = n_prompts + Bm * stride + row - Bm
+            weight[row, len(nodes)] = aux_len[row - Bm]
+            row += 1
+    return path, weight
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.data())
+@settings(max_examples=150, deadline=None)
+def test_sampling_tree_equals_the_tree_built_chain_by_chain(n_prompts, G, data):
+    """Any plan (cuts at 0 and at a chain's end, several points at one cut, chains without
+    points) gives the paths and weights of the chain-by-chain construction."""
+    from deepgrpo.branching import BranchPlan, plan_tree
+    Bm = n_prompts * G
+    main_len = data.draw(st.lists(st.integers(0, 6), min_size=Bm, max_size=Bm))
+    points = data.draw(st.lists(st.tuples(st.integers(0, Bm - 1), st.integers(0, 6), st.integers(1, 3)), max_size=8))
+    points = [(b, min(c, main_len[b]), n) for b, c, n in points]
+    traj, cut, n = (np.array([p[i] for p in points], dtype=np.int64) for i in range(3))
+    aux_len = data.draw(st.lists(st.integers(0, 6), min_size=int(n.sum()), max_size=int(n.sum())))
+    plan = BranchPlan(candidate=np.arange(len(points)), traj=traj, prompt=traj // G, prefix_len=cut,
+                      rel_depth=np.zeros(len(points)), n=n)
+    path, weight = plan_tree(plan, torch.tensor(main_len), torch.tensor(aux_len, dtype=torch.long), G)
+    ref_path, ref_weight = _plan_tree_by_chain(plan, main_len, aux_len, G)
+    assert path.tolist() == ref_path.tolist() and weight.tolist() == ref_weight.tolist()
+
+
 @given(st.lists(st.tuples(*[st.integers(0, 10**6)] * 5), max_size=30), st.integers(0, 30))
 @settings(max_examples=60, deadline=None)
 def test_ledger_totals_are_the_sums_of_its_steps_however_it_was_filled(counts, cut):
