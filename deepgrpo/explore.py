@@ -7,7 +7,8 @@ The policy update and the per-step record live in :mod:`deepgrpo.step`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +70,22 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
     failed_rows = np.asarray(failed_rows, dtype=np.int64)
     seg = main.segment_ends
     ends_of = [seg[b] for b in failed_rows.tolist()]
-    L = np.fromiter(map(len, ends_of), dtype=np.int64, count=len(ends_of))  # [F] segments = candidates per row
-    rows = failed_rows[L > 0]
+    # rows often share one tensor of segment ends (a backend's per-problem table): each distinct
+    # tensor is read once
+    distinct = {id(e): e for e in ends_of}
+    slot = {k: i for i, k in enumerate(distinct)}
+    which = np.fromiter(map(slot.__getitem__, map(id, ends_of)), dtype=np.int64, count=len(ends_of))  # [F0]
+    d_len = np.array([len(e) for e in distinct.values()], dtype=np.int64)  # [U]
+    d_ends = (torch.cat(list(distinct.values())).numpy().astype(np.int64) if distinct else np.zeros(0, np.int64))
+    L = d_len[which] if which.size else np.zeros(0, np.int64)  # [F0] segments = candidates per row
+    rows, which = failed_rows[L > 0], which[L > 0]
     L = L[L > 0]
     F, N = rows.shape[0], int(L.sum())
     traj = np.repeat(rows, L)  # [N]
     first = np.cumsum(L) - L  # [F] each row's first candidate
     index = np.arange(N) - np.repeat(first, L)  # [N] candidate i within its row
-    ends = torch.cat(ends_of).numpy().astype(np.int64) if N else np.zeros(0, np.int64)  # [N] ends, row after row
+    d_first = np.cumsum(d_len) - d_len  # [U]
+    ends = d_ends[np.repeat(d_first[which], L) + index]  # [N] ends, row after row
     starts = np.empty(N, dtype=np.int64)  # [N] prefix lengths [0, e_0, ..., e_{L-2}] of each row
     if N:
         starts[1:] = ends[:-1]
@@ -417,30 +426,51 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
         j0, j1 = int(point_span[r]), int(point_span[r + 1])
         c0, c1 = int(cand_span[r]), int(cand_span[r + 1])
         x0, x1 = int(aux_span[r]), int(aux_span[r + 1])
-        if R == 1:
-            main_r, aux_r, plan_r, cands_r, p_hat_r = main, aux, plan, cands, planned.p_hat
-        else:
-            main_r = _select_rollouts(main, m0, m1)
-            aux_r = _select_rollouts(aux, x0, x1) if aux is not None and x1 > x0 else None
-            plan_r = plan.select(slice(j0, j1))
-            plan_r.candidate = plan_r.candidate - c0
-            plan_r.traj = plan_r.traj - m0
-            plan_r.prompt = plan_r.prompt - p0
-            cands_r = CandidateSet(traj=cands.traj[c0:c1] - m0, index=cands.index[c0:c1],
-                                   n_candidates=cands.n_candidates[c0:c1], prefix_len=cands.prefix_len[c0:c1],
-                                   prompt=cands.prompt[c0:c1] - p0,
-                                   features={k: v[c0:c1] for k, v in cands.features.items()},
-                                   replica=cands.replica[c0:c1])
-            p_hat_r = planned.p_hat[c0:c1] if planned.p_hat is not None else None
         budget = ledgers[r].record(p1 - p0, m1 - m0, x1 - x0, int(tokens_main[r]), int(tokens_aux[r]))
         depth = plan.rel_depth[j0:j1]
         row = {k: float(v[r]) if v is not None else float(depth.mean()) if depth.size else float("nan")
                for k, v in stats.items()}
         row.update(rollouts_main=float(budget.rollouts_main), rollouts_aux=float(budget.rollouts_aux),
                    tokens_main=float(budget.tokens_main), tokens_aux=float(budget.tokens_aux))
-        results.append(ExploreResult(batch=batch, main=main_r, aux=aux_r, candidates=cands_r, plan=plan_r,
-                                     labels=labels[j0:j1], p_hat=p_hat_r, budget=budget, stats=row))
+        if R == 1:
+            results.append(ExploreResult(batch=batch, main=main, aux=aux, candidates=cands, plan=plan, labels=labels,
+                                         p_hat=planned.p_hat, budget=budget, stats=row))
+            continue
+        plan_r = plan.select(slice(j0, j1))
+        plan_r.candidate = plan_r.candidate - c0
+        plan_r.traj = plan_r.traj - m0
+        plan_r.prompt = plan_r.prompt - p0
+        results.append(_RunResult(
+            dict(batch=batch, plan=plan_r, labels=labels[j0:j1], budget=budget, stats=row,
+                 p_hat=planned.p_hat[c0:c1] if planned.p_hat is not None else None),
+            main=functools.partial(_select_rollouts, main, m0, m1),
+            aux=functools.partial(_select_rollouts, aux, x0, x1) if aux is not None and x1 > x0 else lambda: None,
+            candidates=functools.partial(_select_candidates, cands, c0, c1, m0, p0)))
     return ReplicaStep(batch=batch, results=results)
+
+
+def _select_candidates(cands: CandidateSet, c0: int, c1: int, m0: int, p0: int) -> CandidateSet:
+    """Candidates ``c0:c1`` of ``cands`` (one run's) with their main rows and prompts counted from
+    ``m0`` and ``p0``."""
+    return CandidateSet(traj=cands.traj[c0:c1] - m0, index=cands.index[c0:c1], n_candidates=cands.n_candidates[c0:c1],
+                        prefix_len=cands.prefix_len[c0:c1], prompt=cands.prompt[c0:c1] - p0,
+                        features={k: v[c0:c1] for k, v in cands.features.items()}, replica=cands.replica[c0:c1])
+
+
+class _RunResult(ExploreResult):
+    """One run's :class:`ExploreResult` in a lockstep step: its main and aux rollouts and its
+    candidates are sliced from the step's when first read (most callers read only its plan,
+    labels, budget and stats); every field reads as an eager result's would."""
+
+    def __init__(self, fields: dict[str, Any], **lazy: Callable[[], Any]) -> None:
+        self.__dict__.update(fields, _lazy=lazy)
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not set yet
+        lazy = self.__dict__.get("_lazy")
+        if lazy is None or name not in lazy:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = lazy.pop(name)()
+        return value
 
 
 def _tree_advantages_by_run(batch: Batch, main: Rollouts, aux: Rollouts | None, plan: BranchPlan,

@@ -228,6 +228,7 @@ def suffixes(full: torch.Tensor, prefix_len: torch.Tensor, fill: float = 0) -> t
     B, T = full.shape
     j = np.arange(T)[None, :]  # [1, T]
     pl = prefix_len.numpy()[:, None]  # [B, 1]
-    out = full.detach().numpy()[np.arange(B)[:, None], np.minimum(j + pl, T - 1)]  # [B, T]
+    at = np.minimum(j + pl, T - 1) + (np.arange(B) * T)[:, None]  # [B, T] flat index of row b's token j + pl
+    out = np.ascontiguousarray(full.detach().numpy()).reshape(-1).take(at)  # [B, T]
     out[j >= T - pl] = fill
     return torch.from_numpy(out)

@@ -214,3 +214,21 @@ def test_batch_arguments_are_checked(tmp_path):
         run_sweep(cells, single_worker, tmp_path / "out", "runs", workers=1, progress=False,
                   batch_worker=batch_worker, max_batch=0)
     assert calls(tmp_path / "log") == []
+
+
+def _square_with_pid(x: int) -> tuple[int, int]:
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x * x, os.getpid()
+
+
+def test_run_parallel_returns_every_call_in_order_from_the_pool_and_raises_a_calls_error():
+    from analysis.sweep import run_parallel
+    calls = [(_square_with_pid, (x,)) for x in range(7)]
+    here = run_parallel(calls, workers=1)
+    assert [r for r, _ in here] == [x * x for x in range(7)] and {p for _, p in here} == {os.getpid()}
+    if usable_cpus() > 1:
+        pooled = run_parallel(calls, workers=2)
+        assert [r for r, _ in pooled] == [x * x for x in range(7)] and os.getpid() not in {p for _, p in pooled}
+    with pytest.raises(ValueError, match="negative: -3"):
+        run_parallel([*calls, (_square_with_pid, (-3,))], workers=2)

@@ -166,6 +166,49 @@ def test_one_batched_update_equals_each_runs_own_update(policy, optimizer):
     assert any(abs(b["loss"]) > 0 for b in batched)
 
 
+@pytest.mark.parametrize("method", ["deep-grpo", "tree-surprisal"])
+def test_a_runs_exploration_result_in_a_batch_is_the_one_it_gets_alone(method):
+    """Every field of a run's ExploreResult in a lockstep step (its rollouts, candidates, plan,
+    labels, predictions and stats; the rollouts and candidates are sliced when first read) is
+    the one the run gets when it explores alone."""
+    algo = method_config(method)
+    sets, stacked, pol, backend = _two_runs()
+    n = sets[0].n
+    local = [0, 2, 4, 6]
+    step = explore_replicas(backend, local + [n + p for p in local], np.repeat([0, 1], 4), algo,
+                            [make_estimator(algo.estimator) for _ in range(2)],
+                            [np.random.default_rng(s) for s in (1, 2)], [BudgetLedger(), BudgetLedger()])
+    for r in range(2):
+        own = TokenTreePolicy(sets[r], "tabular", 16)
+        with torch.no_grad():
+            for p, p0 in zip(own.parameters(), pol.parameters()):
+                p.copy_(p0[r:r + 1])
+        alone = explore_replicas(SimBackend(sets[r], own, run_streams(11 + r)[0]), local, np.zeros(4, np.int64), algo,
+                                 [make_estimator(algo.estimator)], [np.random.default_rng(1 + r)],
+                                 [BudgetLedger()]).results[0]
+        mine = step.results[r]
+        assert len(mine.plan) > 0 and mine.aux is not None
+        for got, want in ((mine.main, alone.main), (mine.aux, alone.aux)):
+            for f in ("tokens", "logprobs", "mask", "rewards", "truncated"):
+                assert torch.equal(getattr(got, f), getattr(want, f)), f
+            assert [e.tolist() for e in got.segment_ends] == [e.tolist() for e in want.segment_ends]
+            assert set(got.extras) == set(want.extras)
+            for k in set(got.extras) - {"problem"}:  # problem ids are the stack's
+                assert torch.equal(got.extras[k], want.extras[k]), k
+        for f in ("traj", "index", "n_candidates", "prefix_len", "prompt"):
+            assert np.array_equal(getattr(mine.candidates, f), getattr(alone.candidates, f)), f
+        assert mine.candidates.features.keys() == alone.candidates.features.keys()
+        for k, v in alone.candidates.features.items():
+            assert np.array_equal(mine.candidates.features[k], v, equal_nan=True), k
+        for f in ("candidate", "traj", "prompt", "prefix_len", "rel_depth", "n"):
+            assert np.array_equal(getattr(mine.plan, f), getattr(alone.plan, f)), f
+        assert np.array_equal(mine.labels, alone.labels)
+        assert (mine.p_hat is None) == (alone.p_hat is None)
+        if mine.p_hat is not None:
+            assert np.array_equal(mine.p_hat, alone.p_hat)
+        assert mine.stats == pytest.approx(alone.stats, abs=0, nan_ok=True) and mine.budget == alone.budget
+
+
 def test_branch_requests_as_tensors_give_the_rollouts_of_request_objects():
     algo = method_config("deep-grpo")
     sets, stacked, pol, backend = _two_runs()
