@@ -103,11 +103,11 @@ class SamplingTable:
     every call; one table serves every call at the same weights, e.g. a step's main chains and
     its branches).
 
-    log_probs: ``float32 ndarray [n, T, 2, V]`` log π (shares the given table's memory when it is a
-        contiguous float32 tensor), read for the sampled tokens' log-probs.
-    cdf: ``float32 ndarray [T, n·2, V]`` its cumulative probabilities over the tokens, step-major
-        (row 2p + s of step t), the last entry of each row set to 2 so that every uniform falls at
-        or before the last token (no rounding overflow).
+    log_probs: ``float32 ndarray [T, n·2, V]`` log π, step-major (row 2p + s of step t), read for
+        the sampled tokens' log-probs.
+    cdf: ``float32 ndarray [T, n·2, V]`` its cumulative probabilities over the tokens, laid out
+        alike, the last entry of each row set to 2 so that every uniform falls at or before the
+        last token (no rounding overflow).
     """
 
     log_probs: np.ndarray
@@ -117,10 +117,10 @@ class SamplingTable:
     def from_log_probs(cls, log_probs: torch.Tensor) -> SamplingTable:
         """The table of ``log_probs`` ``[n, T, 2, V]`` (no gradient kept)."""
         n, T, _, V = log_probs.shape
-        lp = log_probs.detach().float()  # [n, T, 2, V]
-        cdf_t = lp.transpose(0, 1).contiguous().exp().cumsum(-1)  # [T, n, 2, V]
+        lp_t = log_probs.detach().float().transpose(0, 1).contiguous()  # [T, n, 2, V]
+        cdf_t = lp_t.exp().cumsum(-1)  # [T, n, 2, V]
         cdf_t[..., -1] = 2.0
-        return cls(log_probs=lp.contiguous().numpy(), cdf=cdf_t.reshape(T, n * 2, V).numpy())
+        return cls(log_probs=lp_t.reshape(T, n * 2, V).numpy(), cdf=cdf_t.reshape(T, n * 2, V).numpy())
 
 
 def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable, problem: torch.Tensor,
@@ -146,31 +146,30 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
     T, V = problems.T, problems.V
     B = problem.shape[0]
     table = log_probs if isinstance(log_probs, SamplingTable) else SamplingTable.from_log_probs(log_probs)
-    cdf = table.cdf  # [T, n·2, V] row 2p + s of step t
+    cdf, lp = table.cdf, table.log_probs  # [T, n·2, V] row 2p + s of step t
     u = torch.rand(T, B, generator=generator) if uniforms is None else uniforms  # [T, B]
     # the loop runs in numpy: its per-op overhead is a few times below torch's on the small
     # batches of a training step, and it is as fast on large ones (same float32 CDF and
     # uniforms, so the draws are exactly those of the torch formulation); what does not depend
-    # on the status reached so far (padding, the sampled tokens' log-probs) is done for all T
-    # steps at once
+    # on the status reached so far (padding) is done for all T steps at once
     ut_all = u.numpy()  # [T, B]
     problem_np = problem.numpy()
     lengths = problems.lengths.numpy()[problem_np]  # [B]
     # step-major [T, B] layouts keep every per-step vector contiguous
-    correct = problems.correct.numpy()[problem_np].T  # [T, B]
+    correct = problems.correct_steps.take(problem_np, axis=1)  # [T, B]
     varlen = problems.variable_length
     if varlen:
         active = np.arange(T)[:, None] < lengths[None, :]  # [T, B] step t visited by row b
         # padding steps draw token 0 (u = 0: no CDF entry lies below it) and count as correct
         ut_all = np.where(active, ut_all, np.float32(0))
         correct = np.where(active, correct, 0)
-    correct = np.ascontiguousarray(correct)
     per_row = problems.recovery_allowed.dim() == 2  # a stack of runs with different rules
     if per_row:
         forbidden_tb = np.ascontiguousarray(~problems.recovery_allowed.numpy()[problem_np].T)  # [T, B]
     allowed = [True] * T if per_row else problems.recovery_allowed.tolist()
     row_base = problem_np * 2  # [B]
     tokens_tb = np.empty((T, B), dtype=np.int64)
+    logprobs_tb = np.empty((T, B), dtype=lp.dtype)  # log π of each sampled token
     wrong = np.empty(B, dtype=bool)  # token t was wrong
     derailed = np.zeros((T + 1, B), dtype=bool)  # status before step t (True = derailed)
     off = derailed[0]
@@ -178,10 +177,11 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
     first_error = np.zeros(B, dtype=np.int64)  # steps before the first wrong one (padding never wrong)
     max_prefix = 0 if prefix is None or B == 0 else int(prefix_len.max())
     if max_prefix:
-        prefix_tb = np.ascontiguousarray(prefix[:, :max_prefix].numpy().T)  # [P, B]
+        prefix_np = prefix.numpy()  # [B, >= P] (column t read at step t)
         keep = np.arange(max_prefix)[:, None] < prefix_len.numpy()[None, :]  # [P, B]
     for t in range(T):
-        rows = cdf[t].take(row_base + off, axis=0)  # [B, V] CDF of (problem, status) at step t
+        at = row_base + off  # [B] row 2p + s of step t's tables: the (problem, status) reached
+        rows = cdf[t].take(at, axis=0)  # [B, V] its CDF
         ut = ut_all[t]
         if V <= 8:  # inverse-CDF draw: number of CDF entries below u (columns: faster for small V)
             tok = (rows[:, 0] < ut).astype(np.int64)
@@ -190,8 +190,11 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
         else:
             tok = (rows < ut[:, None]).sum(-1)
         if t < max_prefix:
-            tok = np.where(keep[t], prefix_tb[t], tok)
+            tok = np.where(keep[t], prefix_np[:, t], tok)
         tokens_tb[t] = tok
+        at *= V
+        at += tok
+        lp[t].reshape(-1).take(at, out=logprobs_tb[t])  # log π(token | problem, t, status)
         np.not_equal(tok, correct[t], out=wrong)
         np.greater(clean, wrong, out=clean)  # clean and not wrong
         first_error += clean
@@ -211,9 +214,6 @@ def sample_chains(problems: ProblemSet, log_probs: torch.Tensor | SamplingTable,
         first_error = np.minimum(first_error, lengths)  # a chain without errors: its length
     tokens = torch.from_numpy(tokens_tb.T.copy())  # [B, T]
     status = torch.from_numpy(derailed.T.astype(np.int64))  # [B, T+1]
-    # index of (p, t, s, token) into the log-probs [n, T, 2, V]
-    flat = ((problem_np * T + np.arange(T)[:, None]) * 2 + derailed[:-1]) * V + tokens_tb  # [T, B]
-    logprobs_tb = table.log_probs.reshape(-1).take(flat)  # [T, B]
     if varlen:
         logprobs_tb[~active] = 0.0
     logprobs = torch.from_numpy(logprobs_tb).t()  # [B, T]

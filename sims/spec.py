@@ -40,6 +40,7 @@ the run seed (:meth:`TokenTreeSpec.problem_set_seed`), so each run seed trains o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -280,6 +281,12 @@ class ProblemSet:
     def variable_length(self) -> bool:
         """Whether some problem is shorter than T (the sampler then masks padding steps)."""
         return bool((self.lengths.numpy() < self.T).any())
+
+    @functools.cached_property
+    def correct_steps(self) -> np.ndarray:
+        """``int64 ndarray [T, n]`` the correct tokens, step-major (the sampler's layout; computed
+        once per set: its tensors are never written)."""
+        return np.ascontiguousarray(self.correct.numpy().T)
 
     def step_mask(self) -> torch.Tensor:
         """``BoolTensor [n, T]`` True on the steps t < L_p a chain of problem p visits."""
