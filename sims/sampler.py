@@ -228,7 +228,11 @@ def suffixes(full: torch.Tensor, prefix_len: torch.Tensor, fill: float = 0) -> t
     B, T = full.shape
     j = np.arange(T)[None, :]  # [1, T]
     pl = prefix_len.numpy()[:, None]  # [B, 1]
-    at = np.minimum(j + pl, T - 1) + (np.arange(B) * T)[:, None]  # [B, T] flat index of row b's token j + pl
-    out = np.ascontiguousarray(full.detach().numpy()).reshape(-1).take(at)  # [B, T]
+    col = np.minimum(j + pl, T - 1)  # [B, T] column of row b's token j + pl
+    a = full.detach().numpy()
+    if a.T.flags.c_contiguous and not a.flags.c_contiguous:  # step-major memory (the sampler's)
+        out = a.T.reshape(-1).take(col * B + np.arange(B)[:, None])
+    else:
+        out = np.ascontiguousarray(a).reshape(-1).take(col + (np.arange(B) * T)[:, None])
     out[j >= T - pl] = fill
     return torch.from_numpy(out)
