@@ -303,9 +303,9 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
         else:
             h1 = hk = np.full(Rs, nan)
         at = S.slot_of
-        return {r: {"pass1": float(pass1[at[r]]), f"pass{k}": float(passk[at[r]]),
-                    "heldout_pass1": float(h1[at[r]]), f"heldout_pass{k}": float(hk[at[r]]),
-                    "entropy": float(entropy[at[r]])} for r in runs}
+        values = [v.tolist() for v in (pass1, passk, h1, hk, entropy)]  # Python floats, one conversion per array
+        names = ("pass1", f"pass{k}", "heldout_pass1", f"heldout_pass{k}", "entropy")
+        return {r: dict(zip(names, (v[at[r]] for v in values))) for r in runs}
 
     histories: list[list[dict[str, Any]]] = [[] for _ in range(R)]
     step_wall: list[list[float]] = [[] for _ in range(R)]
