@@ -884,7 +884,10 @@ def run_parallel(calls: Sequence[tuple[Callable[..., Any], tuple]], workers: int
     (default and at most: the usable CPUs; one, or a single call, runs them here). Each ``f`` is
     a module-level function; arguments and results travel between this process and its forked
     workers by pickling (never through a file). A call's exception is raised here, after the
-    pool is stopped; Ctrl-C and SIGTERM are this process's to handle, as in a sweep."""
+    pool is stopped; Ctrl-C and SIGTERM are this process's to handle, as in a sweep. The workers
+    are forked: calls that run torch operations belong before this process has used torch's
+    intra-op threads (a forked child can hang in an OpenMP pool its parent started), so the map
+    hands its pools tables and figures, never training."""
     workers = max(1, min(workers or usable_cpus(), usable_cpus(), len(calls)))
     if workers == 1:
         return [f(*args) for f, args in calls]
