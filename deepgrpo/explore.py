@@ -415,9 +415,9 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
         "pivots": np.diff(point_span).astype(np.float64),
         "branch_success": np.where(np.diff(point_span) > 0, per_run(plan.replica, labels)
                                    / np.maximum(np.diff(point_span), 1), np.nan),
-        "pivot_depth_mean": None,  # below: each run's own mean (its order of summation)
         "nonzero_main": per_run(main_run, nz[:n_main].astype(np.float64)),
         "nonzero_aux": per_run(aux_run, nz[n_main:].astype(np.float64)),
+        **_pivot_summaries(plan, point_span),
     }
     results = []
     for r in range(R):
@@ -427,9 +427,7 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
         c0, c1 = int(cand_span[r]), int(cand_span[r + 1])
         x0, x1 = int(aux_span[r]), int(aux_span[r + 1])
         budget = ledgers[r].record(p1 - p0, m1 - m0, x1 - x0, int(tokens_main[r]), int(tokens_aux[r]))
-        depth = plan.rel_depth[j0:j1]
-        row = {k: float(v[r]) if v is not None else float(depth.mean()) if depth.size else float("nan")
-               for k, v in stats.items()}
+        row = {k: float(v[r]) for k, v in stats.items()}
         row.update(rollouts_main=float(budget.rollouts_main), rollouts_aux=float(budget.rollouts_aux),
                    tokens_main=float(budget.tokens_main), tokens_aux=float(budget.tokens_aux))
         if R == 1:
@@ -447,6 +445,30 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
             aux=functools.partial(_select_rollouts, aux, x0, x1) if aux is not None and x1 > x0 else lambda: None,
             candidates=functools.partial(_select_candidates, cands, c0, c1, m0, p0)))
     return ReplicaStep(batch=batch, results=results)
+
+
+PIVOT_SUMMARIES = ("pivot_depth_mean", "pivot_depth_std", "pivot_depth_p10", "pivot_depth_p50", "pivot_depth_p90",
+                   "pivot_prefix_tokens_mean")
+"""Each run's summary of its plan's points (NaN without points): the mean, standard deviation and
+10/50/90 % quantiles of their relative depth, and their mean prefix length in tokens."""
+
+
+def _pivot_summaries(plan: BranchPlan, point_span: np.ndarray) -> dict[str, np.ndarray]:
+    """``{name: [R]}`` of :data:`PIVOT_SUMMARIES` for the runs whose plan points are
+    ``point_span[r]:point_span[r + 1]``. Runs with the same number of points are reduced as the
+    rows of one array, each row on its own: the numbers numpy gives each run's points alone."""
+    R = point_span.shape[0] - 1
+    out = {k: np.full(R, np.nan) for k in PIVOT_SUMMARIES}
+    count = np.diff(point_span)  # [R]
+    depth = plan.rel_depth.astype(np.float64)  # [P]
+    for c in np.unique(count[count > 0]).tolist():
+        runs = np.flatnonzero(count == c)
+        rows = point_span[runs][:, None] + np.arange(c)  # [k, c] the points of k runs with c each
+        d = depth[rows]
+        p10, p50, p90 = np.quantile(d, [0.1, 0.5, 0.9], axis=1)
+        for k, v in zip(PIVOT_SUMMARIES, (d.mean(1), d.std(1), p10, p50, p90, plan.prefix_len[rows].mean(1))):
+            out[k][runs] = v
+    return out
 
 
 def _select_candidates(cands: CandidateSet, c0: int, c1: int, m0: int, p0: int) -> CandidateSet:
@@ -523,8 +545,8 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
         ledger: if given, this step's budget is recorded in it.
 
     Returns: :class:`ExploreResult`; ``stats`` holds ``reward_main``, ``reward_aux``,
-    ``failed``, ``candidates``, ``pivots``, ``branch_success``, ``pivot_depth_mean``,
-    ``nonzero_main``, ``nonzero_aux``, ``rollouts_main/aux``, ``tokens_main/aux``.
+    ``failed``, ``candidates``, ``pivots``, ``branch_success``, ``nonzero_main``, ``nonzero_aux``,
+    the :data:`PIVOT_SUMMARIES`, ``rollouts_main/aux`` and ``tokens_main/aux``.
     """
     return explore_replicas(backend, prompts, np.zeros(len(prompts), np.int64), config, [estimator], [rng],
                             [ledger if ledger is not None else BudgetLedger()]).results[0]

@@ -35,12 +35,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from deepgrpo.batch import Backend, Batch
 from deepgrpo.config import LossConfig
-from deepgrpo.explore import ExploreResult
+from deepgrpo.explore import PIVOT_SUMMARIES, ExploreResult
 from deepgrpo.ledger import BudgetLedger
 from deepgrpo.losses import dual_stream_loss, loss_denominators, replica_denominators
 
@@ -177,21 +176,12 @@ def _estimator_columns(estimator: Any) -> dict[str, float]:
 
 def explore_columns(result: ExploreResult) -> dict[str, float]:
     """The :data:`EXPLORE_COLUMNS` and :data:`STEP_BUDGET_COLUMNS` of one exploration step."""
-    nan = float("nan")
-    s, plan = result.stats, result.plan
+    s = result.stats
     row = {k: float(s[k]) for k in ("reward_main", "reward_aux", "failed", "all_fail_groups", "candidates",
                                      "pivots", "branch_success", "nonzero_main", "nonzero_aux")}
     row.update(step_rollouts_main=int(result.budget.rollouts_main), step_rollouts_aux=int(result.budget.rollouts_aux),
                step_tokens_main=int(result.budget.tokens_main), step_tokens_aux=int(result.budget.tokens_aux))
-    if len(plan):
-        depth = plan.rel_depth.astype(np.float64)
-        p10, p50, p90 = np.quantile(depth, [0.1, 0.5, 0.9])
-        row.update(pivot_depth_mean=float(depth.mean()), pivot_depth_std=float(depth.std()),
-                   pivot_depth_p10=float(p10), pivot_depth_p50=float(p50), pivot_depth_p90=float(p90),
-                   pivot_prefix_tokens_mean=float(plan.prefix_len.mean()))
-    else:
-        row.update({k: nan for k in ("pivot_depth_mean", "pivot_depth_std", "pivot_depth_p10", "pivot_depth_p50",
-                                     "pivot_depth_p90", "pivot_prefix_tokens_mean")})
+    row.update({k: float(s[k]) for k in PIVOT_SUMMARIES})  # NaN without points
     return row
 
 

@@ -247,6 +247,29 @@ def test_sampling_tree_equals_the_tree_built_chain_by_chain(n_prompts, G, data):
     assert path.tolist() == ref_path.tolist() and weight.tolist() == ref_weight.tolist()
 
 
+@given(st.lists(st.lists(st.integers(1, 12), max_size=9), min_size=1, max_size=12))
+@settings(max_examples=120, deadline=None)
+def test_each_runs_pivot_summary_is_numpys_over_its_own_points(runs):
+    """Runs reduced as rows of one array (those with as many points) get, to the bit, what numpy
+    gives each run's points alone: depth mean, std and quantiles, mean prefix length; NaN without
+    points."""
+    from deepgrpo.branching import BranchPlan
+    from deepgrpo.explore import PIVOT_SUMMARIES, _pivot_summaries
+    prefix = np.array([p for r in runs for p in r], dtype=np.int64)
+    depth = prefix / 13.0 + (np.arange(prefix.size) % 3) * 1e-3  # ties and near-ties
+    P = prefix.size
+    plan = BranchPlan(candidate=np.arange(P), traj=np.zeros(P, np.int64), prompt=np.zeros(P, np.int64),
+                      prefix_len=prefix, rel_depth=depth, n=np.ones(P, np.int64))
+    span = np.concatenate([[0], np.cumsum([len(r) for r in runs])])
+    got = _pivot_summaries(plan, span)
+    for r in range(len(runs)):
+        d, pl = depth[span[r]:span[r + 1]], prefix[span[r]:span[r + 1]]
+        want = dict(zip(PIVOT_SUMMARIES, (d.mean(), d.std(), *np.quantile(d, [0.1, 0.5, 0.9]), pl.mean())
+                        if d.size else [np.nan] * 6))
+        for k in PIVOT_SUMMARIES:
+            assert (np.isnan(got[k][r]) and np.isnan(want[k])) or got[k][r] == want[k], (k, r)
+
+
 @given(st.lists(st.tuples(*[st.integers(0, 10**6)] * 5), max_size=30), st.integers(0, 30))
 @settings(max_examples=60, deadline=None)
 def test_ledger_totals_are_the_sums_of_its_steps_however_it_was_filled(counts, cut):
