@@ -438,12 +438,15 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
         plan_r.candidate = plan_r.candidate - c0
         plan_r.traj = plan_r.traj - m0
         plan_r.prompt = plan_r.prompt - p0
-        results.append(_RunResult(
-            dict(batch=batch, plan=plan_r, labels=labels[j0:j1], budget=budget, stats=row,
-                 p_hat=planned.p_hat[c0:c1] if planned.p_hat is not None else None),
-            main=functools.partial(_select_rollouts, main, m0, m1),
-            aux=functools.partial(_select_rollouts, aux, x0, x1) if aux is not None and x1 > x0 else lambda: None,
-            candidates=functools.partial(_select_candidates, cands, c0, c1, m0, p0)))
+        lazy = {"main": functools.partial(_select_rollouts, main, m0, m1),
+                "candidates": functools.partial(_select_candidates, cands, c0, c1, m0, p0)}
+        eager = {"batch": batch, "plan": plan_r, "labels": labels[j0:j1], "budget": budget, "stats": row,
+                 "p_hat": planned.p_hat[c0:c1] if planned.p_hat is not None else None}
+        if aux is not None and x1 > x0:
+            lazy["aux"] = functools.partial(_select_rollouts, aux, x0, x1)
+        else:
+            eager["aux"] = None
+        results.append(_RunResult(eager, **lazy))
     return ReplicaStep(batch=batch, results=results)
 
 
@@ -491,7 +494,7 @@ class _RunResult(ExploreResult):
         lazy = self.__dict__.get("_lazy")
         if lazy is None or name not in lazy:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = self.__dict__[name] = lazy.pop(name)()
+        value = self.__dict__[name] = lazy[name]()  # (copies share the dict of makers: none is removed)
         return value
 
 

@@ -7,6 +7,7 @@ per-row references, each replica's plan against planning it alone, micro-batches
 the branch requests given as tensors, and one batched update against each run's own update.
 """
 
+import copy
 import itertools
 import struct
 
@@ -186,27 +187,34 @@ def test_a_runs_exploration_result_in_a_batch_is_the_one_it_gets_alone(method):
         alone = explore_replicas(SimBackend(sets[r], own, run_streams(11 + r)[0]), local, np.zeros(4, np.int64), algo,
                                  [make_estimator(algo.estimator)], [np.random.default_rng(1 + r)],
                                  [BudgetLedger()]).results[0]
-        mine = step.results[r]
-        assert len(mine.plan) > 0 and mine.aux is not None
-        for got, want in ((mine.main, alone.main), (mine.aux, alone.aux)):
-            for f in ("tokens", "logprobs", "mask", "rewards", "truncated"):
-                assert torch.equal(getattr(got, f), getattr(want, f)), f
-            assert [e.tolist() for e in got.segment_ends] == [e.tolist() for e in want.segment_ends]
-            assert set(got.extras) == set(want.extras)
-            for k in set(got.extras) - {"problem"}:  # problem ids are the stack's
-                assert torch.equal(got.extras[k], want.extras[k]), k
-        for f in ("traj", "index", "n_candidates", "prefix_len", "prompt"):
-            assert np.array_equal(getattr(mine.candidates, f), getattr(alone.candidates, f)), f
-        assert mine.candidates.features.keys() == alone.candidates.features.keys()
-        for k, v in alone.candidates.features.items():
-            assert np.array_equal(mine.candidates.features[k], v, equal_nan=True), k
-        for f in ("candidate", "traj", "prompt", "prefix_len", "rel_depth", "n"):
-            assert np.array_equal(getattr(mine.plan, f), getattr(alone.plan, f)), f
-        assert np.array_equal(mine.labels, alone.labels)
-        assert (mine.p_hat is None) == (alone.p_hat is None)
-        if mine.p_hat is not None:
-            assert np.array_equal(mine.p_hat, alone.p_hat)
-        assert mine.stats == pytest.approx(alone.stats, abs=0, nan_ok=True) and mine.budget == alone.budget
+        # copies taken before any field is read read their fields on their own
+        first, *copies = step.results[r], copy.copy(step.results[r]), copy.deepcopy(step.results[r])
+        for mine in (*copies, first):
+            _same_exploration(mine, alone)
+
+
+def _same_exploration(mine, alone):
+    """Every field of one ExploreResult equals the other's (problem ids apart)."""
+    assert len(mine.plan) > 0 and mine.aux is not None
+    for got, want in ((mine.main, alone.main), (mine.aux, alone.aux)):
+        for f in ("tokens", "logprobs", "mask", "rewards", "truncated"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+        assert [e.tolist() for e in got.segment_ends] == [e.tolist() for e in want.segment_ends]
+        assert set(got.extras) == set(want.extras)
+        for k in set(got.extras) - {"problem"}:  # problem ids are the stack's
+            assert torch.equal(got.extras[k], want.extras[k]), k
+    for f in ("traj", "index", "n_candidates", "prefix_len", "prompt"):
+        assert np.array_equal(getattr(mine.candidates, f), getattr(alone.candidates, f)), f
+    assert mine.candidates.features.keys() == alone.candidates.features.keys()
+    for k, v in alone.candidates.features.items():
+        assert np.array_equal(mine.candidates.features[k], v, equal_nan=True), k
+    for f in ("candidate", "traj", "prompt", "prefix_len", "rel_depth", "n"):
+        assert np.array_equal(getattr(mine.plan, f), getattr(alone.plan, f)), f
+    assert np.array_equal(mine.labels, alone.labels)
+    assert (mine.p_hat is None) == (alone.p_hat is None)
+    if mine.p_hat is not None:
+        assert np.array_equal(mine.p_hat, alone.p_hat)
+    assert mine.stats == pytest.approx(alone.stats, abs=0, nan_ok=True) and mine.budget == alone.budget
 
 
 def test_branch_requests_as_tensors_give_the_rollouts_of_request_objects():
