@@ -446,7 +446,7 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
             lazy["aux"] = functools.partial(_select_rollouts, aux, x0, x1)
         else:
             eager["aux"] = None
-        results.append(_RunResult(eager, **lazy))
+        results.append(_RunResult(eager, lazy))
     return ReplicaStep(batch=batch, results=results)
 
 
@@ -487,8 +487,12 @@ class _RunResult(ExploreResult):
     candidates are sliced from the step's when first read (most callers read only its plan,
     labels, budget and stats); every field reads as an eager result's would."""
 
-    def __init__(self, fields: dict[str, Any], **lazy: Callable[[], Any]) -> None:
-        self.__dict__.update(fields, _lazy=lazy)
+    def __init__(self, eager: dict[str, Any] | None = None, lazy: dict[str, Callable[[], Any]] | None = None,
+                 **fields: Any) -> None:
+        if eager is None:  # every field given (dataclasses.replace and the like): an eager result
+            ExploreResult.__init__(self, **fields)
+            eager, lazy = {}, {}
+        self.__dict__.update(eager, _lazy=lazy)
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not set yet
         lazy = self.__dict__.get("_lazy")

@@ -138,7 +138,7 @@ class SimBackend:
         problem = torch.from_numpy(problem_np)  # [B]
         length = lengths[problem_np]  # [B]
         snap = self.policy.snapshot()  # the step's tables, computed once per set of weights
-        log_probs = snap.sampling  # log π [n, T, 2, V] laid out for the sampler
+        log_probs = snap.sampling  # log π and its CDF, step-major [T, n·2, V] (the sampler's layout)
         continued = prefix_req is not None
         if continued:
             prefix = np.repeat(prefix_req, n_req, axis=0)  # [B, T]

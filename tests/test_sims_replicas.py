@@ -8,6 +8,7 @@ the branch requests given as tensors, and one batched update against each run's 
 """
 
 import copy
+import dataclasses
 import itertools
 import struct
 
@@ -187,8 +188,9 @@ def test_a_runs_exploration_result_in_a_batch_is_the_one_it_gets_alone(method):
         alone = explore_replicas(SimBackend(sets[r], own, run_streams(11 + r)[0]), local, np.zeros(4, np.int64), algo,
                                  [make_estimator(algo.estimator)], [np.random.default_rng(1 + r)],
                                  [BudgetLedger()]).results[0]
-        # copies taken before any field is read read their fields on their own
-        first, *copies = step.results[r], copy.copy(step.results[r]), copy.deepcopy(step.results[r])
+        # copies taken before any field is read read their fields on their own; replace makes an eager one
+        first = step.results[r]
+        copies = [copy.copy(first), copy.deepcopy(first), dataclasses.replace(first)]
         for mine in (*copies, first):
             _same_exploration(mine, alone)
 
