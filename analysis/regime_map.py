@@ -1272,6 +1272,12 @@ def run_regime_map(out: str | Path, seeds: int | None = None, size: str = "full"
     return d
 
 
+def effect_metrics(per: pd.DataFrame) -> list[str]:
+    """The metrics of ``per`` that get an :func:`effects_table`: the whole-budget pass@1, held-out
+    pass@1 and AUC, then every other readout of :data:`READOUTS` present (each once)."""
+    return [m for m in dict.fromkeys(("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUTS)) if m in per]
+
+
 def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.DataFrame | None = None,
                   workers: int | None = None, theory_spec: dict | None = None) -> None:
     """``map.csv``, ``effects.csv``, ``cells.csv``, ``readouts.csv`` and the figures, from
@@ -1285,7 +1291,7 @@ def write_outputs(d: Path, per: pd.DataFrame, tuned: pd.DataFrame, runs: pd.Data
     from analysis.sweep import run_parallel
     if runs is not None:
         write_csv_atomic(d / "equal_steps.csv", equal_steps_table(runs, tuned))
-    metrics = [m for m in dict.fromkeys(("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUTS)) if m in per]
+    metrics = effect_metrics(per)
     effects_by = dict(zip(metrics, run_parallel([(effects_table, (per, tuned, m)) for m in metrics], workers)))
     by_metric = {m: effects_by[m] for m in ("pass1_at", "heldout_pass1_at", "pass1_auc") if m in effects_by}
     effects = pd.concat(list(by_metric.values()), ignore_index=True)
@@ -1340,8 +1346,7 @@ def analyse(root: str | Path) -> MapAnalysis:
     key = (str(d), *((d / f).stat().st_mtime_ns for f in ("per_run.csv", "tuned_lr.csv")))
     if key not in _ANALYSES:
         per, tuned, meta = load(root)
-        metrics = [m for m in ("pass1_at", "heldout_pass1_at", "pass1_auc", *READOUTS) if m in per]
-        effects = {m: effects_table(per, tuned, m) for m in dict.fromkeys(metrics)}
+        effects = {m: effects_table(per, tuned, m) for m in effect_metrics(per)}
         _ANALYSES.clear()  # one map at a time
         _ANALYSES[key] = MapAnalysis(per, tuned, meta, effects, readouts_table(per, tuned, effects))
     return _ANALYSES[key]

@@ -77,7 +77,7 @@ def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.n
     which = np.fromiter(map(slot.__getitem__, map(id, ends_of)), dtype=np.int64, count=len(ends_of))  # [F0]
     d_len = np.array([len(e) for e in distinct.values()], dtype=np.int64)  # [U]
     d_ends = (torch.cat(list(distinct.values())).numpy().astype(np.int64) if distinct else np.zeros(0, np.int64))
-    L = d_len[which] if which.size else np.zeros(0, np.int64)  # [F0] segments = candidates per row
+    L = d_len[which]  # [F0] segments = candidates per row
     rows, which = failed_rows[L > 0], which[L > 0]
     L = L[L > 0]
     F, N = rows.shape[0], int(L.sum())
