@@ -918,6 +918,13 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         p.kill()
     for p in procs:
         p.join(5)
+    # the pool's manager thread closes its wake-up pipe as it ends: wait for it, or the
+    # interpreter's exit hook for pools (concurrent.futures.process._python_exit) can write to that
+    # pipe while it is being closed and print an "Exception ignored ... Bad file descriptor"
+    # traceback after the one-line message
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(2)
 
 
 def _kept(cells: Sequence[Cell], out: Path, complete: CellCheck | None = None,
