@@ -39,8 +39,8 @@ class SimStudyOptions:
     budget_unit: what stops every run: its total generated tokens (tokens) or rollouts (rollouts).
     budget: total budget per run in the budget unit (None = the size's: full 100,000 tokens or
         15,000 rollouts).
-    policy: the simulator's policy class for every run, tabular or features (None = the
-        simulator's default, tabular).
+    policy: the simulator's policy class for every run, tabular, features or skills (None = the
+        simulator's default, tabular; skills needs problem sets with skills).
     optimizer: the simulator's optimizer for every run, adam or sgd (None = the simulator's
         default, adam).
     lr_grid: learning rates tried for every variant (None = the size's multiples of the
@@ -66,7 +66,8 @@ class SimStudyOptions:
         if self.budget is not None:
             check_range(o, "budget", self.budget, 1, None, integer=True)
         if self.policy is not None:
-            check_choice(o, "policy", self.policy, ("tabular", "features"))
+            from sims.policy import POLICY_CLASSES
+            check_choice(o, "policy", self.policy, POLICY_CLASSES)
         if self.optimizer is not None:
             check_choice(o, "optimizer", self.optimizer, ("adam", "sgd"))
         if self.lr_grid is not None:

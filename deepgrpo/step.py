@@ -139,8 +139,11 @@ def update_replicas(backend: Backend, batch: Batch, config: LossConfig, optimize
     if grads:
         # each run's gradient norm over all its parameters: the norm of the per-parameter norms,
         # as torch.nn.utils.clip_grad_norm_ computes one run's
-        norms = torch.stack([torch.linalg.vector_norm(g.detach().reshape(R, -1), dim=1) for g in grads])  # [n, R]
-        grad_norm = torch.linalg.vector_norm(norms, dim=0)  # [R]
+        # (each run's norms contiguous, so that a run's sum of squares is reduced in the same order
+        # whatever its batch-mates: a reduction across rows of [n, R] is not)
+        norms = torch.stack([torch.linalg.vector_norm(g.detach().reshape(R, -1), dim=1) for g in grads],
+                            dim=1)  # [R, n]
+        grad_norm = torch.linalg.vector_norm(norms, dim=1)  # [R]
         if max_grad_norm is not None:
             coef = (max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)  # [R]
             for g in grads:

@@ -28,6 +28,16 @@ initial policy *is* the pre-trained one. Two classes (:data:`POLICY_CLASSES`):
   :data:`FEATURE_TILE` runs) instead of R products over R private tables of ``D·M`` floats
   each, which is memory-bound (about 4.7 MB per run and step at the defaults).
 
+* ``skills``: ``delta[p, t, s, v] = own[p, t, s, v] + skill[k(p, t), s, v]``, a free table per
+  (problem, step) as in ``tabular`` (so training problems never run out of capacity) plus a
+  table ``[n_skills, 2, V]`` shared by every step that calls on the same skill k(p, t)
+  (``TokenTreeSpec.n_skills``: the problem set says which skill each step needs, never which
+  token is correct). What the shared table learns on training problems moves the logits of
+  every held-out step with that skill: it transfers where the skill's token is the step's correct
+  one and interferes where it is not, in the proportion ``TokenTreeSpec.skill_consistency`` sets
+  (1: transfer only; 1/V: interference only). A held-out problem's own table is never trained,
+  so whatever changes its logits came through the skills.
+
 Everything a training step reads from the policy without gradient (sampling tables, the
 oracle's input, the entropy) is derived from one :class:`PolicySnapshot` per set of weights
 (:meth:`TokenTreePolicy.snapshot`), computed at most once however many times it is read.
@@ -46,7 +56,7 @@ import torch
 from sims.sampler import SamplingTable
 from sims.spec import ProblemSet
 
-POLICY_CLASSES = ("tabular", "features")
+POLICY_CLASSES = ("tabular", "features", "skills")
 """Policy classes of :class:`TokenTreePolicy` (``RunnerConfig.policy``)."""
 
 FEATURE_STREAM = 2
@@ -121,7 +131,8 @@ class TokenTreePolicy(torch.nn.Module):
             ``[R, n, T, 2, V]``, ``weight`` ``[R, D]``), each run its own weights and feature map
             (``feature_column``, ``feature_sign`` ``[R, n·T·2·V]``, over the shared
             ``feature_bank`` ``[D, n·T·2·V]``).
-        kind: ``tabular`` or ``features``.
+        kind: ``tabular``, ``features`` or ``skills`` (the problem sets must have skills:
+            ``TokenTreeSpec.n_skills >= 1``, the same number in every set).
         feature_dim: D, the features policy's number of shared weights.
     """
 
@@ -142,9 +153,19 @@ class TokenTreePolicy(torch.nn.Module):
         self.register_buffer("is_correct", onehot)  # the correct tokens, for the oracle only
         index = problems.correct[:, :, None, None].expand(n, T, 2, 1).contiguous()  # [n, T, 2, 1]
         self.register_buffer("correct_index", index, persistent=False)  # read by correct_probs only
-        if kind == "tabular":
+        if kind in ("tabular", "skills"):
             self.delta = torch.nn.Parameter(torch.zeros(R, n // R, T, 2, V))
-        else:
+        if kind == "skills":
+            K = {ps.spec.n_skills for ps in sets}
+            if len(K) != 1 or min(K) < 1 or bool((problems.skill < 0).any()):
+                raise ValueError("the skills policy needs problem sets with skills (TokenTreeSpec.n_skills >= 1, "
+                                 f"the same in every set); got n_skills = {sorted(K)}")
+            K = K.pop()
+            run = torch.arange(R).repeat_interleave(n // R)[:, None]  # [n, 1] each problem's run
+            # [n, T] row of each step's skill in the runs' stacked skill tables (run r's skill k: r·K + k)
+            self.register_buffer("skill_row", run * K + problems.skill, persistent=False)
+            self.skill_weight = torch.nn.Parameter(torch.zeros(R, K, 2, V))  # [R, K, 2, V]
+        elif kind == "features":
             D, M = int(feature_dim), n // R * T * 2 * V
             maps = [feature_map(ps) for ps in sets]
             # [D, M] the bank, shared (not copied) by every policy of this size: never written
@@ -157,6 +178,8 @@ class TokenTreePolicy(torch.nn.Module):
         """``[n, T, 2, V]`` the trainable part of the logits (with gradient)."""
         if self.kind == "tabular":
             return self.delta.view(self.shape)
+        if self.kind == "skills":  # own table + the shared table of each step's skill
+            return self.delta.view(self.shape) + self.skill_weight.view(-1, *self.shape[2:])[self.skill_row]
         # every run's weights times the shared bank, FEATURE_TILE runs per product:
         # [R8 / 8, 8, D] @ [D, M] (the bank broadcast, not copied) -> [R8, M], then each run's
         # entries picked from its own columns with its own signs -> [R, M]

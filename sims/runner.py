@@ -66,7 +66,7 @@ from sims.memory import check_fits
 from sims.optim import OPTIMIZERS, make_optimizer
 from sims.oracle import exact_pass_at_k, prefix_success
 from sims.policy import POLICY_CLASSES, TokenTreePolicy
-from sims.spec import ON_TRACK, ProblemSet, TokenTreeSpec
+from sims.spec import ON_TRACK, SKILLS_DEFAULTS, ProblemSet, TokenTreeSpec
 
 MAX_FEATURE_ENTRIES = 1 << 27
 """Largest features table (entries of φ, float32: 512 MB) the ``features`` policy may build."""
@@ -84,8 +84,10 @@ class RunnerConfig:
         about 100 with the default clipping, as its steps scale with the gradient's size).
     policy: the policy class: ``tabular`` (a free logit table per problem; nothing transfers)
         or ``features`` (pre-trained logits plus shared weights through fixed random features
-        of (problem, step, status, token), never told the correct token; see
-        :mod:`sims.policy`).
+        of (problem, step, status, token), never told the correct token) or ``skills`` (a free
+        table per problem plus one shared by the steps that call on the same skill, so learning
+        transfers to held-out problems; needs ``TokenTreeSpec.n_skills >= 1``); see
+        :mod:`sims.policy`.
     feature_dim: D, the number of shared weights (the capacity) of the ``features`` policy.
     optimizer: ``adam`` or ``sgd`` (plain SGD on the same loss; see :mod:`sims.optim`).
     max_grad_norm: gradient clipping (paper: 1.0); None = off.
@@ -271,6 +273,14 @@ def train_replicas(specs: Sequence[TokenTreeSpec], algo: AlgoConfig, configs: Se
                       f"at most {MAX_FEATURE_ENTRIES // (one.n * one.T * 2 * one.V):,} for this problem "
                       f"set ({one.n} problems x {one.T} steps x 2 x {one.V} tokens): the features "
                       f"policy stores one {first.feature_dim}-dim feature per (problem, step, status, token)")
+    if first.policy == "skills":
+        for spec in specs:
+            if spec.n_skills < 1:
+                raise invalid("TokenTreeSpec", "n_skills", spec.n_skills,
+                              "at least 1 with the skills policy, which learns through the skills problems share "
+                              f"(its studies use {SKILLS_DEFAULTS['n_skills']})")
+        if len({spec.n_skills for spec in specs}) > 1:
+            raise ValueError("runs trained together under the skills policy must share TokenTreeSpec.n_skills")
     n = one.n
     streams = [run_streams(seed) for seed in seeds]
     batch_rngs = [s[1] for s in streams]

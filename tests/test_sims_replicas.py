@@ -39,6 +39,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPECS = (TokenTreeSpec(n_problems=8, n_heldout=4), TokenTreeSpec(n_problems=8, n_heldout=4, recovery="constant"),
          TokenTreeSpec(n_problems=8, n_heldout=4, recovery="decay", heterogeneity=0.0))
 """Three problem-set rules of one shape: companions in a batch may differ in their rules."""
+SKILL_SPECS = tuple(dataclasses.replace(s, n_skills=3, skill_consistency=0.8) for s in SPECS)
+"""The same rules with skills (the skills policy's problem sets)."""
+
+
+def _specs(policy: str) -> tuple[TokenTreeSpec, ...]:
+    return SKILL_SPECS if policy == "skills" else SPECS
 
 
 def _bits(history: list[dict]) -> list[dict]:
@@ -53,25 +59,25 @@ def _alone_and_together(policy: str, optimizer: str, method: str, steps: int, ru
     cfgs = [RunnerConfig(steps=steps, batch_problems=4, policy=policy, feature_dim=32, optimizer=optimizer,
                          lr=DEFAULT_LR[optimizer] * f) for f in (1.0, 2.0, 0.5)][:runs]
     seeds = [3, 5, 7][:runs]
-    specs = SPECS[:runs]
+    specs = _specs(policy)[:runs]
     alone = [_bits(train(s, algo, c, seed=sd, method=method).history) for s, c, sd in zip(specs, cfgs, seeds)]
     together = [_bits(r.history) for r in train_replicas(specs, algo, cfgs, seeds, [method] * runs)]
     assert together == alone, (policy, optimizer, method)
     if runs == 3:  # other companions, in another order
-        pair = [_bits(r.history) for r in train_replicas(SPECS[1:][::-1], algo, cfgs[1:][::-1], seeds[1:][::-1],
-                                                         [method] * 2)]
+        pair = [_bits(r.history) for r in train_replicas(_specs(policy)[1:][::-1], algo, cfgs[1:][::-1],
+                                                         seeds[1:][::-1], [method] * 2)]
         assert pair[::-1] == alone[1:], (policy, optimizer, method)
     assert alone[0][-1]["pass1"] != alone[0][0]["pass1"]  # the runs did learn
 
 
-@pytest.mark.parametrize("policy,optimizer", [("tabular", "adam"), ("features", "sgd")])
+@pytest.mark.parametrize("policy,optimizer", [("tabular", "adam"), ("features", "sgd"), ("skills", "adam")])
 def test_a_run_alone_and_in_batches_has_the_same_history(policy, optimizer):
     _alone_and_together(policy, optimizer, "deep-grpo", 8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy,optimizer,method", list(itertools.product(
-    ("tabular", "features"), ("adam", "sgd"), ("grpo", "deep-grpo", "root-only", "tree-surprisal",
+    ("tabular", "features", "skills"), ("adam", "sgd"), ("grpo", "deep-grpo", "root-only", "tree-surprisal",
                                                "oracle-informative"))))
 def test_every_learner_and_method_for_30_steps_alone_and_in_batches(policy, optimizer, method):
     _alone_and_together(policy, optimizer, method, 30, runs=2)
@@ -89,7 +95,7 @@ def test_runs_with_different_budgets_drop_out_and_the_others_go_on():
 
 
 @pytest.mark.parametrize("policy,optimizer,method", [("tabular", "adam", "deep-grpo"), ("features", "sgd", "deep-grpo"),
-                                                     ("features", "adam", "grpo")])
+                                                     ("features", "adam", "grpo"), ("skills", "sgd", "deep-grpo")])
 def test_runs_that_stop_at_different_steps_keep_their_histories_when_the_batch_is_compacted(policy, optimizer,
                                                                                             method):
     """Eight runs with step caps 2..9: as they stop, the batch drops them from its tensors
@@ -99,7 +105,7 @@ def test_runs_that_stop_at_different_steps_keep_their_histories_when_the_batch_i
     caps = [9, 2, 7, 3, 8, 4, 6, 5]
     cfgs = [RunnerConfig(steps=s, batch_problems=4, policy=policy, feature_dim=32, optimizer=optimizer,
                          lr=DEFAULT_LR[optimizer] * (1.0 + 0.25 * i)) for i, s in enumerate(caps)]
-    specs = [SPECS[i % 3] for i in range(len(caps))]
+    specs = [_specs(policy)[i % 3] for i in range(len(caps))]
     seeds = list(range(11, 11 + len(caps)))
     together = train_replicas(specs, algo, cfgs, seeds, [method] * len(caps))
     rows = {r: (res.policy.weight if policy == "features" else res.policy.delta).shape[0]
@@ -119,7 +125,7 @@ def test_runs_trained_together_must_share_the_loop_settings():
 
 
 def _two_runs(policy: str = "tabular"):
-    sets = [s.build(run_seed=seed) for s, seed in zip(SPECS[:2], (11, 12))]
+    sets = [s.build(run_seed=seed) for s, seed in zip(_specs(policy)[:2], (11, 12))]
     stacked = ProblemSet.stack(sets)
     pol = TokenTreePolicy(sets, policy, 16)
     with torch.no_grad():  # a policy that is not the pre-trained one
@@ -129,7 +135,7 @@ def _two_runs(policy: str = "tabular"):
     return sets, stacked, pol, SimBackend(stacked, pol, gens)
 
 
-@pytest.mark.parametrize("policy,optimizer", [("tabular", "adam"), ("features", "sgd")])
+@pytest.mark.parametrize("policy,optimizer", [("tabular", "adam"), ("features", "sgd"), ("skills", "sgd")])
 def test_one_batched_update_equals_each_runs_own_update(policy, optimizer):
     """For one step with fixed sampled chains, the batched update gives each run what its own
     single-run update gives (parameters, loss parts and step record, to 1e-6)."""
