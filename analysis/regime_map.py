@@ -10,7 +10,9 @@ regime read in one budget unit):
 * ``recovery``: how a derailed chain can recover (``fatal``, ``constant``, ``decay``; the
   settings of the depth-bias study and of the theory panel);
 * ``learner``: policy class x optimizer (``tabular`` or shared ``features``; ``adam`` or ``sgd``,
-  each tuned around :data:`sims.optim.DEFAULT_LR`);
+  each tuned around :data:`sims.optim.DEFAULT_LR`; and ``skills/adam``, the policy in which
+  learning transfers between problems through shared skills, on problem sets with skills,
+  read first on held-out problems: :data:`TRANSFER_LEARNERS`);
 * ``unit``: the budget unit the methods are compared in (``tokens`` or ``rollouts``).
 
 **Methods** (:data:`METHODS`): GRPO at N = 4 ... 64 roots, the decomposition ladder
@@ -96,6 +98,7 @@ from deepgrpo.config import ConfigError, check_range
 from deepgrpo.flags import OneLineParser, OptionSet
 from deepgrpo.ledger import BUDGET_UNITS
 from deepgrpo.records import Interrupted, atomic_write, versions, write_csv_atomic, write_json_atomic, write_text_atomic
+from sims.spec import SKILLS_DEFAULTS
 
 STUDY = "regime-map"
 
@@ -106,9 +109,17 @@ SPREADS: dict[str, dict[str, Any]] = {f"h={h:g}": {"heterogeneity": float(h)} fo
 """Spread of per-problem difficulty -> TokenTreeSpec overrides."""
 RECOVERY: dict[str, dict[str, Any]] = dict(RECOVERY_MODELS)
 """Recovery model -> TokenTreeSpec overrides (the theory panel's)."""
-LEARNERS: dict[str, dict[str, str]] = {f"{p}/{o}": {"policy": p, "optimizer": o}
-                                       for p in ("tabular", "features") for o in ("adam", "sgd")}
+LEARNERS: dict[str, dict[str, str]] = {**{f"{p}/{o}": {"policy": p, "optimizer": o}
+                                          for p in ("tabular", "features") for o in ("adam", "sgd")},
+                                       "skills/adam": {"policy": "skills", "optimizer": "adam"}}
 """Policy class x optimizer -> RunnerConfig overrides."""
+LEARNER_SPECS: dict[str, dict[str, Any]] = {"skills/adam": dict(SKILLS_DEFAULTS)}
+"""Learner -> TokenTreeSpec overrides it needs: the skills policy learns through the skills its
+problems share (:data:`sims.spec.SKILLS_DEFAULTS`; the other learners' problem sets have none)."""
+TRANSFER_LEARNERS = ("skills/adam",)
+"""The learners in which learning transfers between problems (the skills policy): their primary
+readout is held-out exact pass@1 (problems never trained on), reported on its own
+(:func:`transfer_lines`); the features policy can only interfere, the tabular one shares nothing."""
 REGIME = ("spread", "recovery", "learner")
 """The columns that name a regime."""
 CELL = (*REGIME, "unit")
@@ -329,7 +340,8 @@ def base_cells(size: MapSize) -> list[Cell]:
     """One cell per (regime, method) before the protocol (seed 0; no rate or budget yet)."""
     cells = []
     for reg in regimes():
-        spec = {**size.spec, **SPREADS[reg["spread"]], **RECOVERY[reg["recovery"]]}
+        spec = {**size.spec, **SPREADS[reg["spread"]], **RECOVERY[reg["recovery"]],
+                **LEARNER_SPECS.get(reg["learner"], {})}
         runner = {"batch_problems": size.batch_problems, **LEARNERS[reg["learner"]]}
         for m in METHODS:
             cells.append(Cell(STUDY, _variant(reg, m.name), 0,
@@ -376,9 +388,10 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
     columns, ``seed``, ``problem_set_seed``, ``lr``, ``lr_edge``, ``budget`` (the unit's),
     ``reached`` (the run spent it), ``steps`` (steps taken to reach it: the first step at which the
     run had spent at least the budget), ``pass1_start``, ``pass1_at`` / ``pass1_auc`` (training
-    exact pass@1 at the budget / mean over [0, budget]), ``heldout_pass1_at`` /
-    ``heldout_pass1_auc``, the earlier readouts ``pass1_at_1_8`` / ``pass1_at_1_4`` /
-    ``pass1_at_1_2`` (training exact pass@1 at that fraction of the budget),
+    exact pass@1 at the budget / mean over [0, budget]), ``heldout_pass1_start`` /
+    ``heldout_pass1_at`` / ``heldout_pass1_auc`` (the same on the held-out problems), the earlier
+    readouts ``pass1_at_1_8`` / ``pass1_at_1_4`` / ``pass1_at_1_2`` (training exact pass@1 at that
+    fraction of the budget),
     ``budget_to_half`` (:func:`budget_to_threshold`) and ``pivot_oracle_success`` (mean exact
     P(success | branch prefix) over the run's steps; NaN for root sampling). Every run is read in
     one vectorised pass (:class:`~analysis.protocol.RunCurves`)."""
@@ -388,6 +401,8 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
     # per run, aligned with the rows of `table`
     problem_set_seed = np.array([int(v) for v in curves.first("problem_set_seed")], dtype=object)
     pivot_oracle_success = curves.mean("pivot_oracle_success")
+    heldout_start = (curves.first("heldout_pass1").to_numpy(np.float64) if "heldout_pass1" in runs
+                     else np.full(curves.n_runs, np.nan))
     step = curves.column("step")
     steps_to = {}
     for u in BUDGET_UNITS:
@@ -408,6 +423,7 @@ def per_run_table(runs: pd.DataFrame, tuned: pd.DataFrame, ends: dict[str, int])
             "budget": ends[u], "reached": (sel[u] >= ends[u]).to_numpy(), "pass1_start": sel.pass1_start.to_numpy(),
             "pass1_at": sel[f"pass1_at_{u}"].to_numpy(), "pass1_auc": sel[f"pass1_auc_{u}"].to_numpy()})
         if f"heldout_pass1_at_{u}" in sel:
+            f["heldout_pass1_start"] = heldout_start[mask]
             f["heldout_pass1_at"] = sel[f"heldout_pass1_at_{u}"].to_numpy()
             f["heldout_pass1_auc"] = sel[f"heldout_pass1_auc_{u}"].to_numpy()
         for col in READOUT_FRACTIONS:
@@ -787,16 +803,16 @@ def _pooled_verdict(low: Sequence[float], high: Sequence[float]) -> str:
     return "holds" if all(above) else "partly" if any(above) else "inconclusive"
 
 
-def headline_table(readouts: pd.DataFrame) -> pd.DataFrame:
-    """The map's headline: the cells of :data:`HEADLINE_LEARNERS` at their headline readout, each
-    unit on its own. One row per (comparison or claim, unit): ``kind`` (``headline``, ``ladder``
+def headline_table(readouts: pd.DataFrame, learners: Sequence[str] = HEADLINE_LEARNERS) -> pd.DataFrame:
+    """The map's headline: the cells of ``learners`` (:data:`HEADLINE_LEARNERS`) at their headline
+    readout, each unit on its own. One row per (comparison or claim, unit): ``kind`` (``headline``, ``ladder``
     or ``claim``), ``what``, ``unit``, ``cells``; for a comparison ``better`` / ``worse`` (cells
     significant either way, Holm within the cell), ``diff`` / ``low`` / ``high`` (pooled: the
     mean over the regimes of each cell's mean difference, 95 % t-interval over the regimes, the
     regime as block), ``mde`` / ``mde_min`` / ``mde_max`` (median and range of the cells' minimum
     detectable effects); for a claim ``verdicts`` (counts of the per-cell verdicts),
     ``pooled`` (each comparison pooled as above) and ``pooled_verdict`` (:func:`_pooled_verdict`)."""
-    h = readouts[readouts.learner.isin(HEADLINE_LEARNERS) & readouts.headline]
+    h = readouts[readouts.learner.isin(learners) & readouts.headline]
     claims = claim_readouts(h)
     rows = []
     for unit in BUDGET_UNITS:
@@ -837,10 +853,11 @@ def headline_rates(tuned: pd.DataFrame) -> tuple[int, int]:
 
 
 def sanity_line(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFrame) -> str:
-    """The learners outside :data:`HEADLINE_LEARNERS` (the tabular one) as a sanity check: rates at
+    """The learners outside :data:`HEADLINE_LEARNERS` and :data:`TRANSFER_LEARNERS` (the tabular
+    one) as a sanity check: rates at
     their grid's edge, runs that end at the ceiling, and DEEP-GRPO vs the best GRPO-N at the
     headline readout, per unit."""
-    others = [x for x in LEARNERS if x not in HEADLINE_LEARNERS]
+    others = [x for x in LEARNERS if x not in HEADLINE_LEARNERS and x not in TRANSFER_LEARNERS]
     chosen = tuned[tuned.chosen.astype(bool) & tuned.learner.isin(others)]
     runs = per[per.learner.isin(others)]
     deep = readouts[readouts.learner.isin(others) & readouts.headline
@@ -889,6 +906,179 @@ def headline_lines(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFram
             markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
                 columns={"what": "claim", "pooled_verdict": "pooled verdict"})), "",
             "- " + sanity_line(per, tuned, readouts), ""]
+
+
+def transfer_readouts(effects: pd.DataFrame) -> pd.DataFrame:
+    """The headline, ladder and claim comparisons of the :data:`TRANSFER_LEARNERS`' cells on
+    held-out exact pass@1 at the budget (``effects``: :func:`effects_table` of
+    ``heldout_pass1_at``), laid out as :func:`readouts_table`'s rows, each the cell's headline."""
+    e = effects[effects.learner.isin(TRANSFER_LEARNERS)
+                & effects.family.isin(("headline", "ladder", *(f"claim {c}" for c in HEADLINE_CLAIMS)))].copy()
+    e["readout"] = "held-out, budget"
+    e["pair"] = e.comparison.str.replace(r" \(N=\d+\)$", "", regex=True)
+    e["better"] = e.verdict.map({"higher": "better", "lower": "worse"}).fillna(e.verdict)
+    e["headline"] = True
+    return e
+
+
+def transfer_table(per: pd.DataFrame) -> pd.DataFrame:
+    """Figure (i) of the transfer learners, per regime and unit: held-out exact pass@1 of GRPO
+    N = 8 at the start and at the budget, and its gain (``gain``, ``low``, ``high``: mean and
+    95 % t-interval over seeds, ``up``: share of seeds where it rose), and training pass@1 at the
+    budget beside it."""
+    g8 = per[per.learner.isin(TRANSFER_LEARNERS) & (per.name == "grpo N=8")]
+    rows = []
+    for key, g in g8.groupby([*CELL], sort=False):
+        gain = (g.heldout_pass1_at - g.heldout_pass1_start).to_numpy(np.float64)
+        e = mean_ci(gain)
+        rows.append({**dict(zip(CELL, key)), "seeds": len(g), "heldout_start": float(g.heldout_pass1_start.mean()),
+                     "heldout_at": float(g.heldout_pass1_at.mean()), "gain": e.mean, "low": e.low, "high": e.high,
+                     "up": float(np.mean(gain > 0)), "pass1_at": float(g.pass1_at.mean())})
+    return pd.DataFrame(rows)
+
+
+SELECTOR = "learned-informative"
+"""The learned informative selector's method (DEEP-GRPO's utility replaced by the chance of a
+mixed K-group per token, with q estimated online from what an LLM backend also observes)."""
+HEADROOM_RESAMPLES = 4000
+"""Bootstrap resamples (of the evaluation seeds) behind the headroom shares' intervals."""
+
+
+def _share_interval(num: np.ndarray, den: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """``(share, low, high)``: mean(num) / mean(den) over the columns (seeds; ``[regimes, seeds]``,
+    pooled over the regimes as the ratio of the regimes' mean differences), with a 95 % percentile
+    interval from resampling the seeds (the same seeds in every regime: they share problem-set
+    seeds)."""
+    share = float(np.mean(num) / np.mean(den))
+    pick = rng.integers(0, num.shape[1], size=(HEADROOM_RESAMPLES, num.shape[1]))  # [B, seeds]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = num[:, pick].mean(axis=(0, 2)) / den[:, pick].mean(axis=(0, 2))  # [B]
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    return share, float(low), float(high)
+
+
+def headroom_table(per: pd.DataFrame, readouts: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
+    """How much of the oracle's headroom in pivot choice the learned selector captures, in the
+    tokens unit (where every informative method divides by generated tokens): per regime,
+    (:data:`SELECTOR` - DEEP-GRPO) / (oracle-informative - DEEP-GRPO) at the regime's primary
+    readout (the headline readout of training pass@1 for :data:`HEADLINE_LEARNERS`, held-out
+    pass@1 at the budget for :data:`TRANSFER_LEARNERS`), with a 95 % bootstrap interval over the
+    seeds, the two paired differences (``gain``: selector minus DEEP-GRPO, ``headroom``: oracle
+    minus DEEP-GRPO, each with its 95 % t-interval), and one pooled row per learner group
+    (``spread = "pooled"``). Empty if the map has no selector runs."""
+    if SELECTOR not in set(per.name):
+        return pd.DataFrame()
+    heads = headline_readouts(per)
+    rng = np.random.default_rng(seed)
+    tok = per[per.unit == "tokens"]
+    groups = (("headline", HEADLINE_LEARNERS), ("transfer", TRANSFER_LEARNERS))
+    rows = []
+    for group, learners in groups:
+        nums, dens = [], []
+        for key, g in tok[tok.learner.isin(learners)].groupby(list(CELL), sort=False):
+            metric = "heldout_pass1_at" if group == "transfer" else heads.get(tuple(key), "pass1_at")
+            wide = g.pivot_table(index="seed", columns="name", values=metric)
+            if not {SELECTOR, DEEP, "oracle-informative"} <= set(wide.columns):
+                continue
+            w = wide[[SELECTOR, DEEP, "oracle-informative"]].dropna()
+            num = (w[SELECTOR] - w[DEEP]).to_numpy(np.float64)
+            den = (w["oracle-informative"] - w[DEEP]).to_numpy(np.float64)
+            share, low, high = _share_interval(num[None], den[None], rng)
+            gain, room = mean_ci(num), mean_ci(den)
+            rows.append({**dict(zip(CELL, key)), "group": group, "readout": READOUTS.get(metric, "held-out, budget"),
+                         "seeds": len(w), "gain": gain.mean, "gain_low": gain.low, "gain_high": gain.high,
+                         "headroom": room.mean, "headroom_low": room.low, "headroom_high": room.high,
+                         "share": share, "share_low": low, "share_high": high})
+            nums.append(num)
+            dens.append(den)
+        if nums and len({len(x) for x in nums}) == 1:
+            num, den = np.stack(nums), np.stack(dens)  # [regimes, seeds]
+            share, low, high = _share_interval(num, den, rng)
+            gain, room = mean_ci(num.mean(axis=1)), mean_ci(den.mean(axis=1))
+            rows.append({"spread": "pooled", "recovery": "", "learner": " and ".join(learners), "unit": "tokens",
+                         "group": group, "readout": "as above", "seeds": num.shape[1], "gain": gain.mean,
+                         "gain_low": gain.low, "gain_high": gain.high, "headroom": room.mean,
+                         "headroom_low": room.low, "headroom_high": room.high, "share": share, "share_low": low,
+                         "share_high": high})
+    return pd.DataFrame(rows)
+
+
+def transfer_lines(a: MapAnalysis) -> list[str]:
+    """The report's transfer section: the :data:`TRANSFER_LEARNERS`' cells on held-out pass@1
+    (figure (i) by regime, then :func:`headline_table` of :func:`transfer_readouts`); empty when
+    the map has none of their cells."""
+    from analysis.tables import markdown_table
+    per = a.per
+    if "heldout_pass1_at" not in a.effects or not per.learner.isin(TRANSFER_LEARNERS).any():
+        return []
+    fig = transfer_table(per)
+    table = headline_table(transfer_readouts(a.effects["heldout_pass1_at"]), TRANSFER_LEARNERS)
+    comp, claims = table[table.kind != "claim"], table[table.kind == "claim"]
+    skills = ", ".join(f"{k} = {v:g}" for k, v in SKILLS_DEFAULTS.items())
+    return ["**Transfer: the skills learner on held-out problems**", "",
+            f"The {' and '.join(TRANSFER_LEARNERS)} cells train the skills policy (`sims.policy`: a free table per "
+            f"problem plus one shared by the steps that call on the same skill) on problem sets with skills "
+            f"({skills}: a step's correct token is its skill's token with that chance, so what a skill learns on "
+            "training problems carries over to held-out problems, mostly helping and sometimes hurting). Its primary "
+            "readout is held-out exact pass@1 at the budget, on problems never trained on. Rates are tuned on "
+            "training pass@1 as for every learner: the held-out problems choose nothing.", "",
+            "Learning transfers: GRPO N = 8's held-out pass@1 at the start and at the budget, and its gain (mean, "
+            "95 % t-interval over seeds, share of seeds where it rose):", "",
+            markdown_table(pd.DataFrame({
+                "regime": [f"{sp}, {r}" for sp, r in zip(fig.spread, fig.recovery)], "unit": fig.unit,
+                "held-out start": fig.heldout_start.map("{:.3f}".format),
+                "held-out at budget": fig.heldout_at.map("{:.3f}".format),
+                "gain": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(fig.gain, fig.low, fig.high)],
+                "rose in": fig.up.map("{:.0%}".format),
+                "training at budget": fig.pass1_at.map("{:.3f}".format)})), "",
+            "The headline comparisons and the ladder on held-out pass@1 at the budget (as in the headline: "
+            "*better/worse* cells, Holm within the cell; *pooled* over the regimes, the regime as block):", "",
+            markdown_table(pd.DataFrame({
+                "comparison": comp.what, "unit": comp.unit,
+                "better / worse": [f"{int(b)}/{int(w)} of {int(n)}" for b, w, n in
+                                   zip(comp.better, comp.worse, comp.cells)],
+                "pooled": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(comp["diff"], comp.low, comp.high)],
+                "MDE": [f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in zip(comp.mde, comp.mde_min, comp.mde_max)]})),
+            "", "The paper's claims (b)-(e) on held-out pass@1 at the budget:", "",
+            markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
+                columns={"what": "claim", "pooled_verdict": "pooled verdict"})), ""]
+
+
+def headroom_lines(a: MapAnalysis) -> list[str]:
+    """The report's section "How much of the oracle's headroom can a learned selector capture?"
+    (:func:`headroom_table`); empty without selector runs."""
+    from analysis.tables import markdown_table
+    h = headroom_table(a.per)
+    if not len(h):
+        return []
+    show = h.assign(
+        regime=[f"{sp}, {r}" if sp != "pooled" else "pooled" for sp, r in zip(h.spread, h.recovery)],
+        **{"selector − DEEP-GRPO": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                                    zip(h.gain, h.gain_low, h.gain_high)],
+           "oracle − DEEP-GRPO": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                                  zip(h.headroom, h.headroom_low, h.headroom_high)],
+           "share captured": [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in
+                              zip(h.share, h.share_low, h.share_high)]})
+    pooled = h[h.spread == "pooled"]
+    lines = ["### How much of the oracle's headroom can a learned selector capture?", "",
+             f"*Selector:* `{SELECTOR}`, the informative pivot (the chance of a mixed K-group per generated token, "
+             "1 - q^K - (1 - q)^K over the suffix's tokens) with q, the chance that one continuation succeeds, "
+             "estimated online from what an LLM backend also observes (depth, the group's success rate, the prefix's "
+             "log-probability, the next token's surprisal and the policy's entropy at the cut; nothing from the "
+             "oracle). *Share captured:* (selector − DEEP-GRPO) / (oracle-informative − DEEP-GRPO) at each regime's "
+             "primary readout (training pass@1 at the headline readout for the features learners, held-out pass@1 at "
+             "the budget for the skills learner), in the tokens unit, with a 95 % bootstrap interval over the seeds "
+             f"({HEADROOM_RESAMPLES} resamples; pooled: the ratio of the regimes' mean differences, the seeds "
+             "resampled jointly). A share is only meaningful where the oracle's headroom is clearly above 0; where "
+             "its interval reaches 0 the share's interval is wide or unbounded.", ""]
+    for r in pooled.itertuples():
+        lines.append(f"- Pooled over the {r.learner} regimes: share {r.share:+.2f} [{r.share_low:+.2f}, "
+                     f"{r.share_high:+.2f}]; selector − DEEP-GRPO {r.gain:+.3f} [{r.gain_low:+.3f}, "
+                     f"{r.gain_high:+.3f}], oracle − DEEP-GRPO {r.headroom:+.3f} [{r.headroom_low:+.3f}, "
+                     f"{r.headroom_high:+.3f}] (t-intervals over the regimes).")
+    lines += ["", markdown_table(show[["learner", "regime", "readout", "seeds", "selector − DEEP-GRPO",
+                                       "oracle − DEEP-GRPO", "share captured"]]), ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------
@@ -1497,6 +1687,8 @@ def report_section(root: str | Path) -> list[str] | None:
     readouts = a.readouts
     if len(readouts):
         lines += headline_lines(per, tuned, readouts)
+    lines += transfer_lines(a)
+    lines += headroom_lines(a)
     # where DEEP-GRPO wins
     lines += ["**Where DEEP-GRPO wins** (every learner, training exact pass@1 at the budget)", ""]
     ceiling = at_ceiling(per, cells)

@@ -347,6 +347,7 @@ def test_quick_map_report_and_readme_block(quick_map, tmp_path, capsys):
     assert "By readout, DEEP-GRPO vs the best GRPO-N" in text and "**How the verdicts move with the readout**" in report
     assert "#### (a) root saturation at equal steps (the paper's form)" in report and "at equal steps" in text
     assert "**Headline: the shared-features learners, each cell at its headline readout**" in report
+    assert "**Transfer: the skills learner on held-out problems**" in report
     assert "**Headline** (features/adam and features/sgd" in text and "(a sanity check, not in the headline" in text
     bad = tmp_path / "BAD.md"
     bad.write_text("no markers\n")
@@ -369,3 +370,48 @@ def test_readme_simulator_results_are_the_committed_maps():
     text = (ROOT / "README.md").read_text()
     block = text.split(rm.README_BEGIN)[1].split(rm.README_END)[0].strip()
     assert block == rm.readme_block(COMMITTED).strip()
+
+
+def test_quick_map_transfer_table_reads_grpo8_held_out_gain_per_cell(quick_map):
+    per, _, _ = rm.load(quick_map)
+    fig = rm.transfer_table(per)
+    assert set(fig.learner) == set(rm.TRANSFER_LEARNERS)
+    assert len(fig) == len(rm.SPREADS) * len(rm.RECOVERY) * len(rm.BUDGET_UNITS)
+    row = fig.iloc[0]
+    g = per[(per.learner == row.learner) & (per.spread == row.spread) & (per.recovery == row.recovery)
+            & (per.unit == row.unit) & (per.name == "grpo N=8")]
+    gain = g.heldout_pass1_at - g.heldout_pass1_start
+    assert row.gain == pytest.approx(gain.mean()) and row.up == pytest.approx((gain > 0).mean())
+    assert row.low <= row.gain <= row.high
+    # the skills learner's problem sets have skills; the other learners' have none
+    cells = rm.base_cells(rm.QUICK)
+    for c in cells[:: len(rm.METHODS)]:
+        has = c.params["spec"].get("n_skills", 0) > 0
+        assert has == (c.columns["learner"] in rm.TRANSFER_LEARNERS)
+
+
+def _headroom_per(gain: float, room: float, seeds: int = 6, jitter: float = 0.0) -> pd.DataFrame:
+    """A per-run table of two regimes of one headline learner in the tokens unit: DEEP-GRPO at
+    0.5, the selector ``gain`` above it, the oracle informative pivot ``room`` above it (plus
+    ``jitter`` x a fixed pattern over seeds)."""
+    rows = []
+    noise = np.linspace(-1, 1, seeds)
+    for spread in ("h=0", "h=1"):
+        for seed in range(seeds):
+            for name, v in ((rm.DEEP, 0.5), (rm.SELECTOR, 0.5 + gain + jitter * noise[seed]),
+                            ("oracle-informative", 0.5 + room), ("grpo N=8", 0.4)):
+                rows.append({"spread": spread, "recovery": "fatal", "learner": rm.HEADLINE_LEARNERS[0],
+                             "unit": "tokens", "seed": seed, "name": name, **{c: v for c in rm.READOUTS}})
+    return pd.DataFrame(rows)
+
+
+def test_headroom_share_is_the_ratio_of_the_paired_differences_with_a_seed_bootstrap():
+    h = rm.headroom_table(_headroom_per(0.05, 0.1))
+    assert len(h) == 3 and list(h.spread) == ["h=0", "h=1", "pooled"]
+    assert h.share.to_numpy() == pytest.approx([0.5, 0.5, 0.5])
+    assert h.share_low.to_numpy() == pytest.approx([0.5] * 3) and h.share_high.to_numpy() == pytest.approx([0.5] * 3)
+    assert h.gain.to_numpy() == pytest.approx([0.05] * 3) and h.headroom.to_numpy() == pytest.approx([0.1] * 3)
+    noisy = rm.headroom_table(_headroom_per(0.05, 0.1, jitter=0.05))
+    assert noisy.share.to_numpy() == pytest.approx([0.5, 0.5, 0.5])  # the noise averages out over the seeds
+    assert (noisy.share_low < 0.5).all() and (noisy.share_high > 0.5).all()
+    assert rm.headroom_table(_headroom_per(0.05, 0.1).query("name != @rm.SELECTOR")).empty
