@@ -1044,6 +1044,38 @@ def transfer_lines(a: MapAnalysis) -> list[str]:
                 columns={"what": "claim", "pooled_verdict": "pooled verdict"})), ""]
 
 
+def transfer_summary(a: MapAnalysis) -> list[str]:
+    """The README's lines on the :data:`TRANSFER_LEARNERS` (held-out pass@1) and the learned
+    selector's share of the oracle's headroom (:func:`headroom_table`, pooled rows); empty when the
+    map has neither."""
+    out = []
+    per = a.per
+    if "heldout_pass1_at" in a.effects and per.learner.isin(TRANSFER_LEARNERS).any():
+        fig = transfer_table(per)
+        tok = fig[fig.unit == "tokens"]
+        table = headline_table(transfer_readouts(a.effects["heldout_pass1_at"]), TRANSFER_LEARNERS)
+        out += [f"**Transfer** ({' and '.join(TRANSFER_LEARNERS)}: the skills policy on problem sets with skills, read "
+                "on held-out problems never trained on, at the budget):", "",
+                f"- GRPO N = 8 raises held-out pass@1 in {int((tok.low > 0).sum())} of {len(tok)} regimes (95 % "
+                "interval above 0; tokens): " + "; ".join(
+                    f"{sp}, {r} {s0:.3f} → {s1:.3f} ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])" for sp, r, s0, s1, d, lo, hi in
+                    zip(tok.spread, tok.recovery, tok.heldout_start, tok.heldout_at, tok.gain, tok.low, tok.high))
+                + "."]
+        for what, g in table[table.kind == "headline"].groupby("what", sort=False):  # the ladder: in REPORT.md
+            out.append(f"- {what.replace(DEEP, 'DEEP-GRPO').replace(' minus ', ' vs ')} (held-out): "
+                       + "; ".join(f"{r.unit} {_headline_comparison(r)}" for r in g.itertuples()) + ".")
+        out.append("")
+    h = headroom_table(per)
+    pooled = h[h.spread == "pooled"] if len(h) else h
+    if len(pooled):
+        out += [f"**Learned selector** (`{SELECTOR}`: the informative pivot with q estimated online from what an LLM "
+                "also observes) — share of the oracle-informative pivot's headroom over DEEP-GRPO it captures, "
+                "pooled over regimes (tokens unit, 95 % seed bootstrap): " + "; ".join(
+                    f"{r.learner} {r.share:+.2f} [{r.share_low:+.2f}, {r.share_high:+.2f}] (selector − DEEP-GRPO "
+                    f"{r.gain:+.3f}, oracle − DEEP-GRPO {r.headroom:+.3f})" for r in pooled.itertuples()) + ".", ""]
+    return out
+
+
 def headroom_lines(a: MapAnalysis) -> list[str]:
     """The report's section "How much of the oracle's headroom can a learned selector capture?"
     (:func:`headroom_table`); empty without selector runs."""
@@ -1851,6 +1883,7 @@ def readme_block(root: str | Path) -> str:
                            f"{v} {k}/{len(claims)}" for v, k in claims.value_counts().items())
                        + f" regimes; pooled increments {pooled}.")
         out += [f"- {sanity_line(per, tuned, readouts)}", ""]
+    out += transfer_summary(a)
     out += ["Every learner, read at the whole budget (counts per unit: the two units read the same runs):", ""]
     ceiling = at_ceiling(per, cells)
     for tag, what in (("best_grpo", "the best GRPO-N"), ("root_only", "root-only")):
