@@ -285,8 +285,8 @@ class EstimatorConfig:
             :class:`deepgrpo.estimators.SelectorLogistic`: the chance that *one* continuation
             succeeds, fitted to each pivot's count of successes among its K continuations by a
             binomial likelihood, on features an LLM backend observes too: r, the main-chain
-            success rate, the prefix's log-prob (sum and mean), the next segment's surprisal, the
-            policy's entropy at the cut and the prefix and remaining lengths). ``position`` and
+            success rate, the prefix's log-prob (sum and mean), the policy's entropy at the cut
+            and the prefix and remaining lengths). ``position`` and
             ``state`` are fitted to the paper's labels, y = 1 if any of the K continuations
             succeeded (paper §3.2), so they estimate that event; ``oracle`` and ``selector``
             give the single-continuation chance the ``informative`` strategy needs.

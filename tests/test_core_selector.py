@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepgrpo import BudgetLedger, explore, method_config
+from deepgrpo import explore, method_config
 from deepgrpo.config import ConfigError, EstimatorConfig
 from deepgrpo.distributed import GatheredEstimator
 from deepgrpo.estimators import (
@@ -129,7 +129,8 @@ def test_selector_recovers_a_known_logistic_q_and_is_calibrated():
     c = est.coefficients()
     assert c["next_entropy"] == pytest.approx(2.0, abs=0.15) and c["rel_depth"] == pytest.approx(-3.0, abs=0.25)
     assert c["intercept"] == pytest.approx(1.0, abs=0.3)
-    for other in ("group_success_rate", "prefix_mean_logprob", "next_surprisal"):
+    assert "next_surprisal" not in c  # not a default feature
+    for other in ("group_success_rate", "prefix_mean_logprob", "prefix_logprob", "remaining_tokens"):
         assert abs(c[other]) < 0.25, other
     f = _features(rng, 20_000)
     q = 1 / (1 + np.exp(-(2.0 * f["next_entropy"] - 3.0 * f["rel_depth"] + 1.0)))
