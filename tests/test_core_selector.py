@@ -111,7 +111,8 @@ def _features(rng, N):
     return {"rel_depth": rng.uniform(0.05, 0.95, N), "group_success_rate": rng.choice([0.0, 0.25, 0.5, 0.75], N),
             "prefix_logprob": -rng.gamma(2.0, 5.0, N), "prefix_mean_logprob": -rng.gamma(2.0, 0.3, N),
             "next_surprisal": rng.gamma(2.0, 1.0, N), "next_entropy": rng.uniform(0, 2, N),
-            "prefix_len": rng.integers(0, 60, N).astype(float), "remaining_tokens": rng.integers(1, 60, N).astype(float)}
+            "prefix_len": rng.integers(0, 60, N).astype(float),
+            "remaining_tokens": rng.integers(1, 60, N).astype(float)}
 
 
 def test_selector_recovers_a_known_logistic_q_and_is_calibrated():
@@ -173,7 +174,8 @@ def test_selector_inputs_are_checked():
     with pytest.raises(ConfigError, match="oracle_success"):
         SelectorLogistic(feature_names=("rel_depth", "oracle_success"))
     # a backend without the entropy: a selector built without it
-    SelectorLogistic(feature_names=[n for n in SelectorLogistic.DEFAULT_FEATURES if n != "next_entropy"]).predict(missing)
+    without = [n for n in SelectorLogistic.DEFAULT_FEATURES if n != "next_entropy"]
+    assert np.array_equal(SelectorLogistic(feature_names=without).predict(missing), np.ones(3))
     assert "next_entropy" in BACKEND_FEATURES and "oracle_success" in BACKEND_FEATURES
     est.update({k: np.zeros(0) for k in f}, np.zeros(0), successes=np.zeros(0), trials=np.zeros(0))  # empty: no-op
     assert est.buffer_len == 0 and est.n_updates == 0
