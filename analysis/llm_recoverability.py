@@ -21,7 +21,10 @@ for a policy checkpoint, the study
    (cross-fitted over prompt folds, so no candidate is scored by a fit that saw its label) and
    scores both against the Monte Carlo truth of the same event, P(>= 1 of K succeeds | prefix)
    (unbiased pass@K from the n continuations): ECE, Brier, AUC, reliability diagram, with 95 %
-   intervals from a bootstrap over prompts (``scipy.stats.bootstrap``);
+   intervals from a bootstrap over prompts (``scipy.stats.bootstrap``); the learned informative
+   selector (:class:`~deepgrpo.estimators.SelectorLogistic`, fitted to the successes among the
+   same K continuations) and the converted P̂ are scored the same way against the Monte Carlo
+   chance that one continuation succeeds, s = c / n (:data:`SINGLE_ESTIMATORS`);
 4. for the arithmetic task, finds where each failed chain first goes wrong (the first wrong step,
    :func:`llm.tasks.arithmetic_first_error`) and where each strategy's pivots land
    (:func:`deepgrpo.branching.plan_branches` with ``deep`` (position-only P̂), ``deep-state``,
@@ -71,6 +74,16 @@ QUESTION = ("On a real LM, is P(success | prefix) a function of relative depth a
 ESTIMATORS = ("position", "state", "constant")
 """Estimators scored against the Monte Carlo truth: the paper's P̂(r), the state-aware one, and
 the constant base rate of the training folds (a reference; its AUC is not reported)."""
+SINGLE_ESTIMATORS = ("selector", "position-q", "state-q", "constant-q")
+"""Estimates of the chance q that *one* continuation succeeds (what the ``informative`` strategy
+ranks by), scored against the Monte Carlo success rate s = c / n: the learned informative selector
+(:class:`~deepgrpo.estimators.SelectorLogistic`, fitted by its binomial likelihood to the
+successes among each candidate's first K continuations, the counts a training step gives it),
+the position-only and state-aware P̂ converted to q = 1 − (1 − P̂)^(1/K)
+(:func:`deepgrpo.pivots.single_continuation`, as the core converts them), and the training
+folds' pooled success rate per continuation (a reference; its AUC is not reported)."""
+EVENTS = {"any": "P(>= 1 of K succeeds)", "one": "P(one continuation succeeds)"}
+"""The ``event`` column of ``calibration.csv``: the truth a row is scored against."""
 STRATEGIES = ("deep", "deep-state", "depth-only", "random-pivot")
 """Pivot strategies placed by :func:`deepgrpo.branching.plan_branches`; ``last-clean`` and
 ``root`` are added as references."""
@@ -154,7 +167,8 @@ class ProbeData:
     probes: one row per candidate pivot of a failed chain (``prompt``, ``chain``, ``index`` i,
         ``n_segments`` L, ``rel_depth``, ``prefix_len``, ``prefix_steps`` (separators in the
         prefix text), the core's candidate features, ``n``, ``successes``, ``s`` = c / n,
-        ``label`` y = any of the first K succeeded, ``target`` = unbiased pass@K).
+        ``label`` y = any of the first K succeeded, ``successes_k`` = how many of the first K
+        succeeded, ``target`` = unbiased pass@K).
     roots: one row per prompt (``prompt``, ``p_main`` = main-chain success rate, ``root_n``,
         ``root_successes``, ``p_root`` = root Monte Carlo estimate).
     candidates: the core's :class:`~deepgrpo.branching.CandidateSet` (rows = ``probes`` rows).
@@ -267,6 +281,7 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
 
     # Monte Carlo continuations from every candidate's exact prefix, rows_per_call at a time
     successes = np.zeros(N, dtype=np.int64)
+    successes_k = np.zeros(N, dtype=np.int64)  # [N] of the first K (a training step's counts)
     label = np.zeros(N, dtype=np.int64)
     tokens_generated = 0
     per_call = max(1, cfg.rows_per_call // n)
@@ -282,6 +297,7 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
         ok = (out.rewards.double().numpy() > threshold).reshape(len(reqs), n)  # [chunk, n]
         successes[s:s + len(reqs)] = ok.sum(1)
         label[s:s + len(reqs)] = ok[:, :cfg.K].any(1)
+        successes_k[s:s + len(reqs)] = ok[:, :cfg.K].sum(1)
         tokens_generated += int(out.lengths.sum())
     t_probe = time.perf_counter() - t1
 
@@ -307,7 +323,7 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
         "prefix_len": cands.prefix_len, "prefix_steps": prefix_steps,
         **{k: np.asarray(v, dtype=np.float64) for k, v in cands.features.items()
            if k not in ("prefix_len", "prompt_index")},
-        "n": np.full(N, n), "successes": successes, "s": successes / n, "label": label,
+        "n": np.full(N, n), "successes": successes, "s": successes / n, "label": label, "successes_k": successes_k,
         "target": unbiased_pass_at_k(np.full(N, n), successes, cfg.K) if N else np.zeros(0)})
     probes["first_error"] = first_error[cands.traj] if N else np.zeros(0)
     probes["clean"] = np.where(np.isnan(probes["first_error"]), np.nan,
@@ -351,13 +367,27 @@ def calibration_metrics(p: np.ndarray, target: np.ndarray, label: np.ndarray) ->
             "brier_labels": float(np.mean((p - label) ** 2)), "auc": auc_score(p, label)}
 
 
-def cross_fit_predictions(probes: pd.DataFrame, folds: int, rng: np.random.Generator
+def selector_features(probes: pd.DataFrame) -> list[str]:
+    """The :class:`~deepgrpo.estimators.SelectorLogistic` features the probe table holds (its
+    default list; ``next_entropy`` only where the engine reported entropies: HF, not vLLM)."""
+    from deepgrpo.estimators import SelectorLogistic
+    return [f for f in SelectorLogistic.DEFAULT_FEATURES if f in probes]
+
+
+def cross_fit_predictions(probes: pd.DataFrame, folds: int, rng: np.random.Generator, K: int | None = None
                           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Out-of-fold predictions ``[N]`` of each estimator in :data:`ESTIMATORS`: prompts are split
     into ``folds`` folds and each fold is predicted by estimators fitted (on (features, label))
     on the other folds only. An estimator that cannot fit (too few labels of a class) predicts
-    1, as in the method. Also returns the estimators fitted on every label (coefficients)."""
-    from deepgrpo.estimators import CANDIDATE_FEATURES, PositionLogistic, StateLogistic
+    1, as in the method. Also returns the estimators fitted on every label (coefficients).
+
+    With ``K`` and a ``successes_k`` column, also those of :data:`SINGLE_ESTIMATORS` on the same
+    folds (the chance q that one continuation succeeds): the selector fitted to
+    (features, ``successes_k`` of K), the fold's position-only and state-aware P̂ converted to q,
+    and the training folds' pooled rate Σ successes_k / (K · rows). The folds, and so the
+    predictions of :data:`ESTIMATORS`, are the same with or without them."""
+    from deepgrpo.estimators import CANDIDATE_FEATURES, PositionLogistic, SelectorLogistic, StateLogistic
+    from deepgrpo.pivots import single_continuation
 
     prompts = np.unique(probes["prompt"].to_numpy())
     k = min(folds, len(prompts))
@@ -367,6 +397,14 @@ def cross_fit_predictions(probes: pd.DataFrame, folds: int, rng: np.random.Gener
     y = probes["label"].to_numpy(dtype=np.float64)
     preds = {e: np.ones(len(probes)) for e in ESTIMATORS}
     fitted = {e: 0 for e in ("position", "state")}
+    single = K is not None and "successes_k" in probes
+    if single:
+        sel_names = selector_features(probes)
+        sel_feats = {f: probes[f].to_numpy(dtype=np.float64) for f in sel_names}
+        succ = probes["successes_k"].to_numpy(dtype=np.float64)
+        trials = np.full(len(probes), float(K))
+        preds.update({e: np.ones(len(probes)) for e in SINGLE_ESTIMATORS})
+        fitted["selector"] = 0
     for f in range(k):
         test, train = fold == f, fold != f
         if not test.any():
@@ -377,11 +415,25 @@ def cross_fit_predictions(probes: pd.DataFrame, folds: int, rng: np.random.Gener
             preds[name][test] = est.predict({n_: v[test] for n_, v in feats.items()})
             fitted[name] += int(est.ready) * int(test.sum())
         preds["constant"][test] = y[train].mean() if train.any() else 1.0
+        if single:
+            sel = SelectorLogistic(feature_names=sel_names)
+            sel.update({n_: v[train] for n_, v in sel_feats.items()}, y[train], successes=succ[train],
+                       trials=trials[train])
+            preds["selector"][test] = sel.predict({n_: v[test] for n_, v in sel_feats.items()})
+            fitted["selector"] += int(sel.ready) * int(test.sum())
+            for name in ("position", "state"):
+                preds[f"{name}-q"][test] = single_continuation(preds[name][test], K)
+            preds["constant-q"][test] = succ[train].sum() / (K * train.sum()) if train.any() else 1.0
     full = {}
     for name, est in (("position", PositionLogistic()), ("state", StateLogistic())):
         est.update(feats, y)
         full[name] = {"coefficients": est.coefficients(), "ready": est.ready,
                       "fitted_share": fitted[name] / max(len(probes), 1)}
+    if single:
+        sel = SelectorLogistic(feature_names=sel_names)
+        sel.update(sel_feats, y, successes=succ, trials=trials)
+        full["selector"] = {"coefficients": sel.coefficients(), "ready": sel.ready, "features": sel_names,
+                            "fitted_share": fitted["selector"] / max(len(probes), 1)}
     return preds, full
 
 
@@ -415,19 +467,28 @@ def calibration_table(probes: pd.DataFrame, preds: dict[str, np.ndarray], n_boot
     """One row per estimator: ECE, Brier (vs truth), Brier (vs labels), AUC (see
     :func:`calibration_metrics`), each with its 95 % bootstrap interval over prompts
     (``<metric>_low``, ``<metric>_high``), and the paired differences of ECE and Brier from the
-    position-only estimator (``d_ece``, ``d_brier``; the same prompt resamples for both)."""
+    position-only estimator (``d_ece``, ``d_brier``; the same prompt resamples for both).
+
+    The rows of :data:`ESTIMATORS` (``event`` ``any``) are scored against the Monte Carlo
+    P(>= 1 of K succeeds); those of :data:`SINGLE_ESTIMATORS` present in ``preds`` (``event``
+    ``one``) against the Monte Carlo chance s that one continuation succeeds, their differences
+    taken from ``position-q`` and their ``brier_labels`` NaN (y is an any-of-K label; their AUC
+    for y still ranks the candidates)."""
     target = probes["target"].to_numpy()
     y = probes["label"].to_numpy()
     codes = probes["prompt"].to_numpy()
     groups = [np.flatnonzero(codes == c) for c in np.unique(codes)]
-    base = preds["position"]
     rows = []
-    for j, name in enumerate(ESTIMATORS):
+    singles = [e for e in SINGLE_ESTIMATORS if e in preds]
+    for j, name in enumerate([*ESTIMATORS, *singles]):
         p = preds[name]
+        one = name in SINGLE_ESTIMATORS
+        truth = probes["s"].to_numpy() if one else target
+        base = preds["position-q" if one else "position"]
 
-        def stat(r: np.ndarray, p: np.ndarray = p) -> np.ndarray:
-            m = calibration_metrics(p[r], target[r], y[r])
-            b = calibration_metrics(base[r], target[r], y[r])
+        def stat(r: np.ndarray, p: np.ndarray = p, truth: np.ndarray = truth, base: np.ndarray = base) -> np.ndarray:
+            m = calibration_metrics(p[r], truth[r], y[r])
+            b = calibration_metrics(base[r], truth[r], y[r])
             return np.array([m[k] for k in METRICS] + [m["ece"] - b["ece"], m["brier"] - b["brier"]])
 
         keys = [*METRICS, "d_ece", "d_brier"]
@@ -435,11 +496,15 @@ def calibration_table(probes: pd.DataFrame, preds: dict[str, np.ndarray], n_boot
         low, high = _cluster_bootstrap(groups, stat, n_boot, seed + 17 * j) if len(p) else (values, values)
         row: dict[str, Any] = {"estimator": name, "candidates": len(p), "prompts": len(groups),
                                "mean_prediction": float(p.mean()) if p.size else float("nan"),
-                               "mean_truth": float(target.mean()) if p.size else float("nan")}
+                               "mean_truth": float(truth.mean()) if p.size else float("nan")}
         for k, v, lo, hi in zip(keys, values, low, high):
             row.update({k: float(v), f"{k}_low": float(lo), f"{k}_high": float(hi)})
-        if name == "constant":  # one value per fold: its AUC only reflects fold-to-fold base rates
+        if name in ("constant", "constant-q"):  # one value per fold: its AUC only reflects fold-to-fold base rates
             row.update({"auc": float("nan"), "auc_low": float("nan"), "auc_high": float("nan")})
+        if one:
+            row.update({"brier_labels": float("nan"), "brier_labels_low": float("nan"),
+                        "brier_labels_high": float("nan")})
+        row["event"] = "one" if one else "any"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -733,6 +798,16 @@ def report_section(results_dir: str | Path) -> list[str] | None:
         lines.append(f"- Calibration against Monte Carlo truth: position-only P̂(r) ECE {_interval(pos, 'ece')}, "
                      f"AUC {_interval(pos, 'auc')}; state-aware ECE {_interval(st, 'ece')}, AUC {_interval(st, 'auc')} "
                      f"(state minus position: ECE {_interval(st, 'd_ece')}, Brier {_interval(st, 'd_brier')}).")
+    if "selector" in cal.index and "position-q" in cal.index:
+        sel, pq = cal.loc["selector"], cal.loc["position-q"]
+        feats = meta.get("estimators", {}).get("selector", {}).get("features")
+        lines.append(f"- The chance that one continuation succeeds (what the informative strategy ranks by), against "
+                     f"the Monte Carlo s = c / n: the learned informative selector (binomial fit to the successes "
+                     f"among the first K{' on ' + ', '.join(feats) if feats else ''}) predicts "
+                     f"{sel['mean_prediction']:.3f} on average against {sel['mean_truth']:.3f}, ECE "
+                     f"{_interval(sel, 'ece')}, AUC {_interval(sel, 'auc')}; the position-only P̂ converted to q "
+                     f"ECE {_interval(pq, 'ece')} (selector minus it: ECE {_interval(sel, 'd_ece')}, "
+                     f"Brier {_interval(sel, 'd_brier')}).")
     unfitted = [e for e, v in meta.get("estimators", {}).items() if not v.get("ready", True)]
     if unfitted:
         lines.append(f"- Not fitted ({', '.join(unfitted)}): at most 10 labels of a class; as in the method, "
@@ -760,11 +835,12 @@ def report_section(results_dir: str | Path) -> list[str] | None:
               "as 0)", "",
               markdown_table(depth[["k", "prompts", "chains_alive", "rel_depth", "s_fail", "s_fail_pm", "s_alive", "p",
                                     "gap", "gap_low", "gap_high"]]), "",
-              "**Calibration** (against Monte Carlo P(>= 1 of K succeeds); `brier` vs the truth, `brier_labels` "
-              "vs y)", "",
-              markdown_table(cal.reset_index()[["estimator", "candidates", "ece", "ece_low", "ece_high", "brier",
-                                                 "brier_low", "brier_high", "brier_labels", "auc", "auc_low",
-                                                 "auc_high"]]), "",
+              "**Calibration** (`event` any: against Monte Carlo P(>= 1 of K succeeds); `event` one: against the "
+              "Monte Carlo chance that one continuation succeeds; `brier` vs the truth, `brier_labels` vs y)", "",
+              markdown_table(cal.reset_index()[[c for c in ("estimator", "event", "candidates", "mean_prediction",
+                                                            "mean_truth", "ece", "ece_low", "ece_high", "brier",
+                                                            "brier_low", "brier_high", "brier_labels", "auc",
+                                                            "auc_low", "auc_high") if c in cal.reset_index()]]), "",
               "**Pivots by strategy** (`clean` = share before the first error, `offset` = pivot step − first-error "
               "step, `s`/`target` = Monte Carlo P(success) / P(>= 1 of K) at the pivot; `last-clean` counts only "
               "the chains whose first error starts at a candidate: a chain cut at a step boundary or wrong only "
@@ -784,8 +860,8 @@ def run_study(cfg: LLMRecoverabilityConfig, out: str | Path, quick: bool = False
                           "(use more prompts or harder data)")
     from tqdm import tqdm
     phases = tqdm(total=4, unit="phase", disable=not progress, desc=f"cross-fitting the estimators ({cfg.folds} folds)")
-    preds, full = cross_fit_predictions(data.probes, cfg.folds, np.random.default_rng([cfg.seed, 0xF01D]))
-    probes = data.probes.assign(**{f"p_{e}": preds[e] for e in ESTIMATORS})
+    preds, full = cross_fit_predictions(data.probes, cfg.folds, np.random.default_rng([cfg.seed, 0xF01D]), K=cfg.K)
+    probes = data.probes.assign(**{f"p_{e}": preds[e] for e in (*ESTIMATORS, *SINGLE_ESTIMATORS) if e in preds})
     phases.update()
     phases.set_description(f"calibration intervals ({cfg.bootstrap} bootstrap resamples per estimator)")
     cal = calibration_table(data.probes, preds, cfg.bootstrap, cfg.seed)

@@ -93,7 +93,7 @@ DENSE_STRATEGIES = ("deep", "random-pivot", "depth-only", "root-only", "informat
 DISPERSED_STRATEGIES = ("max-surprisal", "low-prob", "uniform")
 """Tree-style strategies that split n_pivots·K continuations over ``n_cut_points`` points."""
 
-ESTIMATOR_KINDS = ("position", "state", "oracle")
+ESTIMATOR_KINDS = ("position", "state", "oracle", "selector")
 """Names accepted by :attr:`EstimatorConfig.kind` (see :func:`deepgrpo.estimators.make_estimator`)."""
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -276,15 +276,27 @@ class LossConfig:
 class EstimatorConfig:
     """Online recoverability estimator P̂(success | candidate) (paper §3.2).
 
-    kind: which estimator: ``position`` (logistic regression on relative depth r, the paper's
-        choice), ``state`` (logistic regression on r plus state features: the prompt's
-        main-chain success rate and the prefix's mean sampling log-prob) or ``oracle`` (the
-        candidate feature ``oracle_success``, the exact P(success | prefix), which only a
-        backend that knows it supplies: the simulator).
-    buffer_size: size of the estimator's FIFO buffer of (features, label) pairs (paper: 10,000).
-    min_per_class: the model is fitted only once the buffer holds more than this many points
-        of each class; before that it predicts 1 (paper: 10).
-    l2: the estimator's L2 penalty on its weights (not the intercept).
+    Which estimator
+        kind: ``position`` (logistic regression on relative depth r, the paper's choice),
+            ``state`` (logistic regression on r plus state features: the prompt's main-chain
+            success rate and the prefix's mean sampling log-prob), ``oracle`` (the candidate
+            feature ``oracle_success``, the exact P(success | prefix), which only a backend that
+            knows it supplies: the simulator) or ``selector`` (the learned informative selector,
+            :class:`deepgrpo.estimators.SelectorLogistic`: the chance that *one* continuation
+            succeeds, fitted to each pivot's count of successes among its K continuations by a
+            binomial likelihood, on features an LLM backend observes too: r, the main-chain
+            success rate, the prefix's log-prob (sum and mean), the policy's entropy at the cut
+            and the prefix and remaining lengths). ``position`` and
+            ``state`` are fitted to the paper's labels, y = 1 if any of the K continuations
+            succeeded (paper §3.2), so they estimate that event; ``oracle`` and ``selector``
+            give the single-continuation chance the ``informative`` strategy needs.
+    Online fit (paper §3.2: refitted on every update over a FIFO buffer)
+        buffer_size: size of the estimator's FIFO buffer of (features, label) pairs, one per
+            branched pivot (paper: 10,000).
+        min_per_class: the model is fitted only once the buffer holds more than this many
+            points of each class (``selector``: more than this many successful and failed
+            continuations); before that it predicts 1 (paper: 10).
+        l2: the estimator's L2 penalty on its weights (not the intercept).
     """
 
     kind: str = "position"

@@ -96,15 +96,25 @@ class GatheredEstimator:
     def __init__(self, estimator: Any) -> None:
         self.inner = estimator
 
-    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
-        """Gather ``features`` (name -> ``[N_r]``) and ``labels`` ``[N_r]`` of all ranks, then update."""
-        parts = all_gather_objects(({k: np.asarray(v) for k, v in features.items()}, np.asarray(labels)))
+    def update(self, features: Mapping[str, np.ndarray], labels: np.ndarray,
+               **counts: np.ndarray) -> None:
+        """Gather ``features`` (name -> ``[N_r]``) and ``labels`` ``[N_r]`` of all ranks, then update;
+        keyword arrays ``[N_r]`` (an estimator that learns from counts: ``successes``, ``trials``)
+        are gathered the same way and passed on as keywords."""
+        payload = ({k: np.asarray(v) for k, v in features.items()}, np.asarray(labels))
+        if counts:
+            payload += ({k: np.asarray(v) for k, v in counts.items()},)
+        parts = all_gather_objects(payload)
         labels_all = np.concatenate([p[1] for p in parts])
         if labels_all.size == 0:
             return
         keys = [k for k in parts[0][0]]
         feats_all = {k: np.concatenate([p[0][k] for p in parts if p[1].size]) for k in keys}
-        self.inner.update(feats_all, labels_all)
+        if counts:
+            self.inner.update(feats_all, labels_all,
+                              **{k: np.concatenate([p[2][k] for p in parts if p[1].size]) for k in counts})
+        else:
+            self.inner.update(feats_all, labels_all)
 
     def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         """``[N]`` predictions of the wrapped estimator."""

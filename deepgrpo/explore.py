@@ -52,7 +52,10 @@ class ExploreResult:
 CANDIDATE_EXTRA_PREFIX = "cand_"
 """A main-rollout extra named ``cand_NAME`` of shape ``[B, >= T + 1]`` (a value per prefix
 length) becomes the candidate feature ``NAME``: how a backend hands the core what only it knows
-(the simulator: ``cand_oracle_success``, the exact P(success | prefix))."""
+(:data:`deepgrpo.estimators.BACKEND_FEATURES`): the simulator's ``cand_oracle_success``, the exact
+P(success | prefix), and ``cand_next_entropy`` (the simulator and the LLM backend's HF engine),
+the entropy of the policy's next-token distribution in the state after t tokens (0 at and after
+the row's end)."""
 
 
 def build_candidates(main: Rollouts, failed_rows: np.ndarray, prompt_index: np.ndarray,
@@ -359,14 +362,15 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
     plan, cands, replica = planned.plan, planned.candidates, planned.replica
     if len(estimators) != R:
         raise ValueError(f"{len(estimators)} estimators for {R} ledgers")
-    labels = np.zeros(0)
+    labels = successes = np.zeros(0)
     if len(plan):
         if aux is None or len(aux) != plan.total_continuations:
             raise ValueError(f"backend returned {0 if aux is None else len(aux)} aux rollouts, "
                              f"expected {plan.total_continuations}")
         point = np.repeat(np.arange(len(plan)), plan.n)
         ok = (aux.rewards.detach().double().numpy() > ec.failure_threshold).astype(np.float64)
-        labels = (np.bincount(point, weights=ok, minlength=len(plan)) > 0).astype(np.float64)
+        successes = np.bincount(point, weights=ok, minlength=len(plan))  # [P] successful continuations per point
+        labels = (successes > 0).astype(np.float64)
     else:
         aux = None
     prompt_span = _spans(replica, R)  # [R+1] each run's prompts
@@ -375,10 +379,15 @@ def finish_replicas(prompts: Sequence[Any], main: Rollouts, aux: Rollouts | None
     aux_start = np.concatenate([[0], np.cumsum(plan.n)]) if len(plan) else np.zeros(1, np.int64)
     aux_span = aux_start[point_span]  # [R+1] each run's aux rows
     chosen = {k: v[plan.candidate] for k, v in cands.features.items()}
+    trials = plan.n.astype(np.float64)  # [P] continuations per point
     for r, est in enumerate(estimators):
         if est is not None:  # called every step (possibly empty): a gathered estimator is collective
             a, b = int(point_span[r]), int(point_span[r + 1])
-            est.update({k: v[a:b] for k, v in chosen.items()}, labels[a:b])
+            if getattr(est, "learns_from_counts", False):  # the binomial counts (estimators module docstring)
+                est.update({k: v[a:b] for k, v in chosen.items()}, labels[a:b], successes=successes[a:b],
+                           trials=trials[a:b])
+            else:
+                est.update({k: v[a:b] for k, v in chosen.items()}, labels[a:b])
 
     batch = assemble_batch(prompts, main, aux, plan, G, replica)
     if config.advantage.tree:
@@ -533,7 +542,8 @@ def explore(backend: Backend, prompts: Sequence[Any], config: AlgoConfig,
     4. Branching plan of ``config.explore.strategy`` (``deep`` uses ``estimator.predict``),
        capped at ``aux_budget`` continuations per prompt if set.
     5. Continuations from each plan point's exact prefix tokens; label y = any success; the
-       (features, y) pairs update ``estimator``.
+       (features, y) pairs update ``estimator`` (with each point's successes and continuations
+       too for an estimator that learns from counts: ``learns_from_counts``).
     6. Group-relative advantages (main: per prompt; aux: per pivot), or TreeRL-style tree
        advantages over the step's sampling tree with ``advantage.tree``
        (:func:`~deepgrpo.branching.plan_tree`); zero-advantage samples dropped if

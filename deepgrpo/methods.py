@@ -26,6 +26,10 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     # the paper's root-only ablation: K extra root samples per failed chain, in their own group
     "root-only": {"explore": {"strategy": "root-only"}},
     "deep-state": {"explore": {"strategy": "deep"}, "estimator": {"kind": "state"}},
+    # the ladder's learned informative selector: the candidate most likely to give a mixed K-group
+    # per generated token, 1 - q^K - (1 - q)^K, with q learned from what an LLM backend observes
+    # (a binomial fit of each pivot's successes among its K continuations; no oracle input)
+    "learned-informative": {"explore": {"strategy": "informative"}, "estimator": {"kind": "selector"}},
     # the decomposition ladder's top rungs (simulator only: the backend must supply the exact
     # P(success | prefix) as the candidate feature oracle_success): the paper's utility with the
     # true recoverability, and the candidate most likely to give a mixed K-group per token

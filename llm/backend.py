@@ -2,7 +2,12 @@
 
 * ``sample``: rollouts from a :class:`~llm.engine.RolloutEngine` (prompt ids + exact prefix ids),
   rewarded by the task's verifier on the decoded *full* response (prefix + suffix), with
-  segment ends in full-response token coordinates.
+  segment ends in full-response token coordinates. Main chains (every request from the root)
+  from an engine that reports entropies (HF) carry the candidate feature ``cand_next_entropy``
+  ``DoubleTensor [B, T+1]``: the entropy of the sampling distribution of response token t
+  (the state after t tokens a branch resamples from), 0 at and after the row's end. The vLLM
+  engine reports no entropies (vLLM returns only top-k log-probs, so the whole distribution's
+  entropy is not available without another forward pass), so its rollouts lack it.
 * ``logprobs``: per-token log-probs of ``prompt + response`` under the policy (with gradient)
   or the frozen reference (no gradient), computed in row chunks, at the sampling temperature,
   so that they equal the engine's log-probs up to floating-point error.
@@ -196,8 +201,17 @@ class LLMBackend:
             truncated[b] = g.truncated
             finished[b] = g.finished
             ends.append(self.segmenter(full))
+        extras = {"finished": finished}
+        if B and all(r.prefix is None for r in requests) and all(g.entropies is not None for g in gens):
+            # main chains: the candidate feature next_entropy (deepgrpo.explore.CANDIDATE_EXTRA_PREFIX),
+            # the entropy of the sampling distribution after t response tokens, 0 at and after the end
+            ent = torch.zeros(B, T + 1, dtype=torch.float64)  # [B, T+1]
+            for b, g in enumerate(gens):
+                if g.token_ids:
+                    ent[b, :len(g.token_ids)] = torch.tensor(g.entropies, dtype=torch.float64)
+            extras["cand_next_entropy"] = ent
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=rewards, segment_ends=ends,
-                        truncated=truncated, extras={"finished": finished})
+                        truncated=truncated, extras=extras)
 
     def logprobs(self, batch: Batch, model: str = "policy") -> torch.Tensor:
         """``[B, T]`` log-probs of ``batch.tokens`` given prompt + preceding tokens at the sampling

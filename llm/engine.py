@@ -41,16 +41,23 @@ class Generation:
     logprobs: ``[S]`` log-prob of each generated token under the sampling distribution.
     finished: True if the generation ended with a stop token.
     truncated: True if it hit ``max_new_tokens`` without a stop token.
+    entropies: ``[S]`` entropy (nats) of the distribution each token was drawn from (the one
+        its log-prob is of: softmax(logits / T) over the top-p nucleus; softmax(logits) when
+        greedy), or None if the engine does not report them (vLLM returns only the top-k
+        log-probs, not the whole distribution).
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
     truncated: bool
+    entropies: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"Generation has {len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
+        if self.entropies is not None and len(self.entropies) != len(self.token_ids):
+            raise ValueError(f"Generation has {len(self.token_ids)} tokens but {len(self.entropies)} entropies")
 
 
 @runtime_checkable

@@ -3,7 +3,9 @@
 Implements :class:`llm.engine.RolloutEngine` with its own decoding loop (not ``generate``) so
 that the returned log-probs are exactly those of the distribution that was sampled
 (log softmax(logits / T), renormalised over the top-p nucleus), and so that continuations start
-from the exact prompt + prefix ids. Rows are left-padded with explicit position ids; rows that
+from the exact prompt + prefix ids. Each generation also reports the entropy of every token's
+sampling distribution (``Generation.entropies``, from the same logits: one reduction over the
+vocabulary per decoding step). Rows are left-padded with explicit position ids; rows that
 finish are dropped from the batch and the KV cache as decoding goes on.
 
 Prefix sharing: rows with the same ``prompt + prefix`` ids (the K branches of one pivot, the G
@@ -24,7 +26,8 @@ from llm.engine import Generation, normalize_requests
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None, with_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row.
 
     Args:
@@ -33,13 +36,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         top_p: nucleus mass in (0, 1]; < 1 keeps the smallest set of top tokens whose mass
             reaches top_p and renormalises over it.
         generator: torch random generator (None = global RNG).
+        with_entropy: also return the entropy of that distribution (the one the log-probs are of).
 
-    Returns: ``(tokens [B] long, logprobs [B] float32)`` of the sampling distribution.
+    Returns: ``(tokens [B] long, logprobs [B] float32)`` of the sampling distribution, and
+    ``entropy [B] float32`` (nats) with ``with_entropy``; the tokens and log-probs do not depend
+    on it.
     """
     logits = logits.float()
     if temperature == 0:
         logp = torch.log_softmax(logits, -1)  # [B, V]
         tok = logp.argmax(-1)
+        if with_entropy:
+            return tok, logp.gather(1, tok[:, None]).squeeze(1), _entropy(logp)
         return tok, logp.gather(1, tok[:, None]).squeeze(1)
     logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
     if top_p < 1.0:
@@ -49,7 +57,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
     tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # [B]
+    if with_entropy:
+        return tok, logp.gather(1, tok[:, None]).squeeze(1), _entropy(logp)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``[B]`` entropy (nats) of the distributions with log-probs ``logp`` ``[B, V]`` (-inf outside
+    a nucleus contributes 0)."""
+    return -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
 
 
 @functools.cache
@@ -226,6 +242,7 @@ class HFEngine:
         steps = int(limits.max()) if B else 0
         tokens = torch.full((B, max(steps, 0)), self.pad_token_id, dtype=torch.long)  # [B, S]
         logprobs = torch.zeros(B, max(steps, 0))  # [B, S]
+        entropies = torch.zeros(B, max(steps, 0))  # [B, S] of each token's sampling distribution
         length = torch.zeros(B, dtype=torch.long)  # [B]
         finished = torch.zeros(B, dtype=torch.bool)  # [B]
         report, ended = self.row_progress, 0  # rows reported as ended so far
@@ -236,11 +253,12 @@ class HFEngine:
             running = torch.ones(B, dtype=torch.bool)  # [b] rows still decoding
             for t in range(steps):
                 active = running & (t < limits[alive])  # [b]
-                tok, lp = sample_next(logits, temperature, top_p, gen)
-                tok, lp = tok.cpu(), lp.cpu()
+                tok, lp, ent = sample_next(logits, temperature, top_p, gen, with_entropy=True)
+                tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
                 rows_now = alive[active]
                 tokens[rows_now, t] = tok[active]
                 logprobs[rows_now, t] = lp[active]
+                entropies[rows_now, t] = ent[active]
                 length[rows_now] += 1
                 stopped = active & torch.isin(tok, stop_set)
                 finished[alive[stopped]] = True
@@ -267,7 +285,8 @@ class HFEngine:
         for b in range(B):
             n_b = int(length[b])
             result.append(Generation(token_ids=tokens[b, :n_b].tolist(), logprobs=logprobs[b, :n_b].tolist(),
-                                     finished=bool(finished[b]), truncated=not bool(finished[b])))
+                                     finished=bool(finished[b]), truncated=not bool(finished[b]),
+                                     entropies=entropies[b, :n_b].tolist()))
         return result
 
     def _prefill_shared(self, contexts: list[list[int]], steps: int

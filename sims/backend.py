@@ -18,6 +18,13 @@ its policy and reference passes.
     ``on_track``     ``BoolTensor [B, T]`` on track after each step (full-chain coordinates;
                      frozen after L_p)
     ``start_status`` ``LongTensor [B]`` status reached by the prefix (0 on-track, 1 derailed)
+
+Main chains (requests from the root) also carry two candidate features
+(:data:`deepgrpo.explore.CANDIDATE_EXTRA_PREFIX`), a value per prefix length t = 0..T:
+    ``cand_oracle_success`` ``DoubleTensor [B, T+1]`` exact P(success | the first t tokens)
+    ``cand_next_entropy``   ``DoubleTensor [B, T+1]`` entropy (nats) of π(· | problem, t, status
+                            after t tokens), the distribution a branch from there resamples
+                            from; 0 for t >= L_p (the chain has ended)
 """
 
 from __future__ import annotations
@@ -162,8 +169,16 @@ class SimBackend:
             # main chains: the exact P(success | the first t tokens) under the sampling policy, for
             # every prefix length t (the core turns it into the candidate feature oracle_success)
             W = snap.success_table(problems).numpy()  # [n, T+1, 2]
+            status = chains.status.numpy()  # [B, T+1] status after t tokens (before step t)
             extras["cand_oracle_success"] = torch.from_numpy(
-                W[problem_np[:, None], np.arange(T + 1)[None, :], chains.status.numpy()])  # [B, T+1]
+                W[problem_np[:, None], np.arange(T + 1)[None, :], status])  # [B, T+1]
+            # the entropy of π(· | problem, t, status) a branch from prefix length t resamples from
+            # (the candidate feature next_entropy); 0 at and after the chain's end
+            H = snap.entropy.double().numpy()  # [n, T, 2]
+            t_idx = np.minimum(np.arange(T + 1), T - 1)[None, :]  # [1, T+1]
+            ent = H[problem_np[:, None], t_idx, status]  # [B, T+1]
+            extras["cand_next_entropy"] = torch.from_numpy(
+                np.where(np.arange(T + 1)[None, :] < length[:, None], ent, 0.0))  # [B, T+1]
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=chains.rewards,
                         segment_ends=[ends[p] for p in problem_np.tolist()], extras=extras)
 

@@ -151,6 +151,59 @@ def test_sample_next_temperature_and_top_p():
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)
 
 
+def test_sample_next_entropy_is_that_of_the_sampling_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 7) * 2
+
+    def entropy(logp):
+        return -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
+
+    for temperature, top_p in ((1.0, 1.0), (0.6, 1.0), (1.0, 0.8), (0.0, 1.0)):
+        tok, lp, ent = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(3), with_entropy=True)
+        tok2, lp2 = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(3))
+        assert torch.equal(tok, tok2) and torch.equal(lp, lp2)  # the draws do not depend on it
+        base = torch.log_softmax(logits / (temperature or 1.0), -1)
+        if top_p < 1:
+            sp, order = base.exp().sort(-1, descending=True)
+            keep = torch.zeros_like(sp, dtype=torch.bool).scatter(1, order, (sp.cumsum(-1) - sp) < top_p)
+            base = torch.log_softmax(base.masked_fill(~keep, float("-inf")), -1)
+        assert torch.allclose(ent, entropy(base), atol=1e-5), (temperature, top_p)
+    assert sample_next(logits, 1.0, 1.0, g)[0].shape == (50,)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_main_rollouts_carry_the_policys_next_token_entropy(trained, problems, temperature):
+    """cand_next_entropy[b, t] of a main chain equals the entropy of softmax(logits / T) of a
+    plain forward pass over prompt + the first t response tokens (0 from the row's end on); the
+    candidates' next_entropy is its value at their prefix lengths; branches do not carry it."""
+    model, tok = trained
+    be = make_backend(model, tok, temperature=temperature)
+    prompts = make_prompts(problems, tok)
+    ro = be.sample([SampleRequest(p, None, 2) for p in prompts])
+    ent = ro.extras["cand_next_entropy"]
+    assert ent.shape == (len(ro), ro.tokens.shape[1] + 1) and ent.dtype == torch.float64
+    for b in range(len(ro)):
+        S = int(ro.lengths[b])
+        ids = list(prompts[b // 2].ids) + ro.tokens[b, :S].tolist()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # [L, V]
+        logp = torch.log_softmax(logits / temperature, -1)[len(prompts[b // 2].ids) - 1:len(ids) - 1]  # [S, V]
+        want = -(logp.exp() * logp).sum(-1)
+        assert torch.allclose(ent[b, :S].float(), want, atol=1e-4), b
+        assert (ent[b, S:] == 0).all()
+    branch = be.sample([SampleRequest(prompts[0], ro.tokens[0, :3], 2)])
+    assert "cand_next_entropy" not in branch.extras
+    # through the core: the candidates' feature, and the learned informative selector learns from it
+    cfg = method_config("learned-informative", G=4, K=4)
+    est = make_estimator(cfg.estimator)
+    res = explore(be, prompts, cfg, est, np.random.default_rng(0))
+    c = res.candidates
+    assert len(c) and np.array_equal(c.features["next_entropy"],
+                                     res.main.extras["cand_next_entropy"].numpy()[c.traj, c.prefix_len])
+    assert est.buffer_len == len(res.plan) > 0
+    assert est.state_dict()["trials"].tolist() == res.plan.n.astype(float).tolist()
+
+
 # -- backend ------------------------------------------------------------------------------------
 
 def test_backend_rollouts_rewards_and_segments(trained, problems):

@@ -13,6 +13,7 @@ import pytest
 
 from analysis.llm_recoverability import (
     ESTIMATORS,
+    SINGLE_ESTIMATORS,
     STRATEGIES,
     STUDY,
     auc_score,
@@ -147,7 +148,8 @@ def test_first_errors_are_fatal_and_pivots_are_placed(study_dir):
 def test_calibration_table(study_dir):
     cal = _read(study_dir, "calibration.csv").set_index("estimator")
     probes = _read(study_dir, "probes.csv")
-    assert list(cal.index) == list(ESTIMATORS)
+    assert list(cal.index) == [*ESTIMATORS, *SINGLE_ESTIMATORS]
+    assert list(cal.event) == ["any"] * len(ESTIMATORS) + ["one"] * len(SINGLE_ESTIMATORS)
     assert (cal.candidates == len(probes)).all() and (cal.prompts == 8).all()
     for e in ESTIMATORS:
         row = cal.loc[e]
@@ -164,12 +166,44 @@ def test_calibration_table(study_dir):
     assert meta["estimators"]["position"]["coefficients"]["rel_depth"] < 0
 
 
+def test_single_continuation_calibration_rows(study_dir):
+    """The selector and the converted P̂ are scored against s = c / n, the Monte Carlo chance that
+    one continuation succeeds; the selector was fitted to the successes among the first K."""
+    from deepgrpo.pivots import single_continuation
+    cal = _read(study_dir, "calibration.csv").set_index("estimator")
+    probes = _read(study_dir, "probes.csv")
+    meta = json.loads((study_dir / STUDY / "study.json").read_text())
+    K = meta["config"]["K"]
+    assert ((probes.successes_k >= 0) & (probes.successes_k <= K) & (probes.successes_k <= probes.successes)).all()
+    assert ((probes.successes_k > 0) == (probes.label == 1)).all()
+    np.testing.assert_allclose(probes["p_position-q"], single_continuation(probes.p_position.to_numpy(), K))
+    sel = meta["estimators"]["selector"]
+    assert "next_entropy" in sel["features"] and "oracle_success" not in sel["features"]  # the HF engine's entropy
+    assert sel["ready"] and np.isfinite(sel["coefficients"]["next_entropy"])
+    for e in SINGLE_ESTIMATORS:
+        row = cal.loc[e]
+        m = calibration_metrics(probes[f"p_{e}"].to_numpy(), probes.s.to_numpy(), probes.label.to_numpy())
+        for k in ("ece", "brier"):
+            assert row[k] == pytest.approx(m[k])
+            assert row[f"{k}_low"] <= row[f"{k}_high"]
+        assert np.isnan(row["brier_labels"])
+        assert row["mean_truth"] == pytest.approx(probes.s.mean())
+        assert row["mean_prediction"] == pytest.approx(probes[f"p_{e}"].mean())
+    assert cal.loc["position-q", "d_ece"] == 0
+    sel = cal.loc["selector"]
+    assert sel["d_brier"] == pytest.approx(sel["brier"] - cal.loc["position-q", "brier"])
+    # fitted out of fold to the counts, the selector's q is close to the truth on average
+    assert abs(cal.loc["selector", "mean_prediction"] - cal.loc["selector", "mean_truth"]) < 0.1
+    assert 0 <= cal.loc["selector", "auc_low"] <= cal.loc["selector", "auc_high"] <= 1
+
+
 def test_section_is_rebuilt_from_the_tables(study_dir):
     lines = report_section(study_dir)
     assert lines is not None and lines[0] == f"## {STUDY}"
     text = "\n".join(lines)
     assert (study_dir / STUDY / "section.md").read_text() == text + "\n"
-    for needle in ("**Findings**", "E[s(X_k) | fail] <= p", "| position |", "| last-clean |", f"{STUDY}.png"):
+    for needle in ("**Findings**", "E[s(X_k) | fail] <= p", "| position |", "| last-clean |", f"{STUDY}.png",
+                   "| selector |", "learned informative selector"):
         assert needle in text
     assert report_section(study_dir / "nowhere") is None
 

@@ -75,10 +75,15 @@ def test_a_run_alone_and_in_batches_has_the_same_history(policy, optimizer):
     _alone_and_together(policy, optimizer, "deep-grpo", 8)
 
 
+def test_a_learned_informative_run_alone_and_in_batches_has_the_same_history():
+    """The selector's state (its buffer of counts, its fit) is each run's own."""
+    _alone_and_together("tabular", "adam", "learned-informative", 8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy,optimizer,method", list(itertools.product(
     ("tabular", "features", "skills"), ("adam", "sgd"), ("grpo", "deep-grpo", "root-only", "tree-surprisal",
-                                               "oracle-informative"))))
+                                               "oracle-informative", "learned-informative"))))
 def test_every_learner_and_method_for_30_steps_alone_and_in_batches(policy, optimizer, method):
     _alone_and_together(policy, optimizer, method, 30, runs=2)
 
@@ -174,7 +179,7 @@ def test_one_batched_update_equals_each_runs_own_update(policy, optimizer):
     assert any(abs(b["loss"]) > 0 for b in batched)
 
 
-@pytest.mark.parametrize("method", ["deep-grpo", "tree-surprisal"])
+@pytest.mark.parametrize("method", ["deep-grpo", "tree-surprisal", "learned-informative"])
 def test_a_runs_exploration_result_in_a_batch_is_the_one_it_gets_alone(method):
     """Every field of a run's ExploreResult in a lockstep step (its rollouts, candidates, plan,
     labels, predictions and stats; the rollouts and candidates are sliced when first read) is
