@@ -171,6 +171,9 @@ METHODS: tuple[MapMethod, ...] = (
               "K = 8 continuations split over 2 max-surprisal cut points with TreeRL's tree advantages"),
     MapMethod("oracle-informative per rollout", "oracle-informative", {"informative_cost": "rollouts"}, "per-unit",
               "the pivot most likely to give a mixed K-group per rollout (simulator truth)"),
+    MapMethod("learned-informative", "learned-informative", {}, "selector",
+              "the pivot most likely to give a mixed K-group per generated token, with q estimated online from what "
+              "an LLM backend also observes (no simulator truth): the learned selector"),
 )
 """Every method of every regime (DEEP-GRPO's defaults: G = K = 8, γ = 2, λ = 1)."""
 PER_UNIT: dict[str, tuple[str, str]] = {"oracle-informative": ("rollouts", "oracle-informative per rollout")}
@@ -1094,15 +1097,17 @@ def headroom_lines(a: MapAnalysis) -> list[str]:
     pooled = h[h.spread == "pooled"]
     lines = ["### How much of the oracle's headroom can a learned selector capture?", "",
              f"*Selector:* `{SELECTOR}`, the informative pivot (the chance of a mixed K-group per generated token, "
-             "1 - q^K - (1 - q)^K over the suffix's tokens) with q, the chance that one continuation succeeds, "
-             "estimated online from what an LLM backend also observes (depth, the group's success rate, the prefix's "
-             "log-probability, the next token's surprisal and the policy's entropy at the cut; nothing from the "
-             "oracle). *Share captured:* (selector − DEEP-GRPO) / (oracle-informative − DEEP-GRPO) at each regime's "
-             "primary readout (training pass@1 at the headline readout for the features learners, held-out pass@1 at "
-             "the budget for the skills learner), in the tokens unit, with a 95 % bootstrap interval over the seeds "
-             f"({HEADROOM_RESAMPLES} resamples; pooled: the ratio of the regimes' mean differences, the seeds "
-             "resampled jointly). A share is only meaningful where the oracle's headroom is clearly above 0; where "
-             "its interval reaches 0 the share's interval is wide or unbounded.", ""]
+             "1 - q^K - (1 - q)^K divided by the suffix's tokens) with q, the chance that one continuation succeeds, "
+             "estimated online from what an LLM backend also observes (`deepgrpo.estimators.SelectorLogistic`: "
+             "relative depth, the group's success rate, the prefix's log-probability and its mean, the policy's "
+             "entropy at the cut, the prefix's length and the tokens after the cut; nothing from the oracle), "
+             "fitted to each pivot's successes among its continuations. *Share captured:* (selector − DEEP-GRPO) /"
+             " (oracle-informative − DEEP-GRPO) at each regime's primary readout (training pass@1 at the headline "
+             "readout for the features learners, held-out pass@1 at the budget for the skills learner), in the "
+             f"tokens unit, with a 95 % bootstrap interval over the seeds ({HEADROOM_RESAMPLES} resamples; pooled: "
+             "the ratio of the regimes' mean differences, the seeds resampled jointly). A share is only meaningful"
+             " where the oracle's headroom is clearly above 0; where its interval reaches 0 the share's interval "
+             "is wide or unbounded.", ""]
     for r in pooled.itertuples():
         lines.append(f"- Pooled over the {r.learner} regimes: share {r.share:+.2f} [{r.share_low:+.2f}, "
                      f"{r.share_high:+.2f}]; selector − DEEP-GRPO {r.gain:+.3f} [{r.gain_low:+.3f}, "
