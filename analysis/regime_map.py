@@ -877,7 +877,6 @@ def sanity_line(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFrame) 
 def headline_lines(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFrame) -> list[str]:
     """The report's headline section (markdown lines): :func:`headline_table` as two tables, the
     rates at a grid edge, and :func:`sanity_line`."""
-    from analysis.tables import markdown_table
     table = headline_table(readouts)
     edge, n_rates = headline_rates(tuned)
     heads = pd.Series({k: v for k, v in headline_readouts(per).items()
@@ -896,19 +895,29 @@ def headline_lines(per: pd.DataFrame, tuned: pd.DataFrame, readouts: pd.DataFram
             "difference, with a 95 % t-interval over the regimes (the regime as block); *MDE*: median (range) over "
             f"the cells of the minimum detectable effect ({POWER:.0%} power). Chosen learning rates at the edge of "
             f"their grid among these cells: {edge} of {n_rates}.", "",
-            markdown_table(pd.DataFrame({
-                "comparison": comp.what, "unit": comp.unit,
-                "better / worse": [f"{int(b)}/{int(w)} of {int(n)}" for b, w, n in
-                                   zip(comp.better, comp.worse, comp.cells)],
-                "pooled": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(comp["diff"], comp.low, comp.high)],
-                "MDE": [f"{m:.3f} ({a:.3f}-{b:.3f})" for m, a, b in zip(comp.mde, comp.mde_min, comp.mde_max)]})),
-            "",
+            _comparisons_markdown(comp), "",
             "The paper's claims (b)-(e) at the same readouts (per-cell verdicts as in the claim sections below; "
             "*pooled verdict*: holds if every comparison's pooled interval lies above 0, fails (reversed) if one "
             "lies below, partly if some lie above):", "",
-            markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
-                columns={"what": "claim", "pooled_verdict": "pooled verdict"})), "",
+            _claims_markdown(claims), "",
             "- " + sanity_line(per, tuned, readouts), ""]
+
+
+def _comparisons_markdown(comp: pd.DataFrame) -> str:
+    """The comparison rows of :func:`headline_table` as a markdown table."""
+    from analysis.tables import markdown_table
+    return markdown_table(pd.DataFrame({
+        "comparison": comp.what, "unit": comp.unit,
+        "better / worse": [f"{int(b)}/{int(w)} of {int(n)}" for b, w, n in zip(comp.better, comp.worse, comp.cells)],
+        "pooled": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(comp["diff"], comp.low, comp.high)],
+        "MDE": [f"{m:.3f} ({a:.3f}-{b:.3f})" for m, a, b in zip(comp.mde, comp.mde_min, comp.mde_max)]}))
+
+
+def _claims_markdown(claims: pd.DataFrame) -> str:
+    """The claim rows of :func:`headline_table` as a markdown table."""
+    from analysis.tables import markdown_table
+    return markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
+        columns={"what": "claim", "pooled_verdict": "pooled verdict"}))
 
 
 def transfer_readouts(effects: pd.DataFrame) -> pd.DataFrame:
@@ -1036,15 +1045,8 @@ def transfer_lines(a: MapAnalysis) -> list[str]:
                 "training at budget": fig.pass1_at.map("{:.3f}".format)})), "",
             "The headline comparisons and the ladder on held-out pass@1 at the budget (as in the headline: "
             "*better/worse* cells, Holm within the cell; *pooled* over the regimes, the regime as block):", "",
-            markdown_table(pd.DataFrame({
-                "comparison": comp.what, "unit": comp.unit,
-                "better / worse": [f"{int(b)}/{int(w)} of {int(n)}" for b, w, n in
-                                   zip(comp.better, comp.worse, comp.cells)],
-                "pooled": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(comp["diff"], comp.low, comp.high)],
-                "MDE": [f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in zip(comp.mde, comp.mde_min, comp.mde_max)]})),
-            "", "The paper's claims (b)-(e) on held-out pass@1 at the budget:", "",
-            markdown_table(claims[["what", "unit", "cells", "verdicts", "pooled", "pooled_verdict"]].rename(
-                columns={"what": "claim", "pooled_verdict": "pooled verdict"})), ""]
+            _comparisons_markdown(comp), "", "The paper's claims (b)-(e) on held-out pass@1 at the budget:", "",
+            _claims_markdown(claims), ""]
 
 
 def transfer_summary(a: MapAnalysis) -> list[str]:
