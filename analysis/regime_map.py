@@ -986,6 +986,8 @@ def headroom_table(per: pd.DataFrame, readouts: pd.DataFrame | None = None, seed
     groups = (("headline", HEADLINE_LEARNERS), ("transfer", TRANSFER_LEARNERS))
     rows = []
     for group, learners in groups:
+        if group == "transfer" and "heldout_pass1_at" not in per:
+            continue  # a map without held-out problems
         nums, dens = [], []
         for key, g in tok[tok.learner.isin(learners)].groupby(list(CELL), sort=False):
             metric = "heldout_pass1_at" if group == "transfer" else heads.get(tuple(key), "pass1_at")
