@@ -43,7 +43,9 @@ BACKEND_FEATURES = {
                       "oracle rungs and for evaluation, never an input of a learned estimator)",
     "next_entropy": "entropy (nats) of the policy's next-token distribution in the state the prefix reaches (the "
                     "distribution a branch resamples from; 0 where the chain has ended): the simulator, and the "
-                    "LLM backend with the HF engine (of the sampling distribution: temperature and nucleus applied)",
+                    "LLM backend (of the sampling distribution: temperature and nucleus applied; reported by the HF "
+                    "engine, computed by a forward pass for an engine that reports none when the estimator uses it) "
+                    "and the TRL trainer",
 }
 """Candidate features that come from a backend (main-rollout extras ``cand_NAME``), name -> meaning
 and who supplies them; a backend without one simply does not hand it over."""
@@ -275,16 +277,17 @@ class SelectorLogistic(LogisticEstimator):
     coefficients compare over time and across runs): relative depth r, the prompt's main-chain
     success rate, the prefix's log-probability (sum, in units of 10 nats, and mean per token),
     the entropy of the policy's next-token distribution at the cut (``next_entropy``, a backend
-    feature: the simulator and the HF engine supply it), and the prefix length and remaining
-    tokens (units of 100 tokens). Never the oracle's ``oracle_success``. The next segment's
+    feature: the simulator, the LLM backend and the TRL trainer supply it), and the prefix
+    length and remaining tokens (units of 100 tokens). Never the oracle's ``oracle_success``. The next segment's
     surprisal (``next_surprisal``, the token the main chain drew after the cut, which a branch
     resamples) is left out by default: on the simulator it made q̂ worse on the candidates the
     selector ranks (mean |q̂ − q| over the second half of six-seed learned-informative runs, with
     it and without: 0.085 and 0.076 on the tabular policy, 0.086 and 0.080 on the features policy,
     0.199 and 0.188 with recoverable errors); pass ``feature_names`` to add it. A backend that
-    does not supply a feature in the list (the vLLM engine and ``next_entropy``) makes ``update``
-    and ``predict`` raise a :class:`~deepgrpo.config.ConfigError` naming it: build the estimator
-    with ``feature_names`` without it for such a backend.
+    does not supply a feature in the list (an LLM backend on the vLLM engine built without
+    ``entropy_feature=True`` and ``next_entropy``) makes ``update`` and ``predict`` raise a
+    :class:`~deepgrpo.config.ConfigError` naming it: supply it, or build the estimator with
+    ``feature_names`` without it for such a backend.
 
     Ready, and fitted, once the buffer holds more than ``min_per_class`` successful and more
     than ``min_per_class`` failed *continuations*; until then it predicts q̂ = 1, for which every
@@ -320,8 +323,10 @@ class SelectorLogistic(LogisticEstimator):
             from_backend = ", ".join(m for m in missing if m in BACKEND_FEATURES) or "none of them"
             raise ConfigError(f"EstimatorConfig.kind = 'selector' is invalid here: the candidate features lack "
                               f"{', '.join(map(repr, missing))} (got {', '.join(sorted(features))}); a backend "
-                              f"supplies {from_backend} as a main-rollout extra (the simulator and the HF engine do; "
-                              "for another backend build SelectorLogistic with feature_names without it)",
+                              f"supplies {from_backend} as a main-rollout extra (the simulator, the TRL trainer and "
+                              "the LLM backend do, the latter with an engine that reports entropies or with "
+                              "entropy_feature=True; for another backend build SelectorLogistic with "
+                              "feature_names without it)",
                               owner="EstimatorConfig", field="kind", value="selector",
                               allowed="position, state or oracle")
         return super()._matrix(features)

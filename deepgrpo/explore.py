@@ -53,7 +53,7 @@ CANDIDATE_EXTRA_PREFIX = "cand_"
 """A main-rollout extra named ``cand_NAME`` of shape ``[B, >= T + 1]`` (a value per prefix
 length) becomes the candidate feature ``NAME``: how a backend hands the core what only it knows
 (:data:`deepgrpo.estimators.BACKEND_FEATURES`): the simulator's ``cand_oracle_success``, the exact
-P(success | prefix), and ``cand_next_entropy`` (the simulator and the LLM backend's HF engine),
+P(success | prefix), and ``cand_next_entropy`` (the simulator, the LLM backend, the TRL trainer),
 the entropy of the policy's next-token distribution in the state after t tokens (0 at and after
 the row's end)."""
 

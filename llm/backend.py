@@ -5,9 +5,12 @@
   segment ends in full-response token coordinates. Main chains (every request from the root)
   from an engine that reports entropies (HF) carry the candidate feature ``cand_next_entropy``
   ``DoubleTensor [B, T+1]``: the entropy of the sampling distribution of response token t
-  (the state after t tokens a branch resamples from), 0 at and after the row's end. The vLLM
-  engine reports no entropies (vLLM returns only top-k log-probs, so the whole distribution's
-  entropy is not available without another forward pass), so its rollouts lack it.
+  (the state after t tokens a branch resamples from; temperature and top-p applied,
+  :func:`llm.engine.sampling_log_probs`), 0 at and after the row's end. The vLLM engine reports
+  no entropies (vLLM returns only top-k log-probs, not the whole distribution): with
+  ``entropy_feature=True`` the backend then computes the feature by one no-grad forward pass of
+  the policy over the main rows (in chunks of ``logprob_chunk_size`` rows), else its rollouts
+  lack it.
 * ``logprobs``: per-token log-probs of ``prompt + response`` under the policy (with gradient)
   or the frozen reference (no gradient), computed in row chunks, at the sampling temperature,
   so that they equal the engine's log-probs up to floating-point error.
@@ -28,7 +31,7 @@ import torch
 
 from deepgrpo.batch import Batch, Rollouts, SampleRequest
 from deepgrpo.config import ConfigError, check_range, invalid
-from llm.engine import RolloutEngine
+from llm.engine import RolloutEngine, distribution_entropy, sampling_log_probs
 from llm.rewards import score
 from llm.segmenters import Segmenter
 from llm.tasks import Problem, Prompt
@@ -131,6 +134,14 @@ def check_context(longest_prompt: int, max_tokens: int, context: int | None, cap
                       f"and the model's context (max_position_embeddings) is {context} tokens")
 
 
+def uses_next_entropy(estimator: Any) -> bool:
+    """Whether ``estimator`` (or the one a :class:`~deepgrpo.distributed.GatheredEstimator` wraps,
+    its ``inner``) reads the candidate feature ``next_entropy`` (its ``feature_names``), so that a
+    backend must supply ``cand_next_entropy`` (``LLMBackend(entropy_feature=True)``)."""
+    inner = getattr(estimator, "inner", estimator)
+    return "next_entropy" in tuple(getattr(inner, "feature_names", ()))
+
+
 class LLMBackend:
     """The LLM backend (see the module docstring).
 
@@ -148,12 +159,17 @@ class LLMBackend:
             or CUDA; the weights stay float32; adds a rollout-vs-trainer mismatch).
         reward_fn: ``(problem, response_text, truncated) -> float`` replacing the task's
             verifier (None = :func:`llm.rewards.score` on ``problem.task``).
+        entropy_feature: compute the candidate feature ``next_entropy`` (``cand_next_entropy``
+            on main rollouts) by a no-grad forward pass of the policy when the engine does not
+            report entropies (vLLM); an engine that reports them (HF) needs no extra pass.
+            Set it when the estimator uses the feature (:func:`uses_next_entropy`).
     """
 
     def __init__(self, policy: Any, reference: Any | None, tokenizer: Any, engine: RolloutEngine,
                  segmenter: Segmenter, sampling: SamplingConfig | None = None, seed: int = 0,
                  logprob_chunk_size: int = 64, bf16: bool = False,
-                 reward_fn: Callable[[Problem, str, bool], float] | None = None) -> None:
+                 reward_fn: Callable[[Problem, str, bool], float] | None = None,
+                 entropy_feature: bool = False) -> None:
         self.policy = policy
         self.reference = reference
         self.tokenizer = tokenizer
@@ -163,6 +179,7 @@ class LLMBackend:
         self.rng = np.random.default_rng(seed)
         self.logprob_chunk_size = int(logprob_chunk_size)
         self.bf16 = bool(bf16)
+        self.entropy_feature = bool(entropy_feature)
         self.stop_token_ids = [int(tokenizer.eos_token_id)]
         self.reward_fn = reward_fn or (lambda p, text, trunc: score(p.task, text, p.answer, truncated=trunc))
         self.reset_diagnostics()
@@ -202,14 +219,17 @@ class LLMBackend:
             finished[b] = g.finished
             ends.append(self.segmenter(full))
         extras = {"finished": finished}
-        if B and all(r.prefix is None for r in requests) and all(g.entropies is not None for g in gens):
+        if B and all(r.prefix is None for r in requests):
             # main chains: the candidate feature next_entropy (deepgrpo.explore.CANDIDATE_EXTRA_PREFIX),
             # the entropy of the sampling distribution after t response tokens, 0 at and after the end
-            ent = torch.zeros(B, T + 1, dtype=torch.float64)  # [B, T+1]
-            for b, g in enumerate(gens):
-                if g.token_ids:
-                    ent[b, :len(g.token_ids)] = torch.tensor(g.entropies, dtype=torch.float64)
-            extras["cand_next_entropy"] = ent
+            if all(g.entropies is not None for g in gens):
+                ent = torch.zeros(B, T + 1, dtype=torch.float64)  # [B, T+1]
+                for b, g in enumerate(gens):
+                    if g.token_ids:
+                        ent[b, :len(g.token_ids)] = torch.tensor(g.entropies, dtype=torch.float64)
+                extras["cand_next_entropy"] = ent
+            elif self.entropy_feature:
+                extras["cand_next_entropy"] = self.next_entropy([prompts[i] for i in owner], tokens, mask)
         return Rollouts(tokens=tokens, logprobs=logprobs, mask=mask, rewards=rewards, segment_ends=ends,
                         truncated=truncated, extras=extras)
 
@@ -240,10 +260,43 @@ class LLMBackend:
         return torch.cat(parts)
 
     # -- internals ---------------------------------------------------------------------------------
-    def _token_logprobs(self, net: Any, prompts: Sequence[Prompt], tokens: torch.Tensor,
-                        response_mask: torch.Tensor, with_entropy: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs ``[b, T]`` (and entropies ``[b, T]``) of response ``tokens`` [b, T]."""
+    def next_entropy(self, prompts: Sequence[Prompt], tokens: torch.Tensor, response_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        """``DoubleTensor [B, T+1]``: the entropy (nats) of the policy's sampling distribution
+        (:attr:`sampling`'s temperature and top-p, :func:`llm.engine.sampling_log_probs`) of
+        response token t given the prompt and tokens ``< t``, 0 at and after each row's end.
+
+        One no-grad forward pass of the policy over ``prompts[b]`` + ``tokens[b]`` ``[B, T]``
+        (``response_mask`` ``[B, T]``, a prefix of each row), ``logprob_chunk_size`` rows at a
+        time, with the policy in eval mode (as the engine samples); the candidate feature
+        ``next_entropy`` of an engine that reports no entropies.
+        """
+        B, T = tokens.shape
+        out = torch.zeros(B, T + 1, dtype=torch.float64)  # [B, T+1]
+        if B == 0 or T == 0:
+            return out
+        temp, top_p = self.sampling.temperature, self.sampling.top_p
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, B, self.logprob_chunk_size):
+                    rows = slice(s, s + self.logprob_chunk_size)
+                    logits = self._response_logits(self.policy, prompts[rows], tokens[rows],
+                                                   response_mask[rows])  # [b, T, V]
+                    ent = distribution_entropy(sampling_log_probs(logits, temp, top_p)).cpu()  # [b, T]
+                    out[rows, :T] = torch.where(response_mask[rows], ent.double(), 0.0)
+        finally:
+            self.policy.train(was_training)
+        return out
+
+    def _response_logits(self, net: Any, prompts: Sequence[Prompt], tokens: torch.Tensor,
+                         response_mask: torch.Tensor) -> torch.Tensor:
+        """``[b, T, V]`` float logits that predict response token t of ``tokens`` ``[b, T]`` given
+        the prompt and tokens ``< t``: one forward pass of ``net`` over the left-padded prompts
+        followed by the responses (``response_mask`` ``[b, T]``; masked positions are padding),
+        with explicit position ids, under bfloat16 autocast with ``bf16``. Gradients flow if
+        they are enabled."""
         dev = next(net.parameters()).device
         b, T = tokens.shape
         Lp = max(len(p.ids) for p in prompts)
@@ -260,12 +313,17 @@ class LLMBackend:
         with ctx:
             out = net(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=position.to(dev),
                       use_cache=False)
-        logits = out.logits[:, Lp - 1:Lp + T - 1, :].float()  # [b, T, V] predicts response token t
-        temp = self.sampling.temperature
-        if temp != 1.0:
-            logits = logits / temp
-        logp = torch.log_softmax(logits, -1)  # [b, T, V]
-        lp = logp.gather(-1, tokens.to(dev).unsqueeze(-1)).squeeze(-1)  # [b, T]
+        return out.logits[:, Lp - 1:Lp + T - 1, :].float()  # [b, T, V] predicts response token t
+
+    def _token_logprobs(self, net: Any, prompts: Sequence[Prompt], tokens: torch.Tensor,
+                        response_mask: torch.Tensor, with_entropy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs ``[b, T]`` (and entropies ``[b, T]``) of response ``tokens`` [b, T] under
+        softmax(logits / T) over the whole vocabulary (the nucleus is ignored: see
+        :class:`SamplingConfig`)."""
+        logits = self._response_logits(net, prompts, tokens, response_mask)  # [b, T, V]
+        logp = sampling_log_probs(logits, self.sampling.temperature, 1.0)  # [b, T, V]
+        lp = logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)  # [b, T]
         ent = None
         if with_entropy:
             with torch.no_grad():

@@ -16,6 +16,11 @@ Conventions shared by every engine:
   (log softmax(logits / T), renormalised over the nucleus), so that the trainer can recompute
   them (see :meth:`llm.backend.LLMBackend.logprobs`).
 * ``temperature == 0``: greedy decoding; log-probs are those of softmax(logits) (T = 1).
+
+:func:`sampling_log_probs` is the one implementation of that distribution from logits (the HF
+engine samples from it, :func:`llm.hf_engine.sample_next`; the LLM backend and the TRL trainer
+recompute the candidate feature ``next_entropy`` with it), :func:`distribution_entropy` its
+entropy.
 * A stop token, when sampled, is *included* in ``token_ids`` (and has a log-prob) and ends the
   generation with ``finished = True``. A generation that reaches ``max_new_tokens`` without a
   stop token has ``truncated = True``. Exactly one of the two holds (``max_new_tokens = 0``
@@ -31,6 +36,40 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+def sampling_log_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution an engine samples from (the module docstring's convention).
+
+    Args:
+        logits: ``[..., V]`` next-token logits (any leading shape; computed in float32).
+        temperature: 0 = greedy: log softmax(logits) (top_p is then ignored); else
+            log softmax(logits / temperature).
+        top_p: nucleus mass in (0, 1]; < 1 keeps the smallest set of top tokens whose mass
+            reaches top_p (a token is dropped when the mass of the tokens ranked above it is
+            already >= top_p) and renormalises over it; dropped tokens get -inf.
+
+    Returns: ``[..., V]`` float32 log-probs.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, -1)  # [..., V]
+    if top_p < 1.0:
+        sorted_lp, order = logp.sort(-1, descending=True)
+        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # [..., V]
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
+    return logp
+
+
+def distribution_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``[...]`` entropy (nats) of the distributions with log-probs ``logp`` ``[..., V]`` (-inf,
+    outside a nucleus, contributes 0)."""
+    return -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
 
 
 @dataclass

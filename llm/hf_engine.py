@@ -5,8 +5,9 @@ that the returned log-probs are exactly those of the distribution that was sampl
 (log softmax(logits / T), renormalised over the top-p nucleus), and so that continuations start
 from the exact prompt + prefix ids. Each generation also reports the entropy of every token's
 sampling distribution (``Generation.entropies``, from the same logits: one reduction over the
-vocabulary per decoding step). Rows are left-padded with explicit position ids; rows that
-finish are dropped from the batch and the KV cache as decoding goes on.
+vocabulary per decoding step; ``report_entropies=False`` turns it off). Rows are left-padded
+with explicit position ids; rows that finish are dropped from the batch and the KV cache as
+decoding goes on.
 
 Prefix sharing: rows with the same ``prompt + prefix`` ids (the K branches of one pivot, the G
 main chains of one prompt) are prefilled once and their KV cache is copied K times, so a branch
@@ -22,13 +23,13 @@ from typing import Any
 
 import torch
 
-from llm.engine import Generation, normalize_requests
+from llm.engine import Generation, distribution_entropy, normalize_requests, sampling_log_probs
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None, with_entropy: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw one token per row.
+    """Draw one token per row from the sampling distribution (:func:`llm.engine.sampling_log_probs`).
 
     Args:
         logits: ``[B, V]`` next-token logits.
@@ -42,30 +43,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     ``entropy [B] float32`` (nats) with ``with_entropy``; the tokens and log-probs do not depend
     on it.
     """
-    logits = logits.float()
+    logp = sampling_log_probs(logits, temperature, top_p)  # [B, V]
     if temperature == 0:
-        logp = torch.log_softmax(logits, -1)  # [B, V]
         tok = logp.argmax(-1)
-        if with_entropy:
-            return tok, logp.gather(1, tok[:, None]).squeeze(1), _entropy(logp)
-        return tok, logp.gather(1, tok[:, None]).squeeze(1)
-    logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
-    if top_p < 1.0:
-        sorted_lp, order = logp.sort(-1, descending=True)
-        mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # [B, V]
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # [B]
+    else:
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # [B]
+    lp = logp.gather(1, tok[:, None]).squeeze(1)
     if with_entropy:
-        return tok, logp.gather(1, tok[:, None]).squeeze(1), _entropy(logp)
-    return tok, logp.gather(1, tok[:, None]).squeeze(1)
-
-
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    """``[B]`` entropy (nats) of the distributions with log-probs ``logp`` ``[B, V]`` (-inf outside
-    a nucleus contributes 0)."""
-    return -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+        return tok, lp, distribution_entropy(logp)
+    return tok, lp
 
 
 @functools.cache
@@ -163,18 +149,24 @@ class HFEngine:
         max_batch_size: rows decoded together (memory bound); larger calls are split.
         prune_fraction: drop finished rows from the batch and cache once at least this fraction
             of the current rows has finished.
+        report_entropies: report the entropy of each token's sampling distribution
+            (``Generation.entropies``; one reduction over the vocabulary per decoding step).
+            False reports none (``entropies = None``), as an engine that cannot (vLLM); the
+            sampled tokens and log-probs are the same either way.
 
     ``row_progress``, when set (see :func:`llm.engine.reporting_rows`), is called with the number
     of rows that ended (stop token or length cap) after each decoding step that ended some.
     """
 
     def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_token_id: int,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, prune_fraction: float = 0.25) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, prune_fraction: float = 0.25,
+                 report_entropies: bool = True) -> None:
         self.model = model
         self.stop_token_ids = [int(t) for t in stop_token_ids]
         self.pad_token_id = int(pad_token_id)
         self.max_batch_size = int(max_batch_size)
         self.prune_fraction = float(prune_fraction)
+        self.report_entropies = bool(report_entropies)
         self._logits_kw: str | None = None
         self._cache_kw: str | None = None
         self.row_progress: Callable[[int], None] | None = None
@@ -253,12 +245,17 @@ class HFEngine:
             running = torch.ones(B, dtype=torch.bool)  # [b] rows still decoding
             for t in range(steps):
                 active = running & (t < limits[alive])  # [b]
-                tok, lp, ent = sample_next(logits, temperature, top_p, gen, with_entropy=True)
-                tok, lp, ent = tok.cpu(), lp.cpu(), ent.cpu()
+                if self.report_entropies:
+                    tok, lp, ent = sample_next(logits, temperature, top_p, gen, with_entropy=True)
+                    ent = ent.cpu()
+                else:
+                    tok, lp = sample_next(logits, temperature, top_p, gen)
+                tok, lp = tok.cpu(), lp.cpu()
                 rows_now = alive[active]
                 tokens[rows_now, t] = tok[active]
                 logprobs[rows_now, t] = lp[active]
-                entropies[rows_now, t] = ent[active]
+                if self.report_entropies:
+                    entropies[rows_now, t] = ent[active]
                 length[rows_now] += 1
                 stopped = active & torch.isin(tok, stop_set)
                 finished[alive[stopped]] = True
@@ -286,7 +283,7 @@ class HFEngine:
             n_b = int(length[b])
             result.append(Generation(token_ids=tokens[b, :n_b].tolist(), logprobs=logprobs[b, :n_b].tolist(),
                                      finished=bool(finished[b]), truncated=not bool(finished[b]),
-                                     entropies=entropies[b, :n_b].tolist()))
+                                     entropies=entropies[b, :n_b].tolist() if self.report_entropies else None))
         return result
 
     def _prefill_shared(self, contexts: list[list[int]], steps: int

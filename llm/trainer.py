@@ -38,7 +38,7 @@ from deepgrpo.config import AlgoConfig, ConfigError, check_choice, check_range, 
 from deepgrpo.distributed import GatheredEstimator, shard, world
 from deepgrpo.ledger import BUDGET_UNITS, budget_spent
 from deepgrpo.records import json_line, versions, write_json_atomic, write_text_atomic
-from llm.backend import LLMBackend, SamplingConfig, check_context, check_sampling_fits
+from llm.backend import LLMBackend, SamplingConfig, check_context, check_sampling_fits, uses_next_entropy
 from llm.checkpoint import (
     check_checkpoint,
     load_trainer_state,
@@ -443,16 +443,18 @@ class Trainer:
             self.engine.sync_weights(self.policy)
         else:
             self.engine = HFEngine(self.policy, stops, self.tokenizer.pad_token_id)
+        estimator = make_estimator(self.algo.estimator)
+        # an engine without entropies (vLLM) gets the selector's next_entropy from a forward pass
         self.backend = LLMBackend(self.policy, self.reference, self.tokenizer, self.engine, self.segmenter,
                                   config.sampling, seed=config.seed + 1 + 1000 * self.rank,
                                   logprob_chunk_size=config.logprob_chunk_size,
-                                  bf16=config.bf16)
+                                  bf16=config.bf16, entropy_feature=uses_next_entropy(estimator))
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0)
-        self.estimator = make_estimator(self.algo.estimator)
+        self.estimator = estimator
         if self.world_size > 1:
             self.estimator = GatheredEstimator(self.estimator)
         self.ledger = BudgetLedger()

@@ -204,6 +204,93 @@ def test_main_rollouts_carry_the_policys_next_token_entropy(trained, problems, t
     assert est.state_dict()["trials"].tolist() == res.plan.n.astype(float).tolist()
 
 
+def _sample_next_before_sharing(logits, temperature, top_p, generator):
+    """sample_next as it was before the sampling distribution moved to llm.engine.sampling_log_probs
+    (frozen copy): tokens, log-probs and entropy."""
+    logits = logits.float()
+    if temperature == 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = logp.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits / temperature, -1)
+        if top_p < 1.0:
+            sorted_lp, order = logp.sort(-1, descending=True)
+            mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+            drop = torch.zeros_like(mass_before >= top_p).scatter(1, order, mass_before >= top_p)
+            logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    ent = -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1), ent
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (1.3, 0.5), (0.0, 1.0),
+                                               (0.0, 0.8)])
+def test_sample_next_draws_the_same_bits_through_the_shared_sampling_distribution(temperature, top_p):
+    """sample_next calls llm.engine.sampling_log_probs (shared with the backend's next_entropy):
+    tokens, log-probs and entropies are bit for bit those of the formula it had before."""
+    from llm.engine import distribution_entropy, sampling_log_probs
+    logits = torch.randn(300, 40, generator=torch.Generator().manual_seed(7)) * 3
+    for seed in (0, 1):
+        tok, lp, ent = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(seed), with_entropy=True)
+        tok0, lp0, ent0 = _sample_next_before_sharing(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+        assert torch.equal(tok, tok0) and torch.equal(lp, lp0) and torch.equal(ent, ent0)
+    # the shared function on any leading shape: the same rows as on [B, V]
+    lp3 = sampling_log_probs(logits.reshape(30, 10, 40), temperature, top_p)
+    assert torch.equal(lp3.reshape(300, 40), sampling_log_probs(logits, temperature, top_p))
+    assert torch.equal(distribution_entropy(lp3).reshape(300), ent0)
+
+
+def _backend(model, tok, temperature, top_p, report_entropies=True, entropy_feature=False, chunk=64):
+    engine = HFEngine(model, [tok.eos_token_id], tok.pad_token_id, report_entropies=report_entropies)
+    return LLMBackend(model, None, tok, engine, make_segmenter("step", tok),
+                      SamplingConfig(max_response_tokens=40, temperature=temperature, top_p=top_p), seed=0,
+                      logprob_chunk_size=chunk, entropy_feature=entropy_feature)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_next_entropy_by_a_forward_pass_equals_the_engines_reported_entropy(trained, problems, temperature, top_p):
+    """An engine that reports no entropies (HFEngine(report_entropies=False), as vLLM) with
+    entropy_feature=True: cand_next_entropy comes from one forward pass of the policy over the
+    main rows (chunks of 3 rows here) and equals the HF engine's own reported entropies; without
+    entropy_feature the rollouts lack it; branches never carry it; the policy's mode is kept."""
+    model, tok = trained
+    prompts = make_prompts(problems, tok)
+    requests = [SampleRequest(p, None, 2) for p in prompts]
+    reported = _backend(model, tok, temperature, top_p).sample(requests)
+    silent = _backend(model, tok, temperature, top_p, report_entropies=False, entropy_feature=True, chunk=3)
+    model.train()
+    computed = silent.sample(requests)
+    assert model.training
+    model.eval()
+    assert torch.equal(computed.tokens, reported.tokens) and torch.equal(computed.logprobs, reported.logprobs)
+    want, got = reported.extras["cand_next_entropy"], computed.extras["cand_next_entropy"]
+    assert got.shape == want.shape == (len(reported), reported.tokens.shape[1] + 1) and got.dtype == torch.float64
+    assert float((got - want).abs().max()) < 1e-5
+    assert float(want.max()) > 0.1 and torch.equal(got == 0, want == 0)  # zero exactly at and after each end
+    off = _backend(model, tok, temperature, top_p, report_entropies=False).sample(requests)
+    assert torch.equal(off.tokens, reported.tokens) and "cand_next_entropy" not in off.extras
+    branch = silent.sample([SampleRequest(prompts[0], reported.tokens[0, :3], 2)])
+    assert "cand_next_entropy" not in branch.extras
+    # through the core: the learned informative selector reads the computed feature
+    cfg = method_config("learned-informative", G=4, K=4)
+    est = make_estimator(cfg.estimator)
+    res = explore(silent, prompts, cfg, est, np.random.default_rng(0))
+    c = res.candidates
+    assert len(c) and np.array_equal(c.features["next_entropy"],
+                                     res.main.extras["cand_next_entropy"].numpy()[c.traj, c.prefix_len])
+    assert est.buffer_len == len(res.plan) > 0
+
+
+def test_trainer_asks_for_next_entropy_only_when_its_estimator_uses_it(model_dir, tmp_path):
+    from llm.backend import uses_next_entropy
+    from llm.trainer import Trainer
+    sel = Trainer(_train_config(model_dir, method="learned-informative", steps=1, eval_every=0), tmp_path / "sel",
+                  progress=False)
+    assert sel.backend.entropy_feature and uses_next_entropy(sel.estimator)
+    deep = Trainer(_train_config(model_dir, steps=1, eval_every=0), tmp_path / "deep", progress=False)
+    assert not deep.backend.entropy_feature and not uses_next_entropy(deep.estimator)
+
+
 # -- backend ------------------------------------------------------------------------------------
 
 def test_backend_rollouts_rewards_and_segments(trained, problems):
