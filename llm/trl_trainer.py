@@ -159,8 +159,13 @@ class DeepGRPOConfig(GRPOConfig):
         segment_min_tokens (`int`): shorter text segments are merged into the next one.
 
     Parameters > Recoverability estimator (paper §3.2)
-        estimator (`str`): ``position`` (logistic regression on relative depth, the paper's) or
-            ``state`` (depth plus state features).
+        estimator (`str`): ``position`` (logistic regression on relative depth, the paper's),
+            ``state`` (depth plus state features) or ``selector`` (the learned informative
+            selector, for strategy ``informative``: the chance that one continuation succeeds,
+            on features that include ``next_entropy``, the entropy of the policy's sampling
+            distribution at the cut; it costs one more no-grad forward pass over the main
+            completions per generation, and needs sampling by temperature and top_p alone:
+            top_k, min_p and repetition_penalty at their defaults).
         estimator_buffer_size (`int`): FIFO buffer of (features, label) pairs (paper: 10,000).
         estimator_min_per_class (`int`): P̂ = 1 until each class has more points than this (paper: 10).
 
@@ -201,7 +206,8 @@ class DeepGRPOConfig(GRPOConfig):
     segmenter: str = field(default="line", metadata={"help": "Step segmenter: line, sentence, step or fixed."})
     segment_size: int = field(default=16, metadata={"help": "Tokens per segment of the fixed segmenter."})
     segment_min_tokens: int = field(default=1, metadata={"help": "Minimum tokens per text segment."})
-    estimator: str = field(default=_ESTIMATOR.kind, metadata={"help": "Recoverability estimator: position or state."})
+    estimator: str = field(default=_ESTIMATOR.kind,
+                           metadata={"help": "Recoverability estimator: position, state or selector."})
     estimator_buffer_size: int = field(default=_ESTIMATOR.buffer_size, metadata={"help": "Estimator FIFO size."})
     estimator_min_per_class: int = field(default=_ESTIMATOR.min_per_class,
                                          metadata={"help": "Points per class before the estimator is fitted."})
@@ -277,6 +283,8 @@ class DeepGRPOConfig(GRPOConfig):
                               field="eval_strategy", value=self.eval_strategy)
         if self.router_aux_loss_coef is not None:
             check_range(o, "router_aux_loss_coef", self.router_aux_loss_coef, 0.0, None)
+        if self.estimator == "selector":  # its next_entropy feature models temperature and top_p only
+            _check_entropy_sampling(self)
         try:
             self.algo_config()  # the core's validation and messages
         except ConfigError as e:
@@ -316,6 +324,33 @@ class DeepGRPOConfig(GRPOConfig):
             estimator=EstimatorConfig(kind=self.estimator, buffer_size=self.estimator_buffer_size,
                                       min_per_class=self.estimator_min_per_class),
         )
+
+
+LOGPROB_FEATURES = ("prefix_logprob", "prefix_mean_logprob", "next_surprisal", "prev_surprisal")
+"""Candidate features computed from the main completions' sampling log-probs."""
+
+ENTROPY_SAMPLING_DEFAULTS = {"top_k": (0, None, -1), "min_p": (None, 0.0), "repetition_penalty": (1.0,)}
+"""Sampling options under which the entropy the trainer computes (temperature and top_p) is that
+of the distribution completions are drawn from: option -> values that leave it unchanged."""
+
+
+def _check_entropy_sampling(args: DeepGRPOConfig) -> None:
+    """Refuse sampling options that :meth:`DeepGRPOTrainer._next_entropies` does not model (the
+    candidate feature ``next_entropy`` would not be the sampling distribution's entropy)."""
+    o = "DeepGRPOConfig"
+    extra = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
+    for name, ok in ENTROPY_SAMPLING_DEFAULTS.items():
+        value = extra.get(name, getattr(args, name, ok[0]))
+        if value not in ok:
+            raise ConfigError(f"{o}.{name} = {value!r} is not supported with estimator = {args.estimator!r}: expected "
+                              f"{ok[0]!r} (the candidate feature next_entropy is the entropy of the sampling "
+                              "distribution, computed from temperature and top_p only)", owner=o, field=name,
+                              value=value, allowed=repr(ok[0]))
+    for name in ("temperature", "top_p"):
+        if name in extra and extra[name] != getattr(args, name):
+            raise ConfigError(f"{o}.generation_kwargs sets {name} = {extra[name]!r}, not the option {name} = "
+                              f"{getattr(args, name)!r}: the candidate feature next_entropy is computed from the "
+                              "options; set the option instead", owner=o, field="generation_kwargs")
 
 
 @contextlib.contextmanager
@@ -392,6 +427,8 @@ class DeepGRPOTrainer(GRPOTrainer):
         self.algo = args.algo_config()
         self.segmenter = make_segmenter(args.segmenter, self._tokenizer, args.segment_size, args.segment_min_tokens)
         self.estimator = GatheredEstimator(estimator if estimator is not None else make_estimator(self.algo.estimator))
+        if self._needs_next_entropy():
+            _check_entropy_sampling(args)
         self.branch_rng = np.random.default_rng([int(args.seed), int(self.accelerator.process_index)])
         self.ledger = BudgetLedger()  # this process's budget
         self._global_ledger = BudgetLedger()  # all processes' (logged)
@@ -426,10 +463,16 @@ class DeepGRPOTrainer(GRPOTrainer):
         P = Bm // G
         rewards = self._local_main_rewards(Bm)  # [Bm]
         sampling_lp = out.get("sampling_per_token_logps")
-        if sampling_lp is None and self._needs_logprob_features():
+        entropies = None
+        if self._needs_next_entropy():  # the selector's candidate feature next_entropy
+            lp, entropies = self._next_entropies(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                                 with_logps=sampling_lp is None and self._needs_logprob_features())
+            if lp is not None:
+                sampling_lp = lp
+        elif sampling_lp is None and self._needs_logprob_features():
             sampling_lp = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         main = self._main_rollouts(completion_ids, completion_mask.bool(), rewards,
-                                   None if sampling_lp is None else sampling_lp.cpu().float())
+                                   None if sampling_lp is None else sampling_lp.cpu().float(), entropies)
         # 2. failed set, candidates, P̂ and the branching plan: the core's
         planned = plan_exploration(main, P, self.algo, self.estimator, self.branch_rng)
         # 3. branches through TRL's generation call (every process calls it: collective under ZeRO-3/FSDP)
@@ -464,9 +507,57 @@ class DeepGRPOTrainer(GRPOTrainer):
         return loss
 
     # -- exploration pieces ------------------------------------------------------------------------
+    def _estimator_features(self) -> tuple[str, ...]:
+        """The candidate features the estimator reads (its ``feature_names``; none if it has none)."""
+        return tuple(getattr(self.estimator.inner, "feature_names", ()))
+
     def _needs_logprob_features(self) -> bool:
         """Whether candidate features need the main completions' sampling log-probs."""
-        return self.algo.explore.strategy in ("max-surprisal", "low-prob") or self.algo.estimator.kind == "state"
+        return (self.algo.explore.strategy in ("max-surprisal", "low-prob") or self.algo.estimator.kind == "state"
+                or bool(set(self._estimator_features()) & set(LOGPROB_FEATURES)))
+
+    def _needs_next_entropy(self) -> bool:
+        """Whether the estimator reads the candidate feature ``next_entropy`` (the selector)."""
+        return "next_entropy" in self._estimator_features()
+
+    def _next_entropies(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, with_logps: bool
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The main completions' per-token entropy of the sampling distribution ``[B, T]`` (float32,
+        0 at masked positions) and, with ``with_logps``, their log-probs ``[B, T]`` (TRL's
+        :meth:`_get_per_token_logps_and_entropies`, at the sampling temperature), from no-grad
+        forward passes of the policy over prompt + completion in chunks of
+        ``per_device_train_batch_size`` rows (the same number on every process).
+
+        With ``top_p = 1`` the sampling distribution is softmax(logits / temperature), whose
+        entropy TRL's fused LM head returns beside the log-probs (one pass, no ``[B, T, V]``
+        logits); with ``top_p < 1`` the logits of each chunk go through
+        :func:`llm.engine.sampling_log_probs` (the nucleus renormalised, as the HF engine samples).
+        """
+        from llm.engine import distribution_entropy, sampling_log_probs
+        dev = self.accelerator.device
+        T = completion_ids.shape[1]
+        mask = completion_mask.bool()
+        ids = torch.cat([prompt_ids, completion_ids], dim=1).to(dev)
+        attn = torch.cat([prompt_mask, completion_mask.long()], dim=1).to(dev)
+        rows = self.args.per_device_train_batch_size
+        lp = None
+        with torch.no_grad():
+            if self.top_p >= 1.0:
+                lp, ent, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, T, batch_size=rows,
+                                                                     compute_entropy=True)
+            else:
+                parts = []
+                for s in range(0, ids.shape[0], rows):
+                    with self.accelerator.autocast():
+                        logits = self.model(input_ids=ids[s:s + rows], attention_mask=attn[s:s + rows]).logits
+                    logp = sampling_log_probs(logits[:, -T - 1:-1], self.temperature, self.top_p)  # [b, T, V]
+                    parts.append(distribution_entropy(logp))
+                ent = torch.cat(parts)
+                if with_logps:
+                    lp = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        ent = torch.where(mask, ent.float().cpu(), 0.0)  # [B, T]
+        return (lp if with_logps else None), ent
 
     def _local_main_rewards(self, Bm: int) -> torch.Tensor:
         """``[Bm]`` weighted reward sum of this process's main completions (unscorable -> 0)."""
@@ -478,16 +569,24 @@ class DeepGRPOTrainer(GRPOTrainer):
         return (local * self.reward_weights.float().cpu().unsqueeze(0)).nansum(dim=1)
 
     def _main_rollouts(self, completion_ids: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                       logprobs: torch.Tensor | None) -> Rollouts:
-        """The core's view of TRL's main completions (tokens ``[Bm, Tm]`` incl. EOS, right-padded)."""
+                       logprobs: torch.Tensor | None, entropies: torch.Tensor | None = None) -> Rollouts:
+        """The core's view of TRL's main completions (tokens ``[Bm, Tm]`` incl. EOS, right-padded);
+        ``entropies`` ``[Bm, Tm]`` (of the sampling distribution of each token) become the
+        candidate feature ``next_entropy`` (extra ``cand_next_entropy`` ``[Bm, Tm+1]``, 0 at and
+        after each row's end)."""
         lengths = mask.sum(-1).tolist()
         eos = set(self.eos_token_ids)
         ends = [self.segmenter(completion_ids[b, :n].tolist()) for b, n in enumerate(lengths)]
         truncated = torch.tensor([n == 0 or int(completion_ids[b, n - 1]) not in eos for b, n in enumerate(lengths)])
         lp = torch.zeros(mask.shape) if logprobs is None else torch.where(mask, torch.nan_to_num(logprobs), 0.0)
         tokens = torch.where(mask, completion_ids, torch.zeros_like(completion_ids))
+        extras = {}
+        if entropies is not None:
+            ent = torch.zeros(mask.shape[0], mask.shape[1] + 1, dtype=torch.float64)  # [Bm, Tm+1]
+            ent[:, :-1] = torch.where(mask, entropies.double(), 0.0)
+            extras["cand_next_entropy"] = ent
         return Rollouts(tokens=tokens, logprobs=lp, mask=mask, rewards=rewards.float(), segment_ends=ends,
-                        truncated=truncated)
+                        truncated=truncated, extras=extras)
 
     def _generate_branches(self, inputs: list[dict[str, Any]], prompt_lists: list[list[int]], main: Rollouts,
                            plan: BranchPlan) -> Rollouts | None:

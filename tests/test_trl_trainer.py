@@ -327,6 +327,71 @@ def test_command_line_trains_on_a_local_model_and_dataset(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
+# -- the learned informative selector -------------------------------------------------------------------
+
+def sampling_entropy(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                     temperature: float, top_p: float) -> torch.Tensor:
+    """``[B, T]`` entropy of softmax(logits / T) renormalised over the top-p nucleus (the smallest
+    set of top tokens whose mass reaches top_p) predicting each completion token, 0 where masked:
+    one plain forward (equal-length prompts), written out independently of llm.engine."""
+    Lp = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids, torch.where(mask, tokens, torch.zeros_like(tokens))], dim=1)
+    attn = torch.cat([torch.ones_like(prompt_ids), mask.long()], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, Lp - 1:-1].double()  # [B, T, V]
+    p = torch.softmax(logits / temperature, -1)
+    if top_p < 1:
+        sp, order = p.sort(-1, descending=True)
+        keep = torch.zeros_like(sp, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) < top_p)
+        p = torch.where(keep, p, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    ent = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
+    return torch.where(mask, ent, 0.0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_learned_informative_selector_trains_a_step_on_the_policys_next_entropy(tmp_path, top_p):
+    """estimator='selector' with strategy 'informative': the main completions carry the candidate
+    feature next_entropy, the entropy of the policy's sampling distribution (temperature 0.7, and
+    the top-p nucleus) after t tokens, equal to a recomputation; the selector learns from the
+    step's pivots (their counts of successes) and the step updates the policy."""
+    from transformers import AutoModelForCausalLM
+    model = micro_dir(tmp_path / "model")
+    trainer = real_trainer(model, tmp_path, estimator="selector", strategy="informative", max_steps=1,
+                           save_strategy="no", temperature=0.7, top_p=top_p)
+    trainer.train()
+    res = trainer.last_exploration
+    main = res.main
+    ent = main.extras["cand_next_entropy"]  # [Bm, Tm+1]
+    assert ent.shape == (len(main), main.tokens.shape[1] + 1) and ent.dtype == torch.float64
+    tok = build_char_tokenizer()
+    prompts = [PROMPTS[b // 4] for b in range(len(main))]  # G = 4 consecutive rows per prompt, in order
+    prompt_ids = torch.tensor([tok(q)["input_ids"] for q in prompts])
+    initial = AutoModelForCausalLM.from_pretrained(str(model)).float().eval()
+    want = sampling_entropy(initial, prompt_ids, main.tokens, main.mask, 0.7, top_p)
+    assert float((ent[:, :-1] - want).abs().max()) < 1e-5 and (ent[:, -1] == 0).all()
+    assert float(want.max()) > 0.1
+    c = res.candidates
+    assert len(c) and np.array_equal(c.features["next_entropy"], ent.numpy()[c.traj, c.prefix_len])
+    assert "prefix_logprob" in c.features and np.abs(c.features["prefix_logprob"]).max() > 0  # log-probs too
+    est = trainer.estimator.inner
+    assert "next_entropy" in est.feature_names
+    assert est.buffer_len == len(res.plan) > 0
+    assert est.state_dict()["trials"].tolist() == res.plan.n.astype(float).tolist()
+    moved = max(float((p.detach().cpu() - q.detach()).abs().max()) for p, q in
+                zip(trainer.accelerator.unwrap_model(trainer.model).parameters(), initial.parameters()))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("kw,option", [(dict(top_k=5), "top_k"), (dict(repetition_penalty=1.2), "repetition_penalty"),
+                                       (dict(generation_kwargs={"min_p": 0.1}), "min_p")])
+def test_selector_refuses_sampling_options_its_entropy_does_not_model(tmp_path, kw, option):
+    with pytest.raises(ConfigError) as err:
+        config(tmp_path, estimator="selector", strategy="informative", **kw)
+    assert option in str(err.value) and "next_entropy" in str(err.value)
+    config(tmp_path, estimator="position", **kw)  # the other estimators do not read it
+
+
 # -- checkpoints, logging, MoE ------------------------------------------------------------------------------
 
 def real_trainer(model: Path, tmp_path: Path, **kw) -> DeepGRPOTrainer:
