@@ -269,3 +269,76 @@ def test_llm_recoverability_study_runs_on_the_vllm_engine(tmp_path):
     meta = json.loads((out / "llm-recoverability" / "study.json").read_text())
     assert meta["config"]["engine"] == "vllm" and meta["sizes"]["candidates"] > 0
     assert abs(meta["root_check"]["z"]) < 3.5  # the root probe agrees with the main chains
+
+
+def hf_sampling_entropy(model, ids, response, temperature, top_p):
+    """``[S]`` entropy of softmax(logits / T) over the top-p nucleus predicting each response token,
+    by a plain HF forward (no padding), written out independently of llm.engine."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(ids) + list(response)])).logits[0, len(ids) - 1:-1].double()
+    p = torch.softmax(logits / temperature, -1)  # [S, V]
+    if top_p < 1:
+        sp, order = p.sort(-1, descending=True)
+        keep = torch.zeros_like(sp, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) < top_p)
+        p = torch.where(keep, p, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_backend_computes_next_entropy_for_the_vllm_engine(engine, trainer_model, temperature, top_p):
+    """vLLM reports no entropies: LLMBackend(entropy_feature=True) computes cand_next_entropy by a
+    forward pass of the policy over the main rows the vLLM engine sampled, equal to an HF
+    recomputation of the sampling distribution's entropy (0 at and after each row's end);
+    without entropy_feature the rollouts lack it, as before."""
+    from deepgrpo.batch import SampleRequest
+    tok = build_char_tokenizer()
+    prompts = make_prompts([ArithmeticStream(seed=3).problem_at(i) for i in range(3)], tok)
+    sampling = SamplingConfig(max_response_tokens=30, temperature=temperature, top_p=top_p)
+
+    def backend(entropy_feature):
+        return LLMBackend(trainer_model, None, tok, engine, make_segmenter("fixed", tok, size=6), sampling, seed=0,
+                          logprob_chunk_size=4, entropy_feature=entropy_feature,
+                          reward_fn=lambda problem, text, truncated: 0.0)
+    requests = [SampleRequest(p, None, 3) for p in prompts]
+    ro = backend(True).sample(requests)
+    ent = ro.extras["cand_next_entropy"]
+    assert ent.shape == (len(ro), ro.tokens.shape[1] + 1) and ent.dtype == torch.float64
+    for b in range(len(ro)):
+        S = int(ro.lengths[b])
+        want = hf_sampling_entropy(trainer_model, prompts[b // 3].ids, ro.tokens[b, :S].tolist(), temperature, top_p)
+        assert torch.allclose(ent[b, :S], want, atol=TOL), b
+        assert (ent[b, S:] == 0).all()
+    assert float(ent.max()) > 0.1
+    assert "cand_next_entropy" not in backend(False).sample(requests).extras
+
+
+def test_learned_informative_trainer_steps_with_the_vllm_engine(tmp_path):
+    """`deepgrpo llm train --method learned-informative --engine vllm`: the trainer asks its backend
+    for next_entropy (the vLLM engine reports none), the selector learns from the pivots' counts,
+    and the steps update the policy (before, the first pivot choice raised a ConfigError naming
+    the missing feature)."""
+    import json
+
+    from llm.evaluate import EvalConfig
+    from llm.tasks import DATA_DIR, load_problems
+    from llm.testing import save_micro_model, write_arith_heldout
+    from llm.trainer import TrainConfig, Trainer
+    sample = DATA_DIR / "arith_sample.jsonl"
+    model = save_micro_model(tmp_path / "model", load_problems(sample), steps=80, seed=0, config=SHAPE)
+    heldout = write_arith_heldout(tmp_path / "heldout.jsonl")
+    cfg = TrainConfig(model=str(model), data=str(sample), eval_data=str(heldout), method="learned-informative",
+                      overrides={"G": 4, "K": 4, "min_per_class": 1},
+                      prompts_per_step=4, steps=2, lr=3e-3, checkpoint_every=2,
+                      sampling=SamplingConfig(max_response_tokens=40),
+                      eval=EvalConfig(n_problems=4, samples=1, pass_k=1, max_response_tokens=40), eval_every=0,
+                      threads=1, tensorboard=False, seed=5, engine="vllm")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    assert trainer.backend.entropy_feature
+    synced = trainer.engine.weight_version
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["rollouts_aux"] > 0 and "est_next_entropy" in rows[-1]
+    assert trainer.estimator.buffer_len > 0
+    assert trainer.engine.weight_version == synced + 2  # the engine follows each update
