@@ -745,12 +745,9 @@ def test_short_run_on_arithmetic_raises_training_reward(tmp_path):
 
 # -- two processes --------------------------------------------------------------------------------------
 
-@pytest.mark.distributed
-def test_two_processes_take_the_single_process_step(tmp_path):
-    """accelerate launch, 2 CPU processes (gloo): the ranks branch different numbers of rows,
-    end with identical parameters, and those equal the single-process step on the global batch
-    (checked inside the worker); the checkpoint holds both ranks' DEEP-GRPO state files, written
-    before TRL's trainer_state.json."""
+def launch_trl_workers(tmp_path: Path, *worker_args: str) -> dict:
+    """Run tests/trl_dist_worker.py under accelerate launch on 2 CPU processes; its result.json."""
+    import json
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -763,14 +760,34 @@ def test_two_processes_take_the_single_process_step(tmp_path):
     # on a machine without CUDA starts 2 torchrun processes on the CPU (gloo)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(worker), str(tmp_path)]
+           "--main_process_port", str(port), str(worker), str(tmp_path), *worker_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    import json
-    result = json.loads((tmp_path / "result.json").read_text())
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.mark.distributed
+def test_two_processes_take_the_single_process_step(tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): the ranks branch different numbers of rows,
+    end with identical parameters, and those equal the single-process step on the global batch
+    (checked inside the worker); the checkpoint holds both ranks' DEEP-GRPO state files, written
+    before TRL's trainer_state.json."""
+    result = launch_trl_workers(tmp_path)
     assert result["aux_rows"][0] != result["aux_rows"][1]
     assert result["max_param_diff_between_ranks"] == 0.0
     assert result["max_diff_to_single_process_step"] < 1e-6
     assert result["param_change"] > 1e-4
     # the checkpoint of the step: each rank's DEEP-GRPO state, on disk before TRL marked it complete
     assert result["state_ledgers"] == [1, 1] and result["states_written_before_trainer_state"]
+
+
+@pytest.mark.distributed
+def test_two_processes_run_the_learned_informative_selector(tmp_path):
+    """The selector under accelerate launch (2 CPU processes): each rank computes next_entropy on its
+    own main completions (a no-grad forward pass of the DDP model), every rank's estimator learns
+    from both ranks' pivots, and the step is still the single-process step of the global batch."""
+    result = launch_trl_workers(tmp_path, "selector")
+    assert all(m is not None and m > 0 for m in result["next_entropy_max"])
+    assert result["estimator_points"] == [sum(result["pivots"])] * 2 and sum(result["pivots"]) > 0
+    assert result["max_param_diff_between_ranks"] == 0.0
+    assert result["max_diff_to_single_process_step"] < 1e-6

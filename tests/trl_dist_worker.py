@@ -1,6 +1,7 @@
 """Worker of test_trl_trainer.py::test_two_processes_take_the_single_process_step.
 
-Run under ``accelerate launch --multi_gpu --num_processes 2 tests/trl_dist_worker.py OUT_DIR`` (on a
+Run under ``accelerate launch --multi_gpu --num_processes 2 tests/trl_dist_worker.py OUT_DIR
+[ESTIMATOR]`` (ESTIMATOR ``position``, the default, or ``selector`` with strategy ``informative``; on a
 CPU-only machine accelerate then starts two torchrun processes with gloo; ``--cpu`` alone would
 start one process unless MPI is set up). Each
 rank trains one DeepGRPOTrainer step (SGD, no clipping) on scripted rollouts: rank 0's prompts
@@ -54,15 +55,16 @@ def padded_cat(batches: list[Batch]) -> Batch:
                  segment_ends=[e for b in batches for e in b.segment_ends])
 
 
-def main(out: Path) -> None:
+def main(out: Path, estimator: str = "position") -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     ds = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
+    method = {"estimator": "selector", "strategy": "informative"} if estimator == "selector" else {}
     args = config(out / "run", gradient_accumulation_steps=2, beta=0.05, K=3, max_steps=1, segmenter="step",
                   optim="sgd", learning_rate=LR, max_grad_norm=0.0, lr_scheduler_type="constant",
-                  shuffle_dataset=False, disable_tqdm=True, save_strategy="steps", save_steps=1)
+                  shuffle_dataset=False, disable_tqdm=True, save_strategy="steps", save_steps=1, **method)
     rank = args.process_index
     path = out / "model"
     with args.main_process_first():  # rank 0 writes the micro model, then rank 1 reads it
@@ -76,8 +78,11 @@ def main(out: Path) -> None:
     # what each rank explored: its batch, with the prompts it was given (no shuffling: in order)
     res = trainer.last_exploration
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    ent = res.main.extras.get("cand_next_entropy")
     mine = {"batch": res.batch, "questions": [PROMPTS[2 * rank + i] for i in range(2)],
-            "aux_rows": len(res.aux) if res.aux is not None else 0,
+            "aux_rows": len(res.aux) if res.aux is not None else 0, "pivots": len(res.plan),
+            "next_entropy_max": None if ent is None else float(ent.max()),
+            "estimator_points": int(getattr(trainer.estimator.inner, "buffer_len", -1)),
             "params": {n: p.detach().cpu() for n, p in policy.named_parameters()}}
     parts = [None, None]
     dist.all_gather_object(parts, mine)
@@ -111,9 +116,11 @@ def main(out: Path) -> None:
             "aux_rows": [p["aux_rows"] for p in parts], "max_param_diff_between_ranks": between,
             "max_diff_to_single_process_step": max(diffs), "param_change": change,
             "state_ledgers": [len(json.loads(f.read_text())["ledger"]) for f in states],
+            "pivots": [p["pivots"] for p in parts], "next_entropy_max": [p["next_entropy_max"] for p in parts],
+            "estimator_points": [p["estimator_points"] for p in parts],
             "states_written_before_trainer_state": all(f.stat().st_mtime_ns < marked for f in states)}))
     finish_worker()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])
