@@ -286,7 +286,7 @@ def hf_sampling_entropy(model, ids, response, temperature, top_p):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_backend_computes_next_entropy_for_the_vllm_engine(engine, trainer_model, temperature, top_p):
+def test_backend_computes_next_entropy_for_the_vllm_engine(model_dir, trainer_model, temperature, top_p):
     """vLLM reports no entropies: LLMBackend(entropy_feature=True) computes cand_next_entropy by a
     forward pass of the policy over the main rows the vLLM engine sampled, equal to an HF
     recomputation of the sampling distribution's entropy (0 at and after each row's end);
@@ -295,6 +295,7 @@ def test_backend_computes_next_entropy_for_the_vllm_engine(engine, trainer_model
     tok = build_char_tokenizer()
     prompts = make_prompts([ArithmeticStream(seed=3).problem_at(i) for i in range(3)], tok)
     sampling = SamplingConfig(max_response_tokens=30, temperature=temperature, top_p=top_p)
+    engine = VLLMEngine(model_dir, stop_token_ids=[2])  # its own (an earlier test's teardown ends vLLM's state)
 
     def backend(entropy_feature):
         return LLMBackend(trainer_model, None, tok, engine, make_segmenter("fixed", tok, size=6), sampling, seed=0,
