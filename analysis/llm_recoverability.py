@@ -246,7 +246,7 @@ def sample_probes(cfg: LLMRecoverabilityConfig, progress: bool = False) -> Probe
     segmenter = make_segmenter(cfg.segmenter or TASK_DEFAULT_SEGMENTER[task], tok)
     backend = LLMBackend(model, None, tok, engine, segmenter,
                          SamplingConfig(max_response_tokens=cfg.max_tokens, temperature=cfg.temperature),
-                         seed=cfg.seed)
+                         seed=cfg.seed, entropy_feature=True)
     prompts = make_prompts(problems, tok)
     P, G = len(prompts), cfg.G
 
@@ -369,7 +369,8 @@ def calibration_metrics(p: np.ndarray, target: np.ndarray, label: np.ndarray) ->
 
 def selector_features(probes: pd.DataFrame) -> list[str]:
     """The :class:`~deepgrpo.estimators.SelectorLogistic` features the probe table holds (its
-    default list; ``next_entropy`` only where the engine reported entropies: HF, not vLLM)."""
+    default list; ``next_entropy`` from the HF engine's own entropies, or, with vLLM, from one extra
+    forward pass of the model over the main chains)."""
     from deepgrpo.estimators import SelectorLogistic
     return [f for f in SelectorLogistic.DEFAULT_FEATURES if f in probes]
 
