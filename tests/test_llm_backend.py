@@ -194,13 +194,7 @@ def test_main_rollouts_carry_the_policys_next_token_entropy(trained, problems, t
     branch = be.sample([SampleRequest(prompts[0], ro.tokens[0, :3], 2)])
     assert "cand_next_entropy" not in branch.extras
     # through the core: the candidates' feature, and the learned informative selector learns from it
-    cfg = method_config("learned-informative", G=4, K=4)
-    est = make_estimator(cfg.estimator)
-    res = explore(be, prompts, cfg, est, np.random.default_rng(0))
-    c = res.candidates
-    assert len(c) and np.array_equal(c.features["next_entropy"],
-                                     res.main.extras["cand_next_entropy"].numpy()[c.traj, c.prefix_len])
-    assert est.buffer_len == len(res.plan) > 0
+    res, est = _selector_step(be, prompts)
     assert est.state_dict()["trials"].tolist() == res.plan.n.astype(float).tolist()
 
 
@@ -272,13 +266,7 @@ def test_next_entropy_by_a_forward_pass_equals_the_engines_reported_entropy(trai
     branch = silent.sample([SampleRequest(prompts[0], reported.tokens[0, :3], 2)])
     assert "cand_next_entropy" not in branch.extras
     # through the core: the learned informative selector reads the computed feature
-    cfg = method_config("learned-informative", G=4, K=4)
-    est = make_estimator(cfg.estimator)
-    res = explore(silent, prompts, cfg, est, np.random.default_rng(0))
-    c = res.candidates
-    assert len(c) and np.array_equal(c.features["next_entropy"],
-                                     res.main.extras["cand_next_entropy"].numpy()[c.traj, c.prefix_len])
-    assert est.buffer_len == len(res.plan) > 0
+    _selector_step(silent, prompts)
 
 
 def test_trainer_asks_for_next_entropy_only_when_its_estimator_uses_it(model_dir, tmp_path):
@@ -602,3 +590,17 @@ def test_trainer_stops_at_a_token_budget_within_one_step(model_dir, tmp_path):
     assert before < 500 <= last and summary["steps"] == len(rows) - 1 < 50
     assert "eval/greedy_mean@1" in rows[-1]  # the final evaluation ran at the budget's step
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["budget"]["tokens"] == last
+
+
+def _selector_step(backend, prompts):
+    """One ``learned-informative`` exploration step through the core: its candidates carry the
+    main rollouts' ``cand_next_entropy`` at their prefix lengths, and the selector learns from the
+    step's pivots. Returns the step's result and the estimator."""
+    cfg = method_config("learned-informative", G=4, K=4)
+    est = make_estimator(cfg.estimator)
+    res = explore(backend, prompts, cfg, est, np.random.default_rng(0))
+    c = res.candidates
+    assert len(c) and np.array_equal(c.features["next_entropy"],
+                                     res.main.extras["cand_next_entropy"].numpy()[c.traj, c.prefix_len])
+    assert est.buffer_len == len(res.plan) > 0
+    return res, est
