@@ -383,6 +383,13 @@ def test_quick_map_transfer_table_reads_grpo8_held_out_gain_per_cell(quick_map):
     gain = g.heldout_pass1_at - g.heldout_pass1_start
     assert row.gain == pytest.approx(gain.mean()) and row.up == pytest.approx((gain > 0).mean())
     assert row.low <= row.gain <= row.high
+    # the methods are compared on held-out pass@1 at each cell's headline readout (from training pass@1)
+    per, tuned, _ = rm.load(quick_map)
+    tr = rm.transfer_readouts(per, tuned)
+    heads = rm.headline_readouts(per)
+    assert set(tr.learner) == set(rm.TRANSFER_LEARNERS) and len(tr)
+    for key, metric in zip(zip(*(tr[c] for c in rm.CELL)), tr.metric):
+        assert metric == f"heldout_{heads[key]}" and metric in per
     # the skills learner's problem sets have skills; the other learners' have none
     cells = rm.base_cells(rm.QUICK)
     for c in cells[:: len(rm.METHODS)]:
